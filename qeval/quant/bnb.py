@@ -1,0 +1,63 @@
+"""bitsandbytes formats: LLM.int8, NF4 and FP4, each with and without double quantization.
+
+Every option is set explicitly. transformers' defaults would, for example, run 4-bit matmuls with a
+float32 compute dtype on GPU and quietly measure something other than what users deploy; the chosen
+values are part of each result's key, so changing one here re-runs the affected cells.
+"""
+from __future__ import annotations
+
+import torch
+
+from qeval.quant import quant_format
+
+BLOCKSIZE = 64  # bitsandbytes' 4-bit block: one absmax per 64 weights
+NESTED_BLOCKSIZE = 256  # double quant: the absmaxes are 8-bit, with one fp32 absmax per 256 of them
+# Left in full precision: the output head. In SmolLM2 it is tied to the embedding, and quantizing it
+# would quantize the embedding table as well; QLoRA also keeps it in float.
+SKIP_MODULES = ["lm_head"]
+
+
+def _bits_4bit(double_quant: bool):
+    if double_quant:
+        # 4-bit code + 8-bit absmax per block + fp32 absmax per 256 blocks = 4.127 bits
+        return lambda in_features: 4 + 8 / BLOCKSIZE + 32 / (BLOCKSIZE * NESTED_BLOCKSIZE)
+    return lambda in_features: 4 + 32 / BLOCKSIZE  # 4-bit code + fp32 absmax per block = 4.5 bits
+
+
+def _config_4bit(quant_type: str, double_quant: bool, compute_dtype: torch.dtype):
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant_type,
+        bnb_4bit_use_double_quant=double_quant,
+        bnb_4bit_compute_dtype=compute_dtype,  # fp32 on CPU (bf16 is ~20x slower there), bf16 on CUDA
+        bnb_4bit_quant_storage=torch.uint8,
+        llm_int8_skip_modules=SKIP_MODULES,
+    )
+
+
+def _register_4bit(quant_type: str, double_quant: bool) -> None:
+    name = f"bnb-{quant_type}" + ("-dq" if double_quant else "")
+    dq = ", double-quantized absmax" if double_quant else ""
+    desc = f"bitsandbytes {quant_type.upper()} 4-bit weights, blocksize {BLOCKSIZE}{dq}"
+    quant_format(name, desc, _bits_4bit(double_quant), backend="bitsandbytes")(
+        lambda compute_dtype: _config_4bit(quant_type, double_quant, compute_dtype))
+
+
+for _qt in ("nf4", "fp4"):
+    for _dq in (False, True):
+        _register_4bit(_qt, _dq)
+
+
+@quant_format("bnb-int8", "bitsandbytes LLM.int8(): int8 weights, per-row scales, fp16 outliers > 6.0",
+              bits_per_weight=lambda in_features: 8 + 32 / in_features, backend="bitsandbytes")
+def _int8(compute_dtype: torch.dtype):
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_8bit=True,
+        llm_int8_threshold=6.0,  # the paper's outlier threshold: larger activations take an fp16 path
+        llm_int8_has_fp16_weight=False,  # inference: keep only the int8 weights
+        llm_int8_skip_modules=SKIP_MODULES,
+    )

@@ -1,0 +1,576 @@
+"""Stage 4: render the accuracy and memory frames into report files.
+
+`render` only *formats*: every number it shows (delta, recovery, ratios, bytes) is already a column of
+the frames another module derived from the result store. It writes, into one folder:
+
+- `results.csv`, `memory.csv`: the frames themselves, sorted, for anyone who wants to re-plot;
+- `recovery.png`: recovery of each task's primary metric per quantized variant;
+- `memory_vs_score.png`: one panel per task, total memory against the primary metric;
+- `report.md` and `report.html`: the same document twice. Both are rendered from one list of blocks
+  (headings, paragraphs, lists, tables, images) so the two can never disagree; the HTML is
+  self-contained (inline CSS, images as base64 data URIs).
+
+Every file is written to a temporary name in the output folder and moved into place with
+`os.replace`, and nothing is written until everything has been rendered in memory, so a crash never
+leaves a half-written report behind.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Union
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: the harness runs on servers and in CI; must precede pyplot
+
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+BASELINE = "none"
+NA = "n/a"
+MIB = 2 ** 20
+
+RESULT_COLUMNS = ["model", "quant", "adapter", "task", "metric", "higher_is_better", "primary", "value",
+                  "stderr", "n", "baseline_value", "baseline_stderr", "delta", "recovery", "ratio",
+                  "weight_bytes", "device", "key"]
+MEMORY_COLUMNS = ["model", "quant", "adapter", "total_bytes", "quantized_weight_bytes", "quant_state_bytes",
+                  "unquantized_bytes", "theory_bytes", "baseline_bytes", "ratio_to_baseline",
+                  "ratio_to_theory", "measured_bits_per_weight", "theory_bits_per_weight", "load_s",
+                  "eval_s", "peak_bytes", "device"]
+# Without these a results row cannot even be placed in a table; anything else missing shows as n/a.
+_IDENTITY = ["model", "quant", "adapter", "task", "metric"]
+_VARIANT = ["model", "quant", "adapter"]
+
+RESULTS_CSV, MEMORY_CSV = "results.csv", "memory.csv"
+RECOVERY_PNG, MEMORY_PNG = "recovery.png", "memory_vs_score.png"
+REPORT_MD, REPORT_HTML = "report.md", "report.html"
+
+
+# ----------------------------------------------------------------------------- formatting
+
+def _missing(x: object) -> bool:
+    try:
+        return x is None or pd.isna(x)
+    except (TypeError, ValueError):  # pd.isna of a list-like is an array, not a verdict
+        return False
+
+
+def fmt_num(x: object, sig: int = 4, signed: bool = False) -> str:
+    """`x` to `sig` significant digits, in fixed notation for ordinary magnitudes; NaN -> 'n/a'.
+
+    Fixed rather than '%g' because perplexities in the thousands would otherwise print as 1.234e+03,
+    and a column of numbers should read the same way down the column."""
+    if _missing(x):
+        return NA
+    x = float(x)
+    if x == 0:
+        return "0"
+    sign = "+" if signed else ""
+    if math.isinf(x) or not 1e-4 <= abs(x) < 1e15:
+        return f"{x:{sign}.{sig}g}"
+    decimals = max(0, sig - 1 - math.floor(math.log10(abs(x))))
+    return f"{x:{sign}.{decimals}f}"
+
+
+def fmt_mib(nbytes: object) -> str:
+    """Bytes as MiB with one decimal."""
+    return NA if _missing(nbytes) else f"{float(nbytes) / MIB:.1f}"
+
+
+def fmt_pct(fraction: object) -> str:
+    """A fraction (1.0 = 100%) as a percent with one decimal."""
+    return NA if _missing(fraction) else f"{float(fraction) * 100:.1f}%"
+
+
+def fmt_ratio(ratio: object) -> str:
+    """A multiplicative ratio, e.g. '×1.350'."""
+    return NA if _missing(ratio) else f"×{fmt_num(ratio)}"
+
+
+def fmt_int(n: object) -> str:
+    return NA if _missing(n) else str(int(n))
+
+
+def fmt_value_stderr(value: object, stderr: object) -> str:
+    if _missing(stderr):
+        return fmt_num(value)
+    return f"{fmt_num(value)} ± {fmt_num(stderr)}"
+
+
+def _adapter(adapter: object) -> str:
+    # A frame read back from CSV turns '' into NaN; both mean "no adapter".
+    return "" if _missing(adapter) else str(adapter)
+
+
+def variant_label(quant: str, adapter: object = "") -> str:
+    """The name a variant goes by everywhere in the report: quant, plus '+adapter' when there is one."""
+    a = _adapter(adapter)
+    return f"{quant}+{a}" if a else str(quant)
+
+
+def _model_short(model: str) -> str:
+    # Model specs can be long local paths; the last component is enough to tell them apart on a plot.
+    return Path(str(model).rstrip("/")).name or str(model)
+
+
+# ----------------------------------------------------------------------------- ordering
+
+def _sorted(df: pd.DataFrame, by: list[str]) -> pd.DataFrame:
+    """Sort by `by`, except that the baseline quant sorts before every other quant."""
+    if df.empty:
+        return df
+    tmp = df.assign(_not_base=df["quant"].ne(BASELINE), _adapter=df["adapter"].map(_adapter))
+    keys = []
+    for col in by:
+        if col == "quant":
+            keys += ["_not_base", "quant"]
+        elif col == "adapter":
+            keys.append("_adapter")
+        else:
+            keys.append(col)
+    return tmp.sort_values(keys, kind="stable").drop(columns=["_not_base", "_adapter"]).reset_index(drop=True)
+
+
+def _tidy(df: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
+    """The documented columns first, in order (missing ones as NaN), any extra columns after."""
+    extra = [c for c in df.columns if c not in columns]
+    return df.reindex(columns=columns + extra)
+
+
+# ----------------------------------------------------------------------------- document model
+
+@dataclass
+class Heading:
+    level: int
+    text: str
+
+
+@dataclass
+class Para:
+    text: str
+
+
+@dataclass
+class Bullets:
+    items: list[str]
+
+
+@dataclass
+class Table:
+    """One table, rendered to both Markdown and HTML; `numeric[i]` right-aligns column i."""
+    header: list[str]
+    rows: list[list[str]]
+    numeric: list[bool] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.numeric:
+            self.numeric = [False] * len(self.header)
+
+
+@dataclass
+class Image:
+    alt: str
+    filename: str
+
+
+Block = Union[Heading, Para, Bullets, Table, Image]
+
+
+def _md_cell(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def to_markdown(blocks: Iterable[Block]) -> str:
+    """Render blocks as GitHub-flavoured Markdown; images are relative links to sibling files."""
+    out: list[str] = []
+    for b in blocks:
+        if isinstance(b, Heading):
+            out.append(f"{'#' * b.level} {b.text}")
+        elif isinstance(b, Para):
+            out.append(b.text)
+        elif isinstance(b, Bullets):
+            out.append("\n".join(f"- {item}" for item in b.items))
+        elif isinstance(b, Table):
+            lines = ["| " + " | ".join(_md_cell(h) for h in b.header) + " |",
+                     "|" + "|".join("---:" if num else "---" for num in b.numeric) + "|"]
+            lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in b.rows]
+            out.append("\n".join(lines))
+        elif isinstance(b, Image):
+            out.append(f"![{b.alt}]({b.filename})")
+        out.append("")
+    return "\n".join(out)
+
+
+_CSS = """
+body { font-family: system-ui, sans-serif; max-width: 72rem; margin: 2rem auto; padding: 0 1rem;
+       color: #222; line-height: 1.45; }
+table { border-collapse: collapse; margin: 0.5rem 0 1.25rem; font-size: 0.92rem; }
+th, td { border: 1px solid #ccc; padding: 0.25rem 0.6rem; }
+th { background: #f0f0f0; text-align: left; }
+td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
+tr:nth-child(even) td { background: #fafafa; }
+img { max-width: 100%; height: auto; }
+"""
+
+
+def to_html(blocks: Iterable[Block], images: dict[str, bytes], title: str) -> str:
+    """Render blocks as one self-contained HTML page: inline CSS, PNGs as base64 data URIs."""
+    e = html.escape
+    body: list[str] = []
+    for b in blocks:
+        if isinstance(b, Heading):
+            body.append(f"<h{b.level}>{e(b.text)}</h{b.level}>")
+        elif isinstance(b, Para):
+            body.append(f"<p>{e(b.text)}</p>")
+        elif isinstance(b, Bullets):
+            body.append("<ul>\n" + "\n".join(f"<li>{e(i)}</li>" for i in b.items) + "\n</ul>")
+        elif isinstance(b, Table):
+            def cls(num: bool) -> str:
+                return ' class="num"' if num else ""
+            head = "".join(f"<th{cls(n)}>{e(h)}</th>" for h, n in zip(b.header, b.numeric))
+            rows = "\n".join("<tr>" + "".join(f"<td{cls(n)}>{e(c)}</td>" for c, n in zip(row, b.numeric))
+                             + "</tr>" for row in b.rows)
+            body.append(f"<table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n{rows}\n</tbody>\n</table>")
+        elif isinstance(b, Image):
+            data = base64.b64encode(images[b.filename]).decode("ascii")
+            body.append(f'<p><img alt="{e(b.alt)}" src="data:image/png;base64,{data}"></p>')
+    return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+            f"<title>{e(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
+            + "\n".join(body) + "\n</body>\n</html>\n")
+
+
+# ----------------------------------------------------------------------------- report sections
+
+def _primary_rows(results: pd.DataFrame) -> pd.DataFrame:
+    """Each task's headline-metric rows. A task with no row flagged primary falls back to its first
+    metric by name, so a malformed frame still shows something rather than silently dropping a task."""
+    parts = []
+    for _, g in results.groupby("task", sort=True):
+        flagged = g[g["primary"].map(lambda v: not _missing(v) and bool(v))]
+        if flagged.empty:
+            flagged = g[g["metric"] == sorted(g["metric"].astype(str))[0]]
+        else:
+            flagged = g[g["metric"] == flagged["metric"].iloc[0]]  # one metric per task, as documented
+        parts.append(flagged)
+    return pd.concat(parts) if parts else results.iloc[0:0]
+
+
+def _lower_is_better(rows: pd.DataFrame) -> bool:
+    hib = rows["higher_is_better"].dropna()
+    return bool(len(hib)) and not bool(hib.iloc[0])
+
+
+def _meta_blocks(meta: dict, results: pd.DataFrame, memory: pd.DataFrame) -> list[Block]:
+    title = str(meta.get("title") or "qeval quantization report")
+    items: list[str] = []
+    if meta.get("generated_at"):
+        items.append(f"Generated at: {meta['generated_at']}")
+    if meta.get("suite"):
+        items.append(f"Suite: {meta['suite']}")
+    for key, label in (("seed", "Seed"), ("cells", "Cells")):
+        if meta.get(key) is not None:
+            items.append(f"{label}: {meta[key]}")
+    models = meta.get("models") or {}
+    if isinstance(models, dict) and models:
+        items.append("Models: " + "; ".join(f"{spec} (fingerprint {str(fp)[:12]})" for spec, fp in models.items()))
+    elif not results.empty:
+        items.append("Models: " + ", ".join(sorted(results["model"].astype(str).unique())))
+    devices = meta.get("devices")
+    if not devices:
+        # Not in the meta: fall back to what the rows themselves record.
+        seen = pd.concat([f["device"] for f in (results, memory) if "device" in f.columns and not f.empty]
+                         or [pd.Series(dtype=object)])
+        devices = sorted(seen.dropna().astype(str).unique())
+    if devices:
+        items.append("Device: " + ", ".join(map(str, devices if isinstance(devices, (list, tuple)) else [devices])))
+    if meta.get("git_sha"):
+        items.append(f"Git sha: {meta['git_sha']}")
+    versions = meta.get("versions") or {}
+    if isinstance(versions, dict) and versions:
+        items.append("Versions: " + ", ".join(f"{lib} {ver}" for lib, ver in versions.items()))
+    if meta.get("store"):
+        items.append(f"Store: {meta['store']}")
+    blocks: list[Block] = [Heading(1, title)]
+    if items:
+        blocks.append(Bullets(items))
+    return blocks
+
+
+def _accuracy_blocks(results: pd.DataFrame) -> list[Block]:
+    multi_model = results["model"].nunique() > 1
+    blocks: list[Block] = [
+        Heading(2, "Accuracy by task"),
+        Para("Recovery is value/baseline for higher-is-better metrics; 100% means no loss against the "
+             "unquantized baseline ('none'), below 100% is worse."),
+    ]
+    primary = _primary_rows(results)
+    for task, rows in primary.groupby("task", sort=True):
+        rows = _sorted(rows, ["model", "quant", "adapter"])
+        metric = str(rows["metric"].iloc[0])
+        lower = _lower_is_better(rows)
+        blocks.append(Heading(3, f"{task}: {metric} ({'lower' if lower else 'higher'} is better)"))
+        header = (["model"] if multi_model else []) + [
+            "variant", metric, "n", "Δ vs baseline", "ratio value/baseline" if lower else "recovery %"]
+        numeric = ([False] if multi_model else []) + [False, True, True, True, True]
+        table_rows = []
+        for r in rows.itertuples(index=False):
+            d = r._asdict()
+            # Lower-is-better (perplexity): a ratio reads naturally (x1.35 = 35% more perplexed);
+            # the frame's recovery (baseline/value) would too, but inverted against intuition.
+            rec = fmt_ratio(d.get("ratio")) if lower else fmt_pct(d.get("recovery"))
+            table_rows.append(([str(d["model"])] if multi_model else []) + [
+                variant_label(d["quant"], d["adapter"]), fmt_value_stderr(d.get("value"), d.get("stderr")),
+                fmt_int(d.get("n")), fmt_num(d.get("delta"), signed=True), rec])
+        blocks.append(Table(header, table_rows, numeric))
+        if lower:
+            blocks.append(Para(f"Note: {metric} is lower-is-better (perplexity), so it is shown as the ratio "
+                               "value/baseline instead of a recovery %: ×1.000 is no change, above 1 is worse."))
+        blocks += _secondary_table(results[(results["task"] == task) & (results["metric"] != metric)],
+                                   multi_model)
+    return blocks
+
+
+def _secondary_table(others: pd.DataFrame, multi_model: bool) -> list[Block]:
+    """The task's non-headline metrics, one column each, value only."""
+    if others.empty:
+        return []
+    metrics = sorted(others["metric"].astype(str).unique())
+    hib = others.groupby("metric")["higher_is_better"].first()
+    header = (["model"] if multi_model else []) + ["variant"] + [
+        f"{m} {'↓' if (not _missing(hib.get(m)) and not bool(hib.get(m))) else '↑'}" for m in metrics]
+    numeric = ([False] if multi_model else []) + [False] + [True] * len(metrics)
+    rows = []
+    for (model, quant, adapter), g in _sorted(others, _VARIANT).groupby(
+            ["model", "quant", "adapter"], sort=False, dropna=False):
+        values = dict(zip(g["metric"].astype(str), g["value"]))
+        rows.append(([str(model)] if multi_model else []) + [variant_label(quant, adapter)]
+                    + [fmt_num(values.get(m)) for m in metrics])
+    return [Para("Other metrics (value only; ↑ higher is better, ↓ lower is better):"),
+            Table(header, rows, numeric)]
+
+
+def _memory_blocks(memory: pd.DataFrame) -> list[Block]:
+    blocks: list[Block] = [Heading(2, "Memory")]
+    if memory.empty:
+        return blocks + [Para("No memory measurements.")]
+    memory = _tidy(memory, MEMORY_COLUMNS)
+    multi_model = memory["model"].nunique() > 1
+    header = (["model"] if multi_model else []) + [
+        "variant", "measured MiB", "quantized weights MiB", "quant state MiB", "unquantized MiB",
+        "theory MiB", "ratio to baseline", "ratio to theory", "bits/weight measured vs theory",
+        "load s", "eval s", "peak MiB"]
+    numeric = ([False] if multi_model else []) + [False] + [True] * 11
+    rows = []
+    for r in _sorted(memory, _VARIANT).itertuples(index=False):
+        d = r._asdict()
+        measured, theory = d["measured_bits_per_weight"], d["theory_bits_per_weight"]
+        bits = NA if _missing(measured) and _missing(theory) else f"{fmt_num(measured)} vs {fmt_num(theory)}"
+        rows.append(([str(d["model"])] if multi_model else []) + [
+            variant_label(d["quant"], d["adapter"]), fmt_mib(d["total_bytes"]),
+            fmt_mib(d["quantized_weight_bytes"]), fmt_mib(d["quant_state_bytes"]),
+            fmt_mib(d["unquantized_bytes"]), fmt_mib(d["theory_bytes"]), fmt_num(d["ratio_to_baseline"]),
+            fmt_num(d["ratio_to_theory"]), bits, fmt_num(d["load_s"]), fmt_num(d["eval_s"]),
+            fmt_mib(d["peak_bytes"])])
+    blocks.append(Table(header, rows, numeric))
+    blocks.append(Para("Measured MiB is the loaded model's total; theory MiB is what the format's nominal "
+                       "bits per weight would cost. Ratios are measured/baseline and measured/theory."))
+    return blocks
+
+
+# ----------------------------------------------------------------------------- plots
+
+def _png(fig: plt.Figure) -> bytes:
+    """Encode and close a figure. No Software tag, so the same data gives the same bytes."""
+    buf = io.BytesIO()
+    try:
+        fig.savefig(buf, format="png", dpi=110, bbox_inches="tight", metadata={"Software": None})
+    finally:
+        plt.close(fig)
+    return buf.getvalue()
+
+
+def _placeholder_png(text: str) -> bytes:
+    fig, ax = plt.subplots(figsize=(6, 2.5))
+    ax.axis("off")
+    ax.text(0.5, 0.5, text, ha="center", va="center", fontsize=12)
+    return _png(fig)
+
+
+def _variant_colors(results: pd.DataFrame, multi_model: bool) -> dict[str, object]:
+    """One colour per variant label, shared by both plots so a variant looks the same in each."""
+    cmap = plt.get_cmap("tab10")
+    labels = list(dict.fromkeys(_plot_label(r, multi_model) for r in
+                                _sorted(results[_VARIANT].drop_duplicates(), _VARIANT).itertuples(index=False)))
+    return {lab: cmap(i % 10) for i, lab in enumerate(labels)}
+
+
+def _plot_label(r, multi_model: bool) -> str:
+    label = variant_label(r.quant, r.adapter)
+    return f"{_model_short(r.model)}: {label}" if multi_model else label
+
+
+def _recovery_png(primary: pd.DataFrame, colors: dict[str, object], multi_model: bool) -> bytes:
+    """Grouped bars: x = task, one bar per non-baseline variant, y = recovery %."""
+    is_base = primary["quant"].eq(BASELINE) & primary["adapter"].map(_adapter).eq("")
+    data = _sorted(primary[~is_base], ["task"] + _VARIANT)
+    tasks = sorted(primary["task"].astype(str).unique())
+    variants = [lab for lab in colors if lab in {_plot_label(r, multi_model) for r in data.itertuples(index=False)}]
+    title = ("Recovery vs. baseline, primary metric per task\n"
+             "(higher-is-better: value/baseline; perplexity / lower-is-better: baseline/value)")
+    if not variants or data["recovery"].dropna().empty:
+        return _placeholder_png("Recovery: no quantized variant has a baseline to compare against")
+
+    width = 0.8 / len(variants)
+    fig, ax = plt.subplots(figsize=(min(16, max(6.5, 1.5 + len(tasks) * (0.55 * len(variants) + 0.9))), 4.8))
+    recs = []
+    for i, lab in enumerate(variants):
+        xs, ys = [], []
+        for t_i, task in enumerate(tasks):
+            sel = data[(data["task"] == task)]
+            sel = sel[[_plot_label(r, multi_model) == lab for r in sel.itertuples(index=False)]]
+            if sel.empty or _missing(sel["recovery"].iloc[0]):
+                continue  # no baseline for this cell: leave a gap rather than invent a bar
+            xs.append(t_i - 0.4 + width * (i + 0.5))
+            ys.append(float(sel["recovery"].iloc[0]) * 100)
+        recs += ys
+        bars = ax.bar(xs, ys, width=width * 0.92, label=lab, color=colors[lab])
+        if len(variants) <= 6:  # value labels only while they still fit above the bars
+            ax.bar_label(bars, labels=[f"{y:.1f}" for y in ys], fontsize=7, padding=2)
+    ax.axhline(100, color="0.3", linestyle="--", linewidth=1)
+    # Zoom on the interesting band: differences of a few percent vanish on a 0-100 axis.
+    lo, hi = min(min(recs), 100.0), max(max(recs), 100.0)
+    pad = max(2.0, (hi - lo) * 0.15)
+    ax.set_ylim(max(0.0, lo - pad), hi + pad)
+    metric_of = primary.groupby("task")["metric"].first()
+    ax.set_xticks(range(len(tasks)))
+    ax.set_xticklabels([f"{t}\n({metric_of[t]})" for t in tasks], rotation=20 if len(tasks) > 4 else 0,
+                       ha="right" if len(tasks) > 4 else "center")
+    ax.set_ylabel("recovery (%; 100 = no loss)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(title="variant", fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    return _png(fig)
+
+
+def _memory_png(primary: pd.DataFrame, memory: pd.DataFrame, colors: dict[str, object],
+                multi_model: bool) -> bytes:
+    """One panel per task: x = total MiB of the variant, y = its primary metric value."""
+    if memory.empty or "total_bytes" not in memory.columns:
+        return _placeholder_png("Memory vs. score: no memory measurements")
+    mem = (memory[_VARIANT + ["total_bytes"]].assign(adapter=memory["adapter"].map(_adapter))
+           .drop_duplicates(_VARIANT))  # one point per variant even if the frame repeats a row
+    joined = primary.assign(adapter=primary["adapter"].map(_adapter)).merge(mem, on=_VARIANT, how="left")
+    tasks = sorted(joined["task"].astype(str).unique())
+    ncols = min(len(tasks), 3)
+    nrows = math.ceil(len(tasks) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.8 * nrows), squeeze=False)
+    for ax in axes.flat[len(tasks):]:
+        ax.axis("off")
+    for ax, task in zip(axes.flat, tasks):
+        rows = _sorted(joined[joined["task"] == task], _VARIANT)
+        metric = str(rows["metric"].iloc[0])
+        ax.set_title(task, fontsize=10)
+        ax.set_xlabel("total memory (MiB)")
+        ax.set_ylabel(f"{metric} ({'lower' if _lower_is_better(rows) else 'higher'} is better)")
+        ax.grid(alpha=0.3)
+        plotted = 0
+        for k, r in enumerate(rows.itertuples(index=False)):
+            if _missing(r.total_bytes) or _missing(r.value):
+                continue
+            x, y = float(r.total_bytes) / MIB, float(r.value)
+            lab = _plot_label(r, multi_model)
+            yerr = None if _missing(r.stderr) else float(r.stderr)
+            ax.errorbar([x], [y], yerr=yerr, fmt="o", color=colors.get(lab, "C0"), capsize=3)
+            # Alternate label offsets: variants of similar size and score (nf4 vs nf4-dq) sit close.
+            ax.annotate(lab, (x, y), textcoords="offset points", xytext=(6, 6 if k % 2 == 0 else -11),
+                        fontsize=8)
+            plotted += 1
+        if not plotted:
+            ax.text(0.5, 0.5, "no memory data", transform=ax.transAxes, ha="center", va="center")
+        ax.margins(x=0.2, y=0.2)  # room for the annotations at the extremes
+    fig.suptitle("Memory vs. score (primary metric per task)", fontsize=11)
+    fig.tight_layout()
+    return _png(fig)
+
+
+# ----------------------------------------------------------------------------- writing
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write `data` to a temporary file beside `path`, then rename it over `path`."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def render(results: pd.DataFrame, memory: pd.DataFrame, meta: dict, out_dir: Path) -> list[Path]:
+    """Render report files into out_dir (created if missing) and return the paths written.
+
+    Writes results.csv, memory.csv, recovery.png, memory_vs_score.png, report.md and report.html.
+    Only formats the frames (see the module docstring for their columns); NaN shows as 'n/a'. An
+    empty `results` frame still yields every file, with a report that says there are no results.
+    """
+    out_dir = Path(out_dir)
+    meta = dict(meta or {})
+    results = results if results is not None else pd.DataFrame()
+    memory = memory if memory is not None else pd.DataFrame()
+    if not results.empty:
+        missing = [c for c in _IDENTITY if c not in results.columns]
+        if missing:
+            raise ValueError(f"results frame lacks columns {missing}; expected {RESULT_COLUMNS}")
+    if not memory.empty:
+        missing = [c for c in _VARIANT if c not in memory.columns]
+        if missing:
+            raise ValueError(f"memory frame lacks columns {missing}; expected {MEMORY_COLUMNS}")
+
+    results = _sorted(_tidy(results, RESULT_COLUMNS), ["model", "task", "metric", "quant", "adapter"])
+    memory = _sorted(_tidy(memory, MEMORY_COLUMNS), _VARIANT)
+    title = str(meta.get("title") or "qeval quantization report")
+
+    # Render everything in memory first: a failure below then writes nothing at all.
+    blocks = _meta_blocks(meta, results, memory)
+    if results.empty:
+        blocks.append(Para("No results: the store holds no evaluated cells for this selection."))
+        images = {RECOVERY_PNG: _placeholder_png("No results"), MEMORY_PNG: _placeholder_png("No results")}
+        blocks += _memory_blocks(memory)
+    else:
+        multi_model = results["model"].nunique() > 1
+        primary = _primary_rows(results)
+        colors = _variant_colors(results, multi_model)
+        images = {RECOVERY_PNG: _recovery_png(primary, colors, multi_model),
+                  MEMORY_PNG: _memory_png(primary, memory, colors, multi_model)}
+        blocks += _accuracy_blocks(results)
+        blocks += _memory_blocks(memory)
+        blocks += [Heading(2, "Plots"),
+                   Image("Recovery of each task's primary metric per variant", RECOVERY_PNG),
+                   Image("Total memory vs. primary metric per task", MEMORY_PNG)]
+
+    files = {
+        RESULTS_CSV: results.to_csv(index=False).encode("utf-8"),
+        MEMORY_CSV: memory.to_csv(index=False).encode("utf-8"),
+        **images,
+        REPORT_MD: to_markdown(blocks).encode("utf-8"),
+        REPORT_HTML: to_html(blocks, images, title).encode("utf-8"),
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, data in files.items():
+        _atomic_write(out_dir / name, data)
+        written.append(out_dir / name)
+    return written

