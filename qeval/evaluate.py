@@ -11,7 +11,6 @@ import functools
 import logging
 import math
 import time
-import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,9 +57,9 @@ def _task_manager(include_defaults: bool):
 
 
 def _quiet_lm_eval() -> None:
-    # bitsandbytes warns on every int8 matmul that fp32 inputs are cast to fp16; that is the format's
-    # documented behaviour, said once in its description, not news for each of thousands of calls.
-    warnings.filterwarnings("ignore", message="MatMul8bitLt")
+    # bitsandbytes logs on every int8 matmul that fp32 inputs are cast to fp16; that is the format's
+    # documented behaviour (README, formats), not news for each of thousands of calls.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     for name in ("lm_eval", "lm-eval", "lm_eval.evaluator", "lm_eval.api.task", "lm_eval.models.huggingface"):
         logging.getLogger(name).setLevel(logging.ERROR)
 

@@ -88,11 +88,11 @@ def resolve_model(spec: str) -> ResolvedModel:
             raise QevalError("model folder", spec, "a Hugging Face model folder with config.json",
                              "point --model at the folder that holds config.json and the weights")
         return ResolvedModel(spec, p.resolve(), fingerprint(p), "folder")
-    looks_like_path = spec.startswith((".", "/", "~")) or os.sep in spec and not _HUB_ID.match(spec)
-    if looks_like_path or p.suffix:
-        raise QevalError("model path", spec, "an existing folder or .gguf file", "check the path")
-    if _HUB_ID.match(spec):
+    # org/name (dots allowed: Qwen/Qwen2.5-0.5B) is a hub id unless it reads as a path
+    if _HUB_ID.match(spec) and not spec.startswith((".", "/", "~")):
         return _from_hub(spec)
+    if spec.startswith((".", "/", "~")) or os.sep in spec or p.suffix:
+        raise QevalError("model path", spec, "an existing folder or .gguf file", "check the path")
     raise QevalError("model", spec, "an embedded model (" + ", ".join(EMBEDDED) + "), a local folder, "
                      "a .gguf file or a hub id like org/name", "see `qeval run --help`")
 
@@ -166,9 +166,11 @@ def _sha256_file(path: Path) -> str:
 
 
 def fingerprint(folder: Path) -> str:
-    """sha256 over config.json and the weight files (cached by size + mtime: hashing is ~1 s/500 MB)."""
-    files = sorted(f for f in folder.iterdir()
-                   if f.name == "config.json" or f.suffix in (".safetensors", ".bin", ".pt"))
+    """sha256 over config, tokenizer and weight files (memoized by size + mtime: hashing is ~1 s/500 MB)."""
+    # The tokenizer is part of the model: a changed vocabulary changes every score.
+    files = sorted(f for f in folder.iterdir() if f.is_file() and (
+        f.name in ("config.json", "generation_config.json") or f.name.startswith("tokenizer")
+        or f.suffix in (".safetensors", ".bin", ".pt", ".model")))
     stat = {f.name: [f.stat().st_size, f.stat().st_mtime_ns] for f in files}
     memo = env.cache_dir() / "fingerprints" / (hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:24] + ".json")
     if memo.is_file():
@@ -210,7 +212,7 @@ def load_model(resolved: ResolvedModel, fmt: QuantFormat, device: str) -> Loaded
             with _quiet():
                 tok = AutoTokenizer.from_pretrained(resolved.path)
                 model = AutoModelForCausalLM.from_pretrained(resolved.path, **kwargs)
-        except (OSError, ValueError, RuntimeError) as e:
+        except Exception as e:  # corrupt or truncated weights raise many types (SafetensorError, ...)
             if isinstance(e, QevalError):
                 raise
             raise QevalError("model weights", str(resolved.path), "loadable Hugging Face weights",

@@ -33,6 +33,8 @@ matplotlib.use("Agg")  # headless: the harness runs on servers and in CI; must p
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from qeval.quant import DEFAULT_FORMATS  # noqa: E402
+
 BASELINE = "none"
 NA = "n/a"
 MIB = 2 ** 20
@@ -123,10 +125,13 @@ def _model_short(model: str) -> str:
 # ----------------------------------------------------------------------------- ordering
 
 def _sorted(df: pd.DataFrame, by: list[str]) -> pd.DataFrame:
-    """Sort by `by`, except that the baseline quant sorts before every other quant."""
+    """Sort by `by`; quants go baseline first, then in the default plan's order (int8, NF4, NF4-DQ,
+    FP4, FP4-DQ: decreasing bits), then any other format by name."""
     if df.empty:
         return df
-    tmp = df.assign(_not_base=df["quant"].ne(BASELINE), _adapter=df["adapter"].map(_adapter))
+    order = {q: i for i, q in enumerate(DEFAULT_FORMATS)}
+    tmp = df.assign(_not_base=df["quant"].map(lambda q: order.get(q, len(order))),
+                    _adapter=df["adapter"].map(_adapter))
     keys = []
     for col in by:
         if col == "quant":

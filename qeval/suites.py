@@ -28,6 +28,16 @@ class TaskSpec:
     num_fewshot: int = 0
     batch_size: int = 1  # CPU: 1 was fastest for rolling perplexity, 32 for multiple choice
 
+    def problems(self, where: str) -> list[QevalError]:
+        out = []
+        if self.limit is not None and self.limit < 1:
+            out.append(QevalError(f"{where}.limit", self.limit, "a positive number of documents or no limit"))
+        if self.num_fewshot < 0:
+            out.append(QevalError(f"{where}.num_fewshot", self.num_fewshot, "0 or more"))
+        if self.batch_size < 1:
+            out.append(QevalError(f"{where}.batch_size", self.batch_size, "1 or more"))
+        return out
+
 
 @dataclass(frozen=True)
 class SuiteFile:
@@ -75,11 +85,16 @@ def load_suite(name_or_path: str) -> Suite:
     errors: list[QevalError] = []
     sf = from_mapping(SuiteFile, raw, f"suite {path.name}", errors)
     specs = []
-    if sf is not None:
-        for i, t in enumerate(sf.tasks):
-            spec = from_mapping(TaskSpec, t, f"suite {path.name} tasks[{i}]", errors)
-            if spec is not None:
-                specs.append(spec)
+    # Check the task entries even when the top level has problems: report everything in one pass.
+    tasks = raw.get("tasks") if isinstance(raw, dict) else None
+    for i, t in enumerate(tasks if isinstance(tasks, list) else []):
+        where = f"suite {path.name} tasks[{i}]"
+        spec = from_mapping(TaskSpec, t, where, errors)
+        if spec is not None:
+            errors += spec.problems(where)
+            specs.append(spec)
+    if isinstance(tasks, list) and not tasks:
+        errors.append(QevalError(f"suite {path.name}", "tasks: []", "at least one task", "name a task"))
     raise_if(errors)
     suite = Suite(sf.name, sf.description, tuple(specs), path)
     validate_tasks(suite)
@@ -90,6 +105,8 @@ def suite_from_tasks(names: list[str], limit: int | None, num_fewshot: int, batc
     """An ad-hoc suite from `--tasks a,b` on the command line."""
     suite = Suite("adhoc:" + ",".join(names), "tasks named on the command line",
                   tuple(TaskSpec(n, limit, num_fewshot, batch_size) for n in names))
+    raise_if(suite.tasks[0].problems("--tasks") if suite.tasks else
+             [QevalError("--tasks", "", "at least one task name")])
     validate_tasks(suite)
     return suite
 

@@ -1,0 +1,109 @@
+"""The orchestration: every format end to end on the tiny model, rerun computes nothing, crash safety."""
+import pytest
+
+from qeval import runner
+from qeval.runner import Plan, run_plan
+from qeval.store import Store
+from qeval.quant import DEFAULT_FORMATS
+
+SUITE = """name: tiny
+tasks:
+  - {task: qeval_analogy, limit: 8, batch_size: 8}
+  - {task: qeval_lee_ppl, limit: 2}
+"""
+
+
+@pytest.fixture
+def plan(tiny_model_dir, tmp_path):
+    (tmp_path / "tiny.yaml").write_text(SUITE)
+    return Plan(models=(str(tiny_model_dir),), suite=str(tmp_path / "tiny.yaml"), device="cpu")
+
+
+def test_all_formats_then_rerun_computes_nothing(plan, tmp_path):
+    store_path = tmp_path / "store.sqlite"
+    first = run_plan(plan, store_path, progress=lambda s: None)
+    assert len(first.computed) == 2 * len(DEFAULT_FORMATS) and not first.failed and not first.reused
+
+    with Store(store_path) as store:
+        records = list(store.records())
+        assert len(records) == 12
+        for r in records:  # every record carries its spec and provenance
+            assert r["variant"]["quant"] in DEFAULT_FORMATS
+            assert r["model"]["fingerprint"] and r["task"]["fingerprint"]
+            assert {"torch", "transformers", "bitsandbytes", "lm_eval"} <= set(r["versions"])
+            assert r["git_sha"] and r["device"] == "cpu" and r["seed"] == 1234
+            assert r["timings"]["eval_s"] > 0 and r["peak_bytes"] > 0 and r["footprint"]["total_bytes"] > 0
+            assert r["n"] == (8 if r["task"]["name"] == "qeval_analogy" else 2)
+            samples = store.samples(r["key"])
+            assert len(samples) == r["n"] and {"doc_id", "doc_hash"} <= set(samples[0])
+        acc = {r["variant"]["quant"]: r["metrics"]["acc"] for r in records if r["task"]["name"] == "qeval_analogy"}
+        # per-sample outputs agree with the aggregate lm-eval reported
+        for r in records:
+            if r["task"]["name"] == "qeval_analogy":
+                s = store.samples(r["key"])
+                assert sum(x["acc"] for x in s) / len(s) == pytest.approx(r["metrics"]["acc"]["value"])
+        assert all(0 <= a["value"] <= 1 for a in acc.values())
+
+    loads = []
+    real_load = runner.load_model
+    runner.load_model = lambda *a, **k: loads.append(a) or real_load(*a, **k)
+    try:
+        second = run_plan(plan, store_path, progress=lambda s: None)
+    finally:
+        runner.load_model = real_load
+    assert second.computed == [] and len(second.reused) == 12
+    assert loads == []  # nothing loaded either
+
+
+def test_crash_mid_run_loses_only_the_cell_in_flight(plan, tmp_path, monkeypatch):
+    store_path = tmp_path / "store.sqlite"
+    small = Plan(**{**plan.__dict__, "formats": ("none", "bnb-nf4")})
+    calls = []
+    real_eval = runner.evaluate
+
+    def crashing(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # the user hits ^C during the third cell
+        return real_eval(*a, **k)
+
+    monkeypatch.setattr(runner, "evaluate", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        run_plan(small, store_path, progress=lambda s: None)
+    with Store(store_path) as store:
+        assert len(store) == 2
+    monkeypatch.setattr(runner, "evaluate", real_eval)
+    resumed = run_plan(small, store_path, progress=lambda s: None)
+    assert len(resumed.computed) == 2 and len(resumed.reused) == 2
+
+
+def test_failed_cell_is_reported_and_run_continues(plan, tmp_path, monkeypatch):
+    real_eval = runner.evaluate
+
+    def flaky(loaded, task, spec):
+        if task.task == "qeval_lee_ppl":
+            raise RuntimeError("out of memory (simulated)")
+        return real_eval(loaded, task, spec)
+
+    monkeypatch.setattr(runner, "evaluate", flaky)
+    summary = run_plan(Plan(**{**plan.__dict__, "formats": ("none",)}), tmp_path / "s.sqlite", progress=lambda s: None)
+    assert len(summary.computed) == 1
+    assert len(summary.failed) == 1 and "out of memory" in summary.failed[0] and "qeval_lee_ppl" in summary.failed[0]
+
+
+def test_key_changes_with_what_determines_the_numbers(plan, tiny_model_dir):
+    from qeval.evaluate import EvalSpec
+    from qeval.models import resolve_model
+    from qeval.quant import FORMATS
+    from qeval.suites import load_suite
+
+    model = resolve_model(str(tiny_model_dir))
+    suite = load_suite(plan.suite)
+    key = lambda fmt="bnb-nf4", spec=EvalSpec(), dev="cpu": runner.make_cells(model, FORMATS.get(fmt), suite, spec, dev)[0].key
+    base = key()
+    assert key() == base  # deterministic
+    assert key("bnb-nf4-dq") != base
+    assert key(spec=EvalSpec(seed=7)) != base
+    assert key(dev="cuda") != base  # bf16 compute on CUDA measures something else
+    cells = runner.make_cells(model, FORMATS.get("bnb-nf4"), suite, EvalSpec(), "cpu")
+    assert len({c.key for c in cells}) == 2 and len({c.variant_id for c in cells}) == 1
