@@ -220,6 +220,8 @@ def load_model(resolved: ResolvedModel, fmt: QuantFormat, device: str) -> Loaded
                              "re-create the folder (for the embedded model delete it from the cache)") from None
         if qcfg is None:
             model.to(device)
+        if fmt.after_load is not None:
+            fmt.after_load(model, device, dtype)
         model.eval()
         if device.startswith("cuda"):
             torch.cuda.synchronize()

@@ -115,6 +115,19 @@ def _lee_news(paths: list[Path]) -> list[dict]:
     return [{"id": i, "split": "test", "text": d} for i, d in enumerate(docs)]
 
 
+HELDOUT_DOCS = 30  # the last documents of lee_background: held-out loss during fine-tuning
+
+
+@builder("lee_train.jsonl", "gensim", GENSIM_DATA + "lee_background.cor")
+def _lee_train(paths: list[Path]) -> list[dict]:
+    """Adapter training text: the 300 Lee background documents (same ABC news source as the
+    evaluation documents in lee.cor, none of them the same). The last HELDOUT_DOCS form the
+    `heldout` split for held-out loss curves; no evaluation suite reads this file."""
+    docs = [d.strip() for d in paths[0].read_bytes().decode("latin-1").splitlines() if d.strip()]
+    cut = len(docs) - HELDOUT_DOCS
+    return [{"id": i, "split": "train" if i < cut else "heldout", "text": d} for i, d in enumerate(docs)]
+
+
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 

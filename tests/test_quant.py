@@ -120,3 +120,21 @@ def test_nf4_on_cuda_uses_bf16_compute(resolved):
     with torch.no_grad():
         out = lm.model(_ids(lm).to("cuda")).logits
     assert torch.isfinite(out.float()).all()
+
+
+@pytest.mark.parametrize("name", ["bnb-nf4", "bnb-nf4-dq", "bnb-fp4"])
+def test_cpu_4bit_compute_is_the_configured_float32(resolved, name):
+    """bitsandbytes may repack 4-bit weights for a bf16 CPU kernel at the first forward; qeval keeps
+    the configured float32 compute, so a layer's output is exactly x @ dequantized(W).T."""
+    import bitsandbytes as bnb
+
+    lm = load_model(resolved, FORMATS.get(name), "cpu")
+    lin = lm.model.model.layers[0].self_attn.q_proj
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        lm.model(_ids(lm))  # a whole forward first: where the repack would happen
+        y = lin(x)
+    assert not getattr(lin.weight.quant_state, "packing_format_for_cpu", False)
+    w = bnb.functional.dequantize_4bit(lin.weight.data, lin.weight.quant_state).float()
+    torch.testing.assert_close(y, x @ w.t(), rtol=1e-5, atol=1e-5)
+    assert lm.model.dtype == torch.float32

@@ -25,6 +25,10 @@ class QuantFormat:
     bits_per_weight: Callable[[int], float] | None
     build: Callable[[torch.dtype], Any]
     backend: str = "none"
+    # Called on the loaded model with (model, device, compute_dtype): runtime settings the
+    # quantization_config cannot express. Its `runtime_spec` is part of every result key.
+    after_load: Callable[[Any, str, torch.dtype], None] | None = None
+    runtime_spec: tuple[tuple[str, Any], ...] = ()
 
     def quantization_config(self, compute_dtype: torch.dtype) -> Any:
         return self.build(compute_dtype)
@@ -34,7 +38,7 @@ class QuantFormat:
         cfg = self.quantization_config(compute_dtype)
         options = {} if cfg is None else _jsonable(cfg.to_dict())
         return {"name": self.name, "backend": self.backend, "compute_dtype": str(compute_dtype),
-                "options": options}
+                "options": options, "runtime": dict(self.runtime_spec)}
 
 
 FORMATS: Registry[QuantFormat] = Registry("quantization format")
@@ -43,11 +47,12 @@ DEFAULT_FORMATS = ("none", "bnb-int8", "bnb-nf4", "bnb-nf4-dq", "bnb-fp4", "bnb-
 
 
 def quant_format(name: str, description: str, bits_per_weight: Callable[[int], float] | None = None,
-                 backend: str = "none"):
+                 backend: str = "none", after_load=None, runtime_spec: dict | None = None):
     """Decorator: register the function that builds `name`'s quantization_config."""
 
     def deco(build: Callable[[torch.dtype], Any]) -> Callable[[torch.dtype], Any]:
-        FORMATS.add(name, QuantFormat(name, description, bits_per_weight, build, backend))
+        FORMATS.add(name, QuantFormat(name, description, bits_per_weight, build, backend, after_load,
+                                      tuple(sorted((runtime_spec or {}).items()))))
         return build
 
     return deco

@@ -37,11 +37,28 @@ def _config_4bit(quant_type: str, double_quant: bool, compute_dtype: torch.dtype
     )
 
 
+def keep_cpu_compute_dtype(model, device: str, compute_dtype: torch.dtype) -> None:
+    """Stop bitsandbytes from silently swapping the 4-bit CPU kernel.
+
+    On CPUs with AVX512-BF16, bitsandbytes 0.50 repacks every Linear4bit at its first inference
+    forward into a layout whose kernel computes in bfloat16 with bfloat16 block scales, and that
+    replaces double quantization's 8-bit scales by bf16 ones. That measures a different format at
+    a different compute dtype than the one configured, and differently on CPUs with and without
+    the instruction set. We keep the portable path: dequantize to the compute dtype, then matmul
+    (on this project's 2-core CPU it was not slower).
+    """
+    if device == "cpu":
+        for m in model.modules():
+            if hasattr(m, "support_avx512bf16_for_cpu"):
+                m.support_avx512bf16_for_cpu = False
+
+
 def _register_4bit(quant_type: str, double_quant: bool) -> None:
     name = f"bnb-{quant_type}" + ("-dq" if double_quant else "")
     dq = ", double-quantized absmax" if double_quant else ""
     desc = f"bitsandbytes {quant_type.upper()} 4-bit weights, blocksize {BLOCKSIZE}{dq}"
-    quant_format(name, desc, _bits_4bit(double_quant), backend="bitsandbytes")(
+    quant_format(name, desc, _bits_4bit(double_quant), backend="bitsandbytes",
+                 after_load=keep_cpu_compute_dtype, runtime_spec={"cpu_bf16_repack": False})(
         lambda compute_dtype: _config_4bit(quant_type, double_quant, compute_dtype))
 
 
