@@ -31,9 +31,11 @@ from qeval.suite_data import DATA_DIR, ensure_built
 log = logging.getLogger("qeval")
 
 TRAIN_DATA = {"lee_background": "lee_train.jsonl"}  # name -> data file built by qeval.suite_data
+# The tasks each training set adapts to; every other task is "untouched" and measures forgetting.
+DOMAIN_TASKS = {"lee_background": ("qeval_lee_ppl",)}
 METHODS = ("lora", "full")
 MERGES = ("none", "dequantized", "requantized")
-ADAPTER_SCHEMA = 1
+ADAPTER_SCHEMA = 2  # 2: peak training memory measured in a fresh process
 
 
 @dataclass(frozen=True)
@@ -93,7 +95,8 @@ class AdapterArtifact:
     train_s: float
     s_per_step: float
     tokens_per_s: float
-    peak_train_bytes: int  # CUDA max allocated, or sampled peak RSS on CPU
+    peak_train_bytes: int  # CUDA max allocated, or sampled peak RSS of the training process on CPU
+    idle_bytes: int  # CPU: RSS of that process before loading the base (Python + libraries); 0 on CUDA
     losses: tuple[tuple[int, float], ...]  # (step, training loss)
     heldout: tuple[tuple[int, float], ...]  # (step, held-out loss)
     device: str
@@ -117,32 +120,56 @@ def adapter_key(model: ResolvedModel, spec: AdapterSpec, device: str) -> str:
                         "device": "cuda" if device.startswith("cuda") else "cpu"})
 
 
-def finetune(model: ResolvedModel, spec: AdapterSpec, device: str, progress=lambda s: None) -> AdapterArtifact:
-    """Train `spec` on `model` (or reuse the stored artifact with the same key)."""
+def finetune(model: ResolvedModel, spec: AdapterSpec, device: str, prefix: str = "",
+             isolate: bool = True) -> AdapterArtifact:
+    """Train `spec` on `model` (or reuse the stored artifact with the same key).
+
+    With `isolate` (the default) training runs in a fresh process: its peak memory is then the
+    training's own, not the high-water mark of whatever this process loaded before (RSS never
+    shrinks back on CPU), and the memory is returned to the OS when it ends.
+    """
     key = adapter_key(model, spec, device)
     out = env.cache_dir() / "adapters" / key[:32]
     meta = out / "qeval-artifact.json"
     if meta.is_file():
         return _load_artifact(meta, reused=True)
+    if isolate:
+        import multiprocessing
+
+        # spawn, not fork: a forked child would inherit this process's memory and threads
+        with multiprocessing.get_context("spawn").Pool(1) as pool:
+            pool.apply(_train, (model, spec, device, key, out, prefix))
+    else:
+        _train(model, spec, device, key, out, prefix)
+    return _load_artifact(meta, reused=False)
+
+
+def _train(model: ResolvedModel, spec: AdapterSpec, device: str, key: str, out: Path, prefix: str) -> None:
+    """The one training loop (LoRA, QLoRA and full fine-tune alike); writes the artifact folder."""
+    import sys
 
     import torch
 
+    def progress(msg: str) -> None:
+        print(f"{prefix}{msg}", file=sys.stderr, flush=True)
+
     torch.manual_seed(spec.seed)
-    base = load_model(model, FORMATS.get(spec.train_quant), device)
-    net = _trainable(base.model, spec)
-    params = [p for p in net.parameters() if p.requires_grad]
-    trainable = sum(p.numel() for p in params)
-    total = sum(p.numel() for p in net.parameters())
-    train_blocks, heldout_blocks = _blocks(base.tokenizer, spec)
-    opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, spec.warmup_steps)))
-    gen = torch.Generator().manual_seed(spec.seed)
-    order = torch.randperm(len(train_blocks), generator=gen)
-    losses, heldout = [], [(0, _heldout_loss(net, heldout_blocks, device))]
-    progress(f"fine-tune {spec.method} on {spec.train_quant}: {trainable:,} trainable of {total:,} parameters, "
-             f"{spec.steps} steps x {spec.batch_size} x {spec.seq_len} tokens; held-out loss {heldout[0][1]:.4f}")
-    net.train()
-    with PeakMemory(device) as peak:
+    with PeakMemory(device) as peak:  # from before the load: the base's weights count too
+        rss_before = peak.peak_bytes
+        base = load_model(model, FORMATS.get(spec.train_quant), device)
+        net = _trainable(base.model, spec)
+        params = [p for p in net.parameters() if p.requires_grad]
+        trainable = sum(p.numel() for p in params)
+        total = sum(p.numel() for p in net.parameters())
+        train_blocks, heldout_blocks = _blocks(base.tokenizer, spec)
+        opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=0.0)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, spec.warmup_steps)))
+        gen = torch.Generator().manual_seed(spec.seed)
+        order = torch.randperm(len(train_blocks), generator=gen)
+        losses, heldout = [], [(0, _heldout_loss(net, heldout_blocks, device))]
+        progress(f"fine-tune {spec.method} on {spec.train_quant}: {trainable:,} trainable of {total:,} parameters, "
+                 f"{spec.steps} steps x {spec.batch_size} x {spec.seq_len} tokens; held-out loss {heldout[0][1]:.4f}")
+        net.train()
         t0 = time.perf_counter()
         for step in range(1, spec.steps + 1):
             idx = [order[((step - 1) * spec.batch_size + i) % len(order)].item() for i in range(spec.batch_size)]
@@ -161,21 +188,19 @@ def finetune(model: ResolvedModel, spec: AdapterSpec, device: str, progress=lamb
             torch.cuda.synchronize()
         train_s = time.perf_counter() - t0
     net.eval()
-    tmp = Path(tempfile.mkdtemp(prefix=key[:12], dir=out.parent if out.parent.exists() else None))
-    if spec.method == "lora":
-        net.save_pretrained(tmp)  # adapter_config.json + adapter_model.safetensors (lora_ tensors only)
-    else:
-        net.save_pretrained(tmp)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{key[:12]}-", dir=out.parent))
+    net.save_pretrained(tmp)  # LoRA: adapter_config.json + adapter_model.safetensors (lora_ tensors only)
+    if spec.method == "full":
         base.tokenizer.save_pretrained(tmp)
     weights = sum(f.stat().st_size for f in tmp.glob("*.safetensors"))
     art = AdapterArtifact(key, out, spec, trainable, total, weights, train_s, train_s / spec.steps,
                           spec.steps * spec.batch_size * spec.seq_len / train_s, peak.peak_bytes,
+                          0 if device.startswith("cuda") else rss_before,
                           tuple(losses), tuple(heldout), device)
     (tmp / "qeval-artifact.json").write_text(json.dumps(art.summary(), indent=1))
-    out.parent.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)  # atomic: a crash mid-training leaves nothing that looks finished
-    return art
 
 
 def _load_artifact(meta: Path, reused: bool) -> AdapterArtifact:
@@ -231,7 +256,7 @@ def _blocks(tokenizer, spec: AdapterSpec):
     train, heldout = pack("train"), pack("heldout")
     if len(train) == 0 or len(heldout) == 0:
         raise QevalError("seq_len", spec.seq_len, "shorter than the training text", "lower seq_len")
-    return train, heldout[:32]  # 32 held-out blocks keep each held-out pass to seconds on CPU
+    return train, heldout[:16]  # 16 held-out blocks (2,048 tokens at 128) keep each pass to seconds on CPU
 
 
 def _heldout_loss(model, blocks, device: str) -> float:

@@ -52,11 +52,23 @@ def _parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="render reports/latest/ from the store")
     rep.add_argument("--store", type=Path, default=None)
     rep.add_argument("--out", type=Path, default=env.REPO_ROOT / "reports" / "latest")
+    rep.add_argument("--memory-budget", type=_gib, metavar="GIB",
+                     help="training memory you have, in GiB: the LoRA-vs-QLoRA verdict picks within it")
 
     sub.add_parser("formats", help="list the quantization formats")
     sub.add_parser("suites", help="list the shipped suites and tasks")
     sub.add_parser("setup", help="build the suite data and convert the embedded model (once)")
     return p
+
+
+def _gib(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a number of GiB, e.g. 4 or 2.5") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a positive number of GiB")
+    return value * 2**30
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,8 +120,8 @@ def cmd_run(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from qeval.compare import memory_frame, results_frame
-    from qeval.report import render
+    from qeval.compare import adapter_frames, decision, memory_frame, results_frame
+    from qeval.report import adapter_section, render
     from qeval.store import Store
 
     path = _store_path(args)
@@ -126,7 +138,11 @@ def cmd_report(args) -> int:
         "devices": sorted({r["device_description"] for r in records}),
         "seed": ", ".join(sorted({str(r["seed"]) for r in records})), "cells": len(records),
     }
-    written = render(results_frame(records), memory_frame(records), meta, args.out)
+    memory = memory_frame(records)
+    frames = adapter_frames(records)
+    table, verdict = decision(frames, args.memory_budget)
+    written = render(results_frame(records), memory, meta, args.out,
+                     extra=adapter_section(frames, table, verdict, memory))
     for p in written:
         print(p)
     return 0

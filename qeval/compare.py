@@ -17,7 +17,7 @@ BASELINE = "none"
 
 RESULT_COLUMNS = ["model", "quant", "adapter", "task", "metric", "higher_is_better", "primary", "value",
                   "stderr", "n", "baseline_value", "baseline_stderr", "delta", "recovery", "ratio",
-                  "weight_bytes", "device", "key"]
+                  "weight_bytes", "device", "key", "arm"]
 MEMORY_COLUMNS = ["model", "quant", "adapter", "total_bytes", "quantized_weight_bytes", "quant_state_bytes",
                   "unquantized_bytes", "theory_bytes", "baseline_bytes", "ratio_to_baseline", "ratio_to_theory",
                   "measured_bits_per_weight", "theory_bits_per_weight", "load_s", "eval_s", "peak_bytes", "device"]
@@ -30,11 +30,21 @@ def _group(rec: dict) -> tuple:
             rec["device"].split(":")[0])
 
 
+MERGE_SUFFIX = {"none": "", "dequantized": "@merged-float", "requantized": "@merged-requant"}
+
+
+def adapter_label(variant: dict) -> str:
+    """The adapter column: the adapter's plan name, suffixed by how it was merged."""
+    if not variant.get("adapter"):
+        return ""
+    return variant["adapter"] + MERGE_SUFFIX[variant.get("merge", "none")]
+
+
 def latest(records: list[dict]) -> list[dict]:
     """The newest record per (comparable group, variant)."""
     best: dict[tuple, dict] = {}
     for r in records:
-        k = _group(r) + (r["variant"]["quant"], r["variant"]["adapter"])
+        k = _group(r) + (r["variant"]["quant"], adapter_label(r["variant"]))
         if k not in best or r["created_at"] > best[k]["created_at"]:
             best[k] = r
     return list(best.values())
@@ -42,7 +52,7 @@ def latest(records: list[dict]) -> list[dict]:
 
 def results_frame(records: list[dict]) -> pd.DataFrame:
     recs = latest(records)
-    baselines = {_group(r): r for r in recs if r["variant"]["quant"] == BASELINE and not r["variant"]["adapter"]}
+    baselines = {_group(r): r for r in recs if r["variant"]["quant"] == BASELINE and not adapter_label(r["variant"])}
     rows = []
     for r in recs:
         base = baselines.get(_group(r))
@@ -57,13 +67,14 @@ def results_frame(records: list[dict]) -> pd.DataFrame:
             else:
                 recovery = ratio = math.nan
             rows.append({
-                "model": r["variant"]["model"], "quant": r["variant"]["quant"], "adapter": r["variant"]["adapter"],
+                "model": r["variant"]["model"], "quant": r["variant"]["quant"], "adapter": adapter_label(r["variant"]),
                 "task": r["task"]["name"], "metric": metric, "higher_is_better": hib,
                 "primary": metric == r["primary_metric"], "value": v,
                 "stderr": math.nan if m["stderr"] is None else m["stderr"], "n": r["n"],
                 "baseline_value": bv, "baseline_stderr": (b["stderr"] if b and b["stderr"] is not None else math.nan),
                 "delta": v - bv, "recovery": recovery, "ratio": ratio,
-                "weight_bytes": r["footprint"]["total_bytes"], "device": r["device"], "key": r["key"]})
+                "weight_bytes": r["footprint"]["total_bytes"], "device": r["device"], "key": r["key"],
+                "arm": r["variant"].get("arm", r["variant"]["quant"])})
     frame = pd.DataFrame(rows, columns=RESULT_COLUMNS)
     return _sorted(frame, ["model", "task", "metric"])
 
@@ -73,7 +84,7 @@ def memory_frame(records: list[dict]) -> pd.DataFrame:
     recs = latest(records)
     by_variant: dict[tuple, list[dict]] = {}
     for r in recs:
-        by_variant.setdefault((r["variant"]["model"], r["variant"]["quant"], r["variant"]["adapter"],
+        by_variant.setdefault((r["variant"]["model"], r["variant"]["quant"], adapter_label(r["variant"]),
                                r["model"]["fingerprint"], r["device"]), []).append(r)
     base_bytes = {(k[3], k[4]): rs[0]["footprint"]["total_bytes"]
                   for k, rs in by_variant.items() if k[1] == BASELINE and not k[2]}
@@ -107,3 +118,132 @@ def _sorted(frame: pd.DataFrame, by: list[str]) -> pd.DataFrame:
     order = {q: i for i, q in enumerate(DEFAULT_FORMATS)}
     frame = frame.assign(_q=frame["quant"].map(lambda q: order.get(q, len(order))))
     return frame.sort_values(by + ["_q", "quant", "adapter"], kind="stable").drop(columns="_q").reset_index(drop=True)
+
+
+# ----------------------------------------------------------------------------- adapters (LoRA / QLoRA)
+
+Z95 = 1.96
+
+
+def _good(value: float, hib: bool) -> float:
+    """Orient a metric so that larger is better (perplexities are negated)."""
+    return value if hib else -value
+
+
+def adapter_frames(records: list[dict]) -> dict[str, pd.DataFrame]:
+    """What adapters win back and cost, per task's primary metric.
+
+    `regained`: one row per adapter arm and task: the arm's score, its reference (the same format
+    without adapter), what that format lost against the baseline, and the share of it the adapter
+    regained = (adapted - quantized) / (baseline - quantized), oriented so that perplexity works the
+    same way; `lost_significant` is False when the loss is within noise (|loss| < 1.96 x the
+    combined stderr), and then `regained` is not meaningful. `untouched` marks tasks outside the
+    adapter's training domain: there `delta_vs_reference` measures forgetting.
+    `merge`: each merged arm against the same adapter unmerged.
+    `training`: one row per trained adapter: its costs and curves.
+    """
+    from qeval.adapters import DOMAIN_TASKS
+
+    recs = [r for r in latest(records)]
+    primary = {}
+    for r in recs:
+        m = r["metrics"][r["primary_metric"]]
+        key = (_group(r), r["variant"]["quant"], adapter_label(r["variant"]))
+        primary[key] = (r, m)
+    regained, merges, training = [], [], {}
+    for (group, quant, label), (r, m) in primary.items():
+        v = r["variant"]
+        if not v.get("adapter"):
+            continue
+        hib = bool(m["higher_is_better"])
+        base = primary.get((group, BASELINE, ""))
+        # the reference: the arm's own format without adapter (for the float merge: the 4-bit base)
+        ref = primary.get((group, quant, ""))
+        spec = (r.get("adapter") or {}).get("spec", {})
+        untouched = r["task"]["name"] not in DOMAIN_TASKS.get(spec.get("train_data", ""), ())
+        row = {"model": v["model"], "arm": v.get("arm", label), "quant": quant, "adapter": label,
+               "task": r["task"]["name"], "metric": r["primary_metric"], "higher_is_better": hib,
+               "value": m["value"], "stderr": m["stderr"], "untouched": untouched,
+               "baseline_value": base[1]["value"] if base else math.nan,
+               "reference_arm": ref[0]["variant"].get("arm", quant) if ref else "",
+               "reference_value": ref[1]["value"] if ref else math.nan}
+        lost = regained_share = math.nan
+        significant = False
+        if base and ref:
+            lost = _good(base[1]["value"], hib) - _good(ref[1]["value"], hib)
+            se = math.sqrt((base[1]["stderr"] or 0) ** 2 + (ref[1]["stderr"] or 0) ** 2)
+            significant = abs(lost) > Z95 * se and lost > 0
+            if significant:
+                regained_share = (_good(m["value"], hib) - _good(ref[1]["value"], hib)) / lost
+        row.update({"lost": lost, "lost_significant": significant, "regained": regained_share,
+                    "delta_vs_baseline": (m["value"] - base[1]["value"]) if base else math.nan,
+                    "delta_vs_reference": (m["value"] - ref[1]["value"]) if ref else math.nan})
+        regained.append(row)
+        if v.get("merge", "none") != "none":
+            unmerged = primary.get((group, quant, v["adapter"]))
+            merges.append({"model": v["model"], "arm": row["arm"], "adapter": v["adapter"], "merge": v["merge"],
+                           "task": row["task"], "metric": row["metric"], "higher_is_better": hib,
+                           "unmerged_value": unmerged[1]["value"] if unmerged else math.nan,
+                           "merged_value": m["value"],
+                           "merge_delta": (m["value"] - unmerged[1]["value"]) if unmerged else math.nan,
+                           "merged_bytes": r["footprint"]["total_bytes"]})
+        a = r.get("adapter")
+        if a and v.get("merge", "none") == "none":
+            training.setdefault((v["model"], v["adapter"]), {
+                "model": v["model"], "adapter": v["adapter"], "method": a["spec"]["method"],
+                "train_quant": a["spec"]["train_quant"], "trainable_params": a["trainable_params"],
+                "total_params": a["total_params"], "adapter_bytes": a["adapter_bytes"], "train_s": a["train_s"],
+                "s_per_step": a["s_per_step"], "tokens_per_s": a["tokens_per_s"],
+                "peak_train_bytes": a["peak_train_bytes"], "idle_bytes": a.get("idle_bytes", 0),
+                "steps": a["spec"]["steps"],
+                "losses": a["losses"], "heldout": a["heldout"], "key": a["key"], "device": a["device"]})
+    return {"regained": pd.DataFrame(regained), "merge": pd.DataFrame(merges),
+            "training": pd.DataFrame(list(training.values()))}
+
+
+def decision(frames: dict[str, pd.DataFrame], memory_budget: float | None) -> tuple[pd.DataFrame, str]:
+    """LoRA vs QLoRA (vs full fine-tune): each trained adapter deployed on its own training base,
+    with score per task and training costs; and a one-line verdict for `memory_budget` bytes of
+    peak training memory (None: name the cheapest and the best)."""
+    reg, train = frames["regained"], frames["training"]
+    if reg.empty or train.empty:
+        return pd.DataFrame(), ""
+    rows = []
+    for t in train.itertuples(index=False):
+        on_own_base = reg[(reg.adapter == t.adapter) & (reg.quant == t.train_quant)]
+        if on_own_base.empty:
+            continue
+        row = {"adapter": t.adapter, "method": t.method, "train_quant": t.train_quant,
+               "arm": on_own_base.arm.iloc[0], "peak_train_bytes": t.peak_train_bytes, "idle_bytes": t.idle_bytes,
+               "adapter_bytes": t.adapter_bytes, "trainable_params": t.trainable_params,
+               "s_per_step": t.s_per_step, "tokens_per_s": t.tokens_per_s, "train_s": t.train_s}
+        for x in on_own_base.itertuples(index=False):
+            row[f"{x.task}:{x.metric}"] = x.value
+            row[f"{x.task}:hib"] = x.higher_is_better
+            row[f"{x.task}:untouched"] = x.untouched
+        rows.append(row)
+    table = pd.DataFrame(rows).sort_values("peak_train_bytes").reset_index(drop=True)
+    domain = [c for c in table.columns if c.endswith(":untouched") and not table[c].fillna(True).all()]
+    if not domain:
+        return table, ""
+    task = domain[0].split(":")[0]
+    score_col = next(c for c in table.columns if c.startswith(task + ":") and c.split(":")[1] not in ("hib", "untouched"))
+    hib = bool(table[f"{task}:hib"].iloc[0])
+    ranked = table.sort_values(score_col, ascending=not hib)
+    fmt = lambda r: f"{r['arm']} ({score_col.split(':')[1]} {r[score_col]:.4g}, peak training memory {r['peak_train_bytes'] / 2**30:.2f} GiB)"
+    if memory_budget is None:
+        cheapest = table.iloc[0]
+        verdict = (f"Best on {task}: {fmt(ranked.iloc[0])}; least training memory: {fmt(cheapest)}. "
+                   "Pass --memory-budget to get a pick.")
+    else:
+        fits = ranked[ranked.peak_train_bytes <= memory_budget]
+        budget = f"{memory_budget / 2**30:.2f} GiB"
+        if fits.empty:
+            verdict = f"Nothing fits a {budget} training budget; the least memory is {fmt(table.iloc[0])}."
+        else:
+            verdict = f"Within {budget} of training memory, pick {fmt(fits.iloc[0])}"
+            over = ranked[ranked.peak_train_bytes > memory_budget]
+            if not over.empty and over.index[0] == ranked.index[0]:
+                verdict += f"; the best overall, {fmt(over.iloc[0])}, does not fit"
+            verdict += "."
+    return table, verdict

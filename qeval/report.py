@@ -505,6 +505,136 @@ def _memory_png(primary: pd.DataFrame, memory: pd.DataFrame, colors: dict[str, o
     return _png(fig)
 
 
+# ----------------------------------------------------------------------------- adapters
+
+@dataclass
+class Section:
+    """Extra report content from another stage: blocks, the PNGs they show, CSV files."""
+    blocks: list
+    images: dict[str, bytes] = field(default_factory=dict)
+    files: dict[str, bytes] = field(default_factory=dict)
+
+
+TRAINING_PNG, TRAIN_MEMORY_PNG = "training_curves.png", "train_memory_vs_score.png"
+
+
+def adapter_section(frames: dict[str, pd.DataFrame], decision_table: pd.DataFrame, verdict: str,
+                    memory: pd.DataFrame) -> Section | None:
+    """LoRA / QLoRA: what each adapter arm regained, what merging costs, the decision table."""
+    reg, merges, train = frames["regained"], frames["merge"], frames["training"]
+    if reg.empty:
+        return None
+    blocks: list = [Heading(2, "Adapters: what LoRA / QLoRA win back"),
+                    Para("lost = baseline - the arm's format without adapter; regained = (arm - that format) / "
+                         "lost, oriented so that lower perplexity counts as better. 'within noise' means the "
+                         "format's loss is smaller than 1.96 combined standard errors, so there is nothing "
+                         "significant to regain. On an untouched task (not the adapter's training domain) "
+                         "the change against the reference measures forgetting.")]
+    for task, g in reg.groupby("task", sort=True):
+        metric = str(g["metric"].iloc[0])
+        blocks.append(Heading(3, f"{task}: {metric}" + (" (untouched by training: forgetting)" if g["untouched"].all() else "")))
+        rows = []
+        for r in g.sort_values("arm").itertuples(index=False):
+            if r.untouched:
+                note = f"forgetting: {fmt_num(r.delta_vs_reference, signed=True)} vs {r.reference_arm}"
+            elif not r.lost_significant:
+                note = "loss within noise"
+            else:
+                note = ""
+            rows.append([r.arm, fmt_value_stderr(r.value, r.stderr), r.reference_arm or NA,
+                         fmt_num(r.reference_value), fmt_num(r.baseline_value),
+                         fmt_num(r.lost, signed=True), fmt_pct(r.regained) if r.lost_significant else "within noise",
+                         fmt_num(r.delta_vs_baseline, signed=True), note])
+        blocks.append(Table(["arm", metric, "reference", "reference value", "baseline", "lost", "regained",
+                             "Δ vs baseline", "note"], rows, [False, True, False, True, True, True, True, True, False]))
+    if not merges.empty:
+        blocks += [Heading(3, "Merge paths"),
+                   Para("Each merged arm against the same adapter unmerged on the same 4-bit base: merging into "
+                        "the dequantized float base should cost nothing; re-quantizing the merged weights is the "
+                        "deploy path that can lose the fine-tune.")]
+        rows = [[r.arm, r.task, r.metric, fmt_num(r.unmerged_value), fmt_num(r.merged_value),
+                 fmt_num(r.merge_delta, signed=True), fmt_mib(r.merged_bytes)]
+                for r in merges.sort_values(["arm", "task"]).itertuples(index=False)]
+        blocks.append(Table(["arm", "task", "metric", "unmerged", "merged", "merge Δ", "merged MiB"], rows,
+                            [False, False, False, True, True, True, True]))
+    images = {}
+    if not decision_table.empty:
+        score_cols = [c for c in decision_table.columns if ":" in c and c.split(":")[1] not in ("hib", "untouched")]
+        header = ["arm", "trained on", "trainable params", "adapter MiB", "s/step", "tokens/s", "train s",
+                  "peak training MiB", "of which idle process MiB"] + score_cols
+        rows = [[r["arm"], r["train_quant"], f"{int(r['trainable_params']):,}", fmt_mib(r["adapter_bytes"]),
+                 fmt_num(r["s_per_step"]), fmt_num(r["tokens_per_s"]), fmt_num(r["train_s"]),
+                 fmt_mib(r["peak_train_bytes"]), fmt_mib(r["idle_bytes"]) if r["idle_bytes"] else NA]
+                + [fmt_num(r[c]) for c in score_cols]
+                for _, r in decision_table.iterrows()]
+        blocks += [Heading(3, "LoRA vs QLoRA: decision table"),
+                   Para("Each adapter evaluated on the base it was trained on. Peak training memory is CUDA max "
+                        "allocated on GPU; on CPU it is the peak RSS of the training process (each adapter trains "
+                        "in a fresh process), of which 'idle' is that process before loading the model "
+                        "(Python, torch and the other libraries)."),
+                   Table(header, rows, [False, False] + [True] * (len(header) - 2))]
+        if verdict:
+            blocks.append(Para("Verdict: " + verdict))
+    if not train.empty:
+        images[TRAINING_PNG] = _training_png(train)
+        blocks.append(Image("Training and held-out loss per adapter", TRAINING_PNG))
+    images[TRAIN_MEMORY_PNG] = _train_memory_png(reg, train, memory)
+    blocks.append(Image("Peak training memory vs score per arm", TRAIN_MEMORY_PNG))
+    files = {"adapters.csv": reg.to_csv(index=False).encode("utf-8"),
+             "training.csv": train.drop(columns=["losses", "heldout"], errors="ignore").to_csv(index=False).encode("utf-8")}
+    return Section(blocks, images, files)
+
+
+def _training_png(train: pd.DataFrame) -> bytes:
+    fig, ax = plt.subplots(figsize=(7.5, 4))
+    for i, t in enumerate(train.itertuples(index=False)):
+        color = plt.get_cmap("tab10")(i % 10)
+        steps, loss = zip(*t.losses) if len(t.losses) else ((), ())
+        ax.plot(steps, loss, color=color, alpha=0.45, lw=1, label=f"{t.adapter} ({t.train_quant}) train")
+        hs, hl = zip(*t.heldout) if len(t.heldout) else ((), ())
+        ax.plot(hs, hl, color=color, marker="o", lw=2, label=f"{t.adapter} held-out")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    ax.set_title("Training loss (thin) and held-out loss (markers)", fontsize=10)
+    return _png(fig)
+
+
+def _train_memory_png(reg: pd.DataFrame, train: pd.DataFrame, memory: pd.DataFrame) -> bytes:
+    """x = peak training memory of the arm's adapter (0 for arms with no training), y = score on
+    each task; one panel per task."""
+    peak = {t.adapter: float(t.peak_train_bytes) / MIB for t in train.itertuples(index=False)}
+    tasks = sorted(reg["task"].unique())
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.8 * len(tasks), 3.9), squeeze=False)
+    for ax, task in zip(axes.flat, tasks):
+        g = reg[reg.task == task]
+        metric = str(g["metric"].iloc[0])
+        for k, r in enumerate(g.sort_values("arm").itertuples(index=False)):
+            base_adapter = str(r.adapter).split("@")[0]
+            x = peak.get(base_adapter, math.nan)
+            ax.errorbar([x], [r.value], yerr=None if _missing(r.stderr) else r.stderr, fmt="o", capsize=3)
+            ax.annotate(r.arm, (x, r.value), textcoords="offset points", xytext=(6, 6 if k % 2 == 0 else -11), fontsize=8)
+        refs = g.drop_duplicates("reference_arm")
+        for r in refs.itertuples(index=False):
+            if not _missing(r.reference_value):
+                ax.axhline(r.reference_value, ls=":", lw=1, color="grey")
+                ax.annotate(f"{r.reference_arm} (no training)", (0.01, r.reference_value), xycoords=("axes fraction", "data"),
+                            fontsize=7, color="grey", va="bottom")
+        if not g.empty and not _missing(g["baseline_value"].iloc[0]):
+            ax.axhline(g["baseline_value"].iloc[0], ls="--", lw=1, color="black")
+            ax.annotate("baseline (no training)", (0.01, g["baseline_value"].iloc[0]), xycoords=("axes fraction", "data"),
+                        fontsize=7, va="bottom")
+        ax.set_title(task, fontsize=10)
+        ax.set_xlabel("peak training memory (MiB)")
+        ax.set_ylabel(f"{metric} ({'higher' if bool(g['higher_is_better'].iloc[0]) else 'lower'} is better)")
+        ax.grid(alpha=0.3)
+        ax.margins(x=0.25, y=0.2)
+    fig.suptitle("Peak training memory vs score per arm (lines: arms without training)", fontsize=11)
+    fig.tight_layout()
+    return _png(fig)
+
+
 # ----------------------------------------------------------------------------- writing
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -524,7 +654,8 @@ def _atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
-def render(results: pd.DataFrame, memory: pd.DataFrame, meta: dict, out_dir: Path) -> list[Path]:
+def render(results: pd.DataFrame, memory: pd.DataFrame, meta: dict, out_dir: Path,
+           extra: Section | None = None) -> list[Path]:
     """Render report files into out_dir (created if missing) and return the paths written.
 
     Writes results.csv, memory.csv, recovery.png, memory_vs_score.png, report.md and report.html.
@@ -562,6 +693,9 @@ def render(results: pd.DataFrame, memory: pd.DataFrame, meta: dict, out_dir: Pat
                   MEMORY_PNG: _memory_png(primary, memory, colors, multi_model)}
         blocks += _accuracy_blocks(results)
         blocks += _memory_blocks(memory)
+        if extra is not None:
+            blocks += extra.blocks
+            images.update(extra.images)
         blocks += [Heading(2, "Plots"),
                    Image("Recovery of each task's primary metric per variant", RECOVERY_PNG),
                    Image("Total memory vs. primary metric per task", MEMORY_PNG)]
@@ -569,6 +703,7 @@ def render(results: pd.DataFrame, memory: pd.DataFrame, meta: dict, out_dir: Pat
     files = {
         RESULTS_CSV: results.to_csv(index=False).encode("utf-8"),
         MEMORY_CSV: memory.to_csv(index=False).encode("utf-8"),
+        **(extra.files if extra is not None and not results.empty else {}),
         **images,
         REPORT_MD: to_markdown(blocks).encode("utf-8"),
         REPORT_HTML: to_html(blocks, images, title).encode("utf-8"),

@@ -1,8 +1,10 @@
-"""Orchestration: expand a plan into cells (model x format x task), compute only the missing ones.
+"""Orchestration: expand a plan into cells (model x arm x task), compute only the missing ones.
 
-`run_plan` reads top to bottom like a recipe: validate -> resolve models -> for each variant, skip
-it if every cell is stored, else load + quantize once, evaluate each missing task, store each
-record the moment it is done.
+An arm is a format, optionally with an adapter (and a merge mode): `baseline`, `nf4`, `qlora`
+(LoRA trained on NF4, evaluated on NF4), `qlora-merged-nf4`, ... `run_plan` reads top to bottom
+like a recipe: validate -> resolve models -> for each arm, skip it if every cell is stored, else
+fine-tune (or reuse) its adapter, load + quantize its base once, attach, evaluate each missing task,
+store each record the moment it is done.
 """
 from __future__ import annotations
 
@@ -15,10 +17,11 @@ import traceback
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from qeval import env
-from qeval.errors import QevalError
+from qeval.adapters import MERGES, AdapterArtifact, AdapterSpec, adapter_key, attach, finetune, load_finetuned
+from qeval.errors import QevalError, unknown_name
 from qeval.evaluate import EvalOutcome, EvalSpec, evaluate
 from qeval.models import DEFAULT_MODEL, LoadedModel, ResolvedModel, compute_dtype, load_model, resolve_model
 from qeval.quant import DEFAULT_FORMATS, FORMATS, QuantFormat
@@ -27,16 +30,29 @@ from qeval.store import SCHEMA_VERSION, Store, content_key
 from qeval.suite_data import ensure_built
 from qeval.suites import Suite, TaskSpec, load_suite, task_fingerprint
 
+
+@dataclass(frozen=True)
+class Arm:
+    """One variant of the model: a format, optionally an adapter from the plan, optionally merged."""
+
+    name: str
+    quant: str = "none"
+    adapter: str | None = None  # a key of Plan.adapters
+    merge: str = "none"  # none | dequantized (into the float base) | requantized (back to `quant`)
+
+
 @dataclass(frozen=True)
 class Plan:
-    """What to measure. `suite` is a shipped suite name or a suite YAML path."""
+    """What to measure. Every format becomes an arm of its own; `arms` adds adapter arms."""
 
     models: tuple[str, ...] = (DEFAULT_MODEL,)
     formats: tuple[str, ...] = DEFAULT_FORMATS
-    suite: str = "default"
+    suite: str = "default"  # shipped suite name or suite YAML path
     device: str = "auto"  # auto | cpu | cuda
     seed: int = 1234
     bootstrap_iters: int = 1000
+    adapters: dict = field(default_factory=dict)  # name -> AdapterSpec fields
+    arms: tuple[dict, ...] = ()  # Arm fields
 
 
 def load_plan(path: Path) -> Plan:
@@ -48,9 +64,10 @@ def load_plan(path: Path) -> Plan:
 
 @dataclass(frozen=True)
 class Cell:
-    """One (model, format, task) measurement and the key it is stored under."""
+    """One (model, arm, task) measurement and the key it is stored under."""
 
     model: ResolvedModel
+    arm: Arm
     fmt: QuantFormat
     task: TaskSpec
     key: str
@@ -63,20 +80,61 @@ class RunSummary:
     computed: list[str] = field(default_factory=list)
     reused: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)  # one line per failed cell
+    trained: list[str] = field(default_factory=list)  # adapter keys trained in this run
     wall_s: float = 0.0
 
 
-def validate(plan: Plan, suite: Suite | None = None) -> tuple[list[QuantFormat], Suite, str]:
-    """Check formats, suite and device together before anything loads or writes."""
+@dataclass(frozen=True)
+class Resolved:
+    """A validated plan: everything typed, every name looked up."""
+
+    arms: tuple[Arm, ...]
+    adapters: dict[str, AdapterSpec]
+    suite: Suite
+    device: str
+
+
+def validate(plan: Plan, suite: Suite | None = None) -> Resolved:
+    """Check formats, adapters, arms, suite and device together before anything loads or writes."""
     errors: list[QevalError] = []
-    formats = []
-    for name in plan.formats:
+
+    def check(fn: Callable[[], Any]) -> Any:
         try:
-            formats.append(FORMATS.get(name))
+            return fn()
         except QevalError as e:
-            errors.append(e)
-    if len(set(plan.formats)) != len(plan.formats):
-        errors.append(QevalError("formats", ",".join(plan.formats), "each format once", "remove the duplicate"))
+            errors.extend(getattr(e, "errors", [e]))
+
+    for name in plan.formats:
+        check(lambda: FORMATS.get(name))
+    adapters: dict[str, AdapterSpec] = {}
+    for name, raw in plan.adapters.items():
+        spec = from_mapping(AdapterSpec, raw, f"adapters.{name}", errors)
+        if spec is not None:
+            errors += spec.problems(f"adapters.{name}")
+            adapters[name] = spec
+    arms = [Arm(f, f) for f in plan.formats]
+    for i, raw in enumerate(plan.arms):
+        arm = from_mapping(Arm, raw, f"arms[{i}]", errors)
+        if arm is None:
+            continue
+        where = f"arms[{i}] ({arm.name})"
+        if arm.quant not in FORMATS:
+            errors.append(unknown_name(f"{where} quant", arm.quant, FORMATS))
+        if arm.adapter is not None and arm.adapter not in plan.adapters:
+            errors.append(unknown_name(f"{where} adapter", arm.adapter, plan.adapters, "define it under adapters:"))
+        if arm.merge not in MERGES:
+            errors.append(unknown_name(f"{where} merge", arm.merge, MERGES))
+        elif arm.merge != "none":
+            spec = adapters.get(arm.adapter or "")
+            if spec is None or spec.method != "lora" or arm.quant not in FORMATS or \
+                    FORMATS.get(arm.quant).backend != "bitsandbytes" or "int8" in arm.quant:
+                errors.append(QevalError(f"{where} merge", arm.merge,
+                                         "a LoRA adapter on a bitsandbytes 4-bit quant",
+                                         "merge paths exist for QLoRA-style arms only"))
+        arms.append(arm)
+    names = [a.name for a in arms]
+    for dup in sorted({n for n in names if names.count(n) > 1}):
+        errors.append(QevalError("arm name", dup, "unique arm names (formats are arms too)", "rename one"))
     if plan.device not in ("auto", "cpu", "cuda"):
         errors.append(QevalError("device", plan.device, "auto, cpu or cuda"))
     elif plan.device == "cuda":
@@ -86,58 +144,71 @@ def validate(plan: Plan, suite: Suite | None = None) -> tuple[list[QuantFormat],
             errors.append(QevalError("device", "cuda", "a machine with a CUDA GPU", "use --device cpu or auto"))
     if not plan.models:
         errors.append(QevalError("models", "[]", "at least one model", f"e.g. {DEFAULT_MODEL}"))
+    if not arms:
+        errors.append(QevalError("formats", "[]", "at least one format or arm", "e.g. formats: [none, bnb-nf4]"))
     if suite is None:
-        try:
-            suite = load_suite(plan.suite)
-        except QevalError as e:
-            errors.extend(getattr(e, "errors", [e]))
+        suite = check(lambda: load_suite(plan.suite))
     raise_if(errors)
-    return formats, suite, env.resolve_device(plan.device)
+    return Resolved(tuple(arms), adapters, suite, env.resolve_device(plan.device))
 
 
-def make_cells(model: ResolvedModel, fmt: QuantFormat, suite: Suite, eval_spec: EvalSpec, device: str) -> list[Cell]:
-    dtype = compute_dtype(device)
-    fmt_spec = fmt.spec(dtype)
+def make_cells(model: ResolvedModel, arm: Arm, suite: Suite, eval_spec: EvalSpec, device: str,
+               adapter: AdapterSpec | None = None) -> list[Cell]:
+    fmt = FORMATS.get(arm.quant)
+    fmt_spec = fmt.spec(compute_dtype(device))
     device_kind = "cuda" if device.startswith("cuda") else "cpu"
-    # The variant is what a user means by "this model at this format": stable across library
-    # upgrades, so a history can follow it; the key adds everything else that moves the numbers.
+    # The variant is what a user means by "this model at this format with this adapter": stable
+    # across library upgrades, so a history can follow it; the key adds what else moves the numbers.
+    adapter_id = None
+    if adapter is not None:
+        adapter_id = {"spec": dataclasses.asdict(adapter), "key": adapter_key(model, adapter, device),
+                      "merge": arm.merge}
     variant = {"model_fingerprint": model.fingerprint, "quant": fmt.name, "compute_dtype": fmt_spec["compute_dtype"],
-               "adapter": None, "device": device_kind}
+               "adapter": None if adapter is None else {"spec": adapter_id["spec"], "merge": arm.merge},
+               "device": device_kind}
     variant_id = content_key(variant)
     cells = []
     for t in suite.tasks:
-        material = {"schema": SCHEMA_VERSION, "variant": variant, "format": fmt_spec,
+        material = {"schema": SCHEMA_VERSION, "variant": variant, "format": fmt_spec, "adapter": adapter_id,
                     "task": {"name": t.task, "fingerprint": task_fingerprint(t.task), "limit": t.limit,
                              "num_fewshot": t.num_fewshot, "batch_size": t.batch_size},
                     "eval": dataclasses.asdict(eval_spec), "versions": env.versions()}
-        cells.append(Cell(model, fmt, t, content_key(material), variant_id, material))
+        cells.append(Cell(model, arm, fmt, t, content_key(material), variant_id, material))
     return cells
 
 
 def run_plan(plan: Plan, store_path: Path, suite: Suite | None = None,
              progress: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)) -> RunSummary:
     """Compute every missing cell of `plan` into the store at `store_path`."""
+    import torch
+
     t_start = time.perf_counter()
-    formats, suite, device = validate(plan, suite)
+    rp = validate(plan, suite)
     models = [resolve_model(m) for m in plan.models]  # fails on a bad model before the store is touched
     ensure_built()
     eval_spec = EvalSpec(seed=plan.seed, bootstrap_iters=plan.bootstrap_iters)
     summary = RunSummary()
     with Store(store_path) as store:
-        variants = [(m, f) for m in models for f in formats]
-        for i, (model, fmt) in enumerate(variants, 1):
-            cells = make_cells(model, fmt, suite, eval_spec, device)
+        jobs = [(m, a) for m in models for a in rp.arms]
+        for i, (model, arm) in enumerate(jobs, 1):
+            adapter = rp.adapters.get(arm.adapter) if arm.adapter else None
+            cells = make_cells(model, arm, rp.suite, eval_spec, rp.device, adapter)
             missing = [c for c in cells if c.key not in store]
             summary.reused += [c.key for c in cells if c not in missing]
-            tag = f"[{i}/{len(variants)}] {model.spec} @ {fmt.name}"
+            tag = f"[{i}/{len(jobs)}] {model.spec} @ {arm.name}"
             if not missing:
                 progress(f"{tag}: all {len(cells)} tasks stored, nothing to compute")
                 continue
-            progress(f"{tag}: loading + quantizing on {device}")
-            import torch
-
+            artifact = None
+            if adapter is not None:
+                artifact = finetune(model, adapter, rp.device, prefix=f"{tag}: ")
+                if not artifact.reused:
+                    summary.trained.append(artifact.key)
+                progress(f"{tag}: adapter {arm.adapter} {'reused' if artifact.reused else 'trained'} "
+                         f"({artifact.trainable_params:,} trainable, {artifact.train_s:.0f} s)")
+            progress(f"{tag}: loading + quantizing on {rp.device}")
             torch.manual_seed(plan.seed)
-            loaded = load_model(model, fmt, device)
+            loaded = _load_arm(model, arm, artifact, rp.device)
             progress(f"{tag}: {loaded.footprint.total_bytes / 2**20:.1f} MiB in {loaded.load_s:.1f} s")
             for cell in missing:
                 progress(f"{tag}: evaluating {cell.task.task} (limit {cell.task.limit})")
@@ -152,7 +223,7 @@ def run_plan(plan: Plan, store_path: Path, suite: Suite | None = None,
                     if os.environ.get("QEVAL_DEBUG"):
                         traceback.print_exc()
                     continue
-                store.put(build_record(cell, loaded, outcome, plan.seed), outcome.samples)
+                store.put(build_record(cell, loaded, outcome, plan.seed, artifact), outcome.samples)
                 summary.computed.append(cell.key)
                 m = outcome.metrics[outcome.primary]
                 progress(f"{tag}: {cell.task.task} {outcome.primary}={m.value:.4g} "
@@ -161,20 +232,33 @@ def run_plan(plan: Plan, store_path: Path, suite: Suite | None = None,
             gc.collect()
     summary.wall_s = time.perf_counter() - t_start
     progress(f"done: {len(summary.computed)} computed, {len(summary.reused)} reused, "
-             f"{len(summary.failed)} failed in {summary.wall_s:.1f} s")
+             f"{len(summary.failed)} failed, {len(summary.trained)} adapters trained in {summary.wall_s:.1f} s")
     return summary
 
 
-def build_record(cell: Cell, loaded: LoadedModel, outcome: EvalOutcome, seed: int) -> dict:
+def _load_arm(model: ResolvedModel, arm: Arm, artifact: AdapterArtifact | None, device: str) -> LoadedModel:
+    """Load + quantize the arm's base, then put its adapter on (or load the fully fine-tuned model)."""
+    if artifact is not None and artifact.spec.method == "full":
+        return load_finetuned(model, artifact, arm.quant, device)
+    loaded = load_model(model, FORMATS.get(arm.quant), device)
+    if artifact is not None:
+        loaded = attach(loaded, artifact, arm.merge)
+    return loaded
+
+
+def build_record(cell: Cell, loaded: LoadedModel, outcome: EvalOutcome, seed: int,
+                 artifact: AdapterArtifact | None = None) -> dict:
     """The immutable record of one cell: its spec, numbers, costs and provenance."""
     return {
         "key": cell.key,
         "schema": SCHEMA_VERSION,
         "variant_id": cell.variant_id,
-        "variant": {"model": cell.model.spec, "quant": cell.fmt.name, "adapter": ""},
+        "variant": {"model": cell.model.spec, "quant": cell.fmt.name, "adapter": cell.arm.adapter or "",
+                    "merge": cell.arm.merge, "arm": cell.arm.name},
         "model": {"spec": cell.model.spec, "source": cell.model.source, "path": str(cell.model.path),
                   "fingerprint": cell.model.fingerprint},
         "format": cell.key_material["format"],
+        "adapter": None if artifact is None else artifact.summary(),
         "task": cell.key_material["task"],
         "eval": cell.key_material["eval"],
         "metrics": {k: dataclasses.asdict(v) for k, v in outcome.metrics.items()},

@@ -99,11 +99,75 @@ def test_key_changes_with_what_determines_the_numbers(plan, tiny_model_dir):
 
     model = resolve_model(str(tiny_model_dir))
     suite = load_suite(plan.suite)
-    key = lambda fmt="bnb-nf4", spec=EvalSpec(), dev="cpu": runner.make_cells(model, FORMATS.get(fmt), suite, spec, dev)[0].key
+    key = lambda fmt="bnb-nf4", spec=EvalSpec(), dev="cpu": runner.make_cells(model, runner.Arm(fmt, fmt), suite, spec, dev)[0].key
     base = key()
     assert key() == base  # deterministic
     assert key("bnb-nf4-dq") != base
     assert key(spec=EvalSpec(seed=7)) != base
     assert key(dev="cuda") != base  # bf16 compute on CUDA measures something else
-    cells = runner.make_cells(model, FORMATS.get("bnb-nf4"), suite, EvalSpec(), "cpu")
+    cells = runner.make_cells(model, runner.Arm("nf4", "bnb-nf4"), suite, EvalSpec(), "cpu")
     assert len({c.key for c in cells}) == 2 and len({c.variant_id for c in cells}) == 1
+
+
+ADAPTERS = {"lora": {"train_quant": "none", "steps": 2, "batch_size": 2, "seq_len": 32, "eval_every": 1},
+            "qlora": {"train_quant": "bnb-nf4-dq", "steps": 2, "batch_size": 2, "seq_len": 32, "eval_every": 1}}
+ARMS = ({"name": "lora", "quant": "none", "adapter": "lora"},
+        {"name": "qlora", "quant": "bnb-nf4-dq", "adapter": "qlora"},
+        {"name": "nf4+lora", "quant": "bnb-nf4-dq", "adapter": "lora"},
+        {"name": "qlora-merged-float", "quant": "bnb-nf4-dq", "adapter": "qlora", "merge": "dequantized"},
+        {"name": "qlora-merged-nf4", "quant": "bnb-nf4-dq", "adapter": "qlora", "merge": "requantized"})
+
+
+def test_adapter_arms_train_once_and_report(plan, tmp_path, monkeypatch):
+    from qeval.compare import adapter_frames, decision, results_frame
+
+    import qeval.adapters as adapters
+
+    real_finetune = adapters.finetune
+    monkeypatch.setattr(runner, "finetune", lambda *a, **k: real_finetune(*a, **{**k, "isolate": False}))
+    arm_plan = Plan(**{**plan.__dict__, "formats": ("none", "bnb-nf4-dq"), "adapters": ADAPTERS, "arms": ARMS})
+    store_path = tmp_path / "store.sqlite"
+    first = run_plan(arm_plan, store_path, progress=lambda s: None)
+    assert len(first.computed) == 2 * 7 and len(first.trained) == 2 and not first.failed
+    second = run_plan(arm_plan, store_path, progress=lambda s: None)
+    assert second.computed == [] and second.trained == []  # nothing retrained, nothing re-evaluated
+
+    with Store(store_path) as store:
+        records = list(store.records())
+    res = results_frame(records)
+    assert set(res.arm) == {"none", "bnb-nf4-dq", "lora", "qlora", "nf4+lora", "qlora-merged-float", "qlora-merged-nf4"}
+    labels = set(zip(res.quant, res.adapter))
+    assert ("bnb-nf4-dq", "qlora@merged-float") in labels and ("bnb-nf4-dq", "qlora@merged-requant") in labels
+    frames = adapter_frames(records)
+    reg = frames["regained"]
+    assert set(reg.arm) == {"lora", "qlora", "nf4+lora", "qlora-merged-float", "qlora-merged-nf4"}
+    assert set(reg[reg.arm == "qlora"].reference_arm) == {"bnb-nf4-dq"}
+    assert reg[reg.task == "qeval_analogy"].untouched.all() and not reg[reg.task == "qeval_lee_ppl"].untouched.any()
+    merges = frames["merge"].set_index(["arm", "task"])
+    ppl = merges.xs("qeval_lee_ppl", level="task")
+    # merging into the dequantized base reproduces the unmerged adapter (float rounding only)
+    assert ppl.loc["qlora-merged-float", "merge_delta"] == pytest.approx(0, abs=1e-3 * ppl.loc["qlora-merged-float", "unmerged_value"])
+    train = frames["training"].set_index("adapter")
+    assert set(train.index) == {"lora", "qlora"} and train.loc["qlora", "train_quant"] == "bnb-nf4-dq"
+    table, verdict = decision(frames, memory_budget=64 * 2**30)
+    assert set(table.arm) == {"lora", "qlora"} and "pick" in verdict
+    _, none_fits = decision(frames, memory_budget=1)
+    assert "Nothing fits" in none_fits
+
+
+def test_arm_validation_reports_everything(plan):
+    from qeval.errors import QevalErrors
+
+    bad = Plan(**{**plan.__dict__, "adapters": {"q": {"train_quant": "bnb-nf5", "method": "full"}},
+                  "arms": ({"name": "a", "quant": "bnb-nf4", "adapter": "nope"},
+                           {"name": "b", "quant": "bnb-int8", "adapter": "q", "merge": "requantized"},
+                           {"name": "none", "quant": "none"},
+                           {"name": "c", "quant": "bnb-nf4", "colour": "red"})})
+    with pytest.raises(QevalErrors) as ei:
+        runner.validate(bad)
+    text = str(ei.value)
+    assert "did you mean 'bnb-nf4'" in text  # train_quant typo
+    assert "'nope'" in text and "adapters" in text  # unknown adapter name
+    assert "merge" in text and "4-bit" in text  # merge path on int8 / full fine-tune
+    assert "arm name 'none'" in text  # clashes with the format arm
+    assert "'colour'" in text

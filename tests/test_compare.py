@@ -1,0 +1,64 @@
+"""Comparison frames from records: recovery orientation, regained share, 'within noise'."""
+import math
+
+import pytest
+
+from qeval.compare import adapter_frames, memory_frame, results_frame
+
+
+def _rec(quant, task, metric, value, stderr, hib=True, adapter="", merge="none", arm=None, created="2026-01-01"):
+    fp = {"total_bytes": 100 if quant == "none" else 40, "quantized_weight_bytes": 0 if quant == "none" else 20,
+          "quant_state_bytes": 0 if quant == "none" else 2, "unquantized_bytes": 100 if quant == "none" else 18,
+          "theory_bytes": 100 if quant == "none" else 39, "quantized_params": 0 if quant == "none" else 40, "census": {}}
+    spec = {"method": "lora", "train_quant": quant, "train_data": "lee_background", "steps": 2}
+    return {"key": f"{quant}{adapter}{merge}{task}{created}", "variant": {"model": "m", "quant": quant, "adapter": adapter,
+            "merge": merge, "arm": arm or (quant if not adapter else f"{quant}+{adapter}")},
+            "model": {"fingerprint": "f"}, "task": {"name": task, "fingerprint": "t", "limit": 10, "num_fewshot": 0},
+            "metrics": {metric: {"value": value, "stderr": stderr, "higher_is_better": hib}}, "primary_metric": metric,
+            "n": 10, "footprint": fp, "device": "cpu", "created_at": created, "timings": {"load_s": 1, "eval_s": 2},
+            "peak_bytes": 5,
+            "adapter": None if not adapter else {"spec": spec, "trainable_params": 5, "total_params": 50,
+                                                  "adapter_bytes": 9, "train_s": 3, "s_per_step": 1.5,
+                                                  "tokens_per_s": 10, "peak_train_bytes": 7, "idle_bytes": 1,
+                                                  "losses": [[1, 2.0]], "heldout": [[0, 2.5]], "key": "k", "device": "cpu"}}
+
+
+def test_recovery_is_oriented_for_both_kinds_of_metric():
+    recs = [_rec("none", "mc", "acc", 0.8, 0.02), _rec("bnb-nf4", "mc", "acc", 0.6, 0.02),
+            _rec("none", "ppl", "word_perplexity", 100, 5, hib=False),
+            _rec("bnb-nf4", "ppl", "word_perplexity", 125, 5, hib=False)]
+    res = results_frame(recs).set_index(["quant", "task"])
+    assert res.loc[("bnb-nf4", "mc"), "recovery"] == pytest.approx(0.75)
+    assert res.loc[("bnb-nf4", "ppl"), "recovery"] == pytest.approx(0.8)  # baseline / value
+    assert res.loc[("bnb-nf4", "ppl"), "ratio"] == pytest.approx(1.25)
+    assert res.loc[("bnb-nf4", "mc"), "delta"] == pytest.approx(-0.2)
+
+
+def test_newest_record_wins_and_other_limits_do_not_mix():
+    recs = [_rec("none", "mc", "acc", 0.8, 0.02), _rec("bnb-nf4", "mc", "acc", 0.5, 0.02, created="2026-01-01"),
+            _rec("bnb-nf4", "mc", "acc", 0.6, 0.02, created="2026-02-01")]
+    other = _rec("bnb-int8", "mc", "acc", 0.7, 0.02)
+    other["task"]["limit"] = 99  # measured on other documents: no baseline to compare with
+    res = results_frame(recs + [other]).set_index("quant")
+    assert res.loc["bnb-nf4", "value"] == 0.6
+    assert math.isnan(res.loc["bnb-int8", "baseline_value"])
+
+
+def test_regained_share_and_noise():
+    recs = [_rec("none", "qeval_lee_ppl", "word_perplexity", 100, 2, hib=False),
+            _rec("bnb-nf4", "qeval_lee_ppl", "word_perplexity", 140, 2, hib=False),
+            _rec("bnb-nf4", "qeval_lee_ppl", "word_perplexity", 110, 2, hib=False, adapter="qlora"),
+            _rec("none", "qeval_analogy", "acc", 0.80, 0.05), _rec("bnb-nf4", "qeval_analogy", "acc", 0.78, 0.05),
+            _rec("bnb-nf4", "qeval_analogy", "acc", 0.79, 0.05, adapter="qlora")]
+    reg = adapter_frames(recs)["regained"].set_index("task")
+    assert reg.loc["qeval_lee_ppl", "lost_significant"]
+    assert reg.loc["qeval_lee_ppl", "regained"] == pytest.approx(0.75)  # (140 - 110) / (140 - 100)
+    assert not reg.loc["qeval_analogy", "lost_significant"] and math.isnan(reg.loc["qeval_analogy", "regained"])  # within noise
+    assert reg.loc["qeval_analogy", "untouched"] and not reg.loc["qeval_lee_ppl", "untouched"]
+
+
+def test_memory_frame_ratios():
+    mem = memory_frame([_rec("none", "mc", "acc", 0.8, 0.02), _rec("bnb-nf4", "mc", "acc", 0.6, 0.02)]).set_index("quant")
+    assert mem.loc["bnb-nf4", "ratio_to_baseline"] == pytest.approx(0.4)
+    assert mem.loc["bnb-nf4", "ratio_to_theory"] == pytest.approx(40 / 39)
+    assert mem.loc["bnb-nf4", "measured_bits_per_weight"] == pytest.approx(22 * 8 / 40)
