@@ -120,8 +120,9 @@ def cmd_run(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from qeval.compare import adapter_frames, decision, memory_frame, results_frame
-    from qeval.report import adapter_section, render
+    from qeval.compare import (adapter_frames, decision, divergence_frame, memory_frame, paired_frame,
+                               results_frame, with_paired)
+    from qeval.report import adapter_section, divergence_section, render
     from qeval.store import Store
 
     path = _store_path(args)
@@ -129,6 +130,7 @@ def cmd_report(args) -> int:
         raise QevalError("result store", str(path), "an existing store", "run `qeval run` first (or pass --store)")
     with Store(path) as store:
         records = list(store.records())
+        pairs = paired_frame(records, store.samples)
     meta = {
         "title": "qeval report", "store": str(path),
         "generated_at": __import__("datetime").datetime.now().isoformat(timespec="seconds"),
@@ -141,8 +143,9 @@ def cmd_report(args) -> int:
     memory = memory_frame(records)
     frames = adapter_frames(records)
     table, verdict = decision(frames, args.memory_budget)
-    written = render(results_frame(records), memory, meta, args.out,
-                     extra=adapter_section(frames, table, verdict, memory))
+    written = render(with_paired(results_frame(records), pairs), memory, meta, args.out,
+                     extra=[divergence_section(divergence_frame(records, pairs)),
+                            adapter_section(frames, table, verdict, memory)])
     for p in written:
         print(p)
     return 0

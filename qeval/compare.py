@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pandas as pd
 
 from qeval.quant import DEFAULT_FORMATS, FORMATS
@@ -247,3 +248,120 @@ def decision(frames: dict[str, pd.DataFrame], memory_budget: float | None) -> tu
                 verdict += f"; the best overall, {fmt(over.iloc[0])}, does not fit"
             verdict += "."
     return table, verdict
+
+
+# ----------------------------------------------------------------------------- paired statistics
+
+PAIRED_ITERS = 2000  # paired bootstrap resamples; percentile interval at 95%
+
+
+def _aggregate(metric: str):
+    """How per-document values of `metric` combine: weighted perplexity / bits per byte for
+    (loglikelihood, count) pairs, the mean for everything else (accuracy, exact match)."""
+    if metric.endswith("perplexity"):
+        return lambda ll, w: np.exp(-ll.sum(-1) / w.sum(-1))
+    if metric == "bits_per_byte":
+        return lambda ll, w: -ll.sum(-1) / w.sum(-1) / math.log(2)
+    return None
+
+
+def mcnemar_exact(right_to_wrong: int, wrong_to_right: int) -> float:
+    """Two-sided exact McNemar test: the discordant pairs against Binomial(n, 1/2)."""
+    n = right_to_wrong + wrong_to_right
+    if n == 0:
+        return 1.0
+    k = min(right_to_wrong, wrong_to_right)
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
+def paired(base_samples: list[dict], var_samples: list[dict], metric: str, higher_is_better: bool,
+           seed: int = 1234) -> dict:
+    """Flips, McNemar and paired-bootstrap intervals of one variant against the baseline on the
+    same documents (matched by doc_id; a document whose hash differs is an error, not a pair)."""
+    base = {s["doc_id"]: s for s in base_samples}
+    pairs = [(base[s["doc_id"]], s) for s in var_samples if s["doc_id"] in base]
+    for b, v in pairs:
+        if b.get("doc_hash") != v.get("doc_hash"):
+            raise ValueError(f"document {b['doc_id']} differs between baseline and variant")
+    out: dict = {"pairs": len(pairs)}
+    if not pairs:
+        return out
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(pairs), (PAIRED_ITERS, len(pairs)))
+    agg = _aggregate(metric)
+    if agg is None:
+        b = np.array([float(p[0][metric]) for p in pairs])
+        v = np.array([float(p[1][metric]) for p in pairs])
+        point_b, point_v = b.mean(), v.mean()
+        boot_b, boot_v = b[idx].mean(-1), v[idx].mean(-1)
+        if set(np.unique(np.concatenate([b, v]))) <= {0.0, 1.0}:  # right/wrong per document
+            rw, wr = int(((b == 1) & (v == 0)).sum()), int(((b == 0) & (v == 1)).sum())
+            out.update(flips_right_to_wrong=rw, flips_wrong_to_right=wr, flips=rw + wr,
+                       flip_rate=(rw + wr) / len(pairs), mcnemar_p=mcnemar_exact(rw, wr))
+    else:
+        bl = np.array([p[0][metric][0] for p in pairs]); bw = np.array([p[0][metric][1] for p in pairs])
+        vl = np.array([p[1][metric][0] for p in pairs]); vw = np.array([p[1][metric][1] for p in pairs])
+        point_b, point_v = float(agg(bl, bw)), float(agg(vl, vw))
+        boot_b, boot_v = agg(bl[idx], bw[idx]), agg(vl[idx], vw[idx])
+    delta = boot_v - boot_b
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rec = boot_v / boot_b if higher_is_better else boot_b / boot_v
+    lo, hi = np.percentile(delta, [2.5, 97.5])
+    rlo, rhi = np.nanpercentile(rec, [2.5, 97.5])
+    out.update(delta=float(point_v - point_b), delta_lo=float(lo), delta_hi=float(hi),
+               recovery_lo=float(rlo), recovery_hi=float(rhi), significant=bool(lo > 0 or hi < 0))
+    return out
+
+
+def paired_frame(records: list[dict], samples) -> pd.DataFrame:
+    """One row per variant and task (primary metric): flips, McNemar p, paired intervals.
+    `samples(key)` returns a record's stored per-sample outputs."""
+    recs = latest(records)
+    baselines = {_group(r): r for r in recs if r["variant"]["quant"] == BASELINE and not adapter_label(r["variant"])}
+    rows = []
+    for r in recs:
+        base = baselines.get(_group(r))
+        if base is None or base is r:
+            continue
+        metric = r["primary_metric"]
+        stats = paired(samples(base["key"]) or [], samples(r["key"]) or [], metric,
+                       bool(r["metrics"][metric]["higher_is_better"]), seed=r.get("seed", 1234))
+        rows.append({"model": r["variant"]["model"], "quant": r["variant"]["quant"],
+                     "adapter": adapter_label(r["variant"]), "task": r["task"]["name"], "metric": metric, **stats})
+    return pd.DataFrame(rows)
+
+
+def divergence_frame(records: list[dict], pairs: pd.DataFrame) -> pd.DataFrame:
+    """Per variant: KL / top-1 agreement on the divergence task beside flips and McNemar p of each
+    right/wrong task (the CSV a user reads to see damage that accuracy hides)."""
+    rows = []
+    recs = latest(records)
+    for r in recs:
+        d = r.get("divergence") or {}
+        if "kl_mean" not in d:
+            continue
+        row = {"model": r["variant"]["model"], "quant": r["variant"]["quant"], "adapter": adapter_label(r["variant"]),
+               "divergence_task": r["task"]["name"], "tokens": d["tokens"], "kl_mean": d["kl_mean"],
+               "kl_p90": d["kl_p90"], "kl_p99": d["kl_p99"], "kl_max": d["kl_max"], "top1_agree": d["top1_agree"],
+               "ppl_ratio": d["ppl_ratio"], "divergence_s": d["seconds"]}
+        mine = pairs[(pairs.model == row["model"]) & (pairs.quant == row["quant"]) & (pairs.adapter == row["adapter"])] \
+            if not pairs.empty else pairs
+        flip_rows = mine[mine["flips"].notna()] if "flips" in mine.columns else mine.iloc[0:0]
+        if flip_rows.empty:
+            rows.append({**row, "task": "", "flips": math.nan, "mcnemar_p": math.nan})
+        for f in flip_rows.itertuples(index=False):
+            rows.append({**row, "task": f.task, "flips": int(f.flips), "flips_right_to_wrong": int(f.flips_right_to_wrong),
+                         "flips_wrong_to_right": int(f.flips_wrong_to_right), "flip_rate": f.flip_rate,
+                         "mcnemar_p": f.mcnemar_p, "delta": f.delta, "delta_lo": f.delta_lo, "delta_hi": f.delta_hi})
+    return _sorted(pd.DataFrame(rows), ["model"]) if rows else pd.DataFrame(
+        columns=["model", "quant", "adapter", "kl_mean", "kl_p99", "top1_agree", "flips", "mcnemar_p"])
+
+
+def with_paired(results: pd.DataFrame, pairs: pd.DataFrame) -> pd.DataFrame:
+    """The results frame with paired intervals, significance and flips on each primary row."""
+    cols = ["delta_lo", "delta_hi", "recovery_lo", "recovery_hi", "significant", "flips", "mcnemar_p"]
+    if pairs.empty:
+        return results.assign(**{c: math.nan for c in cols})
+    keep = pairs[["model", "quant", "adapter", "task", "metric"] + [c for c in cols if c in pairs.columns]]
+    return results.merge(keep, on=["model", "quant", "adapter", "task", "metric"], how="left")

@@ -7,6 +7,7 @@ and a compact per-sample list that later stages use for flips and paired statist
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
@@ -16,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from qeval.divergence import Capture, Divergence, Reference
 from qeval.memory import PeakMemory
 from qeval.models import LoadedModel
 from qeval.suites import TASKS_DIR, TaskSpec, shipped_tasks
@@ -46,6 +48,9 @@ class EvalOutcome:
     eval_s: float
     peak_bytes: int
     config: dict = field(default_factory=dict)
+    reference: Reference | None = None  # captured baseline hidden states (divergence="reference")
+    divergence: Divergence | None = None  # comparison with a reference (divergence=Reference)
+    divergence_note: str = ""
 
 
 @functools.cache
@@ -64,15 +69,21 @@ def _quiet_lm_eval() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
-def evaluate(loaded: LoadedModel, task: TaskSpec, spec: EvalSpec) -> EvalOutcome:
-    """Run one lm-eval task on `loaded`; return metrics, stderr, per-sample outputs, time, memory."""
+def evaluate(loaded: LoadedModel, task: TaskSpec, spec: EvalSpec,
+             divergence: str | Reference | None = None) -> EvalOutcome:
+    """Run one lm-eval task on `loaded`; return metrics, stderr, per-sample outputs, time, memory.
+
+    `divergence="reference"` also captures the model's hidden states on the task's forwards (the
+    baseline); a `Reference` instead compares every forward with it (KL, top-1 agreement).
+    """
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
     _quiet_lm_eval()
     lm = HFLM(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=task.batch_size,
               device=loaded.device)
-    with PeakMemory(loaded.device) as peak:
+    capture = None if divergence is None else Capture(loaded.model, None if divergence == "reference" else divergence)
+    with PeakMemory(loaded.device) as peak, (capture or contextlib.nullcontext()):
         t0 = time.perf_counter()
         res = simple_evaluate(
             model=lm, tasks=[task.task], task_manager=_task_manager(task.task not in shipped_tasks()),
@@ -80,7 +91,18 @@ def evaluate(loaded: LoadedModel, task: TaskSpec, spec: EvalSpec) -> EvalOutcome
             bootstrap_iters=spec.bootstrap_iters, random_seed=spec.seed, numpy_random_seed=spec.seed,
             torch_random_seed=spec.seed, fewshot_random_seed=spec.seed)
         eval_s = time.perf_counter() - t0
-    return _outcome(task.task, res, spec, eval_s, peak.peak_bytes)
+    outcome = _outcome(task.task, res, spec, eval_s, peak.peak_bytes)
+    if capture is not None:
+        if capture.batched:
+            outcome.divergence_note = (f"{capture.batched} forwards held several sequences: divergence needs "
+                                       "batch_size 1 for this task")
+        elif divergence == "reference":
+            outcome.reference = capture.reference()
+        else:
+            outcome.divergence = capture.result()
+            if capture.unmatched:
+                outcome.divergence_note = f"{capture.unmatched} windows unknown to the reference were left out"
+    return outcome
 
 
 def _outcome(task: str, res: dict, spec: EvalSpec, eval_s: float, peak_bytes: int) -> EvalOutcome:

@@ -313,7 +313,9 @@ def _accuracy_blocks(results: pd.DataFrame) -> list[Block]:
     blocks: list[Block] = [
         Heading(2, "Accuracy by task"),
         Para("Recovery is value/baseline for higher-is-better metrics; 100% means no loss against the "
-             "unquantized baseline ('none'), below 100% is worse."),
+             "unquantized baseline ('none'), below 100% is worse. Brackets are 95% paired-bootstrap "
+             "intervals over the same documents; * marks a delta whose interval excludes 0, the others "
+             "are within noise."),
     ]
     primary = _primary_rows(results)
     for task, rows in primary.groupby("task", sort=True):
@@ -330,9 +332,18 @@ def _accuracy_blocks(results: pd.DataFrame) -> list[Block]:
             # Lower-is-better (perplexity): a ratio reads naturally (x1.35 = 35% more perplexed);
             # the frame's recovery (baseline/value) would too, but inverted against intuition.
             rec = fmt_ratio(d.get("ratio")) if lower else fmt_pct(d.get("recovery"))
+            lo, hi = d.get("recovery_lo"), d.get("recovery_hi")
+            if not _missing(lo) and not _missing(hi):
+                # paired bootstrap interval; for perplexity the ratio's interval is 1/recovery's
+                rec += (f" [{fmt_ratio(1 / hi)}, {fmt_ratio(1 / lo)}]" if lower and lo and hi
+                        else f" [{fmt_pct(lo)}, {fmt_pct(hi)}]")
+            delta = fmt_num(d.get("delta"), signed=True)
+            if not _missing(d.get("delta_lo")):
+                delta += f" [{fmt_num(d['delta_lo'], signed=True)}, {fmt_num(d['delta_hi'], signed=True)}]"
+                delta += " *" if d.get("significant") is True else " (within noise)"
             table_rows.append(([str(d["model"])] if multi_model else []) + [
                 variant_label(d["quant"], d["adapter"]), fmt_value_stderr(d.get("value"), d.get("stderr")),
-                fmt_int(d.get("n")), fmt_num(d.get("delta"), signed=True), rec])
+                fmt_int(d.get("n")), delta, rec])
         blocks.append(Table(header, table_rows, numeric))
         if lower:
             blocks.append(Para(f"Note: {metric} is lower-is-better (perplexity), so it is shown as the ratio "
@@ -635,6 +646,59 @@ def _train_memory_png(reg: pd.DataFrame, train: pd.DataFrame, memory: pd.DataFra
     return _png(fig)
 
 
+# ----------------------------------------------------------------------------- divergence
+
+KL_PNG = "kl_vs_delta.png"
+
+
+def divergence_section(div: pd.DataFrame) -> Section | None:
+    """KL / top-1 agreement next to flips and McNemar p: the damage accuracy alone hides."""
+    if div.empty or "kl_mean" not in div.columns:
+        return None
+    rows = []
+    for r in _sorted(div.assign(adapter=div["adapter"].fillna("")), _VARIANT).itertuples(index=False):
+        d = r._asdict()
+        flips = NA if _missing(d.get("flips")) else (
+            f"{int(d['flips'])} ({int(d['flips_right_to_wrong'])} r→w, {int(d['flips_wrong_to_right'])} w→r; "
+            f"{fmt_pct(d['flip_rate'])})")
+        delta = NA if _missing(d.get("delta")) else (
+            f"{fmt_num(d['delta'], signed=True)} [{fmt_num(d['delta_lo'], signed=True)}, {fmt_num(d['delta_hi'], signed=True)}]")
+        rows.append([variant_label(d["quant"], d["adapter"]), fmt_int(d["tokens"]), fmt_num(d["kl_mean"]),
+                     fmt_num(d["kl_p90"]), fmt_num(d["kl_p99"]), fmt_pct(d["top1_agree"]), fmt_ratio(d["ppl_ratio"]),
+                     str(d.get("task") or NA), flips, fmt_num(d.get("mcnemar_p")), delta])
+    header = ["variant", "tokens", "KL mean", "KL p90", "KL p99", "top-1 agree", "ppl ratio", "task", "flips",
+              "McNemar p", "Δ [95% CI]"]
+    task = str(div["divergence_task"].iloc[0])
+    blocks = [Heading(2, "Beyond accuracy: divergence and flips"),
+              Para(f"KL(baseline || variant) per token, full vocabulary, on the tokens of {task} (the same forwards "
+                   "the perplexity task makes); top-1 agree = how often both pick the same next token. Flips are "
+                   "documents whose correctness changed against the baseline; McNemar's exact test asks whether "
+                   "right→wrong and wrong→right flips are unbalanced. Flips far above |Δ| mean answers changed "
+                   "in both directions while accuracy barely moved."),
+              Table(header, rows, [False, True, True, True, True, True, True, False, False, True, False]),
+              Image("KL divergence vs accuracy delta", KL_PNG)]
+    return Section(blocks, {KL_PNG: _kl_png(div)}, {"divergence.csv": div.to_csv(index=False).encode("utf-8")})
+
+
+def _kl_png(div: pd.DataFrame) -> bytes:
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    d = div.dropna(subset=["delta"]) if "delta" in div.columns else div.iloc[0:0]
+    for k, r in enumerate(d.itertuples(index=False)):
+        lab = variant_label(r.quant, r.adapter)
+        ax.errorbar([r.kl_mean], [r.delta], yerr=[[r.delta - r.delta_lo], [r.delta_hi - r.delta]], fmt="o", capsize=3)
+        ax.annotate(f"{lab} ({r.task})" if d["task"].nunique() > 1 else lab, (r.kl_mean, r.delta),
+                    textcoords="offset points", xytext=(6, 6 if k % 2 == 0 else -11), fontsize=8)
+    ax.axhline(0, color="grey", lw=1, ls="--")
+    ax.set_xlabel("mean KL(baseline || variant) per token (nats)")
+    ax.set_ylabel("accuracy delta vs baseline (95% CI)")
+    ax.grid(alpha=0.3)
+    ax.margins(x=0.2, y=0.2)
+    ax.set_title("KL divergence vs accuracy delta", fontsize=10)
+    if d.empty:
+        ax.text(0.5, 0.5, "no variant with both KL and an accuracy task", transform=ax.transAxes, ha="center")
+    return _png(fig)
+
+
 # ----------------------------------------------------------------------------- writing
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -655,7 +719,7 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 
 def render(results: pd.DataFrame, memory: pd.DataFrame, meta: dict, out_dir: Path,
-           extra: Section | None = None) -> list[Path]:
+           extra: Iterable[Section | None] = ()) -> list[Path]:
     """Render report files into out_dir (created if missing) and return the paths written.
 
     Writes results.csv, memory.csv, recovery.png, memory_vs_score.png, report.md and report.html.
@@ -663,6 +727,7 @@ def render(results: pd.DataFrame, memory: pd.DataFrame, meta: dict, out_dir: Pat
     empty `results` frame still yields every file, with a report that says there are no results.
     """
     out_dir = Path(out_dir)
+    extras = [e for e in extra if e is not None]
     meta = dict(meta or {})
     results = results if results is not None else pd.DataFrame()
     memory = memory if memory is not None else pd.DataFrame()
@@ -693,9 +758,9 @@ def render(results: pd.DataFrame, memory: pd.DataFrame, meta: dict, out_dir: Pat
                   MEMORY_PNG: _memory_png(primary, memory, colors, multi_model)}
         blocks += _accuracy_blocks(results)
         blocks += _memory_blocks(memory)
-        if extra is not None:
-            blocks += extra.blocks
-            images.update(extra.images)
+        for section in extras:
+            blocks += section.blocks
+            images.update(section.images)
         blocks += [Heading(2, "Plots"),
                    Image("Recovery of each task's primary metric per variant", RECOVERY_PNG),
                    Image("Total memory vs. primary metric per task", MEMORY_PNG)]
@@ -703,7 +768,7 @@ def render(results: pd.DataFrame, memory: pd.DataFrame, meta: dict, out_dir: Pat
     files = {
         RESULTS_CSV: results.to_csv(index=False).encode("utf-8"),
         MEMORY_CSV: memory.to_csv(index=False).encode("utf-8"),
-        **(extra.files if extra is not None and not results.empty else {}),
+        **({name: data for section in extras for name, data in section.files.items()} if not results.empty else {}),
         **images,
         REPORT_MD: to_markdown(blocks).encode("utf-8"),
         REPORT_HTML: to_html(blocks, images, title).encode("utf-8"),

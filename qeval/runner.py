@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 from qeval import env
 from qeval.adapters import MERGES, AdapterArtifact, AdapterSpec, adapter_key, attach, finetune, load_finetuned
+from qeval.divergence import Reference
 from qeval.errors import QevalError, unknown_name
 from qeval.evaluate import EvalOutcome, EvalSpec, evaluate
 from qeval.models import DEFAULT_MODEL, LoadedModel, ResolvedModel, compute_dtype, load_model, resolve_model
@@ -169,12 +170,49 @@ def make_cells(model: ResolvedModel, arm: Arm, suite: Suite, eval_spec: EvalSpec
     variant_id = content_key(variant)
     cells = []
     for t in suite.tasks:
+        task = {"name": t.task, "fingerprint": task_fingerprint(t.task), "limit": t.limit,
+                "num_fewshot": t.num_fewshot, "batch_size": t.batch_size}
         material = {"schema": SCHEMA_VERSION, "variant": variant, "format": fmt_spec, "adapter": adapter_id,
-                    "task": {"name": t.task, "fingerprint": task_fingerprint(t.task), "limit": t.limit,
-                             "num_fewshot": t.num_fewshot, "batch_size": t.batch_size},
-                    "eval": dataclasses.asdict(eval_spec), "versions": env.versions()}
+                    "task": task, "eval": dataclasses.asdict(eval_spec), "versions": env.versions()}
+        if t.divergence:
+            # the baseline's hidden states on this task's forwards: a new baseline means new numbers
+            material["divergence"] = {"reference": content_key(
+                {"model": model.fingerprint, "task": task, "device": device_kind, "versions": env.versions(),
+                 "baseline": FORMATS.get(BASELINE).spec(compute_dtype(device))})}
         cells.append(Cell(model, arm, fmt, t, content_key(material), variant_id, material))
     return cells
+
+
+BASELINE = "none"
+
+
+def _is_baseline(arm: Arm) -> bool:
+    return arm.quant == BASELINE and arm.adapter is None
+
+
+def _reference_path(cell: Cell) -> Path:
+    return env.cache_dir() / "references" / f"{cell.key_material['divergence']['reference'][:32]}.safetensors"
+
+
+def _divergence_mode(cell: Cell, eval_spec: EvalSpec, device: str, progress) -> str | Reference | None:
+    """None (not asked), "reference" (this is the baseline and no reference exists yet), or the
+    baseline's Reference to compare with (built first, from a baseline load, when missing)."""
+    if "divergence" not in cell.key_material:
+        return None
+    path = _reference_path(cell)
+    if not path.is_file():
+        if _is_baseline(cell.arm):
+            return "reference"
+        progress(f"  baseline reference for {cell.task.task} missing: loading the baseline to record it")
+        base = load_model(cell.model, FORMATS.get(BASELINE), device)
+        outcome = evaluate(base, cell.task, eval_spec, "reference")
+        if outcome.reference is None:
+            raise QevalError("divergence", cell.task.task, "a task whose forwards hold one sequence",
+                             outcome.divergence_note)
+        outcome.reference.save(path)
+        del base
+        gc.collect()
+    return Reference.load(path)
 
 
 def run_plan(plan: Plan, store_path: Path, suite: Suite | None = None,
@@ -213,7 +251,10 @@ def run_plan(plan: Plan, store_path: Path, suite: Suite | None = None,
             for cell in missing:
                 progress(f"{tag}: evaluating {cell.task.task} (limit {cell.task.limit})")
                 try:
-                    outcome = evaluate(loaded, cell.task, eval_spec)
+                    mode = _divergence_mode(cell, eval_spec, rp.device, progress)
+                    outcome = evaluate(loaded, cell.task, eval_spec, mode)
+                    if outcome.reference is not None:
+                        outcome.reference.save(_reference_path(cell))
                 except (RuntimeError, ValueError, MemoryError, OSError) as e:
                     # A failed cell is reported and the run goes on; nothing is stored for it, so a
                     # rerun retries it. (QevalErrors are user errors and stop the run.)
@@ -265,6 +306,7 @@ def build_record(cell: Cell, loaded: LoadedModel, outcome: EvalOutcome, seed: in
         "primary_metric": outcome.primary,
         "n": outcome.n,
         "lm_eval_config": outcome.config,
+        "divergence": _divergence_record(outcome),
         "timings": {"load_s": loaded.load_s, "eval_s": outcome.eval_s},
         "peak_bytes": max(loaded.peak_load_bytes, outcome.peak_bytes),
         "footprint": loaded.footprint.as_dict(),
@@ -276,3 +318,11 @@ def build_record(cell: Cell, loaded: LoadedModel, outcome: EvalOutcome, seed: in
         "seed": seed,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="microseconds"),
     }
+
+
+def _divergence_record(outcome: EvalOutcome) -> dict | None:
+    if outcome.divergence is not None:
+        return {**outcome.divergence.metrics(), "seconds": outcome.divergence.seconds, "note": outcome.divergence_note}
+    if outcome.reference is not None:
+        return {"role": "reference", "windows": len(outcome.reference.hidden)}
+    return {"note": outcome.divergence_note} if outcome.divergence_note else None

@@ -27,6 +27,7 @@ class TaskSpec:
     limit: int | None = None  # first N documents (shipped data is pre-shuffled and stratified)
     num_fewshot: int = 0
     batch_size: int = 1  # CPU: 1 was fastest for rolling perplexity, 32 for multiple choice
+    divergence: bool = False  # also measure KL / top-1 agreement vs the baseline on this task's tokens
 
     def problems(self, where: str) -> list[QevalError]:
         out = []
@@ -36,6 +37,9 @@ class TaskSpec:
             out.append(QevalError(f"{where}.num_fewshot", self.num_fewshot, "0 or more"))
         if self.batch_size < 1:
             out.append(QevalError(f"{where}.batch_size", self.batch_size, "1 or more"))
+        if self.divergence and self.batch_size != 1:
+            out.append(QevalError(f"{where}.batch_size", self.batch_size, "1 with divergence: true",
+                                  "divergence compares one sequence per forward"))
         return out
 
 

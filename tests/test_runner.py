@@ -80,10 +80,10 @@ def test_crash_mid_run_loses_only_the_cell_in_flight(plan, tmp_path, monkeypatch
 def test_failed_cell_is_reported_and_run_continues(plan, tmp_path, monkeypatch):
     real_eval = runner.evaluate
 
-    def flaky(loaded, task, spec):
+    def flaky(loaded, task, spec, *rest):
         if task.task == "qeval_lee_ppl":
             raise RuntimeError("out of memory (simulated)")
-        return real_eval(loaded, task, spec)
+        return real_eval(loaded, task, spec, *rest)
 
     monkeypatch.setattr(runner, "evaluate", flaky)
     summary = run_plan(Plan(**{**plan.__dict__, "formats": ("none",)}), tmp_path / "s.sqlite", progress=lambda s: None)

@@ -51,7 +51,7 @@ def test_default_suite_settings():
     s = load_suite("default")
     assert [t.task for t in s.tasks] == ["qeval_analogy", "qeval_lee_ppl"]
     assert s.task("qeval_analogy") == TaskSpec("qeval_analogy", limit=300, num_fewshot=0, batch_size=32)
-    assert s.task("qeval_lee_ppl") == TaskSpec("qeval_lee_ppl", limit=50, num_fewshot=0, batch_size=1)
+    assert s.task("qeval_lee_ppl") == TaskSpec("qeval_lee_ppl", limit=50, num_fewshot=0, batch_size=1, divergence=True)
 
 
 @pytest.fixture(scope="module")
@@ -168,7 +168,7 @@ def test_build_is_deterministic_and_matches_shipped(tmp_path):
     ma = build_all(tmp_path / "a")
     mb = build_all(tmp_path / "b")
     names = [name for name, _ in BUILDERS.items()]
-    assert set(names) == {"analogy.jsonl", "lee_news.jsonl"}
+    assert set(names) == set(BUILDERS)
     shipped = json.loads((DATA_DIR / "MANIFEST.json").read_text())
     for name in names:
         ha, hb = _sha(tmp_path / "a" / name), _sha(tmp_path / "b" / name)
@@ -188,7 +188,7 @@ def test_rebuild_rewrites_nothing_unless_changed(tmp_path):
     d = tmp_path / "data"
     build_all(d)
     files = sorted(d.iterdir())
-    assert {p.name for p in files} == {"analogy.jsonl", "lee_news.jsonl", "MANIFEST.json"}
+    assert {p.name for p in files} == {*BUILDERS, "MANIFEST.json"}
     before = {p.name: p.stat().st_mtime_ns for p in files}
     build_all(d)
     assert {p.name: p.stat().st_mtime_ns for p in sorted(d.iterdir())} == before

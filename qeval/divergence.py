@@ -1,0 +1,191 @@
+"""Distribution divergence of a variant from the baseline on a fixed token set.
+
+Accuracy hides damage; KL divergence and top-1 agreement do not. Storing the baseline's
+full-vocabulary log-probabilities for every token is what makes this expensive elsewhere (49,152
+floats a token for SmolLM2). A top-k + rest-mass summary is cheaper but biased: on SmolLM2 with
+NF4, k=128 missed 14% of the KL, because quantization moves probability inside the tail. We store
+instead what the baseline's logits are a function of: the final hidden state of each token (576
+floats) and, once, the output head. logits = hidden @ W.T (+ bias) is exact for the decoder-only
+models qeval loads, so the KL below is the full-vocabulary KL, at 1/85 of the storage;
+`tests/test_divergence.py` checks it against running both models directly. The comparison rides on
+the forwards the perplexity task makes anyway (hooks), so it costs no extra model pass.
+"""
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass
+class Reference:
+    """The baseline's view of the token set: for each forward window (keyed by a hash of its
+    token ids), the last hidden state after the final norm; and, once, the output head."""
+
+    hidden: dict  # window hash -> (T, H) float32 tensor
+    weight: object  # (V, H) output head
+    bias: object | None
+    softcap: float | None  # final logit soft-capping (Gemma 2 style), None for most models
+
+    def logits(self, key: str, rows: slice):
+        """Baseline logits of positions `rows` of a window (the last position predicts nothing here)."""
+        import torch
+
+        # the same op as the model's own head (F.linear), so the baseline against itself is exactly 0
+        logits = torch.nn.functional.linear(self.hidden[key][:-1][rows].float(), self.weight.float(),
+                                            None if self.bias is None else self.bias.float())
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+    def save(self, path: Path) -> None:
+        from safetensors.torch import save_file
+
+        tensors = {f"h_{k}": h.contiguous() for k, h in self.hidden.items()}
+        tensors["weight"] = self.weight.contiguous()
+        if self.bias is not None:
+            tensors["bias"] = self.bias.contiguous()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        save_file(tensors, str(tmp), metadata={"softcap": str(self.softcap or "")})
+        tmp.replace(path)  # atomic: a half-written reference is never read
+
+    @classmethod
+    def load(cls, path: Path) -> "Reference":
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata()
+            hidden = {k[2:]: f.get_tensor(k) for k in f.keys() if k.startswith("h_")}
+            bias = f.get_tensor("bias") if "bias" in f.keys() else None
+            return cls(hidden, f.get_tensor("weight"), bias, float(meta["softcap"]) if meta["softcap"] else None)
+
+
+@dataclass
+class Divergence:
+    kl_mean: float
+    kl_p90: float
+    kl_p99: float
+    kl_max: float
+    top1_agree: float
+    ppl_ratio: float  # token-level perplexity of the variant / the baseline's, on the same tokens
+    tokens: int
+    seconds: float  # time spent in the divergence arithmetic (the forwards are the task's own)
+
+    def metrics(self) -> dict[str, float]:
+        return {k: v for k, v in self.__dict__.items() if k != "seconds"}
+
+
+def _window_key(ids) -> str:
+    return hashlib.sha256(np.asarray(ids, dtype=np.int64).tobytes()).hexdigest()[:32]
+
+
+ROWS = 64  # positions per chunk: (64 x vocabulary) temporaries stay in cache; 64 was fastest of 16-256
+
+
+class Capture:
+    """Hooks on a model that, during an ordinary evaluation pass, either record the baseline's
+    hidden states (`reference=None`) or compare each forward with the reference.
+
+    Riding on the perplexity task's own forwards costs no extra model pass. Each forward must hold
+    one sequence (batch size 1, as rolling perplexity runs best on CPU anyway); a window whose ids
+    the reference does not know is counted in `unmatched` and left out.
+    """
+
+    def __init__(self, model, reference: Reference | None = None):
+        self.model, self.ref = model, reference
+        self.hidden: dict = {}
+        self.kls: list = []
+        self.agree: list = []
+        self.var_tgt: list = []
+        self.ref_tgt: list = []
+        self.unmatched = 0
+        self.batched = 0
+        self.seconds = 0.0
+        self._ids = None
+        self._handles: list = []
+
+    def __enter__(self) -> "Capture":
+        head = self.model.get_output_embeddings()
+        self._handles = [self.model.register_forward_pre_hook(self._pre, with_kwargs=True),
+                         head.register_forward_hook(self._post)]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+
+    def _pre(self, module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        self._ids = None if ids is None else ids.detach()
+
+    def _post(self, module, inputs, output) -> None:
+        import torch
+
+        if self._ids is None:
+            return
+        if self._ids.shape[0] != 1:
+            self.batched += 1
+            return
+        t0 = time.perf_counter()
+        ids = self._ids[0].cpu()
+        key = _window_key(ids.numpy())
+        if self.ref is None:
+            self.hidden[key] = inputs[0][0].detach().float().cpu().clone()
+        elif key not in self.ref.hidden:
+            self.unmatched += 1
+        else:
+            with torch.no_grad():
+                variant = output[0, :-1].detach().float().cpu()
+                targets = ids[1:].long()
+                # In row chunks (see ROWS): KL = sum softmax(p) (p - q) - (lse_p - lse_q) on raw logits.
+                for i in range(0, variant.shape[0], ROWS):
+                    rows = slice(i, i + ROWS)
+                    q = variant[rows]
+                    p = self.ref.logits(key, rows)
+                    lse_p, lse_q = torch.logsumexp(p, -1), torch.logsumexp(q, -1)
+                    kl = (torch.softmax(p, -1) * (p - q)).sum(-1, dtype=torch.float64) - (lse_p - lse_q).double()
+                    self.kls.append(kl.clamp(min=0).numpy())  # clamp: float rounding just below 0
+                    self.agree.append((p.argmax(-1) == q.argmax(-1)).numpy())
+                    t = targets[rows, None]
+                    self.var_tgt.append((q.gather(1, t)[:, 0] - lse_q).double().numpy())
+                    self.ref_tgt.append((p.gather(1, t)[:, 0] - lse_p).double().numpy())
+        self.seconds += time.perf_counter() - t0
+
+    def reference(self) -> Reference:
+        head = self.model.get_output_embeddings()
+        bias = head.bias.detach().float().cpu() if getattr(head, "bias", None) is not None else None
+        return Reference(dict(self.hidden), head.weight.detach().float().cpu().clone(), bias,
+                         getattr(getattr(self.model, "config", None), "final_logit_softcapping", None))
+
+    def result(self) -> Divergence | None:
+        if not self.kls:
+            return None
+        kl = np.concatenate(self.kls)
+        vt, rt = np.concatenate(self.var_tgt), np.concatenate(self.ref_tgt)
+        return Divergence(kl_mean=float(kl.mean()), kl_p90=float(np.percentile(kl, 90)),
+                          kl_p99=float(np.percentile(kl, 99)), kl_max=float(kl.max()),
+                          top1_agree=float(np.concatenate(self.agree).mean()),
+                          ppl_ratio=float(np.exp(rt.mean() - vt.mean())), tokens=int(kl.size), seconds=self.seconds)
+
+
+def _log_probs(model, ids: list[int], device: str):
+    import torch
+
+    with torch.no_grad():
+        logits = model(torch.tensor([ids], device=device)).logits[0, :-1].float()
+    return torch.log_softmax(logits, dim=-1)  # (T-1, V): position t predicts token t+1
+
+
+def exact_kl(base_model, model, docs: list[list[int]], device: str) -> np.ndarray:
+    """KL(baseline || model) per token from both models' own logits: the truth to check against."""
+    import torch
+
+    out = []
+    for ids in docs:
+        p, q = _log_probs(base_model, ids, device).double(), _log_probs(model, ids, device).double()
+        out.append((torch.exp(p) * (p - q)).sum(-1).cpu().numpy())
+    return np.concatenate(out)

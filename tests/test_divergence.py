@@ -1,0 +1,94 @@
+"""KL / top-1 agreement: exact against both models' own logits, zero noise floor, paired statistics."""
+import json
+
+import numpy as np
+import pytest
+
+from qeval.compare import mcnemar_exact, paired
+from qeval.divergence import Capture, Reference, exact_kl
+from qeval.models import load_model, resolve_model
+from qeval.quant import FORMATS
+from qeval.suites import DATA_DIR
+
+
+@pytest.fixture(scope="module")
+def docs(tiny_model_dir):
+    tok = load_model(resolve_model(str(tiny_model_dir)), FORMATS.get("none"), "cpu").tokenizer
+    texts = [json.loads(x)["text"] for x in (DATA_DIR / "lee_news.jsonl").read_text().splitlines()[:3]]
+    return [[tok.bos_token_id] + tok(t, add_special_tokens=False).input_ids for t in texts]
+
+
+def _run(model, docs, reference=None):
+    import torch
+
+    with Capture(model, reference) as cap, torch.no_grad():
+        for ids in docs:
+            model(torch.tensor([ids]))
+    return cap
+
+
+@pytest.fixture(scope="module")
+def peaked_model_dir(tmp_path_factory):
+    """The tiny model with larger weights: its next-token distributions are peaked like a trained
+    LM's (the default init gives near-uniform ones, where every KL is ~1e-7)."""
+    from conftest import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("peaked"), init_range=0.5)
+
+
+def test_reference_kl_equals_exact_full_vocabulary_kl(peaked_model_dir, docs, tmp_path):
+    r = resolve_model(str(peaked_model_dir))
+    base = load_model(r, FORMATS.get("none"), "cpu").model
+    ref = _run(base, docs).reference()
+    ref.save(tmp_path / "ref.safetensors")
+    ref = Reference.load(tmp_path / "ref.safetensors")  # through the stored form
+    for fmt in ("bnb-nf4", "bnb-int8"):
+        variant = load_model(r, FORMATS.get(fmt), "cpu").model
+        got = _run(variant, docs, ref).result()
+        exact = exact_kl(base, variant, docs, "cpu")
+        assert got.tokens == exact.size == sum(len(d) - 1 for d in docs)
+        assert got.kl_mean > 1e-3
+        assert abs(got.kl_mean - exact.mean()) / exact.mean() < 1e-3  # well under the 1% asked for
+        assert got.kl_p99 == pytest.approx(np.percentile(exact, 99), rel=1e-2)
+        assert 0 < got.top1_agree <= 1
+
+
+def test_baseline_against_itself_is_exactly_zero(tiny_model_dir, docs):
+    r = resolve_model(str(tiny_model_dir))
+    ref = _run(load_model(r, FORMATS.get("none"), "cpu").model, docs).reference()
+    again = _run(load_model(r, FORMATS.get("none"), "cpu").model, docs, ref).result()  # a second load
+    assert again.kl_mean == 0.0 and again.kl_max == 0.0
+    assert again.top1_agree == 1.0 and again.ppl_ratio == 1.0
+
+
+def test_unknown_windows_and_batches_are_counted_not_compared(tiny_model_dir, docs):
+    import torch
+
+    r = resolve_model(str(tiny_model_dir))
+    model = load_model(r, FORMATS.get("none"), "cpu").model
+    ref = _run(model, docs[:1]).reference()
+    cap = _run(model, docs, ref)
+    assert cap.unmatched == len(docs) - 1 and cap.result().tokens == len(docs[0]) - 1
+    with Capture(model, ref) as cap2, torch.no_grad():
+        model(torch.tensor([docs[0][:10], docs[0][:10]]))
+    assert cap2.batched == 1 and cap2.result() is None
+
+
+def test_mcnemar_exact_values():
+    assert mcnemar_exact(0, 0) == 1.0
+    assert mcnemar_exact(5, 5) == 1.0
+    assert mcnemar_exact(6, 0) == pytest.approx(2 / 64)  # two-sided: 2 x 0.5^6
+    assert mcnemar_exact(10, 2) == pytest.approx(2 * sum(__import__("math").comb(12, i) for i in range(3)) / 4096)
+
+
+def test_paired_flips_and_interval():
+    base = [{"doc_id": i, "doc_hash": str(i), "acc": float(i % 2 == 0)} for i in range(40)]
+    # the variant gets documents 0,2,4,6 wrong (right->wrong) and 1 right (wrong->right)
+    var = [{**b, "acc": 0.0 if b["doc_id"] in (0, 2, 4, 6) else (1.0 if b["doc_id"] == 1 else b["acc"])} for b in base]
+    out = paired(base, var, "acc", True)
+    assert (out["flips_right_to_wrong"], out["flips_wrong_to_right"], out["flips"]) == (4, 1, 5)
+    assert out["delta"] == pytest.approx(-3 / 40)
+    assert out["delta_lo"] <= out["delta"] <= out["delta_hi"]
+    assert out["mcnemar_p"] == pytest.approx(mcnemar_exact(4, 1))
+    with pytest.raises(ValueError, match="differs"):
+        paired(base, [{**var[0], "doc_hash": "other"}], "acc", True)
