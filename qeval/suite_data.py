@@ -115,6 +115,66 @@ def _lee_news(paths: list[Path]) -> list[dict]:
     return [{"id": i, "split": "test", "text": d} for i, d in enumerate(docs)]
 
 
+@builder("capitals.jsonl", "gensim", GENSIM_DATA + "questions-words.txt")
+def _capitals(paths: list[Path]) -> list[dict]:
+    """Country -> capital pairs from the analogy file's two capital sections, for greedy generation
+    scored by exact match. Pairs are shuffled; the first FEWSHOT_CAPITALS are few-shot examples."""
+    pairs, section = {}, ""
+    for line in paths[0].read_text(encoding="utf-8").splitlines():
+        if line.startswith(":"):
+            section = line[1:].strip()
+        elif section in ("capital-common-countries", "capital-world") and line.strip():
+            a, b, c, d = line.split()
+            pairs[b], pairs[d] = a, c  # country -> capital
+    rows = [{"country": k, "capital": v} for k, v in sorted(pairs.items())]
+    random.Random(SEED).shuffle(rows)
+    return [{**r, "id": i, "split": "train" if i < FEWSHOT_CAPITALS else "test"} for i, r in enumerate(rows)]
+
+
+FEWSHOT_CAPITALS = 8
+
+
+@builder("similarity.jsonl", "gensim", GENSIM_DATA + "simlex999.txt", GENSIM_DATA + "wordsim353.tsv")
+def _similarity(paths: list[Path]) -> list[dict]:
+    """Human word-similarity judgements (SimLex-999, WordSim-353) as 4-way choice: for a cue word
+    and the partner humans rated most similar (>= 7 of 10), three distractors, preferring words
+    humans rated dissimilar to the cue (<= 3, e.g. antonyms in SimLex) over random other words."""
+    ratings: dict[str, list[tuple[str, float]]] = {}
+    vocab: set[str] = set()
+    for path in paths:
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line.startswith("#") or not line.strip():
+                continue
+            w1, w2, score = line.split("\t")[:3]
+            w1, w2 = w1.lower(), w2.lower()
+            if w1 == w2:
+                continue
+            for a, b in ((w1, w2), (w2, w1)):
+                ratings.setdefault(a, []).append((b, float(score)))
+            vocab |= {w1, w2}
+    rng = random.Random(SEED)
+    pool = sorted(vocab)
+    rows = []
+    for cue in sorted(ratings):
+        partners = sorted(ratings[cue], key=lambda x: (-x[1], x[0]))
+        best, score = partners[0]
+        if score < 7:
+            continue
+        rated = {w for w, _ in partners}
+        low = sorted({w for w, sc in partners if sc <= 3})
+        distractors = rng.sample(low, min(3, len(low)))
+        while len(distractors) < 3:
+            w = rng.choice(pool)
+            if w not in rated and w != cue and w not in distractors:
+                distractors.append(w)
+        choices = distractors + [best]
+        rng.shuffle(choices)
+        rows.append({"cue": cue, "answer": best, "score": score, "choices": choices, "gold": choices.index(best),
+                     "rated_distractors": sum(d in low for d in distractors)})
+    rng.shuffle(rows)
+    return [{**r, "id": i, "split": "test"} for i, r in enumerate(rows)]
+
+
 HELDOUT_DOCS = 30  # the last documents of lee_background: held-out loss during fine-tuning
 
 
@@ -146,7 +206,8 @@ def build_all(data_dir: Path = DATA_DIR, force: bool = False) -> dict:
         sources = [_package_file(b.package, s) for s in b.sources]
         src_hashes = {f"{b.package}/{s}": sha256(p) for s, p in zip(b.sources, sources)}
         # the builder's own code and seed are inputs too: editing either rebuilds the file
-        src_hashes["builder"] = hashlib.sha256((inspect.getsource(b.build) + f"{SEED}:{FEWSHOT_POOL}").encode()).hexdigest()
+        src_hashes["builder"] = hashlib.sha256(
+            (inspect.getsource(b.build) + f"{SEED}:{FEWSHOT_POOL}:{FEWSHOT_CAPITALS}").encode()).hexdigest()
         out = data_dir / name
         entry = manifest.get(name, {})
         if (not force and out.is_file() and entry.get("sources") == src_hashes

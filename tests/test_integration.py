@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 def smoke_store(tmp_path_factory):
     path = tmp_path_factory.mktemp("integration") / "store.sqlite"
     summary = run_plan(Plan(suite="smoke", device="cpu"), path, progress=lambda s: None)
-    assert not summary.failed and len(summary.computed) == 2 * len(DEFAULT_FORMATS)
+    assert not summary.failed and len(summary.computed) == 4 * len(DEFAULT_FORMATS)
     with Store(path) as store:
         return list(store.records())
 
@@ -58,3 +58,15 @@ def test_report_from_real_records(smoke_store, tmp_path):
     for q in DEFAULT_FORMATS:
         assert q in md
     assert {p.name for p in paths} >= {"report.md", "report.html", "results.csv", "recovery.png", "memory_vs_score.png"}
+
+
+def test_divergence_and_new_tasks_on_the_real_model(smoke_store):
+    div = {r["variant"]["quant"]: r["divergence"] for r in smoke_store if r["task"]["name"] == "qeval_lee_ppl"}
+    assert div["none"]["role"] == "reference"
+    # 4-bit moves the distribution far more than int8; both are real, positive divergences
+    assert 0 < div["bnb-int8"]["kl_mean"] < div["bnb-nf4"]["kl_mean"]
+    assert div["bnb-nf4"]["top1_agree"] < div["bnb-int8"]["top1_agree"] < 1
+    tasks = {r["task"]["name"] for r in smoke_store}
+    assert tasks == {"qeval_analogy", "qeval_lee_ppl", "qeval_capitals", "qeval_similarity"}
+    caps = [r for r in smoke_store if r["task"]["name"] == "qeval_capitals" and r["variant"]["quant"] == "none"][0]
+    assert caps["primary_metric"] == "exact_match" and caps["n"] == 8
