@@ -14,10 +14,11 @@ export TRANSFORMERS_OFFLINE=1
 export HF_HUB_DISABLE_TELEMETRY=1
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
-.PHONY: setup report run test test-fast bench clean-results help
+.PHONY: setup report nightly test test-fast clean-results help
 help:
 	@echo "make report   set up, run the default plan (6 formats x default suite), render reports/latest/"
 	@echo "make test     set up and run the tests (fast tier + integration tier, CPU)"
+	@echo "make nightly  the default plan as a regression job: exit 1 on a regression beyond noise"
 	@echo "make setup    venv + packages + suite data + embedded model cache"
 
 $(BIN)/python:
@@ -38,6 +39,9 @@ setup: $(STAMP)
 report: setup
 	$(BIN)/qeval run --plan plans/default.yaml
 	$(BIN)/qeval report
+
+nightly: setup
+	$(BIN)/qeval nightly plans/default.yaml
 
 test: setup
 	$(BIN)/python -m pytest

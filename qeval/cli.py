@@ -55,6 +55,13 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("--memory-budget", type=_gib, metavar="GIB",
                      help="training memory you have, in GiB: the LoRA-vs-QLoRA verdict picks within it")
 
+    nig = sub.add_parser("nightly", help="run a plan as a nightly regression job (exit 1 on regression)",
+                         description="Run PLAN incrementally, record the run, compare every cell with the previous "
+                                     "nightly run (paired bootstrap: only drops beyond noise count) and with the "
+                                     "plan's thresholds. Exit 0 clean, 1 regression, 3 could not run, 2 bad input.")
+    nig.add_argument("plan", type=Path, help="plan YAML (with an optional thresholds: section)")
+    nig.add_argument("--store", type=Path, default=None)
+
     sub.add_parser("formats", help="list the quantization formats")
     sub.add_parser("suites", help="list the shipped suites and tasks")
     sub.add_parser("setup", help="build the suite data and convert the embedded model (once)")
@@ -120,9 +127,9 @@ def cmd_run(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from qeval.compare import (adapter_frames, decision, divergence_frame, memory_frame, paired_frame,
-                               results_frame, with_paired)
-    from qeval.report import adapter_section, divergence_section, render
+    from qeval.compare import (adapter_frames, decision, divergence_frame, history_frame, memory_frame,
+                               paired_frame, results_frame, with_paired)
+    from qeval.report import adapter_section, divergence_section, history_section, render
     from qeval.store import Store
 
     path = _store_path(args)
@@ -131,6 +138,7 @@ def cmd_report(args) -> int:
     with Store(path) as store:
         records = list(store.records())
         pairs = paired_frame(records, store.samples)
+        history = history_frame(store.runs("nightly"), store.get)
     meta = {
         "title": "qeval report", "store": str(path),
         "generated_at": __import__("datetime").datetime.now().isoformat(timespec="seconds"),
@@ -145,10 +153,23 @@ def cmd_report(args) -> int:
     table, verdict = decision(frames, args.memory_budget)
     written = render(with_paired(results_frame(records), pairs), memory, meta, args.out,
                      extra=[divergence_section(divergence_frame(records, pairs)),
-                            adapter_section(frames, table, verdict, memory)])
+                            adapter_section(frames, table, verdict, memory), history_section(history)])
     for p in written:
         print(p)
     return 0
+
+
+def cmd_nightly(args) -> int:
+    from qeval.nightly import nightly
+
+    res = nightly(args.plan, _store_path(args))
+    print(f"nightly run {res.run_id}: {res.computed} computed, {res.reused} reused, {len(res.failed)} failed, "
+          f"{sum(f.kind == 'regression' for f in res.findings)} regressions in {res.wall_s:.1f} s")
+    for f in res.findings:
+        print(f.line())
+    for line in res.failed:
+        print(f"COULD NOT RUN: {line}")
+    return res.exit_code
 
 
 def cmd_formats(args) -> int:
@@ -182,7 +203,7 @@ def cmd_setup(args) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "report": cmd_report, "formats": cmd_formats, "suites": cmd_suites, "setup": cmd_setup}
+COMMANDS = {"run": cmd_run, "nightly": cmd_nightly, "report": cmd_report, "formats": cmd_formats, "suites": cmd_suites, "setup": cmd_setup}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -365,3 +365,29 @@ def with_paired(results: pd.DataFrame, pairs: pd.DataFrame) -> pd.DataFrame:
         return results.assign(**{c: math.nan for c in cols})
     keep = pairs[["model", "quant", "adapter", "task", "metric"] + [c for c in cols if c in pairs.columns]]
     return results.merge(keep, on=["model", "quant", "adapter", "task", "metric"], how="left")
+
+
+# ----------------------------------------------------------------------------- nightly history
+
+def history_frame(runs: list[dict], get) -> pd.DataFrame:
+    """One row per finished nightly run, variant and task (primary metric), in run order, with a
+    flag where library versions changed since the previous run. `get(key)` returns a record."""
+    rows, prev_versions = [], None
+    for run in runs:
+        if run["status"] not in ("ok", "regression"):
+            continue
+        changed = "" if prev_versions is None else ", ".join(
+            f"{k} {prev_versions.get(k)} -> {v}" for k, v in run["versions"].items() if prev_versions.get(k) != v)
+        prev_versions = run["versions"]
+        for key in run["cells"]:
+            rec = get(key)
+            if rec is None:
+                continue
+            metric = rec["primary_metric"]
+            rows.append({"run_id": run["run_id"], "started_at": run["started_at"], "git_sha": run["git_sha"],
+                         "versions_changed": changed, "model": rec["variant"]["model"],
+                         "arm": rec["variant"].get("arm", rec["variant"]["quant"]), "variant_id": rec["variant_id"],
+                         "task": rec["task"]["name"], "metric": metric, "value": rec["metrics"][metric]["value"],
+                         "stderr": rec["metrics"][metric]["stderr"], "computed": key in run.get("computed", []),
+                         "key": key})
+    return pd.DataFrame(rows)

@@ -30,13 +30,14 @@ class Reference:
     bias: object | None
     softcap: float | None  # final logit soft-capping (Gemma 2 style), None for most models
 
-    def logits(self, key: str, rows: slice):
-        """Baseline logits of positions `rows` of a window (the last position predicts nothing here)."""
+    def logits(self, key: str):
+        """Baseline logits of a whole window, by the same op on the same shape as the model's own
+        head (F.linear over all positions): GEMM blocking depends on the shape, and only the same
+        shape gives bit-identical logits, i.e. a baseline-against-itself KL of exactly 0."""
         import torch
 
-        # the same op as the model's own head (F.linear), so the baseline against itself is exactly 0
-        logits = torch.nn.functional.linear(self.hidden[key][:-1][rows].float(), self.weight.float(),
-                                            None if self.bias is None else self.bias.float())
+        logits = torch.nn.functional.linear(self.hidden[key][None].float(), self.weight.float(),
+                                            None if self.bias is None else self.bias.float())[0]
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
@@ -140,12 +141,13 @@ class Capture:
         else:
             with torch.no_grad():
                 variant = output[0, :-1].detach().float().cpu()
+                baseline = self.ref.logits(key)[:-1]
                 targets = ids[1:].long()
                 # In row chunks (see ROWS): KL = sum softmax(p) (p - q) - (lse_p - lse_q) on raw logits.
                 for i in range(0, variant.shape[0], ROWS):
                     rows = slice(i, i + ROWS)
                     q = variant[rows]
-                    p = self.ref.logits(key, rows)
+                    p = baseline[rows]
                     lse_p, lse_q = torch.logsumexp(p, -1), torch.logsumexp(q, -1)
                     kl = (torch.softmax(p, -1) * (p - q)).sum(-1, dtype=torch.float64) - (lse_p - lse_q).double()
                     self.kls.append(kl.clamp(min=0).numpy())  # clamp: float rounding just below 0

@@ -54,6 +54,7 @@ class Plan:
     bootstrap_iters: int = 1000
     adapters: dict = field(default_factory=dict)  # name -> AdapterSpec fields
     arms: tuple[dict, ...] = ()  # Arm fields
+    thresholds: dict = field(default_factory=dict)  # nightly gates (qeval.nightly.Thresholds)
 
 
 def load_plan(path: Path) -> Plan:
@@ -147,6 +148,10 @@ def validate(plan: Plan, suite: Suite | None = None) -> Resolved:
         errors.append(QevalError("models", "[]", "at least one model", f"e.g. {DEFAULT_MODEL}"))
     if not arms:
         errors.append(QevalError("formats", "[]", "at least one format or arm", "e.g. formats: [none, bnb-nf4]"))
+    if plan.thresholds:
+        from qeval.nightly import Thresholds  # the nightly gates live beside the code that applies them
+
+        from_mapping(Thresholds, plan.thresholds, "thresholds", errors)
     if suite is None:
         suite = check(lambda: load_suite(plan.suite))
     raise_if(errors)

@@ -40,6 +40,9 @@ class Store:
                 created_at TEXT NOT NULL, record TEXT NOT NULL);
             CREATE TABLE IF NOT EXISTS samples (key TEXT PRIMARY KEY, data BLOB NOT NULL);
             CREATE INDEX IF NOT EXISTS records_variant ON records(variant, task);
+            CREATE TABLE IF NOT EXISTS runs (
+                run_id INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL, started_at TEXT NOT NULL,
+                finished_at TEXT, status TEXT NOT NULL, info TEXT NOT NULL);
         """)
 
     def close(self) -> None:
@@ -93,3 +96,31 @@ class Store:
                 db.execute("ROLLBACK" if exc_type else "COMMIT")
 
         return _Tx()
+
+    # -- runs: one row per nightly run; `info` (JSON) holds the plan, versions, git sha, the keys of
+    # the plan's cells and, once finished, which were computed or reused and the regressions found.
+    def start_run(self, kind: str, info: dict) -> int:
+        with self._transaction():
+            cur = self._db.execute("INSERT INTO runs(kind, started_at, status, info) VALUES (?, ?, 'running', ?)",
+                                   (kind, _now(), canonical_json(info)))
+        return int(cur.lastrowid)
+
+    def finish_run(self, run_id: int, status: str, info: dict) -> None:
+        with self._transaction():
+            self._db.execute("UPDATE runs SET finished_at=?, status=?, info=? WHERE run_id=?",
+                             (_now(), status, canonical_json(info), run_id))
+
+    def runs(self, kind: str | None = None) -> list[dict]:
+        q = "SELECT run_id, kind, started_at, finished_at, status, info FROM runs"
+        rows = self._db.execute(q + (" WHERE kind=?" if kind else "") + " ORDER BY run_id", (kind,) if kind else ())
+        return [{"run_id": r[0], "kind": r[1], "started_at": r[2], "finished_at": r[3], "status": r[4],
+                 **json.loads(r[5])} for r in rows]
+
+    def integrity_ok(self) -> bool:
+        return self._db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+def _now() -> str:
+    from datetime import datetime, timezone
+
+    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
