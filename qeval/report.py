@@ -681,21 +681,30 @@ def divergence_section(div: pd.DataFrame) -> Section | None:
 
 
 def _kl_png(div: pd.DataFrame) -> bytes:
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    """One panel per right/wrong task: x = mean KL, y = accuracy delta with its interval; one
+    colour per variant (a legend, not labels: a dozen arms would overprint each other)."""
     d = div.dropna(subset=["delta"]) if "delta" in div.columns else div.iloc[0:0]
-    for k, r in enumerate(d.itertuples(index=False)):
-        lab = variant_label(r.quant, r.adapter)
-        ax.errorbar([r.kl_mean], [r.delta], yerr=[[r.delta - r.delta_lo], [r.delta_hi - r.delta]], fmt="o", capsize=3)
-        ax.annotate(f"{lab} ({r.task})" if d["task"].nunique() > 1 else lab, (r.kl_mean, r.delta),
-                    textcoords="offset points", xytext=(6, 6 if k % 2 == 0 else -11), fontsize=8)
-    ax.axhline(0, color="grey", lw=1, ls="--")
-    ax.set_xlabel("mean KL(baseline || variant) per token (nats)")
-    ax.set_ylabel("accuracy delta vs baseline (95% CI)")
-    ax.grid(alpha=0.3)
-    ax.margins(x=0.2, y=0.2)
-    ax.set_title("KL divergence vs accuracy delta", fontsize=10)
     if d.empty:
-        ax.text(0.5, 0.5, "no variant with both KL and an accuracy task", transform=ax.transAxes, ha="center")
+        return _placeholder_png("KL vs accuracy delta: no variant with both KL and a right/wrong task")
+    d = _sorted(d.assign(adapter=d["adapter"].fillna("")), _VARIANT)
+    labels = list(dict.fromkeys(variant_label(q, a) for q, a in zip(d["quant"], d["adapter"])))
+    colors = {lab: plt.get_cmap("tab20")(i % 20) for i, lab in enumerate(labels)}
+    tasks = sorted(d["task"].unique())
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.8), squeeze=False, sharey=True)
+    for ax, task in zip(axes.flat, tasks):
+        for r in d[d.task == task].itertuples(index=False):
+            lab = variant_label(r.quant, r.adapter)
+            ax.errorbar([r.kl_mean], [r.delta], yerr=[[r.delta - r.delta_lo], [r.delta_hi - r.delta]], fmt="o",
+                        capsize=3, color=colors[lab], label=lab)
+        ax.axhline(0, color="grey", lw=1, ls="--")
+        ax.set_title(task, fontsize=10)
+        ax.set_xlabel("mean KL(baseline || variant), nats/token")
+        ax.grid(alpha=0.3)
+    axes.flat[0].set_ylabel("accuracy delta vs baseline (95% CI)")
+    handles = [plt.Line2D([], [], marker="o", ls="", color=colors[lab]) for lab in labels]
+    fig.legend(handles, labels, fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 0.95), frameon=False)
+    fig.suptitle("KL divergence vs accuracy delta", fontsize=11)
+    fig.tight_layout()
     return _png(fig)
 
 
@@ -742,6 +751,7 @@ def _history_png(hist: pd.DataFrame) -> bytes:
             ax.axvline(r.run_id, ls="--", color="grey", lw=1)
         ax.set_title(f"{task} ({g['metric'].iloc[0]})", fontsize=10)
         ax.set_xlabel("nightly run (dashed: versions changed)")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     axes.flat[-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     fig.tight_layout()
