@@ -14,11 +14,12 @@ export TRANSFORMERS_OFFLINE=1
 export HF_HUB_DISABLE_TELEMETRY=1
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
-.PHONY: setup report nightly test test-fast clean-results help
+.PHONY: setup report nightly bench test test-fast clean-results help
 help:
 	@echo "make report   set up, run the default plan (6 formats x default suite), render reports/latest/"
 	@echo "make test     set up and run the tests (fast tier + integration tier, CPU)"
 	@echo "make nightly  the default plan as a regression job: exit 1 on a regression beyond noise"
+	@echo "make bench    speed and memory per format against targets (reports/bench/bench.md)"
 	@echo "make setup    venv + packages + suite data + embedded model cache"
 
 $(BIN)/python:
@@ -42,6 +43,9 @@ report: setup
 
 nightly: setup
 	$(BIN)/qeval nightly plans/default.yaml
+
+bench: setup
+	$(BIN)/qeval bench
 
 test: setup
 	$(BIN)/python -m pytest

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 
 from qeval import env
 from qeval.errors import QevalError
+from qeval.quant import DEFAULT_FORMATS, FORMATS
 
 EPILOG = """examples:
   qeval run                                   # all six formats of the embedded model, default suite
@@ -61,6 +61,12 @@ def _parser() -> argparse.ArgumentParser:
                                      "plan's thresholds. Exit 0 clean, 1 regression, 3 could not run, 2 bad input.")
     nig.add_argument("plan", type=Path, help="plan YAML (with an optional thresholds: section)")
     nig.add_argument("--store", type=Path, default=None)
+
+    ben = sub.add_parser("bench", help="speed and memory per format against targets (writes reports/bench/)")
+    ben.add_argument("--model", default="smollm2-135m")
+    ben.add_argument("--formats", default=",".join(DEFAULT_FORMATS))
+    ben.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    ben.add_argument("--out", type=Path, default=env.REPO_ROOT / "reports" / "bench")
 
     sub.add_parser("formats", help="list the quantization formats")
     sub.add_parser("suites", help="list the shipped suites and tasks")
@@ -172,9 +178,23 @@ def cmd_nightly(args) -> int:
     return res.exit_code
 
 
-def cmd_formats(args) -> int:
-    from qeval.quant import FORMATS
+def cmd_bench(args) -> int:
+    from qeval.bench import bench, write
 
+    formats = [f.strip() for f in args.formats.split(",") if f.strip()]
+    for f in formats:
+        FORMATS.get(f)  # unknown names fail here, with the known ones listed
+    device = env.resolve_device(args.device)
+    frame = bench(args.model, formats, device)
+    meta = (f"model {args.model}, device {env.device_description(device)}, git {env.git_sha()}, "
+            + ", ".join(f"{k} {v}" for k, v in env.versions().items()))
+    for p in write(frame, args.out, meta):
+        print(p)
+    print((args.out / "bench.md").read_text())
+    return 0
+
+
+def cmd_formats(args) -> int:
     for name, f in FORMATS.items():
         bits = f"{f.bits_per_weight(576):.3f} bits/weight" if f.bits_per_weight else "full precision"
         print(f"{name:12s} {bits:20s} {f.description}")
@@ -203,7 +223,7 @@ def cmd_setup(args) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "nightly": cmd_nightly, "report": cmd_report, "formats": cmd_formats, "suites": cmd_suites, "setup": cmd_setup}
+COMMANDS = {"run": cmd_run, "nightly": cmd_nightly, "bench": cmd_bench, "report": cmd_report, "formats": cmd_formats, "suites": cmd_suites, "setup": cmd_setup}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -94,7 +94,6 @@ def test_failed_cell_is_reported_and_run_continues(plan, tmp_path, monkeypatch):
 def test_key_changes_with_what_determines_the_numbers(plan, tiny_model_dir):
     from qeval.evaluate import EvalSpec
     from qeval.models import resolve_model
-    from qeval.quant import FORMATS
     from qeval.suites import load_suite
 
     model = resolve_model(str(tiny_model_dir))

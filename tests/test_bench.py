@@ -1,0 +1,16 @@
+"""The benchmark table: every format measured, targets judged, files written (no timing asserts)."""
+from qeval.bench import TARGETS, bench, write
+
+
+def test_bench_table(tiny_model_dir, tmp_path):
+    frame = bench(str(tiny_model_dir), ["none", "bnb-nf4-dq"], "cpu")
+    assert list(frame.format) == ["none", "bnb-nf4-dq"]
+    assert (frame.prefill_tok_s > 0).all() and (frame.decode_tok_s > 0).all() and (frame.load_s > 0).all()
+    assert frame.loc[0, "prefill_vs_none"] == 1.0
+    assert frame.loc[1, "bytes"] < frame.loc[0, "bytes"]
+    # the judgement follows the stated targets, whatever the timings were
+    expect = (frame.ratio_to_theory <= TARGETS["ratio_to_theory"]) & (frame.load_s <= TARGETS["load_s"]) & \
+        (frame.prefill_vs_none <= TARGETS["prefill_vs_none"])
+    assert list(frame.meets_targets) == list(expect)
+    md, csv = write(frame, tmp_path, "meta")
+    assert "bnb-nf4-dq" in md.read_text() and csv.read_text().startswith("format,")
