@@ -110,7 +110,7 @@ class AdapterArtifact:
 
 
 def adapter_key(model: ResolvedModel, spec: AdapterSpec, device: str) -> str:
-    ensure_built()
+    """Content hash of what determines an adapter (the training data must be built already)."""
     data = DATA_DIR / TRAIN_DATA[spec.train_data]
     from qeval.suite_data import sha256
 
@@ -128,6 +128,7 @@ def finetune(model: ResolvedModel, spec: AdapterSpec, device: str, prefix: str =
     training's own, not the high-water mark of whatever this process loaded before (RSS never
     shrinks back on CPU), and the memory is returned to the OS when it ends.
     """
+    ensure_built()
     key = adapter_key(model, spec, device)
     out = env.cache_dir() / "adapters" / key[:32]
     meta = out / "qeval-artifact.json"

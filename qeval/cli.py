@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from datetime import datetime
 from pathlib import Path
 
 from qeval import env
@@ -147,7 +148,7 @@ def cmd_report(args) -> int:
         history = history_frame(store.runs("nightly"), store.get)
     meta = {
         "title": "qeval report", "store": str(path),
-        "generated_at": __import__("datetime").datetime.now().isoformat(timespec="seconds"),
+        "generated_at": datetime.now().isoformat(timespec="seconds"),
         "models": {r["model"]["spec"]: r["model"]["fingerprint"] for r in records},
         "versions": records[-1]["versions"] if records else env.versions(),
         "git_sha": ", ".join(sorted({r["git_sha"] for r in records})) or env.git_sha(),

@@ -145,9 +145,8 @@ def adapter_frames(records: list[dict]) -> dict[str, pd.DataFrame]:
     """
     from qeval.adapters import DOMAIN_TASKS
 
-    recs = [r for r in latest(records)]
     primary = {}
-    for r in recs:
+    for r in latest(records):
         m = r["metrics"][r["primary_metric"]]
         key = (_group(r), r["variant"]["quant"], adapter_label(r["variant"]))
         primary[key] = (r, m)

@@ -20,7 +20,7 @@ from typing import Callable
 from qeval import env
 from qeval.compare import BASELINE, adapter_label, paired
 from qeval.errors import QevalError
-from qeval.runner import Plan, load_plan, make_cells, run_plan, validate
+from qeval.runner import Plan, expand, load_plan, run_plan, validate
 from qeval.specs import from_mapping, raise_if
 from qeval.store import Store
 
@@ -83,14 +83,7 @@ def nightly(plan_path: Path, store_path: Path,
     store_path.parent.mkdir(parents=True, exist_ok=True)
     # One nightly at a time per store: a second one waits here, then finds the cells stored.
     with FileLock(str(store_path) + ".nightly.lock"):
-        from qeval.models import resolve_model
-
-        models = [resolve_model(m) for m in plan.models]
-        from qeval.evaluate import EvalSpec
-
-        eval_spec = EvalSpec(seed=plan.seed, bootstrap_iters=plan.bootstrap_iters)
-        cells = [c for m in models for a in rp.arms
-                 for c in make_cells(m, a, rp.suite, eval_spec, rp.device, rp.adapters.get(a.adapter) if a.adapter else None)]
+        cells = [c for _, _, job_cells in expand(plan, rp) for c in job_cells]
         info = {"plan": str(plan_path), "plan_spec": dataclasses.asdict(plan), "git_sha": env.git_sha(),
                 "versions": env.versions(), "device": rp.device, "cells": [c.key for c in cells]}
         with Store(store_path) as store:

@@ -220,6 +220,16 @@ def _divergence_mode(cell: Cell, eval_spec: EvalSpec, device: str, progress) -> 
     return Reference.load(path)
 
 
+def expand(plan: Plan, rp: Resolved) -> list[tuple[ResolvedModel, Arm, list[Cell]]]:
+    """The plan's matrix: per (model, arm), its cells and their keys. Nothing is loaded or stored;
+    the suite data is built first because task fingerprints hash it."""
+    models = [resolve_model(m) for m in plan.models]
+    ensure_built()
+    eval_spec = EvalSpec(seed=plan.seed, bootstrap_iters=plan.bootstrap_iters)
+    return [(m, a, make_cells(m, a, rp.suite, eval_spec, rp.device, rp.adapters.get(a.adapter) if a.adapter else None))
+            for m in models for a in rp.arms]
+
+
 def run_plan(plan: Plan, store_path: Path, suite: Suite | None = None,
              progress: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)) -> RunSummary:
     """Compute every missing cell of `plan` into the store at `store_path`."""
@@ -227,15 +237,12 @@ def run_plan(plan: Plan, store_path: Path, suite: Suite | None = None,
 
     t_start = time.perf_counter()
     rp = validate(plan, suite)
-    models = [resolve_model(m) for m in plan.models]  # fails on a bad model before the store is touched
-    ensure_built()
+    jobs = expand(plan, rp)  # fails on a bad model before the store is touched
     eval_spec = EvalSpec(seed=plan.seed, bootstrap_iters=plan.bootstrap_iters)
     summary = RunSummary()
     with Store(store_path) as store:
-        jobs = [(m, a) for m in models for a in rp.arms]
-        for i, (model, arm) in enumerate(jobs, 1):
+        for i, (model, arm, cells) in enumerate(jobs, 1):
             adapter = rp.adapters.get(arm.adapter) if arm.adapter else None
-            cells = make_cells(model, arm, rp.suite, eval_spec, rp.device, adapter)
             missing = [c for c in cells if c.key not in store]
             summary.reused += [c.key for c in cells if c not in missing]
             tag = f"[{i}/{len(jobs)}] {model.spec} @ {arm.name}"
