@@ -1,7 +1,8 @@
 """qeval's command line: `qeval run`, `qeval report`, `qeval formats`, `qeval suites`, `qeval setup`.
 
 Every user error is one line on stderr (the value, what was expected, the fix) and exit code 2;
-a run whose cells failed exits 1; success exits 0.
+a run whose cells failed exits 1; success exits 0. `qeval nightly`: 0 clean, 1 regression, 2 bad
+input, 3 could not finish.
 """
 from __future__ import annotations
 
@@ -57,11 +58,22 @@ def _parser() -> argparse.ArgumentParser:
                      help="training memory you have, in GiB: the LoRA-vs-QLoRA verdict picks within it")
 
     nig = sub.add_parser("nightly", help="run a plan as a nightly regression job (exit 1 on regression)",
-                         description="Run PLAN incrementally, record the run, compare every cell with the previous "
-                                     "nightly run (paired bootstrap: only drops beyond noise count) and with the "
-                                     "plan's thresholds. Exit 0 clean, 1 regression, 3 could not run, 2 bad input.")
+                         description="Run PLAN incrementally, record the run, compare every cell and metric with the "
+                                     "previous nightly run (exact McNemar / paired t on log-likelihoods, "
+                                     "Benjamini-Hochberg FDR over the run, minimum meaningful effects) and with the "
+                                     "plan's thresholds. A regression stays open until fixed or acknowledged "
+                                     "(--ack CELL --reason TEXT). Exit 0 clean, 1 regression, 2 bad input, "
+                                     "3 could not finish.")
     nig.add_argument("plan", type=Path, help="plan YAML (with an optional thresholds: section)")
     nig.add_argument("--store", type=Path, default=None)
+    nig.add_argument("--ack", metavar="CELL", help="acknowledge the open regressions of CELL (as printed, e.g. "
+                     "'bnb-nf4 / qeval_capitals') instead of running; needs --reason")
+    nig.add_argument("--reason", help="why the regression is accepted (recorded in the store's history)")
+
+    bg = sub.add_parser("bench-gates", help="false alarms and detection of the nightly gates, simulated on a store")
+    bg.add_argument("--store", type=Path, default=None, help="a store holding the default plan's results")
+    bg.add_argument("--nights", type=int, default=1000)
+    bg.add_argument("--out", type=Path, default=env.REPO_ROOT / "reports" / "bench")
 
     ben = sub.add_parser("bench", help="speed and memory per format against targets (writes reports/bench/)")
     ben.add_argument("--model", default="smollm2-135m")
@@ -167,16 +179,37 @@ def cmd_report(args) -> int:
 
 
 def cmd_nightly(args) -> int:
-    from qeval.nightly import nightly
+    from qeval.nightly import EXIT_COULD_NOT_RUN, acknowledge, nightly
 
-    res = nightly(args.plan, _store_path(args))
+    if args.reason and not args.ack:
+        raise QevalError("--reason", args.reason, "--ack CELL beside it", "add --ack with the cell to acknowledge")
+    if args.ack:
+        ids = acknowledge(_store_path(args), args.ack, args.reason or "")
+        print(f"acknowledged {len(ids)} open regression(s) of {args.ack}: {args.reason}")
+        return 0
+    try:
+        res = nightly(args.plan, _store_path(args))
+    except (QevalError, KeyboardInterrupt):
+        raise
+    except Exception as e:  # a bug or a broken environment is "could not finish", never "regression"
+        print(f"qeval: nightly could not finish: {type(e).__name__}: {e}".splitlines()[0], file=sys.stderr)
+        return EXIT_COULD_NOT_RUN
     print(f"nightly run {res.run_id}: {res.computed} computed, {res.reused} reused, {len(res.failed)} failed, "
-          f"{sum(f.kind == 'regression' for f in res.findings)} regressions in {res.wall_s:.1f} s")
+          f"{sum(f.kind == 'regression' for f in res.findings)} regressions in {res.wall_s:.1f} s; "
+          f"{res.method or 'no comparisons'}")
     for f in res.findings:
         print(f.line())
     for line in res.failed:
         print(f"COULD NOT RUN: {line}")
     return res.exit_code
+
+
+def cmd_bench_gates(args) -> int:
+    from qeval.bench_gates import run
+
+    text = run(args.store or env.default_store_path(), args.out, nights=args.nights)
+    print(text)
+    return 0
 
 
 def cmd_bench(args) -> int:
@@ -224,7 +257,7 @@ def cmd_setup(args) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "nightly": cmd_nightly, "bench": cmd_bench, "report": cmd_report, "formats": cmd_formats, "suites": cmd_suites, "setup": cmd_setup}
+COMMANDS = {"run": cmd_run, "nightly": cmd_nightly, "bench-gates": cmd_bench_gates, "bench": cmd_bench, "report": cmd_report, "formats": cmd_formats, "suites": cmd_suites, "setup": cmd_setup}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -8,17 +8,19 @@ group wins; a variant is only compared with a baseline measured on the same docu
 from __future__ import annotations
 
 import math
+from typing import Callable
 
-import numpy as np
 import pandas as pd
 
+from qeval.paired import Comparison, compare_pair, recovery_undefined
+from qeval.paired import recovery as recovery_of
 from qeval.quant import DEFAULT_FORMATS, FORMATS
 
 BASELINE = "none"
 
 RESULT_COLUMNS = ["model", "quant", "adapter", "task", "metric", "higher_is_better", "primary", "value",
                   "stderr", "n", "baseline_value", "baseline_stderr", "delta", "recovery", "ratio",
-                  "weight_bytes", "device", "key", "arm"]
+                  "weight_bytes", "device", "key", "arm", "recovery_undefined"]
 MEMORY_COLUMNS = ["model", "quant", "adapter", "total_bytes", "quantized_weight_bytes", "quant_state_bytes",
                   "unquantized_bytes", "theory_bytes", "baseline_bytes", "ratio_to_baseline", "ratio_to_theory",
                   "measured_bits_per_weight", "theory_bits_per_weight", "load_s", "eval_s", "peak_bytes", "device"]
@@ -62,11 +64,10 @@ def results_frame(records: list[dict]) -> pd.DataFrame:
             bv = b["value"] if b else math.nan
             v = m["value"]
             hib = bool(m["higher_is_better"])
-            if b and bv and v:
-                recovery = v / bv if hib else bv / v  # 1.0 = nothing lost, < 1 = worse, any metric
-                ratio = v / bv
-            else:
-                recovery = ratio = math.nan
+            # 1.0 = nothing lost, < 1 = worse, any metric; a score of 0 recovers 0, a baseline of 0
+            # leaves recovery undefined (NaN with recovery_undefined set), which gates treat as failing
+            recovery = recovery_of(v, bv, hib)
+            ratio = v / bv if bv else math.nan
             rows.append({
                 "model": r["variant"]["model"], "quant": r["variant"]["quant"], "adapter": adapter_label(r["variant"]),
                 "task": r["task"]["name"], "metric": metric, "higher_is_better": hib,
@@ -74,6 +75,7 @@ def results_frame(records: list[dict]) -> pd.DataFrame:
                 "stderr": math.nan if m["stderr"] is None else m["stderr"], "n": r["n"],
                 "baseline_value": bv, "baseline_stderr": (b["stderr"] if b and b["stderr"] is not None else math.nan),
                 "delta": v - bv, "recovery": recovery, "ratio": ratio,
+                "recovery_undefined": recovery_undefined(v, bv, hib),
                 "weight_bytes": r["footprint"]["total_bytes"], "device": r["device"], "key": r["key"],
                 "arm": r["variant"].get("arm", r["variant"]["quant"])})
     frame = pd.DataFrame(rows, columns=RESULT_COLUMNS)
@@ -123,23 +125,44 @@ def _sorted(frame: pd.DataFrame, by: list[str]) -> pd.DataFrame:
 
 # ----------------------------------------------------------------------------- adapters (LoRA / QLoRA)
 
-Z95 = 1.96
-
-
 def _good(value: float, hib: bool) -> float:
     """Orient a metric so that larger is better (perplexities are negated)."""
     return value if hib else -value
 
 
-def adapter_frames(records: list[dict]) -> dict[str, pd.DataFrame]:
+MinEffect = Callable[[str, str], float | None]  # (metric, kind) -> min meaningful effect (None: default)
+
+
+def _no_override(metric: str, kind: str) -> float | None:
+    return None
+
+
+def compare_records(ref: dict, rec: dict, metric: str, samples, min_effect: MinEffect = _no_override) -> Comparison | None:
+    """`compare_pair` of two stored records on `metric`, or None where either has no samples."""
+    if samples is None:
+        return None
+    rs, vs = samples(ref["key"]), samples(rec["key"])
+    if not rs or not vs:
+        return None
+    from qeval.paired import kind_of
+
+    kind = kind_of(metric, [s[metric] for s in rs[:50] if metric in s])
+    return compare_pair(rs, vs, metric, bool(rec["metrics"][metric]["higher_is_better"]),
+                        min_effect(metric, kind))
+
+
+def adapter_frames(records: list[dict], samples=None, min_effect: MinEffect = _no_override) -> dict[str, pd.DataFrame]:
     """What adapters win back and cost, per task's primary metric.
 
     `regained`: one row per adapter arm and task: the arm's score, its reference (the same format
     without adapter), what that format lost against the baseline, and the share of it the adapter
     regained = (adapted - quantized) / (baseline - quantized), oriented so that perplexity works the
-    same way; `lost_significant` is False when the loss is within noise (|loss| < 1.96 x the
-    combined stderr), and then `regained` is not meaningful. `untouched` marks tasks outside the
-    adapter's training domain: there `delta_vs_reference` measures forgetting.
+    same way. Every verdict is the paired comparison (`qeval.paired.compare_pair`) on the stored
+    per-document outputs: `lost_verdict` (reference vs baseline; `lost_significant` when it is
+    "worse": only then is `regained` meaningful), `regained_verdict` (arm vs reference) and
+    `vs_baseline_verdict` (arm vs the float baseline: for arms trained on the float base, whose
+    reference *is* the baseline, this is their gain). `untouched` marks tasks outside the adapter's
+    training domain: there `delta_vs_reference` measures forgetting.
     `merge`: each merged arm against the same adapter unmerged.
     `training`: one row per trained adapter: its costs and curves.
     """
@@ -151,31 +174,44 @@ def adapter_frames(records: list[dict]) -> dict[str, pd.DataFrame]:
         key = (_group(r), r["variant"]["quant"], adapter_label(r["variant"]))
         primary[key] = (r, m)
     regained, merges, training = [], [], {}
+
+    def verdict(ref, rec, metric) -> tuple[str, float]:
+        c = compare_records(ref, rec, metric, samples, min_effect) if ref is not None else None
+        return ("undefined", math.nan) if c is None else (c.verdict, c.p_value)
+
     for (group, quant, label), (r, m) in primary.items():
         v = r["variant"]
         if not v.get("adapter"):
             continue
         hib = bool(m["higher_is_better"])
+        metric = r["primary_metric"]
         base = primary.get((group, BASELINE, ""))
         # the reference: the arm's own format without adapter (for the float merge: the 4-bit base)
         ref = primary.get((group, quant, ""))
         spec = (r.get("adapter") or {}).get("spec", {})
         untouched = r["task"]["name"] not in DOMAIN_TASKS.get(spec.get("train_data", ""), ())
         row = {"model": v["model"], "arm": v.get("arm", label), "quant": quant, "adapter": label,
-               "task": r["task"]["name"], "metric": r["primary_metric"], "higher_is_better": hib,
+               "task": r["task"]["name"], "metric": metric, "higher_is_better": hib,
                "value": m["value"], "stderr": m["stderr"], "untouched": untouched,
                "baseline_value": base[1]["value"] if base else math.nan,
                "reference_arm": ref[0]["variant"].get("arm", quant) if ref else "",
                "reference_value": ref[1]["value"] if ref else math.nan}
         lost = regained_share = math.nan
-        significant = False
+        lost_verdict, lost_p = "undefined", math.nan
         if base and ref:
             lost = _good(base[1]["value"], hib) - _good(ref[1]["value"], hib)
-            se = math.sqrt((base[1]["stderr"] or 0) ** 2 + (ref[1]["stderr"] or 0) ** 2)
-            significant = abs(lost) > Z95 * se and lost > 0
-            if significant:
+            if ref[0] is base[0]:
+                lost_verdict, lost_p = "within noise", 1.0  # the float base: nothing to lose or regain
+            else:
+                lost_verdict, lost_p = verdict(base[0], ref[0], metric)
+            if lost_verdict == "worse" and lost:
                 regained_share = (_good(m["value"], hib) - _good(ref[1]["value"], hib)) / lost
-        row.update({"lost": lost, "lost_significant": significant, "regained": regained_share,
+        reg_verdict, reg_p = verdict(ref[0] if ref else None, r, metric)
+        base_verdict, base_p = verdict(base[0] if base else None, r, metric)
+        row.update({"lost": lost, "lost_significant": lost_verdict == "worse", "lost_verdict": lost_verdict,
+                    "lost_p": lost_p, "regained": regained_share, "regained_verdict": reg_verdict,
+                    "regained_p": reg_p, "vs_baseline_verdict": base_verdict, "vs_baseline_p": base_p,
+                    "float_base": quant == BASELINE,
                     "delta_vs_baseline": (m["value"] - base[1]["value"]) if base else math.nan,
                     "delta_vs_reference": (m["value"] - ref[1]["value"]) if ref else math.nan})
         regained.append(row)
@@ -186,6 +222,7 @@ def adapter_frames(records: list[dict]) -> dict[str, pd.DataFrame]:
                            "unmerged_value": unmerged[1]["value"] if unmerged else math.nan,
                            "merged_value": m["value"],
                            "merge_delta": (m["value"] - unmerged[1]["value"]) if unmerged else math.nan,
+                           "merge_verdict": verdict(unmerged[0] if unmerged else None, r, metric)[0],
                            "merged_bytes": r["footprint"]["total_bytes"]})
         a = r.get("adapter")
         if a and v.get("merge", "none") == "none":
@@ -251,70 +288,9 @@ def decision(frames: dict[str, pd.DataFrame], memory_budget: float | None) -> tu
 
 # ----------------------------------------------------------------------------- paired statistics
 
-PAIRED_ITERS = 2000  # paired bootstrap resamples; percentile interval at 95%
-
-
-def _aggregate(metric: str):
-    """How per-document values of `metric` combine: weighted perplexity / bits per byte for
-    (loglikelihood, count) pairs, the mean for everything else (accuracy, exact match)."""
-    if metric.endswith("perplexity"):
-        return lambda ll, w: np.exp(-ll.sum(-1) / w.sum(-1))
-    if metric == "bits_per_byte":
-        return lambda ll, w: -ll.sum(-1) / w.sum(-1) / math.log(2)
-    return None
-
-
-def mcnemar_exact(right_to_wrong: int, wrong_to_right: int) -> float:
-    """Two-sided exact McNemar test: the discordant pairs against Binomial(n, 1/2)."""
-    n = right_to_wrong + wrong_to_right
-    if n == 0:
-        return 1.0
-    k = min(right_to_wrong, wrong_to_right)
-    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n
-    return min(1.0, 2 * tail)
-
-
-def paired(base_samples: list[dict], var_samples: list[dict], metric: str, higher_is_better: bool,
-           seed: int = 1234) -> dict:
-    """Flips, McNemar and paired-bootstrap intervals of one variant against the baseline on the
-    same documents (matched by doc_id; a document whose hash differs is an error, not a pair)."""
-    base = {s["doc_id"]: s for s in base_samples}
-    pairs = [(base[s["doc_id"]], s) for s in var_samples if s["doc_id"] in base]
-    for b, v in pairs:
-        if b.get("doc_hash") != v.get("doc_hash"):
-            raise ValueError(f"document {b['doc_id']} differs between baseline and variant")
-    out: dict = {"pairs": len(pairs)}
-    if not pairs:
-        return out
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(pairs), (PAIRED_ITERS, len(pairs)))
-    agg = _aggregate(metric)
-    if agg is None:
-        b = np.array([float(p[0][metric]) for p in pairs])
-        v = np.array([float(p[1][metric]) for p in pairs])
-        point_b, point_v = b.mean(), v.mean()
-        boot_b, boot_v = b[idx].mean(-1), v[idx].mean(-1)
-        if set(np.unique(np.concatenate([b, v]))) <= {0.0, 1.0}:  # right/wrong per document
-            rw, wr = int(((b == 1) & (v == 0)).sum()), int(((b == 0) & (v == 1)).sum())
-            out.update(flips_right_to_wrong=rw, flips_wrong_to_right=wr, flips=rw + wr,
-                       flip_rate=(rw + wr) / len(pairs), mcnemar_p=mcnemar_exact(rw, wr))
-    else:
-        bl = np.array([p[0][metric][0] for p in pairs]); bw = np.array([p[0][metric][1] for p in pairs])
-        vl = np.array([p[1][metric][0] for p in pairs]); vw = np.array([p[1][metric][1] for p in pairs])
-        point_b, point_v = float(agg(bl, bw)), float(agg(vl, vw))
-        boot_b, boot_v = agg(bl[idx], bw[idx]), agg(vl[idx], vw[idx])
-    delta = boot_v - boot_b
-    with np.errstate(divide="ignore", invalid="ignore"):
-        rec = boot_v / boot_b if higher_is_better else boot_b / boot_v
-    lo, hi = np.percentile(delta, [2.5, 97.5])
-    rlo, rhi = np.nanpercentile(rec, [2.5, 97.5])
-    out.update(delta=float(point_v - point_b), delta_lo=float(lo), delta_hi=float(hi),
-               recovery_lo=float(rlo), recovery_hi=float(rhi), significant=bool(lo > 0 or hi < 0))
-    return out
-
-
-def paired_frame(records: list[dict], samples) -> pd.DataFrame:
-    """One row per variant and task (primary metric): flips, McNemar p, paired intervals.
+def paired_frame(records: list[dict], samples, min_effect: MinEffect = _no_override) -> pd.DataFrame:
+    """One row per variant and task (primary metric): the paired comparison against the baseline
+    (`qeval.paired.compare_pair`: test, interval, p-value, flips, MDE, verdict).
     `samples(key)` returns a record's stored per-sample outputs."""
     recs = latest(records)
     baselines = {_group(r): r for r in recs if r["variant"]["quant"] == BASELINE and not adapter_label(r["variant"])}
@@ -324,11 +300,26 @@ def paired_frame(records: list[dict], samples) -> pd.DataFrame:
         if base is None or base is r:
             continue
         metric = r["primary_metric"]
-        stats = paired(samples(base["key"]) or [], samples(r["key"]) or [], metric,
-                       bool(r["metrics"][metric]["higher_is_better"]), seed=r.get("seed", 1234))
+        c = compare_records(base, r, metric, samples, min_effect)
+        if c is None:
+            continue
         rows.append({"model": r["variant"]["model"], "quant": r["variant"]["quant"],
-                     "adapter": adapter_label(r["variant"]), "task": r["task"]["name"], "metric": metric, **stats})
+                     "adapter": adapter_label(r["variant"]), "task": r["task"]["name"], "metric": metric,
+                     "delta": c.delta, "kind": c.kind, **c.as_row()})
     return pd.DataFrame(rows)
+
+
+def task_mde(pairs: pd.DataFrame) -> pd.DataFrame:
+    """Per task: n and the minimum detectable effect of its test at that n (alpha 0.05, power 0.8),
+    for the median noise the variants show (McNemar: the median discordance rate)."""
+    if pairs.empty:
+        return pd.DataFrame(columns=["task", "metric", "n", "mde", "min_effect", "test"])
+    out = []
+    for (task, metric), g in pairs.groupby(["task", "metric"], sort=True):
+        out.append({"task": task, "metric": metric, "n": int(g["pairs"].max()), "mde": float(g["mde"].median()),
+                    "min_effect": float(g["min_effect"].iloc[0]), "test": g["test"].iloc[0], "kind": g["kind"].iloc[0],
+                    "flip_rate": float(g["flip_rate"].median()) if g["flip_rate"].notna().any() else math.nan})
+    return pd.DataFrame(out)
 
 
 def divergence_frame(records: list[dict], pairs: pd.DataFrame) -> pd.DataFrame:
@@ -352,14 +343,16 @@ def divergence_frame(records: list[dict], pairs: pd.DataFrame) -> pd.DataFrame:
         for f in flip_rows.itertuples(index=False):
             rows.append({**row, "task": f.task, "flips": int(f.flips), "flips_right_to_wrong": int(f.flips_right_to_wrong),
                          "flips_wrong_to_right": int(f.flips_wrong_to_right), "flip_rate": f.flip_rate,
-                         "mcnemar_p": f.mcnemar_p, "delta": f.delta, "delta_lo": f.delta_lo, "delta_hi": f.delta_hi})
+                         "mcnemar_p": f.mcnemar_p, "delta": f.delta, "delta_lo": f.delta_lo, "delta_hi": f.delta_hi,
+                         "verdict": f.verdict})
     return _sorted(pd.DataFrame(rows), ["model"]) if rows else pd.DataFrame(
         columns=["model", "quant", "adapter", "kl_mean", "kl_p99", "top1_agree", "flips", "mcnemar_p"])
 
 
 def with_paired(results: pd.DataFrame, pairs: pd.DataFrame) -> pd.DataFrame:
-    """The results frame with paired intervals, significance and flips on each primary row."""
-    cols = ["delta_lo", "delta_hi", "recovery_lo", "recovery_hi", "significant", "flips", "mcnemar_p"]
+    """The results frame with the paired comparison (interval, p, verdict, MDE, flips) on each primary row."""
+    cols = ["test", "delta_lo", "delta_hi", "p_value", "significant", "meaningful", "verdict", "mde", "min_effect",
+            "flips", "mcnemar_p"]
     if pairs.empty:
         return results.assign(**{c: math.nan for c in cols})
     keep = pairs[["model", "quant", "adapter", "task", "metric"] + [c for c in cols if c in pairs.columns]]

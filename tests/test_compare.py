@@ -44,13 +44,29 @@ def test_newest_record_wins_and_other_limits_do_not_mix():
     assert math.isnan(res.loc["bnb-int8", "baseline_value"])
 
 
+def _samples(metric, value, n=200, seed=0):
+    """Per-document samples whose aggregate is `value`: 0/1 for accuracy (the first value*n right),
+    (loglikelihood, count) pairs for a perplexity, with per-document noise."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    if metric == "acc":
+        k = round(value * n)
+        return [{"doc_id": i, "doc_hash": str(i), "acc": float(i < k)} for i in range(n)]
+    w = np.full(n, 100.0)
+    ll = -np.log(value) * w * (1 + rng.normal(0, 0.01, n))
+    ll *= -np.log(value) * w.sum() / ll.sum()
+    return [{"doc_id": i, "doc_hash": str(i), metric: [-float(ll[i]), 100.0]} for i in range(n)]
+
+
 def test_regained_share_and_noise():
     recs = [_rec("none", "qeval_lee_ppl", "word_perplexity", 100, 2, hib=False),
             _rec("bnb-nf4", "qeval_lee_ppl", "word_perplexity", 140, 2, hib=False),
             _rec("bnb-nf4", "qeval_lee_ppl", "word_perplexity", 110, 2, hib=False, adapter="qlora"),
             _rec("none", "qeval_analogy", "acc", 0.80, 0.05), _rec("bnb-nf4", "qeval_analogy", "acc", 0.78, 0.05),
             _rec("bnb-nf4", "qeval_analogy", "acc", 0.79, 0.05, adapter="qlora")]
-    reg = adapter_frames(recs)["regained"].set_index("task")
+    samples = {r["key"]: _samples(r["primary_metric"], r["metrics"][r["primary_metric"]]["value"]) for r in recs}
+    reg = adapter_frames(recs, samples.get)["regained"].set_index("task")
     assert reg.loc["qeval_lee_ppl", "lost_significant"]
     assert reg.loc["qeval_lee_ppl", "regained"] == pytest.approx(0.75)  # (140 - 110) / (140 - 100)
     assert not reg.loc["qeval_analogy", "lost_significant"] and math.isnan(reg.loc["qeval_analogy", "regained"])  # within noise

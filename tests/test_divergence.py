@@ -1,10 +1,11 @@
 """KL / top-1 agreement: exact against both models' own logits, zero noise floor, paired statistics."""
+import math
 import json
 
 import numpy as np
 import pytest
 
-from qeval.compare import mcnemar_exact, paired
+from qeval.paired import compare_pair
 from qeval.divergence import Capture, Reference, exact_kl
 from qeval.models import load_model, resolve_model
 from qeval.quant import FORMATS
@@ -74,21 +75,29 @@ def test_unknown_windows_and_batches_are_counted_not_compared(tiny_model_dir, do
     assert cap2.batched == 1 and cap2.result() is None
 
 
+def _mcnemar_p(rw, wr):
+    """Independent exact McNemar: two-sided, the discordant pairs against Binomial(n, 1/2)."""
+    n = rw + wr
+    if n == 0:
+        return 1.0
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(min(rw, wr) + 1)) / 2 ** n)
+
+
 def test_mcnemar_exact_values():
-    assert mcnemar_exact(0, 0) == 1.0
-    assert mcnemar_exact(5, 5) == 1.0
-    assert mcnemar_exact(6, 0) == pytest.approx(2 / 64)  # two-sided: 2 x 0.5^6
-    assert mcnemar_exact(10, 2) == pytest.approx(2 * sum(__import__("math").comb(12, i) for i in range(3)) / 4096)
+    for rw, wr in [(0, 0), (5, 5), (6, 0), (10, 2), (4, 0), (9, 2)]:
+        base = [{"doc_id": i, "doc_hash": str(i), "acc": 1.0 if i < rw else 0.0} for i in range(40)]
+        var = [{**b, "acc": 0.0 if b["doc_id"] < rw else (1.0 if rw <= b["doc_id"] < rw + wr else 0.0)} for b in base]
+        assert compare_pair(base, var, "acc", True).p_value == pytest.approx(_mcnemar_p(rw, wr))
 
 
 def test_paired_flips_and_interval():
     base = [{"doc_id": i, "doc_hash": str(i), "acc": float(i % 2 == 0)} for i in range(40)]
     # the variant gets documents 0,2,4,6 wrong (right->wrong) and 1 right (wrong->right)
     var = [{**b, "acc": 0.0 if b["doc_id"] in (0, 2, 4, 6) else (1.0 if b["doc_id"] == 1 else b["acc"])} for b in base]
-    out = paired(base, var, "acc", True)
-    assert (out["flips_right_to_wrong"], out["flips_wrong_to_right"], out["flips"]) == (4, 1, 5)
-    assert out["delta"] == pytest.approx(-3 / 40)
-    assert out["delta_lo"] <= out["delta"] <= out["delta_hi"]
-    assert out["mcnemar_p"] == pytest.approx(mcnemar_exact(4, 1))
+    out = compare_pair(base, var, "acc", True)
+    assert (out.right_to_wrong, out.wrong_to_right, out.flips) == (4, 1, 5)
+    assert out.delta == pytest.approx(-3 / 40)
+    assert out.ci_lo <= out.delta <= out.ci_hi
+    assert out.p_value == pytest.approx(_mcnemar_p(4, 1))
     with pytest.raises(ValueError, match="differs"):
-        paired(base, [{**var[0], "doc_hash": "other"}], "acc", True)
+        compare_pair(base, [{**var[0], "doc_hash": "other"}], "acc", True)

@@ -2,7 +2,7 @@
 and two CPU runs of the same cell are bit-identical."""
 import pytest
 
-from qeval.compare import paired
+from qeval.paired import compare_pair
 from qeval.runner import Plan, run_plan
 from qeval.store import Store
 from qeval.suites import TASKS_DIR
@@ -54,8 +54,8 @@ def test_flips_recomputed_from_stored_samples(stores):
     by_id = {s["doc_id"]: s["acc"] for s in base}
     rw = sum(1 for s in var if by_id[s["doc_id"]] == 1 and s["acc"] == 0)
     wr = sum(1 for s in var if by_id[s["doc_id"]] == 0 and s["acc"] == 1)
-    stats = paired(base, var, "acc", True)
-    assert (stats["flips_right_to_wrong"], stats["flips_wrong_to_right"]) == (rw, wr)
+    stats = compare_pair(base, var, "acc", True)
+    assert (stats.right_to_wrong, stats.wrong_to_right) == (rw, wr)
     # and the aggregate is the mean of the stored per-sample values
     assert recs[("bnb-nf4", "qeval_analogy")][0]["metrics"]["acc"]["value"] == pytest.approx(
         sum(s["acc"] for s in var) / len(var))

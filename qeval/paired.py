@@ -1,0 +1,414 @@
+"""The one paired comparison: a variant against a reference on the same documents.
+
+Every verdict qeval prints goes through `compare_pair`: the `*` in the accuracy table, the flips and
+p-value of divergence.csv, "lost"/"regained" in the adapter table, the nightly gate. A comparison
+never decides significance anywhere else, so two tables can not disagree on the same pair.
+
+Which test applies depends on how a metric aggregates its per-document values, not on its name:
+
+| kind                 | per-document value        | test                                              |
+|----------------------|---------------------------|---------------------------------------------------|
+| `right_wrong`        | 0/1 (acc, exact_match)    | exact McNemar: the discordant pairs against       |
+|                      |                           | Binomial(b + c, 1/2) (`scipy.stats.binomtest`)    |
+| `loglikelihood_ratio`| [loglikelihood, count]    | paired t on the per-document log-likelihood       |
+|                      | (perplexities, bpb)       | differences (`scipy.stats.ttest_1samp`)           |
+| `mean`               | any float                 | BCa bootstrap of the paired mean difference       |
+|                      |                           | (`scipy.stats.bootstrap(paired=True)`)            |
+
+Intervals are built by inverting the same test that gives the p-value, so "the 95% interval
+excludes 0" and "p < 0.05" are the same statement:
+
+- McNemar: conditional on the d = b + c discordant documents, the Clopper-Pearson interval of the
+  share of wrong->right flips is the inversion of the exact binomial test at p = 1/2; the paired
+  difference of accuracies is (c - b) / n = d/n * (2 share - 1), so its interval follows.
+- log-likelihood ratios: the aggregate (perplexity = exp(-sum ll / sum count), bits per byte =
+  -sum ll / sum count / ln 2) of a variant over the *same* documents differs from the reference's
+  by exactly sum(d_i) / sum(count) in log space, with d_i the per-document log-likelihood change.
+  The t interval of mean(d_i) therefore is an interval of the log-ratio of the two aggregates,
+  reported as a relative change (var / ref - 1). It needs `MIN_N_T` documents.
+- mean: the BCa interval, and a p-value from the bootstrap distribution (the smallest two-sided
+  level at which the percentile interval excludes 0). It needs `MIN_N_BOOTSTRAP` documents.
+
+Practical significance: every kind has a default minimum meaningful effect (`DEFAULT_MIN_EFFECT`,
+absolute for means, relative for log-likelihood ratios). A change counts only when it is both
+significant and larger than that ("better"/"worse"); significant but smaller is "below min effect".
+
+Minimum detectable effect (`mde`): the smallest true change the test finds with probability
+`POWER` at level alpha and this n: for McNemar an exact power calculation (the discordant count is
+Binomial(n, psi), its split Binomial(d, (psi - delta)/(2 psi))), with psi the measured discordance
+rate (at least delta: a change of delta moves at least delta n documents); for the t-test
+(z_{1-alpha/2} + z_power) sd(d_i) / sqrt(n), in the relative units of the min effect.
+
+Extending: register a `Kind` under a new aggregation name with `KINDS.add(name, Kind(...))` and map
+the lm-eval metric to it in `AGGREGATION` (e.g. corpus bleu / f1 / mcc aggregate a corpus, not a
+mean of documents: give them a kind whose `compare` resamples documents).
+"""
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+from scipy import stats
+
+from qeval.registry import Registry
+
+ALPHA = 0.05
+POWER = 0.8
+MIN_N_T = 10  # the t interval on fewer documents leans too hard on normality
+MIN_N_BOOTSTRAP = 20  # BCa needs enough documents for its acceleration estimate to mean anything
+BOOTSTRAP_RESAMPLES = 2000
+
+BETTER, WORSE, NOISE, SMALL, UNDEFINED = "better", "worse", "within noise", "below min effect", "undefined"
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """`delta` and the interval are in the metric's units (variant - reference); `effect` and its
+    interval are on the scale of `min_effect` (absolute for means, relative for ratios) and
+    oriented so that positive is better."""
+
+    metric: str
+    kind: str
+    test: str
+    n: int
+    ref_value: float
+    value: float
+    delta: float
+    ci_lo: float
+    ci_hi: float
+    effect: float
+    effect_lo: float
+    effect_hi: float
+    p_value: float
+    min_effect: float
+    mde: float
+    alpha: float = ALPHA
+    right_to_wrong: int | None = None
+    wrong_to_right: int | None = None
+    reason: str = ""  # why a comparison is undefined
+
+    @property
+    def defined(self) -> bool:
+        return not math.isnan(self.p_value)
+
+    @property
+    def significant(self) -> bool:
+        return self.defined and self.p_value < self.alpha
+
+    @property
+    def meaningful(self) -> bool:
+        return self.defined and abs(self.effect) > self.min_effect
+
+    @property
+    def verdict(self) -> str:
+        return verdict_at(self, self.p_value)
+
+    @property
+    def flips(self) -> int | None:
+        return None if self.right_to_wrong is None else self.right_to_wrong + self.wrong_to_right
+
+    @property
+    def flip_rate(self) -> float:
+        return math.nan if self.flips is None or not self.n else self.flips / self.n
+
+    def as_row(self) -> dict:
+        """The columns every frame shows for a comparison."""
+        return {"test": self.test, "pairs": self.n, "delta_lo": self.ci_lo, "delta_hi": self.ci_hi,
+                "effect": self.effect, "p_value": self.p_value, "min_effect": self.min_effect, "mde": self.mde,
+                "significant": self.significant, "meaningful": self.meaningful, "verdict": self.verdict,
+                "flips": self.flips, "flips_right_to_wrong": self.right_to_wrong,
+                "flips_wrong_to_right": self.wrong_to_right, "flip_rate": self.flip_rate,
+                "mcnemar_p": self.p_value if self.kind == "right_wrong" else math.nan}
+
+
+def verdict_at(c: Comparison, p: float, level: float | None = None) -> str:
+    """The verdict with p-value `p` (the raw one, or one adjusted for multiple testing, then
+    `level` is the FDR level it is held against; default the comparison's alpha)."""
+    if math.isnan(p):
+        return UNDEFINED
+    if p >= (c.alpha if level is None else level):
+        return NOISE
+    if abs(c.effect) <= c.min_effect:
+        return SMALL
+    return BETTER if c.effect > 0 else WORSE
+
+
+# ----------------------------------------------------------------------------- registry
+
+@dataclass(frozen=True)
+class Kind:
+    """How one aggregation compares: `compare(ref_values, var_values, ...)` -> Comparison, the
+    default minimum meaningful effect, and the unit that effect is in."""
+
+    compare: Callable[..., Comparison]
+    default_min_effect: float
+    unit: str  # "absolute" | "relative"
+    test: str
+
+
+KINDS: Registry[Kind] = Registry("comparison kind")
+
+# lm-eval's aggregation of a metric, where it is not the mean of per-document values. Perplexities
+# and bits per byte aggregate (loglikelihood, count) pairs as a ratio of sums.
+AGGREGATION = {"word_perplexity": "loglikelihood_ratio", "byte_perplexity": "loglikelihood_ratio",
+               "bits_per_byte": "loglikelihood_ratio"}
+_FROM_LOG = {"bits_per_byte": lambda x: x / math.log(2)}  # log-space aggregate -> metric value; default exp
+
+
+def kind_of(metric: str, values: list) -> str:
+    """The registry key for `metric` given its per-document values."""
+    agg = AGGREGATION.get(metric)
+    if agg:
+        return agg
+    if values and isinstance(values[0], (list, tuple)):
+        return "loglikelihood_ratio"
+    if all(float(v) in (0.0, 1.0) for v in values):
+        return "right_wrong"
+    return "mean"
+
+
+def default_min_effect(kind: str) -> float:
+    return KINDS.get(kind).default_min_effect
+
+
+def compare_pair(base_samples: list[dict], var_samples: list[dict], metric: str, higher_is_better: bool,
+                 min_effect: float | None = None, alpha: float = ALPHA, noise_rate: float | None = None) -> Comparison:
+    """Compare `metric` of a variant with a reference on the documents both measured (by doc_id;
+    a document whose hash differs is an error, not a pair). `min_effect` None: the kind's default.
+    `noise_rate`: the discordance rate the MDE assumes (default: the one measured here)."""
+    base = {s["doc_id"]: s for s in base_samples}
+    pairs = [(base[s["doc_id"]], s) for s in var_samples if s["doc_id"] in base and metric in s]
+    for b, v in pairs:
+        if b.get("doc_hash") != v.get("doc_hash"):
+            raise ValueError(f"document {b['doc_id']} differs between baseline and variant")
+    ref = [b[metric] for b, _ in pairs]
+    var = [v[metric] for _, v in pairs]
+    name = kind_of(metric, ref + var)
+    kind = KINDS.get(name)
+    me = kind.default_min_effect if min_effect is None else float(min_effect)
+    return kind.compare(ref, var, metric=metric, higher_is_better=higher_is_better, min_effect=me, alpha=alpha,
+                        noise_rate=noise_rate)
+
+
+def _undefined(metric, kind, test, n, ref_value, value, min_effect, alpha, reason, **kw) -> Comparison:
+    nan = math.nan
+    return Comparison(metric, kind, test, n, ref_value, value, value - ref_value if n else nan, nan, nan, nan, nan,
+                      nan, nan, min_effect, nan, alpha, reason=reason, **kw)
+
+
+# ----------------------------------------------------------------------------- right / wrong: McNemar
+
+def _mcnemar(ref, var, *, metric, higher_is_better, min_effect, alpha, noise_rate) -> Comparison:
+    b = np.asarray(ref, dtype=float)
+    v = np.asarray(var, dtype=float)
+    n = len(b)
+    test = "exact McNemar"
+    if n == 0:
+        return _undefined(metric, "right_wrong", test, 0, math.nan, math.nan, min_effect, alpha, "no common documents")
+    rw = int(((b == 1) & (v == 0)).sum())
+    wr = int(((b == 0) & (v == 1)).sum())
+    d = rw + wr
+    sign = 1 if higher_is_better else -1
+    delta = (wr - rw) / n
+    if d == 0:
+        p, lo, hi = 1.0, 0.0, 0.0
+    else:
+        res = stats.binomtest(wr, d, 0.5)
+        p = float(res.pvalue)
+        ci = res.proportion_ci(confidence_level=1 - alpha, method="exact")
+        lo, hi = d / n * (2 * ci.low - 1), d / n * (2 * ci.high - 1)
+    rate = d / n if noise_rate is None else noise_rate
+    e_lo, e_hi = (lo, hi) if sign > 0 else (-hi, -lo)
+    return Comparison(metric, "right_wrong", test, n, float(b.mean()), float(v.mean()), delta, lo, hi, sign * delta,
+                      e_lo, e_hi, p, min_effect, mcnemar_mde(n, rate, alpha), alpha, rw, wr)
+
+
+@functools.lru_cache(maxsize=4096)
+def _critical(d: int, alpha: float) -> int:
+    """The largest k such that k (or fewer) flips one way out of d rejects at level alpha: at p = 1/2
+    the two-sided exact p-value of k < d/2 is 2 P(X <= k), X ~ Binomial(d, 1/2)."""
+    ks = np.arange(0, (d + 1) // 2)
+    ok = 2 * stats.binom.cdf(ks, d, 0.5) < alpha
+    return int(ks[ok].max()) if ok.any() else -1
+
+
+def mcnemar_power(n: int, psi: float, delta: float, alpha: float = ALPHA) -> float:
+    """Exact power of the two-sided McNemar test for a true drop `delta` with discordance rate psi."""
+    psi = min(1.0, max(psi, delta))
+    if psi <= 0:
+        return 0.0
+    q = (psi - delta) / (2 * psi)  # share of discordant pairs in the "good" direction
+    ds = np.arange(n + 1)
+    pd_ = stats.binom.pmf(ds, n, psi)
+    power = 0.0
+    for dd, w in zip(ds, pd_):
+        if w < 1e-12 or dd == 0:
+            continue
+        k = _critical(int(dd), alpha)
+        if k >= 0:
+            power += w * stats.binom.cdf(k, dd, q)
+    return float(power)
+
+
+@functools.lru_cache(maxsize=1024)
+def mcnemar_mde(n: int, psi: float, alpha: float = ALPHA, power: float = POWER) -> float:
+    """The smallest accuracy change (absolute) detected with probability `power` at this n and
+    discordance rate psi (exact; bisection on the monotone power curve)."""
+    if n <= 0:
+        return math.nan
+    if mcnemar_power(n, psi, 1.0, alpha) < power:
+        return math.inf  # even every document flipping could not be told apart at this n
+    lo, hi = 0.0, 1.0
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        if mcnemar_power(n, round(psi, 6), mid, alpha) >= power:
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+# ----------------------------------------------------------------------------- log-likelihood ratios
+
+def _loglik_ratio(ref, var, *, metric, higher_is_better, min_effect, alpha, noise_rate) -> Comparison:
+    test = "paired t on per-document log-likelihoods"
+    n = len(ref)
+    if n == 0:
+        return _undefined(metric, "loglikelihood_ratio", test, 0, math.nan, math.nan, min_effect, alpha,
+                          "no common documents")
+    bl = np.array([r[0] for r in ref], dtype=float)
+    vl = np.array([r[0] for r in var], dtype=float)
+    w = np.array([r[1] for r in ref], dtype=float)
+    W = w.sum()
+    to_value = _FROM_LOG.get(metric, math.exp)
+    log_ref, log_var = -bl.sum() / W, -vl.sum() / W
+    ref_value, value = to_value(log_ref), to_value(log_var)
+    if n < MIN_N_T:
+        return _undefined(metric, "loglikelihood_ratio", test, n, ref_value, value, min_effect, alpha,
+                          f"fewer than {MIN_N_T} documents")
+    d = -(vl - bl)  # per-document increase of negative log-likelihood; sum(d)/W = log_var - log_ref
+    scale = n / W
+    sd = float(d.std(ddof=1))
+    if sd == 0:  # every document moved by the same amount: no noise at all
+        p = 1.0 if d[0] == 0 else 0.0
+        lo = hi = float(d.mean()) * scale
+    else:
+        res = stats.ttest_1samp(d, 0.0)
+        p = float(res.pvalue)
+        ci = res.confidence_interval(1 - alpha)
+        lo, hi = float(ci.low) * scale, float(ci.high) * scale
+    rel = _rel(log_var - log_ref, log_ref, metric)
+    rel_lo, rel_hi = _rel(lo, log_ref, metric), _rel(hi, log_ref, metric)
+    sign = 1 if higher_is_better else -1
+    e_lo, e_hi = (rel_lo, rel_hi) if sign > 0 else (-rel_hi, -rel_lo)
+    dlo, dhi = _delta_from_log(lo, log_ref, to_value), _delta_from_log(hi, log_ref, to_value)
+    sd_n = sd if noise_rate is None else noise_rate
+    z = stats.norm.ppf(1 - alpha / 2) + stats.norm.ppf(POWER)
+    mde = abs(_rel(z * sd_n / math.sqrt(n) * scale, log_ref, metric))
+    return Comparison(metric, "loglikelihood_ratio", test, n, ref_value, value, value - ref_value, dlo, dhi,
+                      sign * rel, e_lo, e_hi, p, min_effect, mde, alpha)
+
+
+def _rel(log_change: float, log_ref: float, metric: str) -> float:
+    """A change of the log-space aggregate as the relative change of the metric's value: a
+    perplexity is exp(aggregate), so exp(change) - 1; bits per byte is linear in it."""
+    if metric in _FROM_LOG:
+        return log_change / log_ref if log_ref else math.nan
+    return math.expm1(log_change)
+
+
+def _delta_from_log(log_change: float, log_ref: float, to_value) -> float:
+    return to_value(log_ref + log_change) - to_value(log_ref)
+
+
+# ----------------------------------------------------------------------------- continuous means: BCa
+
+def _bca_mean(ref, var, *, metric, higher_is_better, min_effect, alpha, noise_rate) -> Comparison:
+    test = "BCa bootstrap of the paired mean"
+    b = np.asarray(ref, dtype=float)
+    v = np.asarray(var, dtype=float)
+    n = len(b)
+    ref_value = float(b.mean()) if n else math.nan
+    value = float(v.mean()) if n else math.nan
+    if n < MIN_N_BOOTSTRAP:
+        return _undefined(metric, "mean", test, n, ref_value, value, min_effect, alpha,
+                          f"fewer than {MIN_N_BOOTSTRAP} documents")
+    diff = v - b
+    if np.all(diff == diff[0]):
+        lo = hi = float(diff[0])
+        p = 1.0 if diff[0] == 0 else 0.0
+    else:
+        rng = np.random.default_rng(1234)  # seeded: the same data gives the same verdict every time
+        res = stats.bootstrap((b, v), lambda x, y, axis=-1: (y - x).mean(axis=axis), paired=True,
+                              confidence_level=1 - alpha, n_resamples=BOOTSTRAP_RESAMPLES, method="BCa",
+                              random_state=rng)
+        lo, hi = float(res.confidence_interval.low), float(res.confidence_interval.high)
+        dist = res.bootstrap_distribution
+        p = float(min(1.0, 2 * min((dist <= 0).mean(), (dist >= 0).mean())))
+        # keep "interval excludes 0" and "p < alpha" one statement: the interval decides
+        p = min(p, alpha / 2) if (lo > 0 or hi < 0) else max(p, alpha)
+    sign = 1 if higher_is_better else -1
+    e_lo, e_hi = (lo, hi) if sign > 0 else (-hi, -lo)
+    sd = float(diff.std(ddof=1)) if noise_rate is None else noise_rate
+    mde = (stats.norm.ppf(1 - alpha / 2) + stats.norm.ppf(POWER)) * sd / math.sqrt(n)
+    return Comparison(metric, "mean", test, n, ref_value, value, value - ref_value, lo, hi, sign * (value - ref_value),
+                      e_lo, e_hi, p, min_effect, mde, alpha)
+
+
+KINDS.add("right_wrong", Kind(_mcnemar, 0.01, "absolute", "exact McNemar"))
+KINDS.add("loglikelihood_ratio", Kind(_loglik_ratio, 0.005, "relative", "paired t on per-document log-likelihoods"))
+KINDS.add("mean", Kind(_bca_mean, 0.01, "absolute", "BCa bootstrap of the paired mean"))
+
+
+# ----------------------------------------------------------------------------- multiple testing
+
+FDR_METHOD = "Benjamini-Hochberg FDR"
+
+
+def fdr_adjust(p_values: list[float]) -> list[float]:
+    """Benjamini-Hochberg adjusted p-values (`scipy.stats.false_discovery_control`); NaN stays NaN
+    and does not count as a test."""
+    idx = [i for i, p in enumerate(p_values) if not math.isnan(p)]
+    out = [math.nan] * len(p_values)
+    if idx:
+        adj = stats.false_discovery_control(np.array([p_values[i] for i in idx]), method="bh")
+        for i, a in zip(idx, adj):
+            out[i] = float(a)
+    return out
+
+
+def fdr_verdicts(comparisons: list[Comparison], q: float) -> list[tuple[float, str]]:
+    """(BH-adjusted p, verdict at FDR level q) for each comparison of one family (a nightly run:
+    every cell and metric it compared)."""
+    adjusted = fdr_adjust([c.p_value for c in comparisons])
+    return [(a, verdict_at(c, a, q)) for c, a in zip(comparisons, adjusted)]
+
+
+# ----------------------------------------------------------------------------- recovery
+
+def recovery(value: float, base: float, higher_is_better: bool) -> float:
+    """value / baseline (perplexity: baseline / value): 1.0 = nothing lost. A score of 0 recovers 0
+    (a perplexity of 0, a perfect score, recovers inf); a baseline of 0 leaves it undefined (NaN),
+    which `recovery_fails` treats as failing."""
+    if value is None or base is None or math.isnan(value) or math.isnan(base):
+        return math.nan
+    if higher_is_better:
+        return math.nan if base == 0 else value / base
+    if value == 0:
+        return math.nan if base == 0 else math.inf
+    return base / value
+
+
+def recovery_undefined(value: float, base: float, higher_is_better: bool) -> bool:
+    """True where a baseline exists but recovery can not be computed (baseline 0)."""
+    if value is None or base is None or math.isnan(value) or math.isnan(base):
+        return False
+    return math.isnan(recovery(value, base, higher_is_better))
+
+
+def recovery_fails(rec: float, limit: float) -> bool:
+    """A gate on recovery: an undefined recovery fails, never passes."""
+    return math.isnan(rec) or rec < limit
