@@ -146,9 +146,10 @@ def cmd_run(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from qeval.compare import (adapter_frames, decision, divergence_frame, history_frame, memory_frame,
-                               paired_frame, results_frame, with_paired)
-    from qeval.report import adapter_section, divergence_section, history_section, render
+    from qeval.compare import (adapter_frames, decision, divergence_frame, history_frame, latest, memory_frame,
+                               paired_frame, results_frame, task_mde, with_paired)
+    from qeval.nightly import DEFAULT_FDR
+    from qeval.report import adapter_section, divergence_section, history_section, render, significance_section
     from qeval.store import Store
 
     path = _store_path(args)
@@ -157,6 +158,7 @@ def cmd_report(args) -> int:
     with Store(path) as store:
         records = list(store.records())
         pairs = paired_frame(records, store.samples)
+        frames = adapter_frames(records, store.samples)
         history = history_frame(store.runs("nightly"), store.get)
     meta = {
         "title": "qeval report", "store": str(path),
@@ -168,10 +170,12 @@ def cmd_report(args) -> int:
         "seed": ", ".join(sorted({str(r["seed"]) for r in records})), "cells": len(records),
     }
     memory = memory_frame(records)
-    frames = adapter_frames(records)
     table, verdict = decision(frames, args.memory_budget)
+    # the nightly compares every cell and metric of the plan: that many tests share the FDR
+    tests = sum(len(r["metrics"]) for r in latest(records))
     written = render(with_paired(results_frame(records), pairs), memory, meta, args.out,
-                     extra=[divergence_section(divergence_frame(records, pairs)),
+                     extra=[significance_section(task_mde(pairs), DEFAULT_FDR, tests),
+                            divergence_section(divergence_frame(records, pairs)),
                             adapter_section(frames, table, verdict, memory), history_section(history)])
     for p in written:
         print(p)

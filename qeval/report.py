@@ -313,9 +313,14 @@ def _accuracy_blocks(results: pd.DataFrame) -> list[Block]:
     blocks: list[Block] = [
         Heading(2, "Accuracy by task"),
         Para("Recovery is value/baseline for higher-is-better metrics; 100% means no loss against the "
-             "unquantized baseline ('none'), below 100% is worse. Brackets are 95% paired-bootstrap "
-             "intervals over the same documents; * marks a delta whose interval excludes 0, the others "
-             "are within noise."),
+             "unquantized baseline ('none'), below 100% is worse; a score of 0 recovers 0%, and a baseline "
+             "of 0 leaves recovery undefined. Each variant is compared with the baseline on the same "
+             "documents (qeval.paired): exact McNemar for right/wrong metrics, a paired t-test on "
+             "per-document log-likelihoods for perplexities; brackets are the 95% interval of that test, "
+             "so an interval excludes 0 exactly when p < 0.05. * marks a change that is both significant "
+             "and larger than the metric's minimum meaningful effect; 'below min effect' is significant "
+             "but smaller; the others are within noise. MDE is the smallest change the test would find "
+             "(80% power, alpha 0.05) at this n and this variant's flip rate / per-document spread."),
     ]
     primary = _primary_rows(results)
     for task, rows in primary.groupby("task", sort=True):
@@ -324,26 +329,25 @@ def _accuracy_blocks(results: pd.DataFrame) -> list[Block]:
         lower = _lower_is_better(rows)
         blocks.append(Heading(3, f"{task}: {metric} ({'lower' if lower else 'higher'} is better)"))
         header = (["model"] if multi_model else []) + [
-            "variant", metric, "n", "Δ vs baseline", "ratio value/baseline" if lower else "recovery %"]
-        numeric = ([False] if multi_model else []) + [False, True, True, True, True]
+            "variant", metric, "n", "Δ vs baseline", "p", "MDE", "ratio value/baseline" if lower else "recovery %"]
+        numeric = ([False] if multi_model else []) + [False, True, True, True, True, True, True]
         table_rows = []
         for r in rows.itertuples(index=False):
             d = r._asdict()
             # Lower-is-better (perplexity): a ratio reads naturally (x1.35 = 35% more perplexed);
             # the frame's recovery (baseline/value) would too, but inverted against intuition.
             rec = fmt_ratio(d.get("ratio")) if lower else fmt_pct(d.get("recovery"))
-            lo, hi = d.get("recovery_lo"), d.get("recovery_hi")
-            if not _missing(lo) and not _missing(hi):
-                # paired bootstrap interval; for perplexity the ratio's interval is 1/recovery's
-                rec += (f" [{fmt_ratio(1 / hi)}, {fmt_ratio(1 / lo)}]" if lower and lo and hi
-                        else f" [{fmt_pct(lo)}, {fmt_pct(hi)}]")
+            if d.get("recovery_undefined") is True:
+                rec = "undefined (baseline 0)"
             delta = fmt_num(d.get("delta"), signed=True)
             if not _missing(d.get("delta_lo")):
                 delta += f" [{fmt_num(d['delta_lo'], signed=True)}, {fmt_num(d['delta_hi'], signed=True)}]"
-                delta += " *" if d.get("significant") is True else " (within noise)"
+            verdict = d.get("verdict")
+            if not _missing(verdict):
+                delta += " *" if verdict in ("better", "worse") else f" ({verdict})"
             table_rows.append(([str(d["model"])] if multi_model else []) + [
                 variant_label(d["quant"], d["adapter"]), fmt_value_stderr(d.get("value"), d.get("stderr")),
-                fmt_int(d.get("n")), delta, rec])
+                fmt_int(d.get("n")), delta, fmt_num(d.get("p_value"), sig=2), _fmt_effect(d.get("mde"), lower), rec])
         blocks.append(Table(header, table_rows, numeric))
         if lower:
             blocks.append(Para(f"Note: {metric} is lower-is-better (perplexity), so it is shown as the ratio "
@@ -351,6 +355,51 @@ def _accuracy_blocks(results: pd.DataFrame) -> list[Block]:
         blocks += _secondary_table(results[(results["task"] == task) & (results["metric"] != metric)],
                                    multi_model)
     return blocks
+
+
+def _fmt_effect(x: object, relative: bool) -> str:
+    """An effect size: relative ones (perplexity) as a percent, absolute ones (accuracy) as points."""
+    if _missing(x):
+        return NA
+    return f"{float(x) * 100:.2f}%" if relative else f"{float(x) * 100:.1f} pts"
+
+
+SIGNIFICANCE_HEADING = "What the suite can tell apart"
+
+
+def significance_section(mde: pd.DataFrame, fdr: float, tests: int) -> "Section | None":
+    """Per task: n, the test, its minimum detectable effect, the minimum meaningful effect, and what
+    the nightly can detect with `tests` comparisons under Benjamini-Hochberg at level `fdr` (a
+    single real regression among them must reach p < fdr / tests)."""
+    from qeval.paired import POWER, mcnemar_mde
+
+    if mde.empty:
+        return None
+    strict = fdr / max(tests, 1)
+    rows, sentences = [], []
+    for r in mde.itertuples(index=False):
+        relative = r.kind == "loglikelihood_ratio"
+        if r.kind == "right_wrong":
+            nightly = mcnemar_mde(int(r.n), round(float(r.flip_rate if not _missing(r.flip_rate) else 0.0), 6), strict)
+        else:  # the t-test's MDE scales with z_{1-a/2} + z_power
+            from scipy.stats import norm
+
+            nightly = float(r.mde) * (norm.ppf(1 - strict / 2) + norm.ppf(POWER)) / (norm.ppf(0.975) + norm.ppf(POWER))
+        rows.append([str(r.task), str(r.metric), fmt_int(r.n), str(r.test), fmt_pct(r.flip_rate),
+                     _fmt_effect(r.mde, relative), _fmt_effect(r.min_effect, relative), _fmt_effect(nightly, relative)])
+        sentences.append(f"{r.task}: a change smaller than {_fmt_effect(max(nightly, r.min_effect), relative)} "
+                         "can pass the nightly unnoticed")
+    return Section([
+        Heading(2, SIGNIFICANCE_HEADING),
+        Para("MDE = the smallest true change each task's test detects with 80% power at alpha 0.05 and its n, "
+             "for the median flip rate (accuracy) or per-document spread (perplexity) of the variants above. "
+             f"The nightly compares every cell and metric of a run at once and controls the false discovery rate "
+             f"(Benjamini-Hochberg, q = {fdr:g}); with {tests} comparisons a single real regression must reach "
+             f"p < q/{tests} = {strict:.2g}, so it detects only the larger 'nightly MDE'. A change must also "
+             "exceed the minimum meaningful effect to count. " + "; ".join(sentences) + "."),
+        Table(["task", "metric", "n", "test", "median flip rate", "MDE (alpha 0.05)", "min effect",
+               f"nightly MDE (FDR {fdr:g}, {tests} tests)"], rows,
+              [False, False, True, False, True, True, True, True])])
 
 
 def _secondary_table(others: pd.DataFrame, multi_model: bool) -> list[Block]:
@@ -457,6 +506,9 @@ def _recovery_png(primary: pd.DataFrame, colors: dict[str, object], multi_model:
             ys.append(float(sel["recovery"].iloc[0]) * 100)
         recs += ys
         bars = ax.bar(xs, ys, width=width * 0.92, label=lab, color=colors[lab])
+        # a collapse to 0 has no bar to see: mark it on the axis so it can not be mistaken for a gap
+        zeros = [x for x, y in zip(xs, ys) if y == 0]
+        ax.plot(zeros, [0] * len(zeros), marker="X", ls="", ms=9, color=colors[lab], clip_on=False, zorder=5)
         if len(variants) <= 6:  # value labels only while they still fit above the bars
             ax.bar_label(bars, labels=[f"{y:.1f}" for y in ys], fontsize=7, padding=2)
     ax.axhline(100, color="0.3", linestyle="--", linewidth=1)
@@ -537,27 +589,35 @@ def adapter_section(frames: dict[str, pd.DataFrame], decision_table: pd.DataFram
         return None
     blocks: list = [Heading(2, "Adapters: what LoRA / QLoRA win back"),
                     Para("lost = baseline - the arm's format without adapter; regained = (arm - that format) / "
-                         "lost, oriented so that lower perplexity counts as better. 'within noise' means the "
-                         "format's loss is smaller than 1.96 combined standard errors, so there is nothing "
-                         "significant to regain. On an untouched task (not the adapter's training domain) "
-                         "the change against the reference measures forgetting.")]
+                         "lost, oriented so that lower perplexity counts as better. Every verdict is the same paired "
+                         "test as the accuracy table (exact McNemar / paired t on log-likelihoods): 'lost' is the "
+                         "format against the baseline, 'vs reference' the arm against its format, 'vs baseline' "
+                         "the arm against the float baseline. A share regained is shown only where the format's "
+                         "loss is significant and meaningful ('worse'); arms trained on the float base have "
+                         "nothing to regain and show their gain against the baseline. On an untouched task (not "
+                         "the adapter's training domain) the change against the reference measures forgetting.")]
     for task, g in reg.groupby("task", sort=True):
         metric = str(g["metric"].iloc[0])
         blocks.append(Heading(3, f"{task}: {metric}" + (" (untouched by training: forgetting)" if g["untouched"].all() else "")))
         rows = []
         for r in g.sort_values("arm").itertuples(index=False):
+            d = r._asdict()
             if r.untouched:
                 note = f"forgetting: {fmt_num(r.delta_vs_reference, signed=True)} vs {r.reference_arm}"
-            elif not r.lost_significant:
-                note = "loss within noise"
+            elif d.get("float_base") is True:
+                note = f"trained on the float base: {d.get('vs_baseline_verdict', NA)} vs baseline"
             else:
                 note = ""
+            regained = (fmt_pct(r.regained) if r.lost_significant else
+                        f"nothing to regain (loss {d.get('lost_verdict', 'undefined')})")
             rows.append([r.arm, fmt_value_stderr(r.value, r.stderr), r.reference_arm or NA,
                          fmt_num(r.reference_value), fmt_num(r.baseline_value),
-                         fmt_num(r.lost, signed=True), fmt_pct(r.regained) if r.lost_significant else "within noise",
-                         fmt_num(r.delta_vs_baseline, signed=True), note])
+                         f"{fmt_num(r.lost, signed=True)} ({d.get('lost_verdict', NA)})", regained,
+                         str(d.get("regained_verdict", NA)),
+                         f"{fmt_num(r.delta_vs_baseline, signed=True)} ({d.get('vs_baseline_verdict', NA)})", note])
         blocks.append(Table(["arm", metric, "reference", "reference value", "baseline", "lost", "regained",
-                             "Δ vs baseline", "note"], rows, [False, True, False, True, True, True, True, True, False]))
+                             "vs reference", "Δ vs baseline", "note"], rows,
+                            [False, True, False, True, True, True, True, False, True, False]))
     if not merges.empty:
         blocks += [Heading(3, "Merge paths"),
                    Para("Each merged arm against the same adapter unmerged on the same 4-bit base: merging into "
@@ -665,17 +725,19 @@ def divergence_section(div: pd.DataFrame) -> Section | None:
             f"{fmt_num(d['delta'], signed=True)} [{fmt_num(d['delta_lo'], signed=True)}, {fmt_num(d['delta_hi'], signed=True)}]")
         rows.append([variant_label(d["quant"], d["adapter"]), fmt_int(d["tokens"]), fmt_num(d["kl_mean"]),
                      fmt_num(d["kl_p90"]), fmt_num(d["kl_p99"]), fmt_pct(d["top1_agree"]), fmt_ratio(d["ppl_ratio"]),
-                     str(d.get("task") or NA), flips, fmt_num(d.get("mcnemar_p")), delta])
+                     str(d.get("task") or NA), flips, fmt_num(d.get("mcnemar_p")), delta,
+                     NA if _missing(d.get("verdict")) else str(d["verdict"])])
     header = ["variant", "tokens", "KL mean", "KL p90", "KL p99", "top-1 agree", "ppl ratio", "task", "flips",
-              "McNemar p", "Δ [95% CI]"]
+              "McNemar p", "Δ [95% CI]", "verdict"]
     task = str(div["divergence_task"].iloc[0])
     blocks = [Heading(2, "Beyond accuracy: divergence and flips"),
               Para(f"KL(baseline || variant) per token, full vocabulary, on the tokens of {task} (the same forwards "
                    "the perplexity task makes); top-1 agree = how often both pick the same next token. Flips are "
                    "documents whose correctness changed against the baseline; McNemar's exact test asks whether "
-                   "right→wrong and wrong→right flips are unbalanced. Flips far above |Δ| mean answers changed "
-                   "in both directions while accuracy barely moved."),
-              Table(header, rows, [False, True, True, True, True, True, True, False, False, True, False]),
+                   "right→wrong and wrong→right flips are unbalanced (its interval and verdict are the "
+                   "accuracy table's). Flips far above |Δ| mean answers changed in both directions while "
+                   "accuracy barely moved."),
+              Table(header, rows, [False, True, True, True, True, True, True, False, False, True, False, False]),
               Image("KL divergence vs accuracy delta", KL_PNG)]
     return Section(blocks, {KL_PNG: _kl_png(div)}, {"divergence.csv": div.to_csv(index=False).encode("utf-8")})
 

@@ -54,9 +54,9 @@ def _samples(metric, value, n=200, seed=0):
         k = round(value * n)
         return [{"doc_id": i, "doc_hash": str(i), "acc": float(i < k)} for i in range(n)]
     w = np.full(n, 100.0)
-    ll = -np.log(value) * w * (1 + rng.normal(0, 0.01, n))
-    ll *= -np.log(value) * w.sum() / ll.sum()
-    return [{"doc_id": i, "doc_hash": str(i), metric: [-float(ll[i]), 100.0]} for i in range(n)]
+    nll = np.log(value) * w * (1 + rng.normal(0, 0.01, n))
+    nll *= np.log(value) * w.sum() / nll.sum()  # exactly `value` in aggregate
+    return [{"doc_id": i, "doc_hash": str(i), metric: [-float(nll[i]), 100.0]} for i in range(n)]
 
 
 def test_regained_share_and_noise():

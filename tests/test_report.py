@@ -112,10 +112,10 @@ def test_markdown_content(rendered):
     # Recovery for the accuracy task comes from the frame: 0.45 / 0.50 = 90.0%.
     rec = results.query("task == 'qeval_analogy' and metric == 'acc' and quant == 'bnb-nf4'").recovery.item()
     assert f"{rec * 100:.1f}%" == "90.0%"
-    assert table_line(md, "qeval_analogy", "bnb-nf4") == "| bnb-nf4 | 0.4500 ± 0.02000 | 100 | -0.05000 | 90.0% |"
-    assert table_line(md, "qeval_analogy", "none") == "| none | 0.5000 ± 0.02000 | 100 | 0 | 100.0% |"
+    assert table_line(md, "qeval_analogy", "bnb-nf4") == "| bnb-nf4 | 0.4500 ± 0.02000 | 100 | -0.05000 | n/a | n/a | 90.0% |"
+    assert table_line(md, "qeval_analogy", "none") == "| none | 0.5000 ± 0.02000 | 100 | 0 | n/a | n/a | 100.0% |"
     # Perplexity shows the ratio value/baseline (27/20) and says so.
-    assert table_line(md, "qeval_lee_ppl", "bnb-nf4") == "| bnb-nf4 | 27.00 ± 0.02000 | 100 | +7.000 | ×1.350 |"
+    assert table_line(md, "qeval_lee_ppl", "bnb-nf4") == "| bnb-nf4 | 27.00 ± 0.02000 | 100 | +7.000 | n/a | n/a | ×1.350 |"
     assert "shown as the ratio" in md
     # Secondary metrics appear value-only.
     assert "acc_norm ↑" in md and "byte_perplexity ↓" in md
@@ -156,7 +156,7 @@ def test_missing_baseline_renders_na(tmp_path):
     paths = report.render(make_results(with_baseline=False), make_memory(with_baseline=False), {}, tmp_path)
     assert [p.name for p in paths] == FILES
     md = (tmp_path / "report.md").read_text(encoding="utf-8")
-    assert table_line(md, "qeval_analogy", "bnb-nf4") == "| bnb-nf4 | 0.4500 ± 0.02000 | 100 | n/a | n/a |"
+    assert table_line(md, "qeval_analogy", "bnb-nf4") == "| bnb-nf4 | 0.4500 ± 0.02000 | 100 | n/a | n/a | n/a | n/a |"
     assert table_line(md, "qeval_lee_ppl", "bnb-int8").endswith("| n/a | n/a |")
     assert (tmp_path / "recovery.png").read_bytes().startswith(PNG_MAGIC)
 
