@@ -216,23 +216,34 @@ def _mcnemar(ref, var, *, metric, higher_is_better, min_effect, alpha, noise_rat
     if d == 0:
         p, lo, hi = 1.0, 0.0, 0.0
     else:
-        res = stats.binomtest(wr, d, 0.5)
-        p = float(res.pvalue)
-        ci = res.proportion_ci(confidence_level=1 - alpha, method="exact")
-        lo, hi = d / n * (2 * ci.low - 1), d / n * (2 * ci.high - 1)
+        p, share_lo, share_hi = _exact_binomial(wr, d, alpha)
+        lo, hi = d / n * (2 * share_lo - 1), d / n * (2 * share_hi - 1)
     rate = d / n if noise_rate is None else noise_rate
     e_lo, e_hi = (lo, hi) if sign > 0 else (-hi, -lo)
     return Comparison(metric, "right_wrong", test, n, float(b.mean()), float(v.mean()), delta, lo, hi, sign * delta,
-                      e_lo, e_hi, p, min_effect, mcnemar_mde(n, rate, alpha), alpha, rw, wr)
+                      e_lo, e_hi, p, min_effect, mcnemar_mde(n, round(rate, 4), alpha), alpha, rw, wr)
 
 
-@functools.lru_cache(maxsize=4096)
-def _critical(d: int, alpha: float) -> int:
-    """The largest k such that k (or fewer) flips one way out of d rejects at level alpha: at p = 1/2
-    the two-sided exact p-value of k < d/2 is 2 P(X <= k), X ~ Binomial(d, 1/2)."""
-    ks = np.arange(0, (d + 1) // 2)
-    ok = 2 * stats.binom.cdf(ks, d, 0.5) < alpha
-    return int(ks[ok].max()) if ok.any() else -1
+@functools.lru_cache(maxsize=65536)
+def _exact_binomial(k: int, d: int, alpha: float) -> tuple[float, float, float]:
+    """Two-sided exact binomial test of k successes in d at p = 1/2 and the Clopper-Pearson
+    interval of the share (cached: a night of comparisons repeats the same small counts)."""
+    res = stats.binomtest(k, d, 0.5)
+    ci = res.proportion_ci(confidence_level=1 - alpha, method="exact")
+    return float(res.pvalue), float(ci.low), float(ci.high)
+
+
+@functools.lru_cache(maxsize=256)
+def _critical(n: int, alpha: float) -> np.ndarray:
+    """For d = 0..n discordant pairs: the largest k such that k (or fewer) flips one way rejects at
+    level alpha (-1: none does). At p = 1/2 the two-sided exact p-value of k < d/2 is
+    2 P(X <= k), X ~ Binomial(d, 1/2), so k is one below the alpha/2 quantile."""
+    d = np.arange(n + 1)
+    k = stats.binom.ppf(alpha / 2, d, 0.5) - 1
+    # guard the quantile's floating point edge: step back while the tail is not below alpha/2
+    bad = (k >= 0) & (2 * stats.binom.cdf(k, d, 0.5) >= alpha)
+    k[bad] -= 1
+    return k
 
 
 def mcnemar_power(n: int, psi: float, delta: float, alpha: float = ALPHA) -> float:
@@ -241,16 +252,10 @@ def mcnemar_power(n: int, psi: float, delta: float, alpha: float = ALPHA) -> flo
     if psi <= 0:
         return 0.0
     q = (psi - delta) / (2 * psi)  # share of discordant pairs in the "good" direction
-    ds = np.arange(n + 1)
-    pd_ = stats.binom.pmf(ds, n, psi)
-    power = 0.0
-    for dd, w in zip(ds, pd_):
-        if w < 1e-12 or dd == 0:
-            continue
-        k = _critical(int(dd), alpha)
-        if k >= 0:
-            power += w * stats.binom.cdf(k, dd, q)
-    return float(power)
+    d = np.arange(n + 1)
+    k = _critical(n, alpha)
+    reject = np.where(k >= 0, stats.binom.cdf(k, d, q), 0.0)
+    return float((stats.binom.pmf(d, n, psi) * reject).sum())
 
 
 @functools.lru_cache(maxsize=1024)
@@ -264,7 +269,7 @@ def mcnemar_mde(n: int, psi: float, alpha: float = ALPHA, power: float = POWER) 
     lo, hi = 0.0, 1.0
     for _ in range(30):
         mid = (lo + hi) / 2
-        if mcnemar_power(n, round(psi, 6), mid, alpha) >= power:
+        if mcnemar_power(n, psi, mid, alpha) >= power:
             hi = mid
         else:
             lo = mid

@@ -1,0 +1,192 @@
+"""The one paired comparison: each case the issue lists, checked against an independent computation."""
+import math
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from qeval.compare import results_frame
+from qeval.errors import QevalError
+from qeval.paired import (KINDS, compare_pair, fdr_adjust, fdr_verdicts, mcnemar_mde, mcnemar_power, recovery,
+                          recovery_fails)
+
+
+def mcnemar_p(rw: int, wr: int) -> float:
+    """Exact two-sided McNemar from first principles (math.comb), independent of scipy."""
+    n = rw + wr
+    if n == 0:
+        return 1.0
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(min(rw, wr) + 1)) / 2 ** n)
+
+
+def right_wrong(n: int, rw: int, wr: int, right: int | None = None, metric: str = "acc"):
+    """Baseline and variant samples: `right` documents right in the baseline (default: half), of
+    which `rw` turn wrong, and `wr` wrong ones turn right."""
+    right = n // 2 if right is None else right
+    base = [{"doc_id": i, "doc_hash": f"h{i}", metric: float(i < right)} for i in range(n)]
+    var = []
+    for s in base:
+        i, v = s["doc_id"], s[metric]
+        if i < rw:
+            v = 0.0
+        elif right <= i < right + wr:
+            v = 1.0
+        var.append({**s, metric: v})
+    return base, var
+
+
+def loglik(n: int = 50, seed: int = 0, metric: str = "word_perplexity"):
+    rng = np.random.default_rng(seed)
+    counts = rng.integers(80, 400, n).astype(float)
+    ll = -counts * rng.normal(4.7, 0.3, n)
+    return [{"doc_id": i, "doc_hash": f"h{i}", metric: [float(ll[i]), float(counts[i])]} for i in range(n)]
+
+
+def test_four_of_three_hundred_is_not_significant_and_matches_mcnemar():
+    base, var = right_wrong(300, rw=4, wr=0, right=200)
+    c = compare_pair(base, var, "acc", True)
+    assert c.p_value == pytest.approx(mcnemar_p(4, 0)) == pytest.approx(0.125)
+    assert c.ci_lo < 0 < c.ci_hi  # the interval agrees with the test
+    assert not c.significant and c.verdict == "within noise"
+
+
+def test_five_of_five_and_one_of_one_are_not_significant():
+    base, var = right_wrong(5, rw=5, wr=0, right=5)
+    c = compare_pair(base, var, "acc", True)
+    assert c.p_value == pytest.approx(mcnemar_p(5, 0)) == pytest.approx(0.0625)
+    assert c.ci_hi > 0 and c.verdict == "within noise"
+    base, var = right_wrong(1, rw=1, wr=0, right=1)
+    c = compare_pair(base, var, "acc", True)
+    assert c.p_value == 1.0 and c.verdict == "within noise"
+
+
+def test_similarity_nine_two_is_within_noise():
+    base, var = right_wrong(200, rw=9, wr=2, right=137)
+    c = compare_pair(base, var, "acc", True)
+    assert (c.ref_value, c.value) == (pytest.approx(0.685), pytest.approx(0.650))
+    assert c.p_value == pytest.approx(mcnemar_p(9, 2)) == pytest.approx(0.0654, abs=1e-4)
+    assert c.verdict == "within noise"
+
+
+@pytest.mark.parametrize("n", [20, 100, 300])
+def test_interval_excludes_zero_exactly_when_p_is_below_alpha(n):
+    for rw in range(0, 12):
+        for wr in range(0, 12):
+            if rw + wr > n // 2:
+                continue
+            base, var = right_wrong(n, rw, wr)
+            c = compare_pair(base, var, "acc", True)
+            assert c.p_value == pytest.approx(mcnemar_p(rw, wr))
+            assert (c.ci_lo > 0 or c.ci_hi < 0) == (c.p_value < 0.05), (rw, wr)
+            assert c.ci_lo <= c.delta <= c.ci_hi
+
+
+def test_significant_but_small_is_below_min_effect():
+    base, var = right_wrong(2000, rw=20, wr=2, right=1000)  # -0.9 points, p tiny
+    c = compare_pair(base, var, "acc", True)
+    assert c.significant and not c.meaningful and c.verdict == "below min effect"
+    assert compare_pair(base, var, "acc", True, min_effect=0.005).verdict == "worse"
+
+
+def test_scaled_loglikelihoods_are_not_a_regression():
+    base = loglik()
+    var = [{**s, "word_perplexity": [s["word_perplexity"][0] * 1.00001, s["word_perplexity"][1]]} for s in base]
+    c = compare_pair(base, var, "word_perplexity", False)
+    assert c.significant  # nearly deterministic per document: a tiny change is "significant"...
+    assert c.effect == pytest.approx(-(math.exp(1e-5 * 4.7) - 1), rel=0.1)
+    assert c.verdict == "below min effect"  # ...but far below 0.5%: not a change anyone acts on
+
+
+def test_loglikelihood_t_test_matches_scipy_and_a_three_percent_rise_is_worse():
+    base = loglik()
+    rng = np.random.default_rng(3)
+    var = [{**s, "word_perplexity": [s["word_perplexity"][0] - s["word_perplexity"][1] * math.log(1.03)
+                                     * rng.gamma(2, 0.5), s["word_perplexity"][1]]} for s in base]
+    c = compare_pair(base, var, "word_perplexity", False)
+    d = [-(v["word_perplexity"][0] - b["word_perplexity"][0]) for b, v in zip(base, var)]
+    assert c.p_value == pytest.approx(stats.ttest_1samp(d, 0).pvalue)
+    W = sum(s["word_perplexity"][1] for s in base)
+    ppl = lambda ss: math.exp(-sum(s["word_perplexity"][0] for s in ss) / W)  # noqa: E731
+    assert (c.ref_value, c.value) == (pytest.approx(ppl(base)), pytest.approx(ppl(var)))
+    assert c.verdict == "worse" and c.ci_lo > 0 and c.effect < -0.01
+
+
+def test_bits_per_byte_is_lower_is_better_and_relative():
+    base = loglik(metric="bits_per_byte")
+    var = [{**s, "bits_per_byte": [s["bits_per_byte"][0] * 1.05, s["bits_per_byte"][1]]} for s in base]
+    c = compare_pair(base, var, "bits_per_byte", False)
+    W = sum(s["bits_per_byte"][1] for s in base)
+    assert c.ref_value == pytest.approx(-sum(s["bits_per_byte"][0] for s in base) / W / math.log(2))
+    assert c.effect == pytest.approx(-0.05) and c.verdict == "worse"
+
+
+def test_continuous_scores_use_bca_with_a_minimum_n():
+    rng = np.random.default_rng(0)
+    base = [{"doc_id": i, "doc_hash": str(i), "f1": float(x)} for i, x in enumerate(rng.uniform(0, 1, 200))]
+    var = [{**s, "f1": s["f1"] - 0.05 + rng.normal(0, 0.02)} for s in base]
+    c = compare_pair(base, var, "f1", True)
+    assert c.kind == "mean" and c.test.startswith("BCa") and c.verdict == "worse"
+    assert (c.ci_lo > 0 or c.ci_hi < 0) == (c.p_value < 0.05)
+    few = compare_pair(base[:10], var[:10], "f1", True)
+    assert few.verdict == "undefined" and "fewer than" in few.reason
+
+
+def test_registry_lists_known_kinds():
+    with pytest.raises(QevalError, match="right_wrong"):
+        KINDS.get("rigth_wrong")
+    assert {"right_wrong", "loglikelihood_ratio", "mean"} <= set(KINDS)
+
+
+def test_mde_is_where_exact_power_reaches_eighty_percent():
+    mde = mcnemar_mde(300, 0.03)
+    assert mcnemar_power(300, 0.03, mde) >= 0.8 > mcnemar_power(300, 0.03, mde * 0.9)
+    # at least 6 one-way flips are needed for p < 0.05: a tiny n can not see small changes
+    assert mcnemar_mde(10, 0.0) >= 0.5
+    assert mcnemar_mde(300, 0.03, alpha=0.05 / 48) > mde  # stricter level, larger MDE
+    # a cross-check by simulation
+    rng = np.random.default_rng(1)
+    q = (0.03 - mde) / (2 * 0.03)
+    hits = 0
+    for _ in range(400):
+        d = rng.binomial(300, 0.03)
+        good = rng.binomial(d, q)
+        hits += mcnemar_p(d - good, good) < 0.05
+    assert abs(hits / 400 - mcnemar_power(300, 0.03, mde)) < 0.07
+
+
+def test_fdr_is_benjamini_hochberg():
+    p = [0.001, 0.01, 0.02, 0.04, 0.5, math.nan]
+    adj = fdr_adjust(p)
+    assert adj[:5] == pytest.approx(list(stats.false_discovery_control(p[:5])))
+    assert math.isnan(adj[5])
+
+
+def test_symmetric_flips_rarely_raise_a_false_alarm():
+    """48 cells of right/wrong tasks, 1-3% symmetric flips, no real change: with BH at 5% a night
+    raises an alarm far less often than 48 independent 5% tests would (~91%)."""
+    rng = np.random.default_rng(7)
+    alarms, nights = 0, 150
+    for _ in range(nights):
+        comps = []
+        for cell in range(48):
+            n = (300, 60, 200)[cell % 3]
+            right = int(n * 0.6)
+            k = rng.binomial(right, rng.uniform(0.01, 0.03) * n / 2 / right)
+            j = rng.binomial(n - right, rng.uniform(0.01, 0.03) * n / 2 / (n - right))
+            comps.append(compare_pair(*right_wrong(n, k, j, right), "acc", True))
+        alarms += any(v == "worse" for _, v in fdr_verdicts(comps, 0.05))
+    assert alarms / nights <= 0.03
+
+
+def test_zero_score_recovers_zero_and_zero_baseline_is_undefined_and_fails():
+    assert recovery(0.0, 0.567, True) == 0.0 and recovery_fails(0.0, 0.40)
+    assert math.isnan(recovery(0.5, 0.0, True)) and recovery_fails(math.nan, 0.40)
+    assert recovery(0.0, 10.0, False) == math.inf  # a perfect perplexity loses nothing
+    from tests.test_compare import _rec
+
+    res = results_frame([_rec("none", "cap", "exact_match", 0.567, 0.06),
+                         _rec("bnb-nf4", "cap", "exact_match", 0.0, 0.0),
+                         _rec("none", "zero", "acc", 0.0, 0.0), _rec("bnb-nf4", "zero", "acc", 0.3, 0.05)])
+    res = res.set_index(["quant", "task"])
+    assert res.loc[("bnb-nf4", "cap"), "recovery"] == 0.0
+    assert math.isnan(res.loc[("bnb-nf4", "zero"), "recovery"]) and res.loc[("bnb-nf4", "zero"), "recovery_undefined"]
