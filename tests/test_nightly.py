@@ -150,3 +150,31 @@ def test_two_nightlies_at_once_keep_the_store_consistent(plan_path, tmp_path):
         runs = s.runs("nightly")
         assert len(s) == 4 and s.integrity_ok()  # each cell stored once
         assert sorted(len(r["computed"]) for r in runs) == [0, 4]  # one waited, then reused everything
+
+
+def test_typos_in_thresholds_are_bad_input_reported_together(plan_path, tmp_path, capsys):
+    plan_path.write_text(plan_path.read_text().replace("min_recovery: 0.0", """min_recovery: 0.0
+  per_arm: {bnb-nf44: 0.4}
+  per_metric: {word_perplexty: 1.0}
+  warn_below: {"qeval_analogy:accc": 0.5}"""))
+    code = main(["nightly", str(plan_path), "--store", str(tmp_path / "store.sqlite")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "'bnb-nf4'" in err and "'word_perplexity'" in err and "'qeval_analogy:acc'" in err  # did you mean
+    assert not (tmp_path / "store.sqlite").exists() or not Store(tmp_path / "store.sqlite").runs()
+
+
+def test_unexpected_error_exits_3_and_marks_the_run_failed(plan_path, tmp_path, monkeypatch, capsys):
+    import qeval.nightly as nightly_mod
+
+    def bug(*a, **k):
+        raise RuntimeError("a bug, not a regression")
+
+    monkeypatch.setattr(nightly_mod, "run_plan", bug)
+    store = tmp_path / "store.sqlite"
+    code = main(["nightly", str(plan_path), "--store", str(store)])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("qeval:")]
+    assert code == EXIT_COULD_NOT_RUN and len(err) == 1 and "could not finish" in err[0]  # one line, no traceback
+    with Store(store) as s:
+        (run,) = s.runs("nightly")
+    assert run["status"] == "failed" and "a bug" in run["error"]
