@@ -14,12 +14,13 @@ export TRANSFORMERS_OFFLINE=1
 export HF_HUB_DISABLE_TELEMETRY=1
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
-.PHONY: setup report nightly bench test test-fast clean-results help
+.PHONY: setup report nightly bench bench-gates test test-fast clean-results help
 help:
 	@echo "make report   set up, run the default plan (6 formats x default suite), render reports/latest/"
 	@echo "make test     set up and run the tests (fast tier + integration tier, CPU)"
 	@echo "make nightly  the default plan as a regression job: exit 1 on a regression beyond noise"
 	@echo "make bench    speed and memory per format against targets (reports/bench/bench.md)"
+	@echo "make bench-gates  nightly false-alarm and detection rates simulated on the default plan's store (after make report)"
 	@echo "make setup    venv + packages + suite data + embedded model cache"
 
 $(BIN)/python:
@@ -46,6 +47,9 @@ nightly: setup
 
 bench: setup
 	$(BIN)/qeval bench
+
+bench-gates: setup
+	$(BIN)/qeval bench-gates
 
 test: setup
 	$(BIN)/python -m pytest

@@ -310,15 +310,27 @@ def paired_frame(records: list[dict], samples, min_effect: MinEffect = _no_overr
 
 
 def task_mde(pairs: pd.DataFrame) -> pd.DataFrame:
-    """Per task: n and the minimum detectable effect of its test at that n (alpha 0.05, power 0.8),
-    for the median noise the variants show (McNemar: the median discordance rate)."""
+    """Per task: n and the minimum detectable effect of its test at that n (alpha 0.05, power 0.8).
+
+    Right/wrong tasks: the exact McNemar MDE at the lowest flip rate any variant shows against the
+    baseline (the closest variant: the noise of a numerically different but equivalent computation,
+    which is what separates two nightly runs); perplexities: the median of the variants' t-test MDE."""
+    from qeval.paired import mcnemar_mde
+
     if pairs.empty:
-        return pd.DataFrame(columns=["task", "metric", "n", "mde", "min_effect", "test"])
+        return pd.DataFrame(columns=["task", "metric", "n", "mde", "min_effect", "test", "kind", "flip_rate"])
     out = []
     for (task, metric), g in pairs.groupby(["task", "metric"], sort=True):
-        out.append({"task": task, "metric": metric, "n": int(g["pairs"].max()), "mde": float(g["mde"].median()),
-                    "min_effect": float(g["min_effect"].iloc[0]), "test": g["test"].iloc[0], "kind": g["kind"].iloc[0],
-                    "flip_rate": float(g["flip_rate"].median()) if g["flip_rate"].notna().any() else math.nan})
+        n = int(g["pairs"].max())
+        rates = g["flip_rate"].dropna()
+        rates = rates[rates > 0]
+        if g["kind"].iloc[0] == "right_wrong":
+            rate = float(rates.min()) if len(rates) else 0.0
+            mde = mcnemar_mde(n, round(rate, 4))
+        else:
+            rate, mde = math.nan, float(g["mde"].median())
+        out.append({"task": task, "metric": metric, "n": n, "mde": mde, "min_effect": float(g["min_effect"].iloc[0]),
+                    "test": g["test"].iloc[0], "kind": g["kind"].iloc[0], "flip_rate": rate})
     return pd.DataFrame(out)
 
 

@@ -14,3 +14,11 @@ def test_bench_table(tiny_model_dir, tmp_path):
     assert list(frame.meets_targets) == list(expect)
     md, csv = write(frame, tmp_path, "meta")
     assert "bnb-nf4-dq" in md.read_text() and csv.read_text().startswith("format,")
+
+
+def test_bench_gates_without_a_store_says_what_to_run(tmp_path, capsys):
+    from qeval.cli import main
+
+    assert main(["bench-gates", "--store", str(tmp_path / "missing.sqlite")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "make report" in err[0]

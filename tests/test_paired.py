@@ -145,12 +145,10 @@ def test_mde_is_where_exact_power_reaches_eighty_percent():
     assert mcnemar_mde(300, 0.03, alpha=0.05 / 48) > mde  # stricter level, larger MDE
     # a cross-check by simulation
     rng = np.random.default_rng(1)
-    q = (0.03 - mde) / (2 * 0.03)
     hits = 0
-    for _ in range(400):
-        d = rng.binomial(300, 0.03)
-        good = rng.binomial(d, q)
-        hits += mcnemar_p(d - good, good) < 0.05
+    for _ in range(400):  # noise flips both ways at 1.5% each, plus the drop's right->wrong flips
+        good, bad = rng.multinomial(300, [0.015, 0.015 + mde, 1 - 0.03 - mde])[:2]
+        hits += mcnemar_p(bad, good) < 0.05
     assert abs(hits / 400 - mcnemar_power(300, 0.03, mde)) < 0.07
 
 
