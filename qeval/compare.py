@@ -312,9 +312,10 @@ def paired_frame(records: list[dict], samples, min_effect: MinEffect = _no_overr
 def task_mde(pairs: pd.DataFrame) -> pd.DataFrame:
     """Per task: n and the minimum detectable effect of its test at that n (alpha 0.05, power 0.8).
 
-    Right/wrong tasks: the exact McNemar MDE at the lowest flip rate any variant shows against the
-    baseline (the closest variant: the noise of a numerically different but equivalent computation,
-    which is what separates two nightly runs); perplexities: the median of the variants' t-test MDE."""
+    Measured on the variant closest to the baseline -- the noise of a numerically different but
+    equivalent computation, which is what separates two nightly runs: right/wrong tasks get the
+    exact McNemar MDE at the lowest flip rate any variant shows against the baseline, perplexities
+    the smallest t-test MDE (the smallest per-document spread) of any variant."""
     from qeval.paired import mcnemar_mde
 
     if pairs.empty:
@@ -328,7 +329,7 @@ def task_mde(pairs: pd.DataFrame) -> pd.DataFrame:
             rate = float(rates.min()) if len(rates) else 0.0
             mde = mcnemar_mde(n, round(rate, 4))
         else:
-            rate, mde = math.nan, float(g["mde"].median())
+            rate, mde = math.nan, float(g["mde"].min())
         out.append({"task": task, "metric": metric, "n": n, "mde": mde, "min_effect": float(g["min_effect"].iloc[0]),
                     "test": g["test"].iloc[0], "kind": g["kind"].iloc[0], "flip_rate": rate})
     return pd.DataFrame(out)

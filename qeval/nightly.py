@@ -228,7 +228,9 @@ def _compare(store: Store, run_id: int, keys: list[str], th: Thresholds, compare
         rec = store.get(key)
         if rec is not None:
             prev_keys[_slot(rec)] = key
-    was_open = {o["id"]: o for o in (prev or {}).get("open_regressions", [])}
+    # open regressions carry over from the last gated run, even one with failed cells
+    gated_runs = [r for r in store.runs(compare_with) if r["run_id"] < run_id and "open_regressions" in r]
+    was_open = {o["id"]: o for o in (gated_runs[-1]["open_regressions"] if gated_runs else [])}
     now = {k: r for k, r in ((k, store.get(k)) for k in keys) if r is not None}  # a failed cell has no record
     baselines = {_slot(r)[1:]: r for r in now.values()
                  if r["variant"]["quant"] == BASELINE and not adapter_label(r["variant"])}
@@ -377,7 +379,7 @@ def acknowledge(store_path: Path, cell: str, reason: str, kind: str = "nightly")
     if not reason or not reason.strip():
         raise QevalError("--reason", reason, "a reason for the acknowledgement", "say why, e.g. --reason 'known nf4 loss'")
     with Store(store_path) as store:
-        finished = [r for r in store.runs(kind) if r["status"] in ("ok", "regression", "failed") and r.get("finished_at")]
+        finished = [r for r in store.runs(kind) if "open_regressions" in r]
         open_ = finished[-1].get("open_regressions", []) if finished else []
         ids = [o["id"] for o in open_ if _matches(o["cell"], cell)]
         if not ids:

@@ -392,12 +392,14 @@ def significance_section(mde: pd.DataFrame, fdr: float, tests: int) -> "Section 
     return Section([
         Heading(2, SIGNIFICANCE_HEADING),
         Para("MDE = the smallest true change each task's test detects with 80% power at alpha 0.05 and its n, "
-             "for the median flip rate (accuracy) or per-document spread (perplexity) of the variants above. "
+             "at the noise of the variant closest to the baseline (the lowest flip rate, or the smallest "
+             "per-document spread of log-likelihood changes, any variant shows): the noise of a numerically "
+             "different but equivalent computation. "
              f"The nightly compares every cell and metric of a run at once and controls the false discovery rate "
              f"(Benjamini-Hochberg, q = {fdr:g}); with {tests} comparisons a single real regression must reach "
              f"p < q/{tests} = {strict:.2g}, so it detects only the larger 'nightly MDE'. A change must also "
              "exceed the minimum meaningful effect to count. " + "; ".join(sentences) + "."),
-        Table(["task", "metric", "n", "test", "median flip rate", "MDE (alpha 0.05)", "min effect",
+        Table(["task", "metric", "n", "test", "noise flip rate", "MDE (alpha 0.05)", "min effect",
                f"nightly MDE (FDR {fdr:g}, {tests} tests)"], rows,
               [False, False, True, False, True, True, True, True])])
 

@@ -205,3 +205,20 @@ def test_per_metric_and_warn_below_apply_to_non_primary_metrics_with_direction(t
     with Store(tmp_path / "t.sqlite") as store:
         gated, status = night(store, [(base, base_s), (nf4, worse_s)], th)
     assert status == "ok" and not gated.findings
+
+
+def test_float_base_arm_shows_its_gain_against_the_baseline():
+    base_s = ppl_samples()
+    gain_s = ppl_samples(0.97)  # the fine-tune lowers every document's loss by 3%
+    base = record("none", "qeval_lee_ppl", base_s, "word_perplexity")
+    lora = record("lora", "qeval_lee_ppl", gain_s, "word_perplexity", quant="none", adapter="lora")
+    samples = {base["key"]: base_s, lora["key"]: gain_s}
+    reg = adapter_frames([base, lora], samples.get)["regained"].iloc[0]
+    assert reg.float_base and reg.lost_verdict == "within noise"  # nothing lost, nothing to regain
+    assert reg.vs_baseline_verdict == "better"  # but its gain is shown, not "within noise"
+    from qeval.report import adapter_section, to_markdown
+    import pandas as pd
+
+    md = to_markdown(adapter_section({"regained": pd.DataFrame([reg]), "merge": pd.DataFrame(),
+                                      "training": pd.DataFrame()}, pd.DataFrame(), "", pd.DataFrame()).blocks)
+    assert "trained on the float base: better vs baseline" in md
