@@ -49,10 +49,11 @@ class Reference:
         tensors["weight"] = self.weight.contiguous()
         if self.bias is not None:
             tensors["bias"] = self.bias.contiguous()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        save_file(tensors, str(tmp), metadata={"softcap": str(self.softcap or "")})
-        tmp.replace(path)  # atomic: a half-written reference is never read
+        from qeval.files import atomic_write_with
+
+        # atomic, with a unique temporary name: a half-written reference is never read, and two
+        # runs saving the same reference at once do not write into one file
+        atomic_write_with(path, lambda tmp: save_file(tensors, tmp, metadata={"softcap": str(self.softcap or "")}))
 
     @classmethod
     def load(cls, path: Path) -> "Reference":

@@ -20,11 +20,11 @@ import base64
 import html
 import io
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Union
+
+from qeval.files import atomic_write
 
 import matplotlib
 
@@ -760,23 +760,6 @@ def _history_png(hist: pd.DataFrame) -> bytes:
 
 # ----------------------------------------------------------------------------- writing
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write `data` to a temporary file beside `path`, then rename it over `path`."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 def render(results: pd.DataFrame, memory: pd.DataFrame, meta: dict, out_dir: Path,
            extra: Iterable[Section | None] = ()) -> list[Path]:
     """Render report files into out_dir (created if missing) and return the paths written.
@@ -835,6 +818,6 @@ def render(results: pd.DataFrame, memory: pd.DataFrame, meta: dict, out_dir: Pat
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for name, data in files.items():
-        _atomic_write(out_dir / name, data)
+        atomic_write(out_dir / name, data)
         written.append(out_dir / name)
     return written

@@ -10,11 +10,22 @@ from pathlib import Path
 
 import datasets
 
-DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+
+
+def _resolve(data_file):
+    from qeval.suite_data import suite_data_dir
+
+    path = Path(data_file).expanduser()
+    if path.is_absolute():
+        return path
+    for base in (Path.cwd(), suite_data_dir()):
+        if (base / path).is_file():
+            return base / path
+    return suite_data_dir() / path
 
 
 def _load(data_file, **_ignored):
-    path = DATA_DIR / data_file
+    path = _resolve(data_file)
     if not path.is_file():
         raise FileNotFoundError(f"suite data {path} is missing: run `qeval setup` (or `make setup`) to build it")
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]

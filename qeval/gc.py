@@ -1,0 +1,52 @@
+"""`qeval gc`: delete cached divergence references and adapter artifacts no stored record uses.
+
+References and adapters live in the cache (content-addressed, reused across stores), so nothing
+deletes them when records go away; this lists each one with its size and removes those that no
+record of the given store refers to.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from qeval import env
+from qeval.store import Store
+
+
+def _size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def referenced(store_path: Path) -> tuple[set[str], set[str]]:
+    """(reference file stems, adapter folder names) the store's records refer to."""
+    refs, adapters = set(), set()
+    with Store(store_path, readonly=True) as store:
+        for rec in store.records():
+            if rec.get("divergence_reference"):
+                refs.add(rec["divergence_reference"][:32])
+            adapter = rec.get("adapter") or {}
+            if adapter.get("key"):
+                adapters.add(adapter["key"][:32])
+    return refs, adapters
+
+
+def collect(store_path: Path, dry_run: bool = False, out=print) -> int:
+    refs, adapters = referenced(store_path)
+    cache = env.cache_dir()
+    candidates = [(p, p.stem in refs) for p in sorted((cache / "references").glob("*.safetensors"))]
+    candidates += [(p, p.name in adapters) for p in sorted((cache / "adapters").glob("*")) if p.is_dir()]
+    kept = freed = 0
+    for path, used in candidates:
+        size = _size(path)
+        if used:
+            kept += size
+            continue
+        freed += size
+        out(f"{'would delete' if dry_run else 'deleted'} {path} ({size / 2**20:.1f} MiB)")
+        if not dry_run:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    out(f"{'would free' if dry_run else 'freed'} {freed / 2**20:.1f} MiB; kept {kept / 2**20:.1f} MiB in use "
+        f"by {store_path}")
+    return 0
