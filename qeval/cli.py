@@ -32,8 +32,16 @@ EPILOG = """examples:
 """
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line like every other user error (exit 2)."""
+
+    def error(self, message: str):
+        print(f"qeval: error: {message}; see `{self.prog} --help`", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="qeval", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
         description="Measure what quantization costs an LLM: accuracy per task, bytes, time. "
                     "Results go to a SQLite store (computed once, reused on reruns); reports are "
@@ -41,10 +49,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="show library logs and tracebacks")
     p.add_argument("--version", action="version", version=f"qeval {__version__}")
     # -v after the subcommand too (`qeval run -v`): SUPPRESS keeps a subparser from resetting it
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                         help="show library logs and tracebacks")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
     _add = sub.add_parser
 
     def add_parser(name, **kw):
@@ -222,7 +230,9 @@ def cmd_report(args) -> int:
 
 def cmd_nightly(args) -> int:
     from qeval.nightly import nightly
+    from qeval.store import check_store_path
 
+    check_store_path(_store_path(args), write=True)
     res = nightly(args.plan, _store_path(args))
     print(f"nightly run {res.run_id}: {res.computed} computed, {res.reused} reused, {len(res.failed)} failed, "
           f"{sum(f.kind == 'regression' for f in res.findings)} regressions in {res.wall_s:.1f} s")

@@ -82,6 +82,10 @@ def resolve_model(spec: str) -> ResolvedModel:
     if p.suffix == ".gguf":
         if not p.is_file():
             raise QevalError("model file", spec, "an existing .gguf file", "check the path")
+        with open(p, "rb") as f:
+            if f.read(4) != b"GGUF":  # the magic; catches a wrong or empty file before a 40 s conversion
+                raise QevalError("model file", spec, "a GGUF file (it starts with the bytes GGUF)",
+                                 "check the path, or re-download the file")
         digest = sha256_file(p)[:16]
         return _from_gguf(spec, p, source="gguf", cache_name=f"gguf-{p.stem}-{digest}")
     if p.is_dir():

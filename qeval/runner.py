@@ -28,7 +28,7 @@ from qeval.models import DEFAULT_MODEL, LoadedModel, ResolvedModel, compute_dtyp
 from qeval.quant import DEFAULT_FORMATS, FORMATS, QuantFormat
 from qeval.specs import from_mapping, load_yaml, raise_if
 from qeval.files import content_key, store_lock
-from qeval.store import SCHEMA_VERSION, Store
+from qeval.store import SCHEMA_VERSION, Store, check_store_path
 from qeval.suite_data import ensure_built
 from qeval.suites import Suite, TaskSpec, include_paths, load_suite, task_fingerprint
 
@@ -243,6 +243,7 @@ def run_plan(plan: Plan, store_path: Path, suite: Suite | None = None,
     import torch
 
     t_start = time.perf_counter()
+    check_store_path(store_path, write=True)
     rp = validate(plan, suite)
     jobs = expand(plan, rp)  # fails on a bad model before the store is touched
     eval_spec = EvalSpec(seed=plan.seed, bootstrap_iters=plan.bootstrap_iters)

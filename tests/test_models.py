@@ -75,7 +75,7 @@ def test_fingerprint_memo_skips_rehash(tiny_model_dir, tmp_path, monkeypatch):
         calls.append(path)
         raise AssertionError(f"re-hashed {path}")
 
-    monkeypatch.setattr(models, "_sha256_file", no_hashing)
+    monkeypatch.setattr(models, "sha256_file", no_hashing)
     assert resolve_model(str(tiny_model_dir)).fingerprint == first
     assert calls == []
 
@@ -89,13 +89,13 @@ def test_fingerprint_memo_invalidated_by_mtime(tiny_model_dir, tmp_path, monkeyp
     copy = _copy(tiny_model_dir, tmp_path / "copy")
     first = fingerprint(copy)
     hashed = []
-    real = models._sha256_file
+    real = models.sha256_file
 
     def counting(path):
         hashed.append(Path(path).name)
         return real(path)
 
-    monkeypatch.setattr(models, "_sha256_file", counting)
+    monkeypatch.setattr(models, "sha256_file", counting)
     weights = copy / "model.safetensors"
     st = weights.stat()
     os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))
@@ -323,7 +323,7 @@ def test_real_convert_is_atomic_and_records_source(tiny_model_dir, tmp_path, mon
     assert not r.path.with_name(r.path.name + ".tmp").exists()
     src = json.loads((r.path / "qeval-source.json").read_text())
     assert src["gguf"] == str(gguf)
-    assert src["gguf_sha256"] == models._sha256_file(gguf)
+    assert src["gguf_sha256"] == models.sha256_file(gguf)
     assert r.fingerprint == resolve_model(str(r.path)).fingerprint  # the cache is an ordinary folder
     lm = load_model(r, FORMATS.get("none"), "cpu")
     assert lm.dtype == "float32"
