@@ -19,23 +19,26 @@ def _size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def referenced(store_path: Path) -> tuple[set[str], set[str]]:
-    """(reference file stems, adapter folder names) the store's records refer to."""
-    refs, adapters = set(), set()
+def referenced(store_path: Path) -> tuple[set[str], set[str], set[str]]:
+    """(reference file stems, head file stems, adapter folder names) the store's records refer to."""
+    refs, heads, adapters = set(), set(), set()
     with Store(store_path, readonly=True) as store:
         for rec in store.records():
             if rec.get("divergence_reference"):
                 refs.add(rec["divergence_reference"][:32])
+            if rec.get("divergence_head"):
+                heads.add(rec["divergence_head"][:32])
             adapter = rec.get("adapter") or {}
             if adapter.get("key"):
                 adapters.add(adapter["key"][:32])
-    return refs, adapters
+    return refs, heads, adapters
 
 
 def collect(store_path: Path, dry_run: bool = False, out=print) -> int:
-    refs, adapters = referenced(store_path)
+    refs, heads, adapters = referenced(store_path)
     cache = env.cache_dir()
     candidates = [(p, p.stem in refs) for p in sorted((cache / "references").glob("*.safetensors"))]
+    candidates += [(p, p.stem in heads) for p in sorted((cache / "references" / "heads").glob("*.safetensors"))]
     candidates += [(p, p.name in adapters) for p in sorted((cache / "adapters").glob("*")) if p.is_dir()]
     kept = freed = 0
     for path, used in candidates:

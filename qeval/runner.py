@@ -80,6 +80,7 @@ class Cell:
     key: str
     variant_id: str
     key_material: dict
+    head: str = ""  # the baseline output head's cache key (divergence); shared by all tasks of a model
 
 
 @dataclass
@@ -179,6 +180,8 @@ def make_cells(model: ResolvedModel, arm: Arm, suite: Suite, eval_spec: EvalSpec
                "adapter": None if adapter is None else {"spec": adapter_id["spec"], "merge": arm.merge},
                "device": device_kind}
     variant_id = content_key(variant)
+    head = content_key({"model": model.fingerprint, "device": device_kind,
+                        "baseline": FORMATS.get(BASELINE).spec(compute_dtype(device)), "versions": env.versions()})
     cells = []
     for t in suite.tasks:
         task = {"name": t.task, "fingerprint": task_fingerprint(t.task, suite.include_paths), "limit": t.limit,
@@ -190,7 +193,7 @@ def make_cells(model: ResolvedModel, arm: Arm, suite: Suite, eval_spec: EvalSpec
             material["divergence"] = {"reference": content_key(
                 {"model": model.fingerprint, "task": task, "device": device_kind, "versions": env.versions(),
                  "baseline": FORMATS.get(BASELINE).spec(compute_dtype(device))})}
-        cells.append(Cell(model, arm, fmt, t, content_key(material), variant_id, material))
+        cells.append(Cell(model, arm, fmt, t, content_key(material), variant_id, material, head))
     return cells
 
 
@@ -205,6 +208,23 @@ def _reference_path(cell: Cell) -> Path:
     return env.cache_dir() / "references" / f"{cell.key_material['divergence']['reference'][:32]}.safetensors"
 
 
+def _reference_ready(path: Path, head: Path) -> bool:
+    """A reference is usable when its hidden states are there and its head is (in its own file,
+    or, for references written before heads were shared, inside it)."""
+    if not path.is_file():
+        return False
+    if head.is_file():
+        return True
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return "weight" in f.keys()
+
+
+def _head_path(cell: Cell) -> Path:
+    return env.cache_dir() / "references" / "heads" / f"{cell.head[:32]}.safetensors"
+
+
 def _divergence_mode(cell: Cell, eval_spec: EvalSpec, device: str, progress,
                      paths: tuple[Path, ...] = ()) -> str | Reference | None:
     """None (not asked), "reference" (this is the baseline and no reference exists yet), or the
@@ -212,7 +232,7 @@ def _divergence_mode(cell: Cell, eval_spec: EvalSpec, device: str, progress,
     if "divergence" not in cell.key_material:
         return None
     path = _reference_path(cell)
-    if not path.is_file():
+    if not _reference_ready(path, _head_path(cell)):
         if _is_baseline(cell.arm):
             return "reference"
         progress(f"  baseline reference for {cell.task.task} missing: loading the baseline to record it")
@@ -221,10 +241,10 @@ def _divergence_mode(cell: Cell, eval_spec: EvalSpec, device: str, progress,
         if outcome.reference is None:
             raise QevalError("divergence", cell.task.task, "a task whose forwards hold one sequence",
                              outcome.divergence_note)
-        outcome.reference.save(path)
+        outcome.reference.save(path, _head_path(cell))
         del base
         gc.collect()
-    return Reference.load(path)
+    return Reference.load(path, _head_path(cell))
 
 
 def expand(plan: Plan, rp: Resolved) -> list[tuple[ResolvedModel, Arm, list[Cell]]]:
@@ -284,7 +304,7 @@ def run_plan(plan: Plan, store_path: Path, suite: Suite | None = None,
                     mode = _divergence_mode(cell, eval_spec, rp.device, progress, paths)
                     outcome = evaluate(loaded, cell.task, eval_spec, mode, paths)
                     if outcome.reference is not None:
-                        outcome.reference.save(_reference_path(cell))
+                        outcome.reference.save(_reference_path(cell), _head_path(cell))
                 except QevalError:
                     raise  # user errors stop the run
                 except Exception as e:
@@ -348,6 +368,7 @@ def build_record(cell: Cell, loaded: LoadedModel, outcome: EvalOutcome, seed: in
         "divergence": _divergence_record(outcome),
         # which cached reference the divergence numbers came from (`qeval gc` keeps those in use)
         "divergence_reference": cell.key_material.get("divergence", {}).get("reference"),
+        "divergence_head": cell.head if "divergence" in cell.key_material else None,
         "timings": {"load_s": loaded.load_s, "eval_s": outcome.eval_s},
         "peak_bytes": max(loaded.peak_load_bytes, outcome.peak_bytes),
         "footprint": loaded.footprint.as_dict(),
