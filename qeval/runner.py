@@ -143,6 +143,9 @@ def validate(plan: Plan, suite: Suite | None = None) -> Resolved:
     names = [a.name for a in arms]
     for dup in sorted({n for n in names if names.count(n) > 1}):
         errors.append(QevalError("arm name", dup, "unique arm names (formats are arms too)", "rename one"))
+    for name in ("seed", "bootstrap_iters"):
+        if isinstance(getattr(plan, name), int) and getattr(plan, name) < 0:
+            errors.append(QevalError(name, getattr(plan, name), "0 or more"))
     if plan.device not in ("auto", "cpu", "cuda"):
         errors.append(QevalError("device", plan.device, "auto, cpu or cuda"))
     elif plan.device == "cuda":

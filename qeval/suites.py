@@ -168,6 +168,10 @@ def validate_tasks(suite: Suite) -> None:
     """Every task must be found offline (shipped or under an include path) or be an lm-eval built-in
     while online; a found task's YAML and data are checked too. Reports all problems at once."""
     shipped = find_tasks(suite.include_paths)
+    if any(t.task in shipped_tasks() for t in suite.tasks):
+        from qeval.suite_data import ensure_built
+
+        ensure_built()  # a fresh install or cache: build the shipped data before checking it
     errors = []
     for t in suite.tasks:
         if t.task in shipped:

@@ -161,3 +161,39 @@ def test_internal_error_in_nightly_exits_3(tmp_path, monkeypatch, capsys):
     plan.write_text("formats: [none]\n")
     assert cli.main(["nightly", str(plan), "--store", str(tmp_path / "s.sqlite")]) == 3
     assert "internal error: KeyError" in capsys.readouterr().err
+
+
+def test_second_run_on_a_busy_store_waits_then_gives_up_with_exit_3(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """Two `qeval run` on one store take turns (a lock beside the store); a holder that never lets
+    go makes the waiter give up after QEVAL_LOCK_TIMEOUT with exit 3, the store untouched."""
+    import multiprocessing
+
+    from qeval.cli import main
+
+    store = tmp_path / "s.sqlite"
+    ctx = multiprocessing.get_context("spawn")
+    ready, release = ctx.Event(), ctx.Event()
+    holder = ctx.Process(target=_hold_run_lock, args=(str(store), ready, release))
+    holder.start()
+    try:
+        assert ready.wait(60)
+        monkeypatch.setenv("QEVAL_LOCK_TIMEOUT", "3")
+        code = main(["run", "--model", str(tiny_model_dir), "--formats", "none", "--tasks", "qeval_analogy",
+                     "--limit", "2", "--store", str(store)])
+    finally:
+        release.set()
+        holder.join(30)
+    err = capsys.readouterr().err
+    assert code == 3, err
+    assert "waiting for another qeval process" in err and "QEVAL_LOCK_TIMEOUT" in err
+    assert not store.exists()
+
+
+def _hold_run_lock(store, ready, release):
+    from pathlib import Path
+
+    from qeval.files import store_lock
+
+    with store_lock(Path(store), "run"):
+        ready.set()
+        release.wait(120)
