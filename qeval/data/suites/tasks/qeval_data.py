@@ -1,15 +1,16 @@
 """Dataset loaders and metric helpers for qeval's shipped lm-eval tasks.
 
 lm-eval imports this module through `!function qeval_data.<name>` in the task YAML beside it. The
-data files are built from installed packages by `qeval setup` (qeval/suite_data.py) into
-suites/data/, resolved relative to this file so the tasks work from any working directory.
+data files are built from installed packages by `qeval setup` (qeval/suite_data.py) into a
+user-writable folder, never the installed package. A relative `data_file` is looked up in the
+working directory first (qeval evaluates a task from its YAML's folder, so that means "beside the
+YAML"), then in the built suite data; an absolute one is used as is.
 """
 import json
 import re
 from pathlib import Path
 
 import datasets
-
 
 
 def _resolve(data_file):
