@@ -204,6 +204,10 @@ def cmd_report(args) -> int:
 
     path = _store_path(args)
     out = args.out or env.default_report_dir()
+    bad = next((p for p in [out, *out.parents] if p.exists() and not p.is_dir()), None)
+    if bad is not None:
+        raise QevalError("--out", str(out), "a folder (or a path where one can be created)",
+                         f"{bad} is a file; pass another --out")
     with Store(path, readonly=True) as store:
         records = list(store.records())
         pairs = paired_frame(records, store.samples)

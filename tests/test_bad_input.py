@@ -114,6 +114,7 @@ CASES = [
     ("plan-arm-bad-merge", lambda t, m: _plan(t, f"models: [{m}]\nformats: [none]\narms: [{{name: x, merge: sideways}}]\n"), "absent", ["sideways"]),
     ("plan-include-path-missing", lambda t, m: _plan(t, f"models: [{m}]\nformats: [none]\ninclude_path: nowhere\n"), "existing", ["nowhere", "folder"]),
     ("plan-device-unknown", lambda t, m: _plan(t, f"models: [{m}]\nformats: [none]\ndevice: tpu\n"), "absent", ["tpu", "auto, cpu or cuda"]),
+    ("plan-seed-negative", lambda t, m: _plan(t, f"models: [{m}]\nformats: [none]\nseed: -5\n"), "absent", ["seed", "-5", "0 or more"]),
     # --- suite YAML ---
     ("suite-no-tasks", lambda t, m: ["run", "--model", m, "--suite", write(t, "s.yaml", "name: s\ntasks: []\n")], "absent", ["at least one task"]),
     ("suite-task-unknown-key", lambda t, m: ["run", "--model", m, "--suite", write(t, "s.yaml", "name: s\ntasks:\n  - {task: qeval_analogy, limt: 3}\n")], "absent", ["limt", "limit"]),
@@ -141,6 +142,7 @@ CASES = [
     ("report-store-empty-file", lambda t, m: ["report", "--out", str(t / "out")], "empty", ["empty"]),
     ("report-store-not-sqlite", lambda t, m: ["report", "--out", str(t / "out")], "text", ["SQLite"]),
     ("report-store-foreign-sqlite", lambda t, m: ["report", "--out", str(t / "out")], "foreign", ["qeval result store"]),
+    ("report-out-is-file", lambda t, m: ["report", "--out", write(t, "out.txt", "a file")], "existing", ["out.txt", "is a file"]),
     ("report-memory-budget-negative", lambda t, m: ["report", "--memory-budget", "-1"], "existing", ["-1", "positive"]),
     ("gc-store-missing", lambda t, m: ["gc", "--dry-run"], "absent", ["an existing store"]),
     # --- nightly ---
