@@ -24,6 +24,9 @@ def referenced(store_path: Path) -> tuple[set[str], set[str], set[str]]:
     refs, heads, adapters = set(), set(), set()
     with Store(store_path, readonly=True) as store:
         for rec in store.records():
+            if rec.get("divergence") and "divergence_reference" not in rec:
+                # written before records named their reference: which files it used is unknown
+                refs.add("*")
             if rec.get("divergence_reference"):
                 refs.add(rec["divergence_reference"][:32])
             if rec.get("divergence_head"):
@@ -37,8 +40,12 @@ def referenced(store_path: Path) -> tuple[set[str], set[str], set[str]]:
 def collect(store_path: Path, dry_run: bool = False, out=print) -> int:
     refs, heads, adapters = referenced(store_path)
     cache = env.cache_dir()
-    candidates = [(p, p.stem in refs) for p in sorted((cache / "references").glob("*.safetensors"))]
-    candidates += [(p, p.stem in heads) for p in sorted((cache / "references" / "heads").glob("*.safetensors"))]
+    keep_all = "*" in refs  # legacy records: keep every reference rather than guess
+    if keep_all:
+        out("note: some records predate reference tracking; keeping all divergence references")
+    candidates = [(p, keep_all or p.stem in refs) for p in sorted((cache / "references").glob("*.safetensors"))]
+    candidates += [(p, keep_all or p.stem in heads)
+                   for p in sorted((cache / "references" / "heads").glob("*.safetensors"))]
     candidates += [(p, p.name in adapters) for p in sorted((cache / "adapters").glob("*")) if p.is_dir()]
     kept = freed = 0
     for path, used in candidates:
