@@ -81,6 +81,24 @@ def _quiet_lm_eval():
             logging.getLogger(n).setLevel(level)
 
 
+def _quiet_git() -> None:
+    """lm-eval records its git hash by running `git describe` with stderr inherited: outside a
+    checkout (an installed qeval, any user folder) that prints "fatal: not a git repository" into
+    every run. Same value, stderr silenced."""
+    import subprocess
+
+    import lm_eval.evaluator as ev
+
+    def git_hash():
+        try:
+            out = subprocess.run(["git", "describe", "--always"], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout.strip() or None
+
+    ev.get_git_commit_hash = git_hash
+
+
 @contextlib.contextmanager
 def _in_folder(folder: Path | None):
     """Run a found task from its YAML's folder, so relative data paths in it (the datasets library
@@ -106,6 +124,7 @@ def evaluate(loaded: LoadedModel, task: TaskSpec, spec: EvalSpec,
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
+    _quiet_git()
     found = find_tasks(paths)
     lm = HFLM(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=task.batch_size,
               device=loaded.device)
