@@ -53,14 +53,11 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                         help="show library logs and tracebacks")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
-    _add = sub.add_parser
 
-    def add_parser(name, **kw):
-        return _add(name, parents=[common], **kw)
+    def command(name: str, **kw) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[common], **kw)  # every subcommand accepts -v
 
-    sub.add_parser = add_parser  # every subcommand accepts -v
-
-    run = sub.add_parser("run", help="evaluate a model at several formats (only missing cells)",
+    run = command("run", help="evaluate a model at several formats (only missing cells)",
                          formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
     run.add_argument("--plan", type=Path, help="plan YAML (keys: models, formats, suite, device, seed, "
                      "bootstrap_iters); other flags override it")
@@ -79,35 +76,35 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--store", type=Path, default=None, help=f"result store (default {env.default_store_path()}, "
                      "or $QEVAL_STORE)")
 
-    rep = sub.add_parser("report", help="render reports/latest/ from the store")
+    rep = command("report", help="render reports/latest/ from the store")
     rep.add_argument("--store", type=Path, default=None)
     rep.add_argument("--out", type=Path, default=None,
                      help="output folder (default ./reports/latest, or $QEVAL_HOME/reports/latest)")
     rep.add_argument("--memory-budget", type=_gib, metavar="GIB",
                      help="training memory you have, in GiB: the LoRA-vs-QLoRA verdict picks within it")
 
-    nig = sub.add_parser("nightly", help="run a plan as a nightly regression job (exit 1 on regression)",
+    nig = command("nightly", help="run a plan as a nightly regression job (exit 1 on regression)",
                          description="Run PLAN incrementally, record the run, compare every cell with the previous "
                                      "nightly run (paired bootstrap: only drops beyond noise count) and with the "
                                      "plan's thresholds. Exit 0 clean, 1 regression, 3 could not run, 2 bad input.")
     nig.add_argument("plan", type=Path, help="plan YAML (with an optional thresholds: section)")
     nig.add_argument("--store", type=Path, default=None)
 
-    ben = sub.add_parser("bench", help="speed and memory per format against targets (writes reports/bench/)")
+    ben = command("bench", help="speed and memory per format against targets (writes reports/bench/)")
     ben.add_argument("--model", default="smollm2-135m")
     ben.add_argument("--formats", default=DEFAULT_FORMATS_HELP)
     ben.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     ben.add_argument("--out", type=Path, default=None, help="default ./reports/bench (or $QEVAL_HOME/reports/bench)")
 
-    gcp = sub.add_parser("gc", help="delete cached references and adapters that no stored record uses",
+    gcp = command("gc", help="delete cached references and adapters that no stored record uses",
                          description="List (and unless --dry-run delete) divergence references and adapter "
                                      "artifacts in the cache that no record in the store refers to; prints sizes.")
     gcp.add_argument("--store", type=Path, default=None)
     gcp.add_argument("--dry-run", action="store_true", help="only list what would be deleted")
 
-    sub.add_parser("formats", help="list the quantization formats")
-    sub.add_parser("suites", help="list the shipped suites and tasks")
-    sub.add_parser("setup", help="build the suite data and convert the embedded model (once)")
+    command("formats", help="list the quantization formats")
+    command("suites", help="list the shipped suites and tasks")
+    command("setup", help="build the suite data and convert the embedded model (once)")
     return p
 
 
