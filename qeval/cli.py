@@ -143,12 +143,34 @@ def main(argv: list[str] | None = None) -> int:
         return 3
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time of the record (not the stream of the first
+    call): a main() embedded in another program, or run under pytest's capture, never writes into
+    a closed stream."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value):
+        pass
+
+
 def _setup_logging(verbose: bool) -> None:
-    """qeval's own progress at INFO; library logs only with -v. Handlers are (re)configured per
-    call, not frozen at first use, so -v in a later main() call (tests, embedding) takes effect."""
-    logging.basicConfig(level=logging.WARNING, format="%(message)s", force=True)
-    logging.getLogger().setLevel(logging.INFO if verbose else logging.WARNING)
+    """qeval's own progress at INFO; library logs only with -v. Configured per main() call (not
+    frozen at first use, not muted for good), so -v in a later call takes effect."""
+    root = logging.getLogger()
+    for h in [h for h in root.handlers if isinstance(h, _StderrHandler)]:
+        root.removeHandler(h)
+    handler = _StderrHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    root.addHandler(handler)
+    root.setLevel(logging.INFO if verbose else logging.WARNING)
     logging.getLogger("qeval").setLevel(logging.DEBUG if verbose else logging.INFO)
+    # bitsandbytes warns on every int8 matmul that fp32 inputs are cast to fp16 (documented
+    # behaviour of the format, thousands of times a run): shown with -v only
+    logging.getLogger("bitsandbytes").setLevel(logging.NOTSET if verbose else logging.ERROR)
 
 
 def _store_path(args) -> Path:
