@@ -18,15 +18,15 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from qeval import env
-from qeval.errors import QevalError
+from qeval.errors import ChildError, QevalError
 from qeval.memory import PeakMemory
 from qeval.models import LoadedModel, ResolvedModel, fingerprint, load_model
 from qeval.quant import FORMATS, measure_footprint
-from qeval.store import content_key
-from qeval.suite_data import DATA_DIR, ensure_built
+from qeval.files import atomic_write, content_key
+from qeval.suite_data import ensure_built, suite_data_dir
 
 log = logging.getLogger("qeval")
 
@@ -111,7 +111,7 @@ class AdapterArtifact:
 
 def adapter_key(model: ResolvedModel, spec: AdapterSpec, device: str) -> str:
     """Content hash of what determines an adapter (the training data must be built already)."""
-    data = DATA_DIR / TRAIN_DATA[spec.train_data]
+    data = suite_data_dir() / TRAIN_DATA[spec.train_data]
     from qeval.suite_data import sha256
 
     versions = {k: v for k, v in env.versions().items() if k in ("torch", "transformers", "peft", "bitsandbytes")}
@@ -135,14 +135,60 @@ def finetune(model: ResolvedModel, spec: AdapterSpec, device: str, prefix: str =
     if meta.is_file():
         return _load_artifact(meta, reused=True)
     if isolate:
-        import multiprocessing
-
-        # spawn, not fork: a forked child would inherit this process's memory and threads
-        with multiprocessing.get_context("spawn").Pool(1) as pool:
-            pool.apply(_train, (model, spec, device, key, out, prefix))
+        run_in_child(_train, (model, spec, device, key, out, prefix))
     else:
         _train(model, spec, device, key, out, prefix)
     return _load_artifact(meta, reused=False)
+
+
+def run_in_child(fn: Callable, args: tuple) -> None:
+    """Run `fn(*args)` in a fresh (spawned) process and re-raise its error here.
+
+    A pool would hang the parent forever when the child dies (OOM killer, kill -9) or when its
+    error cannot be unpickled; a plain Process with a pipe lets us watch both the result and the
+    child's exit code. QevalErrors cross intact (they pickle); anything else arrives as ChildError
+    with its type name and message."""
+    import multiprocessing
+
+    # spawn, not fork: a forked child would inherit this process's memory and threads
+    ctx = multiprocessing.get_context("spawn")
+    recv, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_child_main, args=(send, fn, args))
+    proc.start()
+    send.close()  # only the child holds the writing end: EOF on recv means it is gone
+    try:
+        while not recv.poll(0.5):
+            if not proc.is_alive() and not recv.poll(0.5):
+                raise ChildError("ChildProcessDied", f"the training process exited with code {proc.exitcode} "
+                                 "before reporting (killed, or out of memory?)")
+        try:
+            ok, error = recv.recv()
+        except EOFError:
+            proc.join(5)
+            raise ChildError("ChildProcessDied", f"the training process exited with code {proc.exitcode} "
+                             "before reporting (killed, or out of memory?)") from None
+    finally:
+        proc.join(30)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+    if not ok:
+        raise error
+
+
+def _child_main(send, fn: Callable, args: tuple) -> None:
+    import traceback
+
+    try:
+        fn(*args)
+        result = (True, None)
+    except QevalError as e:
+        result = (False, e)
+    except BaseException as e:  # noqa: BLE001 -- everything must reach the parent as a value
+        result = (False, ChildError(type(e).__name__, str(e).splitlines()[0][:300] if str(e) else "",
+                                    traceback.format_exc()))
+    send.send(result)
+    send.close()
 
 
 def _train(model: ResolvedModel, spec: AdapterSpec, device: str, key: str, out: Path, prefix: str) -> None:
@@ -199,7 +245,7 @@ def _train(model: ResolvedModel, spec: AdapterSpec, device: str, key: str, out: 
                           spec.steps * spec.batch_size * spec.seq_len / train_s, peak.peak_bytes,
                           0 if device.startswith("cuda") else rss_before,
                           tuple(losses), tuple(heldout), device)
-    (tmp / "qeval-artifact.json").write_text(json.dumps(art.summary(), indent=1))
+    atomic_write(tmp / "qeval-artifact.json", json.dumps(art.summary(), indent=1))
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)  # atomic: a crash mid-training leaves nothing that looks finished
 
@@ -244,7 +290,7 @@ def _blocks(tokenizer, spec: AdapterSpec):
     """Pack the training documents (EOS-separated) into seq_len blocks; same for held-out."""
     import torch
 
-    rows = [json.loads(x) for x in (DATA_DIR / TRAIN_DATA[spec.train_data]).read_text(encoding="utf-8").splitlines() if x]
+    rows = [json.loads(x) for x in (suite_data_dir() / TRAIN_DATA[spec.train_data]).read_text(encoding="utf-8").splitlines() if x]
 
     def pack(split: str):
         ids: list[int] = []

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from qeval.files import atomic_write
 from qeval.memory import PeakMemory
 from qeval.models import load_model, resolve_model
 from qeval.quant import FORMATS
@@ -71,6 +72,6 @@ def write(frame: pd.DataFrame, out: Path, meta: str) -> list[Path]:
         lines.append(f"| {r.format} | {r.bytes / 2**20:.1f} | {r.theory_bytes / 2**20:.1f} | {r.ratio_to_theory:.4f} | "
                      f"{r.load_s:.2f} | {r.prefill_tok_s:.0f} | {r.prefill_vs_none:.2f} | {r.decode_tok_s:.1f} | "
                      f"{r.peak_bytes / 2**20:.0f} | {'met' if r.meets_targets else 'MISSED'} |")
-    (out / "bench.md").write_text("\n".join(lines) + "\n")
-    frame.to_csv(out / "bench.csv", index=False)
+    atomic_write(out / "bench.md", "\n".join(lines) + "\n")
+    atomic_write(out / "bench.csv", frame.to_csv(index=False))
     return [out / "bench.md", out / "bench.csv"]

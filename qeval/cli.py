@@ -1,20 +1,27 @@
-"""qeval's command line: `qeval run`, `qeval report`, `qeval formats`, `qeval suites`, `qeval setup`.
+"""qeval's command line: `qeval run`, `qeval report`, `qeval nightly`, `qeval gc`, `qeval formats`,
+`qeval suites`, `qeval setup`.
 
-Every user error is one line on stderr (the value, what was expected, the fix) and exit code 2;
-a run whose cells failed exits 1; success exits 0. `qeval nightly`: 0 clean, 1 regression, 2 bad
-input, 3 could not finish.
+Exit codes: 0 success; 1 failed cells (run) or a regression (nightly); 2 bad input -- one line on
+stderr per problem (the value, what was expected, the fix), nothing written; 3 qeval could not
+finish (a lock held too long, an internal error: one line, the traceback with -v or QEVAL_DEBUG=1).
+Heavy libraries (torch, transformers, lm-eval) are imported inside the commands that need them, so
+`qeval --help` and `qeval --version` answer at once.
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import traceback
 from datetime import datetime
 from pathlib import Path
 
-from qeval import env
+from qeval import __version__, env
 from qeval.errors import QevalError
-from qeval.quant import DEFAULT_FORMATS, FORMATS
+
+# mirrors qeval.quant.DEFAULT_FORMATS (tests/test_cli.py checks); here to keep --help free of torch
+DEFAULT_FORMATS_HELP = "none,bnb-int8,bnb-nf4,bnb-nf4-dq,bnb-fp4,bnb-fp4-dq"
 
 EPILOG = """examples:
   qeval run                                   # all six formats of the embedded model, default suite
@@ -25,16 +32,32 @@ EPILOG = """examples:
 """
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line like every other user error (exit 2)."""
+
+    def error(self, message: str):
+        print(f"qeval: error: {message}; see `{self.prog} --help`", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="qeval", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
         description="Measure what quantization costs an LLM: accuracy per task, bytes, time. "
                     "Results go to a SQLite store (computed once, reused on reruns); reports are "
                     "rendered from the store.")
-    p.add_argument("-v", "--verbose", action="store_true", help="show library logs")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p.add_argument("-v", "--verbose", action="store_true", help="show library logs and tracebacks")
+    p.add_argument("--version", action="version", version=f"qeval {__version__}")
+    # -v after the subcommand too (`qeval run -v`): SUPPRESS keeps a subparser from resetting it
+    common = _Parser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="show library logs and tracebacks")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
-    run = sub.add_parser("run", help="evaluate a model at several formats (only missing cells)",
+    def command(name: str, **kw) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[common], **kw)  # every subcommand accepts -v
+
+    run = command("run", help="evaluate a model at several formats (only missing cells)",
                          formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
     run.add_argument("--plan", type=Path, help="plan YAML (keys: models, formats, suite, device, seed, "
                      "bootstrap_iters); other flags override it")
@@ -43,6 +66,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--formats", help="comma-separated format names (see `qeval formats`); default: all six")
     run.add_argument("--suite", help="shipped suite name (see `qeval suites`) or suite YAML path; default: default")
     run.add_argument("--tasks", help="comma-separated lm-eval task names instead of a suite")
+    run.add_argument("--include-path", action="append", type=Path, metavar="DIR", default=None,
+                     help="folder with your own lm-eval task YAML (repeatable); adds to the plan's include_path")
     run.add_argument("--limit", type=int, help="with --tasks: documents per task (default: all)")
     run.add_argument("--num-fewshot", type=int, default=0, help="with --tasks: few-shot examples (default 0)")
     run.add_argument("--batch-size", type=int, default=1, help="with --tasks: batch size (default 1)")
@@ -51,13 +76,14 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--store", type=Path, default=None, help=f"result store (default {env.default_store_path()}, "
                      "or $QEVAL_STORE)")
 
-    rep = sub.add_parser("report", help="render reports/latest/ from the store")
+    rep = command("report", help="render reports/latest/ from the store")
     rep.add_argument("--store", type=Path, default=None)
-    rep.add_argument("--out", type=Path, default=env.REPO_ROOT / "reports" / "latest")
+    rep.add_argument("--out", type=Path, default=None,
+                     help="output folder (default ./reports/latest, or $QEVAL_HOME/reports/latest)")
     rep.add_argument("--memory-budget", type=_gib, metavar="GIB",
                      help="training memory you have, in GiB: the LoRA-vs-QLoRA verdict picks within it")
 
-    nig = sub.add_parser("nightly", help="run a plan as a nightly regression job (exit 1 on regression)",
+    nig = command("nightly", help="run a plan as a nightly regression job (exit 1 on regression)",
                          description="Run PLAN incrementally, record the run, compare every cell and metric with the "
                                      "previous nightly run (exact McNemar / paired t on log-likelihoods, "
                                      "Benjamini-Hochberg FDR over the run, minimum meaningful effects) and with the "
@@ -70,20 +96,26 @@ def _parser() -> argparse.ArgumentParser:
                      "'bnb-nf4 / qeval_capitals') instead of running; needs --reason")
     nig.add_argument("--reason", help="why the regression is accepted (recorded in the store's history)")
 
-    bg = sub.add_parser("bench-gates", help="false alarms and detection of the nightly gates, simulated on a store")
+    bg = command("bench-gates", help="false alarms and detection of the nightly gates, simulated on a store")
     bg.add_argument("--store", type=Path, default=None, help="a store holding the default plan's results")
     bg.add_argument("--nights", type=int, default=1000)
     bg.add_argument("--out", type=Path, default=env.REPO_ROOT / "reports" / "bench")
 
-    ben = sub.add_parser("bench", help="speed and memory per format against targets (writes reports/bench/)")
+    ben = command("bench", help="speed and memory per format against targets (writes reports/bench/)")
     ben.add_argument("--model", default="smollm2-135m")
-    ben.add_argument("--formats", default=",".join(DEFAULT_FORMATS))
+    ben.add_argument("--formats", default=DEFAULT_FORMATS_HELP)
     ben.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    ben.add_argument("--out", type=Path, default=env.REPO_ROOT / "reports" / "bench")
+    ben.add_argument("--out", type=Path, default=None, help="default ./reports/bench (or $QEVAL_HOME/reports/bench)")
 
-    sub.add_parser("formats", help="list the quantization formats")
-    sub.add_parser("suites", help="list the shipped suites and tasks")
-    sub.add_parser("setup", help="build the suite data and convert the embedded model (once)")
+    gcp = command("gc", help="delete cached references and adapters that no stored record uses",
+                         description="List (and unless --dry-run delete) divergence references and adapter "
+                                     "artifacts in the cache that no record in the store refers to; prints sizes.")
+    gcp.add_argument("--store", type=Path, default=None)
+    gcp.add_argument("--dry-run", action="store_true", help="only list what would be deleted")
+
+    command("formats", help="list the quantization formats")
+    command("suites", help="list the shipped suites and tasks")
+    command("setup", help="build the suite data and convert the embedded model (once)")
     return p
 
 
@@ -99,17 +131,57 @@ def _gib(text: str) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
-    logging.getLogger("qeval").setLevel(logging.INFO)
+    verbose = bool(getattr(args, "verbose", False))
+    debug = verbose or bool(os.environ.get("QEVAL_DEBUG"))
+    _setup_logging(verbose)
     try:
         return COMMANDS[args.command](args)
     except QevalError as e:
         for line in str(e).splitlines():
             print(f"qeval: error: {line}", file=sys.stderr)
-        return 2
+        if debug:
+            traceback.print_exc()
+        return getattr(e, "exit_code", 2)
     except KeyboardInterrupt:
         print("qeval: interrupted; finished cells are stored, rerun to continue", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 -- a bug or an unforeseen environment: 3, never 1 ("regression")
+        if debug:
+            traceback.print_exc()
+        msg = str(e).splitlines()[0][:300] if str(e) else ""
+        print(f"qeval: internal error: {type(e).__name__}: {msg}; rerun with -v/QEVAL_DEBUG=1 for the traceback",
+              file=sys.stderr)
+        return 3
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time of the record (not the stream of the first
+    call): a main() embedded in another program, or run under pytest's capture, never writes into
+    a closed stream."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value):
+        pass
+
+
+def _setup_logging(verbose: bool) -> None:
+    """qeval's own progress at INFO; library logs only with -v. Configured per main() call (not
+    frozen at first use, not muted for good), so -v in a later call takes effect."""
+    root = logging.getLogger()
+    for h in [h for h in root.handlers if isinstance(h, _StderrHandler)]:
+        root.removeHandler(h)
+    handler = _StderrHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    root.addHandler(handler)
+    root.setLevel(logging.INFO if verbose else logging.WARNING)
+    logging.getLogger("qeval").setLevel(logging.DEBUG if verbose else logging.INFO)
+    # bitsandbytes warns on every int8 matmul that fp32 inputs are cast to fp16 (documented
+    # behaviour of the format, thousands of times a run): shown with -v only
+    logging.getLogger("bitsandbytes").setLevel(logging.NOTSET if verbose else logging.ERROR)
 
 
 def _store_path(args) -> Path:
@@ -124,8 +196,14 @@ def cmd_run(args) -> int:
     overrides = {}
     if args.model:
         overrides["models"] = (args.model,)
-    if args.formats:
+    if args.formats is not None:
         overrides["formats"] = tuple(f.strip() for f in args.formats.split(",") if f.strip())
+        if not overrides["formats"]:
+            raise QevalError("--formats", args.formats, "one or more comma-separated format names",
+                             "e.g. --formats none,bnb-nf4 (`qeval formats` lists them); leave it out for all six")
+    if args.include_path:
+        overrides["include_path"] = tuple(str(p) for p in args.include_path) + tuple(
+            [plan.include_path] if isinstance(plan.include_path, str) else plan.include_path)
     for name in ("suite", "device", "seed"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
@@ -136,9 +214,12 @@ def cmd_run(args) -> int:
                          "add --tasks, or edit the suite's limit")
     plan = Plan(**{**plan.__dict__, **overrides})
     suite = None
-    if args.tasks:
+    if args.tasks is not None:
+        from qeval.suites import include_paths
+
+        paths = include_paths(plan.include_path, None, "--include-path")
         suite = suite_from_tasks([t.strip() for t in args.tasks.split(",") if t.strip()], args.limit,
-                                 args.num_fewshot, args.batch_size)
+                                 args.num_fewshot, args.batch_size, paths)
     summary = run_plan(plan, _store_path(args), suite=suite)
     for line in summary.failed:
         print(f"qeval: failed: {line}", file=sys.stderr)
@@ -153,9 +234,12 @@ def cmd_report(args) -> int:
     from qeval.store import Store
 
     path = _store_path(args)
-    if not path.is_file():
-        raise QevalError("result store", str(path), "an existing store", "run `qeval run` first (or pass --store)")
-    with Store(path) as store:
+    out = args.out or env.default_report_dir()
+    bad = next((p for p in [out, *out.parents] if p.exists() and not p.is_dir()), None)
+    if bad is not None:
+        raise QevalError("--out", str(out), "a folder (or a path where one can be created)",
+                         f"{bad} is a file; pass another --out")
+    with Store(path, readonly=True) as store:
         records = list(store.records())
         pairs = paired_frame(records, store.samples)
         frames = adapter_frames(records, store.samples)
@@ -173,7 +257,7 @@ def cmd_report(args) -> int:
     table, verdict = decision(frames, args.memory_budget)
     # the nightly compares every cell and metric of the plan: that many tests share the FDR
     tests = sum(len(r["metrics"]) for r in latest(records))
-    written = render(with_paired(results_frame(records), pairs), memory, meta, args.out,
+    written = render(with_paired(results_frame(records), pairs), memory, meta, out,
                      extra=[significance_section(task_mde(pairs), DEFAULT_FDR, tests),
                             divergence_section(divergence_frame(records, pairs)),
                             adapter_section(frames, table, verdict, memory), history_section(history)])
@@ -184,6 +268,7 @@ def cmd_report(args) -> int:
 
 def cmd_nightly(args) -> int:
     from qeval.nightly import EXIT_COULD_NOT_RUN, acknowledge, nightly
+    from qeval.store import check_store_path
 
     if args.reason and not args.ack:
         raise QevalError("--reason", args.reason, "--ack CELL beside it", "add --ack with the cell to acknowledge")
@@ -191,6 +276,7 @@ def cmd_nightly(args) -> int:
         ids = acknowledge(_store_path(args), args.ack, args.reason or "")
         print(f"acknowledged {len(ids)} open regression(s) of {args.ack}: {args.reason}")
         return 0
+    check_store_path(_store_path(args), write=True)
     try:
         res = nightly(args.plan, _store_path(args))
     except (QevalError, KeyboardInterrupt):
@@ -218,7 +304,9 @@ def cmd_bench_gates(args) -> int:
 
 def cmd_bench(args) -> int:
     from qeval.bench import bench, write
+    from qeval.quant import FORMATS
 
+    out = args.out or env.home() / "reports" / "bench"
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
     for f in formats:
         FORMATS.get(f)  # unknown names fail here, with the known ones listed
@@ -226,13 +314,15 @@ def cmd_bench(args) -> int:
     frame = bench(args.model, formats, device)
     meta = (f"model {args.model}, device {env.device_description(device)}, git {env.git_sha()}, "
             + ", ".join(f"{k} {v}" for k, v in env.versions().items()))
-    for p in write(frame, args.out, meta):
+    for p in write(frame, out, meta):
         print(p)
-    print((args.out / "bench.md").read_text())
+    print((out / "bench.md").read_text())
     return 0
 
 
 def cmd_formats(args) -> int:
+    from qeval.quant import FORMATS
+
     for name, f in FORMATS.items():
         bits = f"{f.bits_per_weight(576):.3f} bits/weight" if f.bits_per_weight else "full precision"
         print(f"{name:12s} {bits:20s} {f.description}")
@@ -261,7 +351,13 @@ def cmd_setup(args) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "nightly": cmd_nightly, "bench-gates": cmd_bench_gates, "bench": cmd_bench, "report": cmd_report, "formats": cmd_formats, "suites": cmd_suites, "setup": cmd_setup}
+def cmd_gc(args) -> int:
+    from qeval.gc import collect
+
+    return collect(_store_path(args), dry_run=args.dry_run)
+
+
+COMMANDS = {"gc": cmd_gc, "run": cmd_run, "nightly": cmd_nightly, "bench-gates": cmd_bench_gates, "bench": cmd_bench, "report": cmd_report, "formats": cmd_formats, "suites": cmd_suites, "setup": cmd_setup}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -42,27 +42,37 @@ class Reference:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
 
-    def save(self, path: Path) -> None:
+    def save(self, path: Path, head_path: Path | None = None) -> None:
+        """Hidden states to `path`; the output head to `head_path` when given (once per model: it is
+        the same for every task, and at 49152x576 floats it is most of a reference's bytes), else
+        into `path` too. Both writes are atomic with unique temporary names."""
         from safetensors.torch import save_file
 
+        from qeval.files import atomic_write_with
+
         tensors = {f"h_{k}": h.contiguous() for k, h in self.hidden.items()}
-        tensors["weight"] = self.weight.contiguous()
+        head = {"weight": self.weight.contiguous()}
         if self.bias is not None:
-            tensors["bias"] = self.bias.contiguous()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        save_file(tensors, str(tmp), metadata={"softcap": str(self.softcap or "")})
-        tmp.replace(path)  # atomic: a half-written reference is never read
+            head["bias"] = self.bias.contiguous()
+        meta = {"softcap": str(self.softcap or "")}
+        if head_path is None:
+            tensors.update(head)
+        elif not Path(head_path).is_file():
+            atomic_write_with(head_path, lambda tmp: save_file(head, tmp, metadata=meta))
+        atomic_write_with(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
     @classmethod
-    def load(cls, path: Path) -> "Reference":
+    def load(cls, path: Path, head_path: Path | None = None) -> "Reference":
         from safetensors import safe_open
 
         with safe_open(str(path), "pt") as f:
             meta = f.metadata()
             hidden = {k[2:]: f.get_tensor(k) for k in f.keys() if k.startswith("h_")}
-            bias = f.get_tensor("bias") if "bias" in f.keys() else None
-            return cls(hidden, f.get_tensor("weight"), bias, float(meta["softcap"]) if meta["softcap"] else None)
+            head_file = path if "weight" in f.keys() or head_path is None else head_path
+        with safe_open(str(head_file), "pt") as h:
+            bias = h.get_tensor("bias") if "bias" in h.keys() else None
+            weight = h.get_tensor("weight")
+        return cls(hidden, weight, bias, float(meta["softcap"]) if meta["softcap"] else None)
 
 
 @dataclass

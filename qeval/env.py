@@ -11,16 +11,29 @@ from pathlib import Path
 # Libraries whose versions can change the numbers; they are part of every result key.
 KEY_LIBRARIES = ("torch", "transformers", "bitsandbytes", "lm_eval", "peft", "accelerate", "datasets")
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+# Shipped, read-only data (suite and task YAML) travels inside the package, so an installed qeval
+# (wheel, non-editable `pip install .`) finds it wherever site-packages is.
+PACKAGE_DATA = Path(__file__).resolve().parent / "data"
 
 
 def cache_dir() -> Path:
-    """Where converted models live (QEVAL_CACHE overrides; default ~/.cache/qeval)."""
-    return Path(os.environ.get("QEVAL_CACHE") or Path.home() / ".cache" / "qeval").expanduser()
+    """Where converted models, suite data, references and adapters live (QEVAL_CACHE overrides;
+    default ~/.cache/qeval). Absolute: evaluation may change the working directory."""
+    return Path(os.environ.get("QEVAL_CACHE") or Path.home() / ".cache" / "qeval").expanduser().absolute()
+
+
+def home() -> Path:
+    """Where outputs go by default: $QEVAL_HOME, else the current directory (like git or make: run
+    qeval in the folder you want `results/` and `reports/` in)."""
+    return Path(os.environ.get("QEVAL_HOME") or ".").expanduser()
 
 
 def default_store_path() -> Path:
-    return Path(os.environ.get("QEVAL_STORE") or REPO_ROOT / "results" / "qeval.sqlite")
+    return Path(os.environ.get("QEVAL_STORE") or home() / "results" / "qeval.sqlite")
+
+
+def default_report_dir() -> Path:
+    return home() / "reports" / "latest"
 
 
 def is_offline() -> bool:
@@ -47,11 +60,16 @@ def versions() -> dict[str, str]:
 
 @functools.cache
 def git_sha() -> str:
-    """HEAD's sha, suffixed '-dirty' when the tree has uncommitted changes ('unknown' outside git)."""
+    """qeval's own source revision: HEAD's sha, suffixed '-dirty' when the tree has uncommitted
+    changes; 'unknown' for an installed package (not inside a git checkout; stderr is captured so
+    no "fatal: not a git repository" reaches the user)."""
+    src = PACKAGE_DATA.parent.parent
+    if not (src / ".git").exists():
+        return "unknown"
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True,
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=src, capture_output=True,
                              text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=src,
                                capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"

@@ -19,6 +19,17 @@ class QevalError(Exception):
             msg += f"; {fix}"
         super().__init__(msg)
 
+    def __reduce__(self):
+        # Exceptions pickle as `cls(*self.args)`, which is one argument here: without this, an error
+        # raised in the training child process cannot be unpickled in the parent.
+        return (self.__class__, (self.what, self.value, self.expected, self.fix))
+
+
+class CouldNotFinish(QevalError):
+    """Not the user's input: qeval could not finish (a lock held too long, ...). Exit 3, not 2."""
+
+    exit_code = 3
+
 
 class QevalErrors(QevalError):
     """Several problems found in one validation pass, reported together (one per line)."""
@@ -26,6 +37,21 @@ class QevalErrors(QevalError):
     def __init__(self, errors: list[QevalError]):
         self.errors = errors
         Exception.__init__(self, "\n".join(str(e) for e in errors))
+
+    def __reduce__(self):
+        return (self.__class__, (self.errors,))
+
+
+class ChildError(Exception):
+    """An unexpected exception from a child process, carried over as its type name and message
+    (the original may not be picklable, or its class may not exist in the parent)."""
+
+    def __init__(self, type_name: str, message: str, trace: str = ""):
+        self.type_name, self.message, self.trace = type_name, message, trace
+        super().__init__(f"{type_name}: {message}")
+
+    def __reduce__(self):
+        return (self.__class__, (self.type_name, self.message, self.trace))
 
 
 def did_you_mean(name: str, known: Iterable[str]) -> str:

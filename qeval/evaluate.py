@@ -11,15 +11,17 @@ import contextlib
 import functools
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from qeval.divergence import Capture, Divergence, Reference
 from qeval.memory import PeakMemory
 from qeval.models import LoadedModel
-from qeval.suites import TASKS_DIR, TaskSpec, shipped_tasks
+from qeval.suites import TASKS_DIR, TaskSpec, find_tasks
 
 
 @dataclass(frozen=True)
@@ -53,23 +55,67 @@ class EvalOutcome:
 
 
 @functools.cache
-def _task_manager(include_defaults: bool):
+def _task_manager(include_defaults: bool, paths: tuple[Path, ...] = ()):
     from lm_eval.tasks import TaskManager
 
     # Without the built-ins, indexing takes 0.1 s instead of ~15 s.
-    return TaskManager(include_defaults=include_defaults, include_path=str(TASKS_DIR))
+    return TaskManager(include_defaults=include_defaults, include_path=[str(TASKS_DIR), *map(str, paths)])
 
 
-def _quiet_lm_eval() -> None:
-    # bitsandbytes logs on every int8 matmul that fp32 inputs are cast to fp16; that is the format's
-    # documented behaviour (README, formats), not news for each of thousands of calls.
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    for name in ("lm_eval", "lm-eval", "lm_eval.evaluator", "lm_eval.api.task", "lm_eval.models.huggingface"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+@contextlib.contextmanager
+def _quiet_lm_eval():
+    """bitsandbytes logs on every int8 matmul that fp32 inputs are cast to fp16; that is the format's
+    documented behaviour (README, formats), not news for each of thousands of calls. Muted for the
+    evaluation only (levels restored after), and not at all with -v."""
+    names = ("bitsandbytes", "lm_eval", "lm-eval", "lm_eval.evaluator", "lm_eval.api.task", "lm_eval.models.huggingface")
+    if logging.getLogger("qeval").isEnabledFor(logging.DEBUG):
+        yield
+        return
+    old = {n: logging.getLogger(n).level for n in names}
+    for n in names:
+        logging.getLogger(n).setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for n, level in old.items():
+            logging.getLogger(n).setLevel(level)
+
+
+def _quiet_git() -> None:
+    """lm-eval records its git hash by running `git describe` with stderr inherited: outside a
+    checkout (an installed qeval, any user folder) that prints "fatal: not a git repository" into
+    every run. Same value, stderr silenced."""
+    import subprocess
+
+    import lm_eval.evaluator as ev
+
+    def git_hash():
+        try:
+            out = subprocess.run(["git", "describe", "--always"], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout.strip() or None
+
+    ev.get_git_commit_hash = git_hash
+
+
+@contextlib.contextmanager
+def _in_folder(folder: Path | None):
+    """Run a found task from its YAML's folder, so relative data paths in it (the datasets library
+    resolves them against the working directory) mean "beside the YAML" wherever qeval runs."""
+    if folder is None:
+        yield
+        return
+    old = os.getcwd()
+    os.chdir(folder)
+    try:
+        yield
+    finally:
+        os.chdir(old)
 
 
 def evaluate(loaded: LoadedModel, task: TaskSpec, spec: EvalSpec,
-             divergence: str | Reference | None = None) -> EvalOutcome:
+             divergence: str | Reference | None = None, paths: tuple[Path, ...] = ()) -> EvalOutcome:
     """Run one lm-eval task on `loaded`; return metrics, stderr, per-sample outputs, time, memory.
 
     `divergence="reference"` also captures the model's hidden states on the task's forwards (the
@@ -78,14 +124,16 @@ def evaluate(loaded: LoadedModel, task: TaskSpec, spec: EvalSpec,
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
-    _quiet_lm_eval()
+    _quiet_git()
+    found = find_tasks(paths)
     lm = HFLM(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=task.batch_size,
               device=loaded.device)
     capture = None if divergence is None else Capture(loaded.model, None if divergence == "reference" else divergence)
-    with PeakMemory(loaded.device) as peak, (capture or contextlib.nullcontext()):
+    folder = found[task.task].parent if task.task in found else None
+    with PeakMemory(loaded.device) as peak, (capture or contextlib.nullcontext()), _quiet_lm_eval(), _in_folder(folder):
         t0 = time.perf_counter()
         res = simple_evaluate(
-            model=lm, tasks=[task.task], task_manager=_task_manager(task.task not in shipped_tasks()),
+            model=lm, tasks=[task.task], task_manager=_task_manager(task.task not in found, tuple(paths)),
             limit=task.limit, num_fewshot=task.num_fewshot, log_samples=True,
             bootstrap_iters=spec.bootstrap_iters, random_seed=spec.seed, numpy_random_seed=spec.seed,
             torch_random_seed=spec.seed, fewshot_random_seed=spec.seed)

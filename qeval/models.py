@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 from qeval import env
 from qeval.errors import QevalError
+from qeval.files import atomic_write, sha256_file
 from qeval.memory import PeakMemory
 from qeval.quant import Footprint, QuantFormat, measure_footprint
 from qeval.registry import Registry
@@ -81,12 +82,14 @@ def resolve_model(spec: str) -> ResolvedModel:
     if p.suffix == ".gguf":
         if not p.is_file():
             raise QevalError("model file", spec, "an existing .gguf file", "check the path")
-        digest = _sha256_file(p)[:16]
+        with open(p, "rb") as f:
+            if f.read(4) != b"GGUF":  # the magic; catches a wrong or empty file before a 40 s conversion
+                raise QevalError("model file", spec, "a GGUF file (it starts with the bytes GGUF)",
+                                 "check the path, or re-download the file")
+        digest = sha256_file(p)[:16]
         return _from_gguf(spec, p, source="gguf", cache_name=f"gguf-{p.stem}-{digest}")
     if p.is_dir():
-        if not (p / "config.json").is_file():
-            raise QevalError("model folder", spec, "a Hugging Face model folder with config.json",
-                             "point --model at the folder that holds config.json and the weights")
+        check_folder(p, spec)
         return ResolvedModel(spec, p.resolve(), fingerprint(p), "folder")
     # org/name (dots allowed: Qwen/Qwen2.5-0.5B) is a hub id unless it reads as a path
     if _HUB_ID.match(spec) and not spec.startswith((".", "/", "~")):
@@ -95,6 +98,62 @@ def resolve_model(spec: str) -> ResolvedModel:
         raise QevalError("model path", spec, "an existing folder or .gguf file", "check the path")
     raise QevalError("model", spec, "an embedded model (" + ", ".join(EMBEDDED) + "), a local folder, "
                      "a .gguf file or a hub id like org/name", "see `qeval run --help`")
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "tokenizer_config.json")
+
+
+def check_folder(folder: Path, spec: str) -> None:
+    """Catch what would fail at load time as a user error, before any store is opened: no or bad
+    config.json, no tokenizer, no weights, a safetensors file whose header or size is wrong."""
+    cfg = folder / "config.json"
+    if not cfg.is_file():
+        raise QevalError("model folder", spec, "a Hugging Face model folder with config.json",
+                         "point --model at the folder that holds config.json and the weights")
+    try:
+        if not isinstance(json.loads(cfg.read_text(encoding="utf-8")), dict):
+            raise ValueError("not an object")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise QevalError("model config", str(cfg), "a JSON object (config.json)",
+                         f"the file is not valid JSON ({str(e).splitlines()[0][:80]}); re-create the folder") from None
+    if not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        raise QevalError("model folder", spec, "tokenizer files (" + ", ".join(TOKENIZER_FILES[:2]) + ", ...)",
+                         "save the tokenizer into the folder (tokenizer.save_pretrained(folder))")
+    weights = sorted(folder.glob("*.safetensors"))
+    if not weights and not any(folder.glob("*.bin")):
+        raise QevalError("model folder", spec, "weight files (*.safetensors or *.bin)",
+                         "save the model into the folder (model.save_pretrained(folder))")
+    for w in weights:
+        problem = safetensors_problem(w)
+        if problem:
+            raise QevalError("model weights", str(w), "a complete safetensors file",
+                             f"{problem}; re-create the folder (for the embedded model delete it from the cache)")
+
+
+def safetensors_problem(path: Path) -> str:
+    """'' for a readable safetensors file, else what is wrong: header length, header JSON, or a
+    file shorter than its tensors (a truncated download or copy). Reads the header only."""
+    import struct
+
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return f"{size} bytes, too short for a header"
+        n = struct.unpack("<Q", head)[0]
+        if n <= 0 or 8 + n > size:
+            return "the header length is impossible (truncated or not safetensors)"
+        try:
+            header = json.loads(f.read(n))
+        except (ValueError, UnicodeDecodeError):
+            return "the header is not valid JSON"
+    if not isinstance(header, dict):
+        return "the header is not a JSON object"
+    end = max((int(v["data_offsets"][1]) for k, v in header.items()
+               if k != "__metadata__" and isinstance(v, dict) and "data_offsets" in v), default=0)
+    if 8 + n + end > size:
+        return f"{size} bytes, but its tensors need {8 + n + end} (truncated)"
+    return ""
 
 
 def _from_hub(repo_id: str) -> ResolvedModel:
@@ -123,6 +182,7 @@ def _from_gguf(spec: str, gguf: Path, source: str, cache_name: str) -> ResolvedM
         with FileLock(str(target) + ".lock"):  # two runs at once convert only once
             if not (target / "config.json").is_file():
                 _convert_gguf(gguf, target)
+    check_folder(target, spec)
     return ResolvedModel(spec, target, fingerprint(target), source)
 
 
@@ -150,19 +210,11 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     with _quiet():
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-    (tmp / "qeval-source.json").write_text(json.dumps(
-        {"gguf": str(gguf), "gguf_sha256": _sha256_file(gguf), "versions": env.versions()}, indent=1))
+    atomic_write(tmp / "qeval-source.json", json.dumps(
+        {"gguf": str(gguf), "gguf_sha256": sha256_file(gguf), "versions": env.versions()}, indent=1))
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)  # atomic: a crash mid-conversion leaves no half-written cache
     log.info("converted in %.1f s", time.time() - t0)
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def fingerprint(folder: Path) -> str:
@@ -181,10 +233,9 @@ def fingerprint(folder: Path) -> str:
     h = hashlib.sha256()
     for f in files:
         h.update(f.name.encode())
-        h.update(_sha256_file(f).encode())
+        h.update(sha256_file(f).encode())
     fp = h.hexdigest()
-    memo.parent.mkdir(parents=True, exist_ok=True)
-    memo.write_text(json.dumps({"stat": stat, "fingerprint": fp}))
+    atomic_write(memo, json.dumps({"stat": stat, "fingerprint": fp}))
     return fp
 
 
@@ -208,16 +259,26 @@ def load_model(resolved: ResolvedModel, fmt: QuantFormat, device: str) -> Loaded
         kwargs["device_map"] = {"": 0} if device.startswith("cuda") else "cpu"
     with PeakMemory(device) as peak:
         t0 = time.perf_counter()
+        # The folder was checked up front (check_folder: config, tokenizer, safetensors headers), so
+        # what fails here is a runtime problem (out of memory, an unsupported architecture, a bad
+        # quantization config) and propagates: the runner records it as a failed cell. Only the
+        # tokenizer and weight files themselves are blamed, and only when they are what failed.
         try:
             with _quiet():
                 tok = AutoTokenizer.from_pretrained(resolved.path)
+        except (OSError, ValueError) as e:
+            raise QevalError("model tokenizer", str(resolved.path), "tokenizer files transformers can read",
+                             f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}; "
+                             "save the tokenizer into the folder") from None
+        try:
+            with _quiet():
                 model = AutoModelForCausalLM.from_pretrained(resolved.path, **kwargs)
-        except Exception as e:  # corrupt or truncated weights raise many types (SafetensorError, ...)
-            if isinstance(e, QevalError):
-                raise
-            raise QevalError("model weights", str(resolved.path), "loadable Hugging Face weights",
-                             f"{type(e).__name__}: {str(e).splitlines()[0][:160]}; "
-                             "re-create the folder (for the embedded model delete it from the cache)") from None
+        except Exception as e:
+            if type(e).__name__ == "SafetensorError" or "header" in str(e).lower() and "safetensors" in str(e).lower():
+                raise QevalError("model weights", str(resolved.path), "loadable Hugging Face weights",
+                                 f"{type(e).__name__}: {str(e).splitlines()[0][:160]}; "
+                                 "re-create the folder (for the embedded model delete it from the cache)") from None
+            raise
         if qcfg is None:
             model.to(device)
         if fmt.after_load is not None:

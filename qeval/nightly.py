@@ -167,7 +167,7 @@ def nightly(plan_path: Path, store_path: Path,
     """Run the plan and gate it. `run_kind` names the runs this one is recorded as; `compare_with`
     the kind of run it is compared with (default the same): a candidate-environment run
     (`run_kind="candidate"`, `compare_with="nightly"`) is compared with the last locked one."""
-    from filelock import FileLock
+    from qeval.files import store_lock
 
     t0 = time.perf_counter()
     plan = load_plan(plan_path)
@@ -175,7 +175,7 @@ def nightly(plan_path: Path, store_path: Path,
     th = thresholds_of(plan, rp)
     store_path.parent.mkdir(parents=True, exist_ok=True)
     # One nightly at a time per store: a second one waits here, then finds the cells stored.
-    with FileLock(str(store_path) + ".nightly.lock"):
+    with store_lock(store_path, "nightly", progress):  # waits at most QEVAL_LOCK_TIMEOUT, then exit 3
         cells = [c for _, _, job_cells in expand(plan, rp) for c in job_cells]
         info = {"plan": str(plan_path), "plan_spec": dataclasses.asdict(plan), "git_sha": env.git_sha(),
                 "versions": env.versions(), "device": rp.device, "cells": [c.key for c in cells],

@@ -20,11 +20,12 @@ import base64
 import html
 import io
 import math
-import os
-import tempfile
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Union
+
+from qeval.files import atomic_write
 
 import matplotlib
 
@@ -188,8 +189,22 @@ class Image:
 Block = Union[Heading, Para, Bullets, Table, Image]
 
 
+_MD_ACTIVE = re.compile(r"([\\`*\[\]])|(?<![A-Za-z0-9])_|_(?![A-Za-z0-9])")
+
+
+def _md_text(text: str) -> str:
+    """Neutralise Markdown and HTML in text that may come from users (model paths, task and arm
+    names): a task called `<script>` or `**x**` or `[a](javascript:..)` reads as itself, not as markup,
+    and a newline cannot start a heading. Intra-word underscores (qeval_analogy) stay as they are:
+    they cannot start emphasis in GitHub-flavoured Markdown."""
+    text = str(text).replace("\r", " ").replace("\n", " ")
+    text = _MD_ACTIVE.sub(lambda m: "\\" + m.group(0), text)
+    text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return ("\\" + text) if text[:1] in ("#", "+", "-", "=") and not text[1:2].isdigit() else text
+
+
 def _md_cell(text: str) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
+    return _md_text(text).replace("|", "\\|")
 
 
 def to_markdown(blocks: Iterable[Block]) -> str:
@@ -197,11 +212,11 @@ def to_markdown(blocks: Iterable[Block]) -> str:
     out: list[str] = []
     for b in blocks:
         if isinstance(b, Heading):
-            out.append(f"{'#' * b.level} {b.text}")
+            out.append(f"{'#' * b.level} {_md_text(b.text)}")
         elif isinstance(b, Para):
-            out.append(b.text)
+            out.append(_md_text(b.text))
         elif isinstance(b, Bullets):
-            out.append("\n".join(f"- {item}" for item in b.items))
+            out.append("\n".join(f"- {_md_text(item)}" for item in b.items))
         elif isinstance(b, Table):
             lines = ["| " + " | ".join(_md_cell(h) for h in b.header) + " |",
                      "|" + "|".join("---:" if num else "---" for num in b.numeric) + "|"]
@@ -824,23 +839,6 @@ def _history_png(hist: pd.DataFrame) -> bytes:
 
 # ----------------------------------------------------------------------------- writing
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write `data` to a temporary file beside `path`, then rename it over `path`."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 def render(results: pd.DataFrame, memory: pd.DataFrame, meta: dict, out_dir: Path,
            extra: Iterable[Section | None] = ()) -> list[Path]:
     """Render report files into out_dir (created if missing) and return the paths written.
@@ -899,6 +897,6 @@ def render(results: pd.DataFrame, memory: pd.DataFrame, meta: dict, out_dir: Pat
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for name, data in files.items():
-        _atomic_write(out_dir / name, data)
+        atomic_write(out_dir / name, data)
         written.append(out_dir / name)
     return written

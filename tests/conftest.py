@@ -1,12 +1,33 @@
-"""Shared fixtures. Tests run offline: an accidental hub download fails loudly instead of hanging."""
+"""Shared fixtures. Tests run offline: an accidental hub download fails loudly instead of hanging.
+
+Isolation: before anything is imported or any fixture (of any scope) runs, QEVAL_CACHE, the suite
+data, QEVAL_HOME and QEVAL_STORE point into a fresh temporary folder, so no test reads or writes the
+user's ~/.cache/qeval or ./results, and module-scoped fixtures (the truth tests' stores) compare only
+with what they computed themselves. The one thing shared read-only with the user's cache is the
+converted embedded model (40 s to convert): it is linked into the session cache.
+"""
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
 for _flag in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
     os.environ[_flag] = "1"
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
+_USER_CACHE = Path(os.environ.get("QEVAL_CACHE") or Path.home() / ".cache" / "qeval").expanduser()
+SESSION_ROOT = Path(tempfile.mkdtemp(prefix="qeval-tests-"))
+SESSION_CACHE = SESSION_ROOT / "cache"
+os.environ["QEVAL_CACHE"] = str(SESSION_CACHE)
+os.environ["QEVAL_SUITE_DATA"] = str(SESSION_ROOT / "suite-data")  # one build per session, any test's cache
+os.environ["QEVAL_HOME"] = str(SESSION_ROOT / "home")
+os.environ.pop("QEVAL_STORE", None)
+(SESSION_CACHE / "models").mkdir(parents=True)
+for _model in (_USER_CACHE / "models").glob("*"):
+    if _model.is_dir() and (_model / "config.json").is_file():
+        (SESSION_CACHE / "models" / _model.name).symlink_to(_model, target_is_directory=True)
+
 import importlib.util  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -67,7 +88,11 @@ def suite_data():
 
 @pytest.fixture(autouse=True)
 def isolated_cache(request, tmp_path, monkeypatch):
-    """Fast tests get a private cache (fingerprint memos, conversions). The integration tier keeps
-    the user's cache, where `make test`'s setup step already converted the embedded model once."""
+    """Fast tests also get a private cache per test (fingerprint memos, references, adapters). The
+    integration tier shares the session cache, where the embedded model is linked in."""
     if request.node.get_closest_marker("slow") is None:
         monkeypatch.setenv("QEVAL_CACHE", str(tmp_path / "cache"))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(SESSION_ROOT, ignore_errors=True)

@@ -95,3 +95,46 @@ def test_module_entry_point_help():
     res = subprocess.run([sys.executable, "-m", "qeval", "run", "--help"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0
     assert "--formats" in res.stdout and "--suite" in res.stdout and "examples:" in res.stdout
+
+
+def test_help_defaults_mirror_the_registry():
+    from qeval import cli
+    from qeval.quant import DEFAULT_FORMATS
+
+    assert cli.DEFAULT_FORMATS_HELP == ",".join(DEFAULT_FORMATS)
+
+
+def test_help_and_version_do_not_import_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys; from qeval.cli import main\n"
+            "try: main(['--help'])\nexcept SystemExit: pass\n"
+            "try: main(['--version'])\nexcept SystemExit: pass\n"
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "qeval 0.1.0" in r.stdout
+
+
+def test_verbose_after_the_subcommand(capsys):
+    from qeval.cli import main
+
+    assert main(["formats", "-v"]) == 0
+    assert main(["-v", "formats"]) == 0
+
+
+def test_unexpected_exception_is_one_line_and_exit_3(monkeypatch, capsys):
+    from qeval import cli
+
+    def boom(args):
+        raise ZeroDivisionError("division by zero")
+
+    monkeypatch.setitem(cli.COMMANDS, "formats", boom)
+    monkeypatch.delenv("QEVAL_DEBUG", raising=False)
+    assert cli.main(["formats"]) == 3
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [
+        "qeval: internal error: ZeroDivisionError: division by zero; rerun with -v/QEVAL_DEBUG=1 for the traceback"]
+    assert cli.main(["formats", "-v"]) == 3
+    assert "Traceback" in capsys.readouterr().err

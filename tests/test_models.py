@@ -75,7 +75,7 @@ def test_fingerprint_memo_skips_rehash(tiny_model_dir, tmp_path, monkeypatch):
         calls.append(path)
         raise AssertionError(f"re-hashed {path}")
 
-    monkeypatch.setattr(models, "_sha256_file", no_hashing)
+    monkeypatch.setattr(models, "sha256_file", no_hashing)
     assert resolve_model(str(tiny_model_dir)).fingerprint == first
     assert calls == []
 
@@ -89,13 +89,13 @@ def test_fingerprint_memo_invalidated_by_mtime(tiny_model_dir, tmp_path, monkeyp
     copy = _copy(tiny_model_dir, tmp_path / "copy")
     first = fingerprint(copy)
     hashed = []
-    real = models._sha256_file
+    real = models.sha256_file
 
     def counting(path):
         hashed.append(Path(path).name)
         return real(path)
 
-    monkeypatch.setattr(models, "_sha256_file", counting)
+    monkeypatch.setattr(models, "sha256_file", counting)
     weights = copy / "model.safetensors"
     st = weights.stat()
     os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))
@@ -200,23 +200,45 @@ def test_load_sets_pad_token_when_missing(tiny_model_dir, tmp_path):
 def test_folder_without_weights_is_a_qeval_error(tiny_model_dir, tmp_path):
     copy = _copy(tiny_model_dir, tmp_path / "noweights")
     (copy / "model.safetensors").unlink()
-    resolved = resolve_model(str(copy))
-    with pytest.raises(QevalError) as ei:
-        load_model(resolved, FORMATS.get("none"), "cpu")
+    with pytest.raises(QevalError) as ei:  # caught when the folder is resolved: before any store opens
+        resolve_model(str(copy))
     msg = str(ei.value)
-    assert str(copy) in msg and "loadable Hugging Face weights" in msg
+    assert str(copy) in msg and "weight files" in msg
     assert "\n" not in msg
 
 
 def test_corrupt_weights_are_a_qeval_error(tiny_model_dir, tmp_path):
     copy = _copy(tiny_model_dir, tmp_path / "corrupt")
     (copy / "model.safetensors").write_bytes(b"not a safetensors file " * 64)
-    resolved = resolve_model(str(copy))
     with pytest.raises(QevalError) as ei:
-        load_model(resolved, FORMATS.get("none"), "cpu")
+        resolve_model(str(copy))
     msg = str(ei.value)
     assert str(copy) in msg
-    assert "loadable Hugging Face weights" in msg
+    assert "a complete safetensors file" in msg
+
+
+def test_missing_tokenizer_blames_the_tokenizer(tiny_model_dir, tmp_path):
+    copy = _copy(tiny_model_dir, tmp_path / "notok")
+    for f in copy.glob("tokenizer*"):
+        f.unlink()
+    with pytest.raises(QevalError, match="tokenizer files") as ei:
+        resolve_model(str(copy))
+    assert "weights" not in str(ei.value)
+
+
+def test_runtime_load_errors_are_not_blamed_on_the_weights(tiny_model_dir, monkeypatch):
+    """An OOM (or any runtime failure) while loading propagates as itself: the runner records a
+    failed cell instead of telling the user to delete a good cache."""
+    import transformers
+
+    resolved = resolve_model(str(tiny_model_dir))
+
+    def oom(*a, **k):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 MiB")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", oom)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        load_model(resolved, FORMATS.get("none"), "cpu")
 
 
 # --- GGUF conversion cache ------------------------------------------------------------------------
@@ -231,7 +253,7 @@ def _fake_convert(tiny: Path, calls: list):
 
 def test_gguf_converted_once_into_cache(tiny_model_dir, tmp_path, monkeypatch):
     gguf = tmp_path / "x.gguf"
-    gguf.write_bytes(b"")
+    gguf.write_bytes(b"GGUF")
     calls = []
     monkeypatch.setattr(models, "_convert_gguf", _fake_convert(tiny_model_dir, calls))
 
@@ -252,7 +274,7 @@ def test_gguf_converted_once_into_cache(tiny_model_dir, tmp_path, monkeypatch):
     assert r2 == r1
 
     # Different bytes under the same file name get their own cache entry.
-    gguf.write_bytes(b"other content")
+    gguf.write_bytes(b"GGUF other content")
     r3 = resolve_model(str(gguf))
     assert len(calls) == 2
     assert r3.path != r1.path and r3.path.name.startswith("gguf-x-")
@@ -260,7 +282,7 @@ def test_gguf_converted_once_into_cache(tiny_model_dir, tmp_path, monkeypatch):
 
 def test_gguf_crash_in_convert_leaves_no_cache(tiny_model_dir, tmp_path, monkeypatch):
     gguf = tmp_path / "x.gguf"
-    gguf.write_bytes(b"")
+    gguf.write_bytes(b"GGUF")
     calls = []
 
     def crashing(g, target):
@@ -302,7 +324,7 @@ def test_real_convert_is_atomic_and_records_source(tiny_model_dir, tmp_path, mon
     monkeypatch.setattr(transformers, "AutoModelForCausalLM",
                         _LoaderFromFolder(transformers.AutoModelForCausalLM, tiny_model_dir, seen))
     gguf = tmp_path / "tiny.gguf"
-    gguf.write_bytes(b"pretend gguf bytes")
+    gguf.write_bytes(b"GGUF pretend gguf bytes")
 
     real_versions = models.env.versions
 
@@ -323,7 +345,7 @@ def test_real_convert_is_atomic_and_records_source(tiny_model_dir, tmp_path, mon
     assert not r.path.with_name(r.path.name + ".tmp").exists()
     src = json.loads((r.path / "qeval-source.json").read_text())
     assert src["gguf"] == str(gguf)
-    assert src["gguf_sha256"] == models._sha256_file(gguf)
+    assert src["gguf_sha256"] == models.sha256_file(gguf)
     assert r.fingerprint == resolve_model(str(r.path)).fingerprint  # the cache is an ordinary folder
     lm = load_model(r, FORMATS.get("none"), "cpu")
     assert lm.dtype == "float32"

@@ -193,3 +193,17 @@ def test_formatters():
     assert report.fmt_mib(3 * MIB) == "3.0"
     assert report.variant_label("bnb-nf4", "lora") == "bnb-nf4+lora"
     assert report.variant_label("bnb-nf4", math.nan) == "bnb-nf4"
+
+
+def test_markdown_escapes_user_text():
+    """Task names and model paths come from users: Markdown shows them as text, as HTML does."""
+    from qeval.report import Bullets, Heading, Para, Table, to_markdown
+
+    evil = "<img src=x onerror=alert(1)> **b** [l](javascript:x) _e_ |"
+    md = to_markdown([Heading(3, evil + "\n# injected"), Para(evil), Bullets([evil]),
+                      Table(["task"], [[evil]], [False])])
+    assert "<img" not in md and "&lt;img" in md
+    assert "**b**" not in md and "[l](" not in md and " _e_ " not in md
+    assert "\n# injected" not in md
+    assert "| &lt;img src=x onerror=alert(1)&gt; \\*\\*b\\*\\* \\[l\\](javascript:x) \\_e\\_ \\| |" in md
+    assert to_markdown([Heading(3, "qeval_analogy")]).startswith("### qeval_analogy")

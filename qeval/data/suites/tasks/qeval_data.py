@@ -1,8 +1,10 @@
 """Dataset loaders and metric helpers for qeval's shipped lm-eval tasks.
 
 lm-eval imports this module through `!function qeval_data.<name>` in the task YAML beside it. The
-data files are built from installed packages by `qeval setup` (qeval/suite_data.py) into
-suites/data/, resolved relative to this file so the tasks work from any working directory.
+data files are built from installed packages by `qeval setup` (qeval/suite_data.py) into a
+user-writable folder, never the installed package. A relative `data_file` is looked up in the
+working directory first (qeval evaluates a task from its YAML's folder, so that means "beside the
+YAML"), then in the built suite data; an absolute one is used as is.
 """
 import json
 import re
@@ -10,11 +12,21 @@ from pathlib import Path
 
 import datasets
 
-DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+
+def _resolve(data_file):
+    from qeval.suite_data import suite_data_dir
+
+    path = Path(data_file).expanduser()
+    if path.is_absolute():
+        return path
+    for base in (Path.cwd(), suite_data_dir()):
+        if (base / path).is_file():
+            return base / path
+    return suite_data_dir() / path
 
 
 def _load(data_file, **_ignored):
-    path = DATA_DIR / data_file
+    path = _resolve(data_file)
     if not path.is_file():
         raise FileNotFoundError(f"suite data {path} is missing: run `qeval setup` (or `make setup`) to build it")
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
