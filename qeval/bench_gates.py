@@ -110,7 +110,8 @@ def _night(cells, rates, th, rng, plant=None):
     return [v for _, v in fdr_verdicts(comps, th.fdr)]
 
 
-def run(store_path: Path, out_dir: Path, nights: int = 1000, plan_path: Path | None = None) -> str:
+def run(store_path: Path, out_dir: Path, nights: int = 1000, plan_path: Path | None = None,
+        detect_nights: int | None = None) -> str:
     from qeval import env
     from qeval.nightly import thresholds_of
     from qeval.runner import load_plan
@@ -131,7 +132,7 @@ def run(store_path: Path, out_dir: Path, nights: int = 1000, plan_path: Path | N
     for _ in range(nights):
         alarms += any(v == WORSE for v in _night(cells, rates, th, rng))
 
-    detect_nights = max(100, nights // 5)
+    detect_nights = detect_nights or max(100, nights // 5)
     rows = []
     for (task, metric), rate in sorted(rates.items()):
         idx = [i for i, c in enumerate(cells) if c["task"] == task and c["metric"] == metric and c["primary"]

@@ -222,3 +222,19 @@ def test_float_base_arm_shows_its_gain_against_the_baseline():
     md = to_markdown(adapter_section({"regained": pd.DataFrame([reg]), "merge": pd.DataFrame(),
                                       "training": pd.DataFrame()}, pd.DataFrame(), "", pd.DataFrame()).blocks)
     assert "trained on the float base: better vs baseline" in md
+
+
+def test_bench_gates_runs_on_a_small_store(tmp_path):
+    from qeval.bench_gates import run
+
+    base_s, int8_s = right_wrong(300, rw=6, wr=5, right=200)
+    cells = [(record("none", "qeval_analogy", base_s, "acc"), base_s),
+             (record("bnb-int8", "qeval_analogy", int8_s, "acc"), int8_s),
+             (record("none", "qeval_lee_ppl", ppl_samples(), "word_perplexity"), ppl_samples()),
+             (record("bnb-int8", "qeval_lee_ppl", ppl_samples(1.01, seed=0), "word_perplexity"), ppl_samples(1.01))]
+    with Store(tmp_path / "s.sqlite") as store:
+        for rec, s in cells:
+            store.put(rec, s)
+    text = run(tmp_path / "s.sqlite", tmp_path / "out", nights=30, detect_nights=20)
+    assert "false alarm per no-change night" in text and "qeval_analogy acc: drop of 2 x MDE" in text
+    assert "a 3% rise" in text and (tmp_path / "out" / "gates.md").read_text() == text
