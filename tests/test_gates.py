@@ -38,7 +38,8 @@ def record(arm, task, samples, primary, *, quant=None, adapter="", hib=True, ver
             "model": {"fingerprint": "f"}, "task": {"name": task, "fingerprint": "t", "limit": len(samples),
                                                    "num_fewshot": 0},
             "metrics": metrics, "primary_metric": primary, "n": len(samples), "versions": {"bitsandbytes": version},
-            "device": "cpu", "seed": 1, "divergence": divergence,
+            "device": "cpu", "seed": 1, "divergence": divergence, "timings": {"load_s": 1, "eval_s": 1},
+            "peak_bytes": 1,
             "footprint": {"total_bytes": 1, "quantized_weight_bytes": 0, "quant_state_bytes": 0, "unquantized_bytes": 1,
                           "theory_bytes": 1, "quantized_params": 0},
             "adapter": None if not adapter else {"spec": spec, "trainable_params": 5, "total_params": 50,
@@ -86,8 +87,26 @@ def test_one_verdict_for_one_pair_in_every_table_and_the_nightly(tmp_path):
     d = div[(div.quant == "bnb-int8") & (div.adapter == "")].iloc[0]
     assert d.mcnemar_p == pytest.approx(expected) and d.verdict == "within noise"
 
-    reg = adapter_frames(records, samples.get)["regained"].iloc[0]
+    frames = adapter_frames(records, samples.get)
+    reg = frames["regained"].iloc[0]
     assert reg.lost_p == pytest.approx(expected) and reg.lost_verdict == "within noise" and not reg.lost_significant
+
+    # and the rendered tables say it in words
+    import pandas as pd
+
+    from qeval.compare import memory_frame
+    from qeval.report import adapter_section, divergence_section, render
+
+    memory = memory_frame(records)
+    render(table, memory, {}, tmp_path / "report",
+           extra=[divergence_section(div), adapter_section(frames, pd.DataFrame(), "", memory)])
+    md = (tmp_path / "report" / "report.md").read_text(encoding="utf-8")
+    accuracy = next(line for line in md.splitlines() if line.startswith("| bnb-int8 | 0.6500"))
+    assert "(within noise)" in accuracy and " *" not in accuracy
+    divergence = next(line for line in md.splitlines() if line.startswith("| bnb-int8 | 1000 |"))
+    assert divergence.endswith("| within noise |")
+    adapter = next(line for line in md.splitlines() if line.startswith("| int8+lora |"))
+    assert "(within noise)" in adapter and "nothing to regain (loss within noise)" in adapter
 
     with Store(tmp_path / "s.sqlite") as store:
         night(store, [(base, base_s)])
