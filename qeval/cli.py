@@ -56,6 +56,8 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("--out", type=Path, default=env.REPO_ROOT / "reports" / "latest")
     rep.add_argument("--memory-budget", type=_gib, metavar="GIB",
                      help="training memory you have, in GiB: the LoRA-vs-QLoRA verdict picks within it")
+    rep.add_argument("--plan", type=Path, help="take the minimum meaningful effects and the FDR level from this "
+                     "plan's thresholds: section (default: the built-in defaults)")
 
     nig = sub.add_parser("nightly", help="run a plan as a nightly regression job (exit 1 on regression)",
                          description="Run PLAN incrementally, record the run, compare every cell and metric with the "
@@ -148,17 +150,19 @@ def cmd_run(args) -> int:
 def cmd_report(args) -> int:
     from qeval.compare import (adapter_frames, decision, divergence_frame, history_frame, latest, memory_frame,
                                paired_frame, results_frame, task_mde, with_paired)
-    from qeval.nightly import DEFAULT_FDR
+    from qeval.nightly import Thresholds, thresholds_of
+    from qeval.runner import load_plan
     from qeval.report import adapter_section, divergence_section, history_section, render, significance_section
     from qeval.store import Store
 
     path = _store_path(args)
     if not path.is_file():
         raise QevalError("result store", str(path), "an existing store", "run `qeval run` first (or pass --store)")
+    th = thresholds_of(load_plan(args.plan)) if args.plan else Thresholds()
     with Store(path) as store:
         records = list(store.records())
-        pairs = paired_frame(records, store.samples)
-        frames = adapter_frames(records, store.samples)
+        pairs = paired_frame(records, store.samples, th.min_effect_for)
+        frames = adapter_frames(records, store.samples, th.min_effect_for)
         history = history_frame(store.runs("nightly"), store.get)
     meta = {
         "title": "qeval report", "store": str(path),
@@ -174,7 +178,7 @@ def cmd_report(args) -> int:
     # the nightly compares every cell and metric of the plan: that many tests share the FDR
     tests = sum(len(r["metrics"]) for r in latest(records))
     written = render(with_paired(results_frame(records), pairs), memory, meta, args.out,
-                     extra=[significance_section(task_mde(pairs), DEFAULT_FDR, tests),
+                     extra=[significance_section(task_mde(pairs), th.fdr, tests),
                             divergence_section(divergence_frame(records, pairs)),
                             adapter_section(frames, table, verdict, memory), history_section(history)])
     for p in written:
