@@ -257,3 +257,16 @@ def test_bench_gates_runs_on_a_small_store(tmp_path):
     text = run(tmp_path / "s.sqlite", tmp_path / "out", nights=30, detect_nights=20)
     assert "false alarm per no-change night" in text and "qeval_analogy acc: drop of 2 x MDE" in text
     assert "a 3% rise" in text and (tmp_path / "out" / "gates.md").read_text() == text
+
+
+def test_a_candidate_run_is_compared_with_the_last_locked_run(tmp_path):
+    good, bad = right_wrong(300, rw=0, wr=0, right=200)[0], right_wrong(300, rw=40, wr=0, right=200)[1]
+    with Store(tmp_path / "s.sqlite") as store:
+        night(store, [(record("bnb-nf4", "qeval_analogy", good, "acc"), good)])
+        cand = record("bnb-nf4", "qeval_analogy", bad, "acc", version="candidate")
+        store.put(cand, bad)
+        info = {"cells": [cand["key"]], "versions": {"bitsandbytes": "candidate"}, "failed": []}
+        run_id = store.start_run("candidate", info)
+        gated, status = gate_run(store, run_id, [cand["key"]], Thresholds(), "nightly", info)
+        assert status == "regression" and store.runs("candidate")[0]["status"] == "regression"
+        assert [r["status"] for r in store.runs("nightly")] == ["ok"]  # the locked history is untouched
