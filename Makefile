@@ -40,7 +40,7 @@ setup: $(STAMP)
 
 report: setup
 	$(BIN)/qeval run --plan plans/default.yaml
-	$(BIN)/qeval report
+	$(BIN)/qeval report --plan plans/default.yaml
 
 nightly: setup
 	$(BIN)/qeval nightly plans/default.yaml

@@ -110,14 +110,14 @@ def _night(cells, rates, th, rng, plant=None):
     return [v for _, v in fdr_verdicts(comps, th.fdr)]
 
 
-def run(store_path: Path, out_dir: Path, nights: int = 1000, plan_path: Path | None = None) -> str:
-    from qeval import env
+def run(store_path: Path, out_dir: Path, nights: int = 1000, plan_path: Path | None = None,
+        detect_nights: int | None = None) -> str:
     from qeval.nightly import thresholds_of
     from qeval.runner import load_plan
     from qeval.store import Store
 
     t0 = time.perf_counter()
-    plan_path = plan_path or env.REPO_ROOT / "plans" / "default.yaml"
+    plan_path = plan_path or Path("plans") / "default.yaml"
     th = thresholds_of(load_plan(plan_path))
     records, samples = _load(store_path)
     cells = _cells(records, samples)
@@ -131,7 +131,7 @@ def run(store_path: Path, out_dir: Path, nights: int = 1000, plan_path: Path | N
     for _ in range(nights):
         alarms += any(v == WORSE for v in _night(cells, rates, th, rng))
 
-    detect_nights = max(100, nights // 5)
+    detect_nights = detect_nights or max(100, nights // 5)
     rows = []
     for (task, metric), rate in sorted(rates.items()):
         idx = [i for i, c in enumerate(cells) if c["task"] == task and c["metric"] == metric and c["primary"]

@@ -82,6 +82,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="output folder (default ./reports/latest, or $QEVAL_HOME/reports/latest)")
     rep.add_argument("--memory-budget", type=_gib, metavar="GIB",
                      help="training memory you have, in GiB: the LoRA-vs-QLoRA verdict picks within it")
+    rep.add_argument("--plan", type=Path, help="take the minimum meaningful effects and the FDR level from this "
+                     "plan's thresholds: section (default: the built-in defaults)")
 
     nig = command("nightly", help="run a plan as a nightly regression job (exit 1 on regression)",
                          description="Run PLAN incrementally, record the run, compare every cell and metric with the "
@@ -99,7 +101,9 @@ def _parser() -> argparse.ArgumentParser:
     bg = command("bench-gates", help="false alarms and detection of the nightly gates, simulated on a store")
     bg.add_argument("--store", type=Path, default=None, help="a store holding the default plan's results")
     bg.add_argument("--nights", type=int, default=1000)
-    bg.add_argument("--out", type=Path, default=env.REPO_ROOT / "reports" / "bench")
+    bg.add_argument("--plan", type=Path, default=Path("plans/default.yaml"),
+                    help="the plan whose gates are simulated (default plans/default.yaml)")
+    bg.add_argument("--out", type=Path, default=None, help="default ./reports/bench (or $QEVAL_HOME/reports/bench)")
 
     ben = command("bench", help="speed and memory per format against targets (writes reports/bench/)")
     ben.add_argument("--model", default="smollm2-135m")
@@ -229,7 +233,8 @@ def cmd_run(args) -> int:
 def cmd_report(args) -> int:
     from qeval.compare import (adapter_frames, decision, divergence_frame, history_frame, latest, memory_frame,
                                paired_frame, results_frame, task_mde, with_paired)
-    from qeval.nightly import DEFAULT_FDR
+    from qeval.nightly import Thresholds, thresholds_of
+    from qeval.runner import load_plan
     from qeval.report import adapter_section, divergence_section, history_section, render, significance_section
     from qeval.store import Store
 
@@ -239,10 +244,11 @@ def cmd_report(args) -> int:
     if bad is not None:
         raise QevalError("--out", str(out), "a folder (or a path where one can be created)",
                          f"{bad} is a file; pass another --out")
+    th = thresholds_of(load_plan(args.plan)) if args.plan else Thresholds()
     with Store(path, readonly=True) as store:
         records = list(store.records())
-        pairs = paired_frame(records, store.samples)
-        frames = adapter_frames(records, store.samples)
+        pairs = paired_frame(records, store.samples, th.min_effect_for)
+        frames = adapter_frames(records, store.samples, th.min_effect_for)
         history = history_frame(store.runs("nightly"), store.get)
     meta = {
         "title": "qeval report", "store": str(path),
@@ -258,7 +264,7 @@ def cmd_report(args) -> int:
     # the nightly compares every cell and metric of the plan: that many tests share the FDR
     tests = sum(len(r["metrics"]) for r in latest(records))
     written = render(with_paired(results_frame(records), pairs), memory, meta, out,
-                     extra=[significance_section(task_mde(pairs), DEFAULT_FDR, tests),
+                     extra=[significance_section(task_mde(pairs), th.fdr, tests),
                             divergence_section(divergence_frame(records, pairs)),
                             adapter_section(frames, table, verdict, memory), history_section(history)])
     for p in written:
@@ -297,7 +303,8 @@ def cmd_nightly(args) -> int:
 def cmd_bench_gates(args) -> int:
     from qeval.bench_gates import run
 
-    text = run(args.store or env.default_store_path(), args.out, nights=args.nights)
+    text = run(args.store or env.default_store_path(), args.out or env.home() / "reports" / "bench",
+               nights=args.nights, plan_path=args.plan)
     print(text)
     return 0
 

@@ -12,7 +12,7 @@ from typing import Callable
 
 import pandas as pd
 
-from qeval.paired import Comparison, compare_pair, recovery_undefined
+from qeval.paired import Comparison, compare_pair, kind_of, recovery_undefined
 from qeval.paired import recovery as recovery_of
 from qeval.quant import DEFAULT_FORMATS, FORMATS
 
@@ -144,8 +144,6 @@ def compare_records(ref: dict, rec: dict, metric: str, samples, min_effect: MinE
     rs, vs = samples(ref["key"]), samples(rec["key"])
     if not rs or not vs:
         return None
-    from qeval.paired import kind_of
-
     kind = kind_of(metric, [s[metric] for s in rs[:50] if metric in s])
     return compare_pair(rs, vs, metric, bool(rec["metrics"][metric]["higher_is_better"]),
                         min_effect(metric, kind))

@@ -258,7 +258,7 @@ def _compare(store: Store, run_id: int, keys: list[str], th: Thresholds, compare
             if c is not None:
                 tests.append((ref, rec, metric, c))
     findings: list[Finding] = list(carried)
-    method = f"{FDR_METHOD} at q={th.fdr:g} over {len(tests)} comparisons"
+    method = f"{FDR_METHOD} at q={th.fdr:g} over {len(tests)} comparison{'' if len(tests) == 1 else 's'}"
     for (ref, rec, metric, c), (adj, verdict) in zip(tests, fdr_verdicts([t[3] for t in tests], th.fdr)):
         if verdict != WORSE:
             continue

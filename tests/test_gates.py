@@ -38,7 +38,8 @@ def record(arm, task, samples, primary, *, quant=None, adapter="", hib=True, ver
             "model": {"fingerprint": "f"}, "task": {"name": task, "fingerprint": "t", "limit": len(samples),
                                                    "num_fewshot": 0},
             "metrics": metrics, "primary_metric": primary, "n": len(samples), "versions": {"bitsandbytes": version},
-            "device": "cpu", "seed": 1, "divergence": divergence,
+            "device": "cpu", "seed": 1, "divergence": divergence, "timings": {"load_s": 1, "eval_s": 1},
+            "peak_bytes": 1,
             "footprint": {"total_bytes": 1, "quantized_weight_bytes": 0, "quant_state_bytes": 0, "unquantized_bytes": 1,
                           "theory_bytes": 1, "quantized_params": 0},
             "adapter": None if not adapter else {"spec": spec, "trainable_params": 5, "total_params": 50,
@@ -86,8 +87,26 @@ def test_one_verdict_for_one_pair_in_every_table_and_the_nightly(tmp_path):
     d = div[(div.quant == "bnb-int8") & (div.adapter == "")].iloc[0]
     assert d.mcnemar_p == pytest.approx(expected) and d.verdict == "within noise"
 
-    reg = adapter_frames(records, samples.get)["regained"].iloc[0]
+    frames = adapter_frames(records, samples.get)
+    reg = frames["regained"].iloc[0]
     assert reg.lost_p == pytest.approx(expected) and reg.lost_verdict == "within noise" and not reg.lost_significant
+
+    # and the rendered tables say it in words
+    import pandas as pd
+
+    from qeval.compare import memory_frame
+    from qeval.report import adapter_section, divergence_section, render
+
+    memory = memory_frame(records)
+    render(table, memory, {}, tmp_path / "report",
+           extra=[divergence_section(div), adapter_section(frames, pd.DataFrame(), "", memory)])
+    md = (tmp_path / "report" / "report.md").read_text(encoding="utf-8")
+    accuracy = next(line for line in md.splitlines() if line.startswith("| bnb-int8 | 0.6500"))
+    assert "(within noise)" in accuracy and " *" not in accuracy
+    divergence = next(line for line in md.splitlines() if line.startswith("| bnb-int8 | 1000 |"))
+    assert divergence.endswith("| within noise |")
+    adapter = next(line for line in md.splitlines() if line.startswith("| int8+lora |"))
+    assert "(within noise)" in adapter and "nothing to regain (loss within noise)" in adapter
 
     with Store(tmp_path / "s.sqlite") as store:
         night(store, [(base, base_s)])
@@ -222,3 +241,32 @@ def test_float_base_arm_shows_its_gain_against_the_baseline():
     md = to_markdown(adapter_section({"regained": pd.DataFrame([reg]), "merge": pd.DataFrame(),
                                       "training": pd.DataFrame()}, pd.DataFrame(), "", pd.DataFrame()).blocks)
     assert "trained on the float base: better vs baseline" in md
+
+
+def test_bench_gates_runs_on_a_small_store(tmp_path):
+    from qeval.bench_gates import run
+
+    base_s, int8_s = right_wrong(300, rw=6, wr=5, right=200)
+    cells = [(record("none", "qeval_analogy", base_s, "acc"), base_s),
+             (record("bnb-int8", "qeval_analogy", int8_s, "acc"), int8_s),
+             (record("none", "qeval_lee_ppl", ppl_samples(), "word_perplexity"), ppl_samples()),
+             (record("bnb-int8", "qeval_lee_ppl", ppl_samples(1.01, seed=0), "word_perplexity"), ppl_samples(1.01))]
+    with Store(tmp_path / "s.sqlite") as store:
+        for rec, s in cells:
+            store.put(rec, s)
+    text = run(tmp_path / "s.sqlite", tmp_path / "out", nights=30, detect_nights=20)
+    assert "false alarm per no-change night" in text and "qeval_analogy acc: drop of 2 x MDE" in text
+    assert "a 3% rise" in text and (tmp_path / "out" / "gates.md").read_text() == text
+
+
+def test_a_candidate_run_is_compared_with_the_last_locked_run(tmp_path):
+    good, bad = right_wrong(300, rw=0, wr=0, right=200)[0], right_wrong(300, rw=40, wr=0, right=200)[1]
+    with Store(tmp_path / "s.sqlite") as store:
+        night(store, [(record("bnb-nf4", "qeval_analogy", good, "acc"), good)])
+        cand = record("bnb-nf4", "qeval_analogy", bad, "acc", version="candidate")
+        store.put(cand, bad)
+        info = {"cells": [cand["key"]], "versions": {"bitsandbytes": "candidate"}, "failed": []}
+        run_id = store.start_run("candidate", info)
+        gated, status = gate_run(store, run_id, [cand["key"]], Thresholds(), "nightly", info)
+        assert status == "regression" and store.runs("candidate")[0]["status"] == "regression"
+        assert [r["status"] for r in store.runs("nightly")] == ["ok"]  # the locked history is untouched
