@@ -40,7 +40,7 @@ def _load(store_path: Path):
     if not Path(store_path).is_file():
         raise QevalError("default-plan store", str(store_path), "a store holding the default plan's results",
                          "run `make report` first (or pass --store PATH)")
-    with Store(store_path) as store:
+    with Store(store_path, readonly=True) as store:
         records = latest(list(store.records()))
         samples = {r["key"]: store.samples(r["key"]) for r in records}
     if not records:
@@ -121,7 +121,7 @@ def run(store_path: Path, out_dir: Path, nights: int = 1000, plan_path: Path | N
     th = thresholds_of(load_plan(plan_path))
     records, samples = _load(store_path)
     cells = _cells(records, samples)
-    with Store(store_path) as store:
+    with Store(store_path, readonly=True) as store:
         pairs = paired_frame(records, store.samples)
     mde = task_mde(pairs).set_index(["task", "metric"]) if not pairs.empty else None
     rates = _flip_rates(mde)

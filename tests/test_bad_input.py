@@ -68,8 +68,6 @@ def _plan(tmp, text):
     return ["run", "--plan", write(tmp, "plan.yaml", text)]
 
 
-# The two threshold-typo cases name a missing model: until thresholds are validated up front they
-# fail fast on the model (wrong message: xfail) instead of running a whole nightly.
 # (id, argv builder (tmp, tiny_model) -> argv without --store, store kind, substrings the message must hold)
 # store kind: "absent" (a path that must stay absent) or "existing" (a real store that must stay byte-identical)
 CASES = [
@@ -150,14 +148,12 @@ CASES = [
     ("nightly-unknown-threshold-key", lambda t, m: ["nightly", write(t, "n.yaml", f"models: [{m}]\nformats: [none]\nthresholds: {{max_dorp: 1}}\n")],
      "absent", ["max_dorp"]),
     ("nightly-store-not-sqlite", lambda t, m: ["nightly", write(t, "n.yaml", f"models: [{m}]\nformats: [none]\nsuite: smoke\n")], "text", ["SQLite"]),
-    pytest.param(("nightly-per-arm-typo", lambda t, m: ["nightly", write(t, "n.yaml", f"models: [{t / 'no-model'}]\nformats: [none, bnb-nf4]\n"
-                                                                          "thresholds: {per_arm: {bnb-nf44: {max_drop: 0.1}}}\n")],
-                 "absent", ["bnb-nf44"]), marks=pytest.mark.xfail(strict=False, reason="thresholds validation lands with the stats branch"),
-                 id="nightly-per-arm-typo"),
-    pytest.param(("nightly-warn-below-typo", lambda t, m: ["nightly", write(t, "n.yaml", f"models: [{t / 'no-model'}]\nformats: [none]\n"
-                                                                             "thresholds: {warn_below: {qeval_analogi: 0.3}}\n")],
-                 "absent", ["qeval_analogi"]), marks=pytest.mark.xfail(strict=False, reason="thresholds validation lands with the stats branch"),
-                 id="nightly-warn-below-typo"),
+    ("nightly-per-arm-typo", lambda t, m: ["nightly", write(t, "n.yaml", f"models: [{m}]\nformats: [none, bnb-nf4]\n"
+                                                            "thresholds: {per_arm: {bnb-nf44: 0.5}}\n")],
+     "absent", ["bnb-nf44", "bnb-nf4"]),
+    ("nightly-warn-below-typo", lambda t, m: ["nightly", write(t, "n.yaml", f"models: [{m}]\nformats: [none]\nsuite: smoke\n"
+                                                               "thresholds: {warn_below: {'qeval_analogi:acc': 0.3}}\n")],
+     "absent", ["qeval_analogi"]),
     # --- the command line itself ---
     ("unknown-command", lambda t, m: ["runn"], "absent", ["runn"]),
     ("unknown-flag", lambda t, m: ["run", "--modle", m], "absent", ["--modle"]),
