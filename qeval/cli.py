@@ -97,6 +97,10 @@ def _parser() -> argparse.ArgumentParser:
     nig.add_argument("--ack", metavar="CELL", help="acknowledge the open regressions of CELL (as printed, e.g. "
                      "'bnb-nf4 / qeval_capitals') instead of running; needs --reason")
     nig.add_argument("--reason", help="why the regression is accepted (recorded in the store's history)")
+    nig.add_argument("--candidate", action="store_true",
+                     help="run in a candidate environment (newer libraries, `make nightly-upgrade`): recorded as a "
+                          "'candidate' run and compared with the last nightly of the locked environment; the "
+                          "nightly history and its open regressions are left alone")
 
     bg = command("bench-gates", help="false alarms and detection of the nightly gates, simulated on a store")
     bg.add_argument("--store", type=Path, default=None, help="a store holding the default plan's results")
@@ -272,6 +276,9 @@ def cmd_report(args) -> int:
     return 0
 
 
+LOCK_FILE = "requirements-lock.txt"  # the known-good environment `make` installs (Makefile LOCK)
+
+
 def cmd_nightly(args) -> int:
     from qeval.nightly import EXIT_COULD_NOT_RUN, acknowledge, nightly
     from qeval.store import check_store_path
@@ -283,14 +290,20 @@ def cmd_nightly(args) -> int:
         print(f"acknowledged {len(ids)} open regression(s) of {args.ack}: {args.reason}")
         return 0
     check_store_path(_store_path(args), write=True)
+    drift = env.lock_drift(Path(LOCK_FILE))
+    if drift:
+        label = "candidate environment" if args.candidate else "warning: not the locked environment"
+        print(f"{label}: " + ", ".join(f"{k} {locked} -> {now}" for k, (locked, now) in drift.items())
+              + f" (vs {LOCK_FILE})", file=sys.stderr)
     try:
-        res = nightly(args.plan, _store_path(args))
+        res = nightly(args.plan, _store_path(args), run_kind="candidate" if args.candidate else "nightly",
+                      compare_with="nightly")
     except (QevalError, KeyboardInterrupt):
         raise
     except Exception as e:  # a bug or a broken environment is "could not finish", never "regression"
         print(f"qeval: nightly could not finish: {type(e).__name__}: {e}".splitlines()[0], file=sys.stderr)
         return EXIT_COULD_NOT_RUN
-    print(f"nightly run {res.run_id}: {res.computed} computed, {res.reused} reused, {len(res.failed)} failed, "
+    print(f"{'candidate' if args.candidate else 'nightly'} run {res.run_id}: {res.computed} computed, {res.reused} reused, {len(res.failed)} failed, "
           f"{sum(f.kind == 'regression' for f in res.findings)} regressions in {res.wall_s:.1f} s; "
           f"{res.method or 'no comparisons'}")
     for f in res.findings:

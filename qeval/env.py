@@ -58,6 +58,21 @@ def versions() -> dict[str, str]:
     return out
 
 
+def lock_drift(lock_file: Path) -> dict[str, tuple[str, str]]:
+    """Libraries that move numbers (KEY_LIBRARIES) whose installed version differs from the lock
+    file's pin: name -> (locked, installed). Empty when the file is absent (an installed qeval has
+    no lock file: then there is nothing to drift from)."""
+    if not lock_file.is_file():
+        return {}
+    pins = {}
+    for line in lock_file.read_text(encoding="utf-8").splitlines():
+        name, sep, version = line.strip().partition("==")
+        if sep and not name.startswith("#"):
+            pins[name.lower().replace("-", "_")] = version
+    now = versions()
+    return {lib: (pins[lib], now[lib]) for lib in KEY_LIBRARIES if lib in pins and pins[lib] != now.get(lib)}
+
+
 @functools.cache
 def git_sha() -> str:
     """qeval's own source revision: HEAD's sha, suffixed '-dirty' when the tree has uncommitted

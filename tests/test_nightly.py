@@ -178,3 +178,46 @@ def test_unexpected_error_exits_3_and_marks_the_run_failed(plan_path, tmp_path, 
     with Store(store) as s:
         (run,) = s.runs("nightly")
     assert run["status"] == "failed" and "a bug" in run["error"]
+
+
+def test_candidate_environment_is_compared_with_the_locked_nightly(plan_path, tmp_path, monkeypatch, capsys):
+    """`make nightly-upgrade`: a run with newer libraries is recorded as a candidate, compared with
+    the last nightly of the locked environment, says which versions differ from the lock file, and
+    leaves the nightly history alone."""
+    import qeval.cli as cli
+
+    store = tmp_path / "store.sqlite"
+    lock = tmp_path / "requirements-lock.txt"
+    lock.write_text("# test lock\n" + "".join(f"{k}=={v}\n" for k, v in env.versions().items() if k != "python"))
+    monkeypatch.setattr(cli, "LOCK_FILE", str(lock))
+    assert main(["nightly", str(plan_path), "--store", str(store)]) == EXIT_OK
+    assert "not the locked environment" not in capsys.readouterr().err
+
+    _upgrade(monkeypatch, "9.9.9")
+    real = runner.evaluate
+
+    def broken_release(loaded, task, spec, *rest):
+        out = real(loaded, task, spec, *rest)
+        if loaded.fmt.name == "bnb-nf4" and task.task == "qeval_analogy":
+            for s in out.samples:
+                s["acc"] = 0.0
+            out.metrics["acc"].value = 0.0
+        return out
+
+    monkeypatch.setattr(runner, "evaluate", broken_release)
+    code = main(["nightly", str(plan_path), "--store", str(store), "--candidate"])
+    captured = capsys.readouterr()
+    assert code == EXIT_REGRESSION
+    assert "candidate environment: bitsandbytes" in captured.err and "-> 9.9.9" in captured.err
+    (line,) = [x for x in captured.out.splitlines() if x.startswith("REGRESSION")]
+    assert "bnb-nf4 / qeval_analogy acc" in line and "9.9.9" in line
+    with Store(store) as s:
+        assert [r["status"] for r in s.runs("nightly")] == ["ok"]  # the locked history is untouched
+        assert [r["status"] for r in s.runs("candidate")] == ["regression"]
+
+
+def test_lock_drift_names_the_libraries_that_moved(tmp_path):
+    lock = tmp_path / "lock.txt"
+    assert env.lock_drift(lock) == {}  # no lock file (an installed qeval): nothing to drift from
+    lock.write_text("# comment\nbitsandbytes==0.0.1\nlm_eval==%s\nunrelated==1.0\n" % env.versions()["lm_eval"])
+    assert env.lock_drift(lock) == {"bitsandbytes": ("0.0.1", env.versions()["bitsandbytes"])}
