@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -153,7 +154,7 @@ def run_in_child(fn: Callable, args: tuple) -> None:
     # spawn, not fork: a forked child would inherit this process's memory and threads
     ctx = multiprocessing.get_context("spawn")
     recv, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child_main, args=(send, fn, args))
+    proc = ctx.Process(target=_child_main, args=(send, fn, args, os.getpid()))
     proc.start()
     send.close()  # only the child holds the writing end: EOF on recv means it is gone
     try:
@@ -176,9 +177,10 @@ def run_in_child(fn: Callable, args: tuple) -> None:
         raise error
 
 
-def _child_main(send, fn: Callable, args: tuple) -> None:
+def _child_main(send, fn: Callable, args: tuple, parent_pid: int) -> None:
     import traceback
 
+    _exit_with_parent(parent_pid)
     try:
         fn(*args)
         result = (True, None)
@@ -189,6 +191,19 @@ def _child_main(send, fn: Callable, args: tuple) -> None:
                                     traceback.format_exc()))
     send.send(result)
     send.close()
+
+
+def _exit_with_parent(parent_pid: int) -> None:
+    """A parent killed with -9 cannot stop its child: without this, a training process would go on
+    burning the CPU (and writing the cache) for minutes after its run was killed."""
+    import threading
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(1)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="qeval-exit-with-parent").start()
 
 
 def _train(model: ResolvedModel, spec: AdapterSpec, device: str, key: str, out: Path, prefix: str) -> None:

@@ -157,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             traceback.print_exc()
         msg = str(e).splitlines()[0][:300] if str(e) else ""
-        print(f"qeval: internal error: {type(e).__name__}: {msg}; rerun with -v/QEVAL_DEBUG=1 for the traceback",
+        print(f"qeval: could not finish: internal error: {type(e).__name__}: {msg}; "
+              "rerun with -v/QEVAL_DEBUG=1 for the traceback",
               file=sys.stderr)
         return 3
 
@@ -280,7 +281,7 @@ LOCK_FILE = "requirements-lock.txt"  # the known-good environment `make` install
 
 
 def cmd_nightly(args) -> int:
-    from qeval.nightly import EXIT_COULD_NOT_RUN, acknowledge, nightly
+    from qeval.nightly import acknowledge, nightly
     from qeval.store import check_store_path
 
     if args.reason and not args.ack:
@@ -295,14 +296,10 @@ def cmd_nightly(args) -> int:
         label = "candidate environment" if args.candidate else "warning: not the locked environment"
         print(f"{label}: " + ", ".join(f"{k} {locked} -> {now}" for k, (locked, now) in drift.items())
               + f" (vs {LOCK_FILE})", file=sys.stderr)
-    try:
-        res = nightly(args.plan, _store_path(args), run_kind="candidate" if args.candidate else "nightly",
-                      compare_with="nightly")
-    except (QevalError, KeyboardInterrupt):
-        raise
-    except Exception as e:  # a bug or a broken environment is "could not finish", never "regression"
-        print(f"qeval: nightly could not finish: {type(e).__name__}: {e}".splitlines()[0], file=sys.stderr)
-        return EXIT_COULD_NOT_RUN
+    # an unexpected exception is "could not finish" (exit 3, one line: main()), never "regression";
+    # nightly() marks its run failed before it propagates
+    res = nightly(args.plan, _store_path(args), run_kind="candidate" if args.candidate else "nightly",
+                  compare_with="nightly")
     print(f"{'candidate' if args.candidate else 'nightly'} run {res.run_id}: {res.computed} computed, {res.reused} reused, {len(res.failed)} failed, "
           f"{sum(f.kind == 'regression' for f in res.findings)} regressions in {res.wall_s:.1f} s; "
           f"{res.method or 'no comparisons'}")

@@ -135,6 +135,6 @@ def test_unexpected_exception_is_one_line_and_exit_3(monkeypatch, capsys):
     assert cli.main(["formats"]) == 3
     err = capsys.readouterr().err
     assert err.strip().splitlines() == [
-        "qeval: internal error: ZeroDivisionError: division by zero; rerun with -v/QEVAL_DEBUG=1 for the traceback"]
+        "qeval: could not finish: internal error: ZeroDivisionError: division by zero; rerun with -v/QEVAL_DEBUG=1 for the traceback"]
     assert cli.main(["formats", "-v"]) == 3
     assert "Traceback" in capsys.readouterr().err

@@ -197,3 +197,44 @@ def _hold_run_lock(store, ready, release):
     with store_lock(Path(store), "run"):
         ready.set()
         release.wait(120)
+
+
+def _sleep_forever(pidfile):
+    from pathlib import Path
+
+    Path(pidfile).write_text(str(os.getpid()))
+    time.sleep(600)
+
+
+def _run_sleeper(pidfile):
+    from qeval.adapters import run_in_child
+
+    run_in_child(_sleep_forever, (pidfile,))
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return any(line.startswith("State:") and "Z" in line for line in f)  # a zombie is dead
+    except FileNotFoundError:
+        return True
+
+
+def test_training_child_exits_when_its_parent_is_killed(tmp_path):
+    """kill -9 of a run must not leave its training process burning the CPU."""
+    import multiprocessing
+
+    pidfile = tmp_path / "child.pid"
+    parent = multiprocessing.get_context("spawn").Process(target=_run_sleeper, args=(str(pidfile),))
+    parent.start()
+    deadline = time.time() + 120
+    while not pidfile.is_file() or not pidfile.read_text():
+        assert time.time() < deadline, "the training child never started"
+        time.sleep(0.2)
+    child = int(pidfile.read_text())
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.join()
+    deadline = time.time() + 15
+    while not _gone(child):
+        assert time.time() < deadline, "the training child outlived its killed parent"
+        time.sleep(0.2)
