@@ -22,12 +22,19 @@ from qeval.models import LoadedModel
 from qeval.suites import TASKS_DIR, TaskSpec, shipped_tasks
 
 
+# The scoring code path's version, part of every evaluation key (EvalSpec -> runner.make_cells).
+# 2: qeval.lm.QevalLM (head only on the positions read, longest-first rolling batches) rounds
+# differently from lm-eval's full-logits path at float tolerance, so records of the two don't mix.
+HARNESS_VERSION = 2
+
+
 @dataclass(frozen=True)
 class EvalSpec:
     """Evaluation settings that are the same for every task of a run."""
 
     seed: int = 1234
     bootstrap_iters: int = 1000  # for stderr of metrics lm-eval gives none for (perplexities)
+    harness: int = HARNESS_VERSION
 
 
 @dataclass
@@ -69,20 +76,26 @@ def _quiet_lm_eval() -> None:
 
 
 def evaluate(loaded: LoadedModel, task: TaskSpec, spec: EvalSpec,
-             divergence: str | Reference | None = None) -> EvalOutcome:
+             divergence: str | Reference | None = None, recorder: list | None = None) -> EvalOutcome:
     """Run one lm-eval task on `loaded`; return metrics, stderr, per-sample outputs, time, memory.
 
     `divergence="reference"` also captures the model's hidden states on the task's forwards (the
     baseline); a `Reference` instead compares every forward with it (KL, top-1 agreement).
+    `recorder` (a list) receives the inputs of every forward and generate call (for `qeval bench`).
     """
     from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
+
+    from qeval.lm import QevalLM
 
     _quiet_lm_eval()
-    lm = HFLM(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=task.batch_size,
-              device=loaded.device)
     capture = None if divergence is None else Capture(loaded.model, None if divergence == "reference" else divergence)
-    with PeakMemory(loaded.device) as peak, (capture or contextlib.nullcontext()):
+    lm = QevalLM(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=task.batch_size,
+                 device=loaded.device, observer=capture, recorder=recorder)
+    if lm._split is None and capture is not None:
+        capture_ctx = capture  # a model qeval cannot split into body + head: module hooks instead
+    else:
+        capture_ctx = contextlib.nullcontext()
+    with PeakMemory(loaded.device) as peak, capture_ctx:
         t0 = time.perf_counter()
         res = simple_evaluate(
             model=lm, tasks=[task.task], task_manager=_task_manager(task.task not in shipped_tasks()),

@@ -1,0 +1,95 @@
+"""Head-only scoring (qeval.lm.QevalLM) against lm-eval's stock HFLM: per-request log-likelihoods
+within float tolerance, accuracy and generations identical, for every task type qeval ships;
+on the float model, a bitsandbytes model and a PEFT-wrapped one."""
+import numpy as np
+import pytest
+
+from qeval.evaluate import _quiet_lm_eval, _task_manager
+from qeval.models import load_model, resolve_model
+from qeval.quant import FORMATS
+
+TASKS = {"qeval_analogy": (16, 0), "qeval_similarity": (16, 0), "qeval_lee_ppl": (3, 0), "qeval_capitals": (6, 3)}
+
+
+def _run(lm, task):
+    from lm_eval import simple_evaluate
+
+    limit, shots = TASKS[task]
+    return simple_evaluate(model=lm, tasks=[task], task_manager=_task_manager(False), limit=limit,
+                           num_fewshot=shots, log_samples=True, bootstrap_iters=0, random_seed=0,
+                           numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0)
+
+
+def _resps(res, task):
+    return [[r[0] if isinstance(r, (list, tuple)) else r for r in s["resps"]] for s in res["samples"][task]]
+
+
+def _compare(model, tok, batch_size, tasks=TASKS):
+    from lm_eval.models.huggingface import HFLM
+
+    from qeval.lm import QevalLM
+
+    _quiet_lm_eval()
+    for task in tasks:
+        stock = _run(HFLM(pretrained=model, tokenizer=tok, batch_size=batch_size, device="cpu"), task)
+        ours = _run(QevalLM(pretrained=model, tokenizer=tok, batch_size=batch_size, device="cpu"), task)
+        a, b = _resps(stock, task), _resps(ours, task)
+        assert len(a) == len(b) > 0
+        for ra, rb in zip(a, b):
+            for x, y in zip(ra, rb):
+                if isinstance(x, (list, tuple)):  # (loglikelihood, is_greedy)
+                    assert y[0] == pytest.approx(x[0], rel=1e-5, abs=1e-4) and y[1] == x[1]
+                elif isinstance(x, float):  # rolling loglikelihood
+                    assert y == pytest.approx(x, rel=1e-5)
+                else:  # generated text
+                    assert x == y
+        for key, value in stock["results"][task].items():
+            if key.startswith(("acc", "exact_match")):
+                assert ours["results"][task][key] == value, (task, key)
+            elif isinstance(value, float) and "perplexity" in key:
+                assert ours["results"][task][key] == pytest.approx(value, rel=1e-5)
+
+
+@pytest.mark.parametrize("fmt,batch_size", [("none", 4), ("none", 1), ("bnb-nf4", 4)])
+def test_head_only_equals_stock_hflm(tiny_model_dir, fmt, batch_size):
+    lm = load_model(resolve_model(str(tiny_model_dir)), FORMATS.get(fmt), "cpu")
+    _compare(lm.model, lm.tokenizer, batch_size)
+
+
+def test_head_only_through_peft_and_softcap(tiny_model_dir):
+    from peft import LoraConfig, get_peft_model
+
+    lm = load_model(resolve_model(str(tiny_model_dir)), FORMATS.get("none"), "cpu")
+    peft = get_peft_model(lm.model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    _compare(peft, lm.tokenizer, 4, ["qeval_analogy", "qeval_lee_ppl"])
+    # a soft-capped head (Gemma 2 style) is applied on the positions read, as in the model's forward
+    from qeval.lm import head_logits, split_model
+
+    body, head, softcap = split_model(peft)
+    assert softcap is None and head is lm.model.lm_head
+    h = np.random.default_rng(0).standard_normal((3, 64)).astype("float32")
+    import torch
+
+    capped = head_logits(head, torch.tensor(h), 2.0)
+    assert float(capped.abs().max()) <= 2.0
+
+
+def test_tokenization_is_reused_across_loads(tiny_model_dir):
+    from qeval import lm as qlm
+
+    r = resolve_model(str(tiny_model_dir))
+    a, b = (load_model(r, FORMATS.get(f), "cpu") for f in ("none", "bnb-nf4"))
+    la = qlm.QevalLM(pretrained=a.model, tokenizer=a.tokenizer, batch_size=1, device="cpu")
+    lb = qlm.QevalLM(pretrained=b.model, tokenizer=b.tokenizer, batch_size=1, device="cpu")
+    assert la._tok_fp == lb._tok_fp  # two loads of one tokenizer: one fingerprint
+    text = "Athens is to Greece as Baghdad is to Iraq"
+    before = len(qlm._TOKENS)
+    assert la.tok_encode(text) == a.tokenizer.encode(text)
+    assert len(qlm._TOKENS) == before + 1
+    assert lb.tok_encode(text) == la.tok_encode(text) and len(qlm._TOKENS) == before + 1
+
+
+@pytest.mark.slow
+def test_head_only_equals_stock_hflm_on_the_embedded_model():
+    lm = load_model(resolve_model("smollm2-135m"), FORMATS.get("none"), "cpu")
+    _compare(lm.model, lm.tokenizer, 8, {"qeval_analogy": (32, 0), "qeval_lee_ppl": (4, 0), "qeval_capitals": (8, 3)})
