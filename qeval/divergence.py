@@ -133,10 +133,13 @@ class Capture:
             return
         self.observe(self._ids[0], inputs[0][0], output[0])
 
-    def observe(self, ids, hidden, logits) -> None:
-        """One window: its token ids (T,), final hidden states (T, H) and logits (T, V). Called by
-        the hooks above, or directly by `qeval.lm.QevalLM` for each row of a (batched) forward."""
+    def observe(self, ids, hidden, logits, log_probs=None) -> None:
+        """One window: its token ids (T,), final hidden states (T, H) and logits (T, V), and where
+        the caller has them, the log-softmax of those logits in float32 (`qeval.lm.QevalLM` computes
+        it for the log-likelihoods anyway). Called by the hooks above, or by QevalLM per row of a
+        (batched) forward."""
         import torch
+        import torch.nn.functional as F
 
         t0 = time.perf_counter()
         ids = ids.detach().cpu()
@@ -147,22 +150,23 @@ class Capture:
             self.unmatched += 1
         else:
             with torch.no_grad():
-                variant = logits[:-1].detach().float().cpu()
+                if log_probs is None:
+                    log_probs = F.log_softmax(logits.detach().float(), dim=-1)
+                variant = log_probs[:-1].detach().cpu()
                 baseline = self.ref.logits(key)[:-1]
                 targets = ids[1:].long()
-                # In row chunks (see ROWS), vectorized within a chunk:
-                # KL = sum softmax(p) (p - q) - (lse_p - lse_q) on raw logits.
+                # Whole-tensor ops in row chunks (see ROWS), no Python per token. On log-probabilities
+                # lq, lp: KL = sum exp(lp) (lp - lq), one fused kernel (kl_div with log_target).
                 kls, agree, vt, rt = [], [], [], []
                 for i in range(0, variant.shape[0], ROWS):
                     rows = slice(i, i + ROWS)
-                    q = variant[rows]
-                    p = baseline[rows]
-                    lse_p, lse_q = torch.logsumexp(p, -1), torch.logsumexp(q, -1)
-                    kls.append((torch.softmax(p, -1) * (p - q)).sum(-1, dtype=torch.float64) - (lse_p - lse_q).double())
-                    agree.append(p.argmax(-1) == q.argmax(-1))
+                    lq = variant[rows]
+                    lp = F.log_softmax(baseline[rows], dim=-1)
+                    kls.append(F.kl_div(lq, lp, reduction="none", log_target=True).sum(-1, dtype=torch.float64))
+                    agree.append(lp.argmax(-1) == lq.argmax(-1))
                     t = targets[rows, None]
-                    vt.append((q.gather(1, t)[:, 0] - lse_q).double())
-                    rt.append((p.gather(1, t)[:, 0] - lse_p).double())
+                    vt.append(lq.gather(1, t)[:, 0].double())
+                    rt.append(lp.gather(1, t)[:, 0].double())
                 if kls:
                     self.kls.append(torch.cat(kls).clamp(min=0).numpy())  # clamp: float rounding just below 0
                     self.agree.append(torch.cat(agree).numpy())

@@ -165,13 +165,15 @@ class QevalLM(HFLM):
                 if self.observer is not None:
                     # divergence: each window's full hidden states and logits, by the head applied
                     # to that window alone (the shape the reference's logits are computed in)
-                    rows = []
+                    picked = []
                     for i, inplen in enumerate(inplens):
                         h = hidden[i, shift:shift + inplen]
                         logits = head_logits(head, h[None], softcap)[0]
-                        self.observer.observe(batched[i, :inplen], h, logits)
-                        rows.append(logits[inplen - len(cont_toks_list[i]):])
-                    picked = [F.log_softmax(r, dim=-1, dtype=self.softmax_dtype) for r in rows]
+                        logp = F.log_softmax(logits, dim=-1, dtype=self.softmax_dtype)
+                        # float32 log-probs are what divergence needs too: computed once, shared
+                        self.observer.observe(batched[i, :inplen], h, logits,
+                                              logp if logp.dtype == torch.float32 else None)
+                        picked.append(logp[inplen - len(cont_toks_list[i]):])
                 else:
                     # the positions whose scores are read: [inplen - contlen, inplen) of each row
                     sel = torch.cat([hidden[i, shift + inplen - len(c):shift + inplen]

@@ -8,7 +8,7 @@ from qeval.evaluate import _quiet_lm_eval, _task_manager
 from qeval.models import load_model, resolve_model
 from qeval.quant import FORMATS
 
-TASKS = {"qeval_analogy": (16, 0), "qeval_similarity": (16, 0), "qeval_lee_ppl": (3, 0), "qeval_capitals": (6, 3)}
+TASKS = {"qeval_analogy": (8, 0), "qeval_similarity": (8, 0), "qeval_lee_ppl": (3, 0), "qeval_capitals": (4, 3)}
 
 
 def _run(lm, task):
@@ -50,10 +50,10 @@ def _compare(model, tok, batch_size, tasks=TASKS):
                 assert ours["results"][task][key] == pytest.approx(value, rel=1e-5)
 
 
-@pytest.mark.parametrize("fmt,batch_size", [("none", 4), ("none", 1), ("bnb-nf4", 4)])
-def test_head_only_equals_stock_hflm(tiny_model_dir, fmt, batch_size):
+@pytest.mark.parametrize("fmt,tasks", [("none", list(TASKS)), ("bnb-nf4", ["qeval_analogy", "qeval_lee_ppl"])])
+def test_head_only_equals_stock_hflm(tiny_model_dir, fmt, tasks):
     lm = load_model(resolve_model(str(tiny_model_dir)), FORMATS.get(fmt), "cpu")
-    _compare(lm.model, lm.tokenizer, batch_size)
+    _compare(lm.model, lm.tokenizer, 4, tasks)
 
 
 def test_head_only_through_peft_and_softcap(tiny_model_dir):
@@ -61,7 +61,7 @@ def test_head_only_through_peft_and_softcap(tiny_model_dir):
 
     lm = load_model(resolve_model(str(tiny_model_dir)), FORMATS.get("none"), "cpu")
     peft = get_peft_model(lm.model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
-    _compare(peft, lm.tokenizer, 4, ["qeval_analogy", "qeval_lee_ppl"])
+    _compare(peft, lm.tokenizer, 4, ["qeval_analogy"])
     # a soft-capped head (Gemma 2 style) is applied on the positions read, as in the model's forward
     from qeval.lm import head_logits, split_model
 
@@ -93,3 +93,32 @@ def test_tokenization_is_reused_across_loads(tiny_model_dir):
 def test_head_only_equals_stock_hflm_on_the_embedded_model():
     lm = load_model(resolve_model("smollm2-135m"), FORMATS.get("none"), "cpu")
     _compare(lm.model, lm.tokenizer, 8, {"qeval_analogy": (32, 0), "qeval_lee_ppl": (4, 0), "qeval_capitals": (8, 3)})
+
+
+def test_divergence_through_batched_forwards(peaked_dir):
+    """Divergence rides on QevalLM's batched forwards: the baseline against itself is exactly 0 at
+    batch 4 as at batch 1, and a variant's KL at batch 4 equals its KL at batch 1 (float tolerance)."""
+    import dataclasses
+
+    from qeval.evaluate import EvalSpec, evaluate
+    from qeval.suites import TaskSpec
+
+    r = resolve_model(str(peaked_dir))
+    base, var = load_model(r, FORMATS.get("none"), "cpu"), load_model(r, FORMATS.get("bnb-nf4"), "cpu")
+    kl = {}
+    for bs in (1, 4):
+        task = TaskSpec("qeval_lee_ppl", limit=4, batch_size=bs, divergence=True)
+        ref = evaluate(base, task, EvalSpec(bootstrap_iters=10), "reference").reference
+        assert ref is not None and len(ref.hidden) == 4
+        again = evaluate(base, task, EvalSpec(bootstrap_iters=10), ref).divergence
+        assert again.kl_max == 0.0 and again.top1_agree == 1.0
+        kl[bs] = evaluate(var, dataclasses.replace(task), EvalSpec(bootstrap_iters=10), ref).divergence
+    assert kl[4].tokens == kl[1].tokens and kl[1].kl_mean > 1e-4
+    assert kl[4].kl_mean == pytest.approx(kl[1].kl_mean, rel=1e-3)
+
+
+@pytest.fixture(scope="module")
+def peaked_dir(tmp_path_factory):
+    from conftest import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("peaked-lm"), init_range=0.5)
