@@ -20,7 +20,7 @@ import time
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
 
-OLD_BATCH = {"qeval_analogy": 32, "qeval_lee_ppl": 1, "qeval_capitals": 16, "qeval_similarity": 32}
+OLD_BATCH = {"qeval_analogy": 32, "qeval_lee_ppl": 1, "qeval_capitals": 16, "qeval_similarity": 32}  # suite before issue 14
 
 
 def stock_lm():
@@ -42,7 +42,12 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--limit-scale", type=float, default=1.0)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (1 is steadier on a shared machine)")
     args = ap.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
 
     import qeval.lm
     from qeval.divergence import Reference
