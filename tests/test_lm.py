@@ -122,3 +122,12 @@ def peaked_dir(tmp_path_factory):
     from conftest import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("peaked-lm"), init_range=0.5)
+
+
+def test_batch_size_auto_is_a_valid_choice_and_divergence_may_batch():
+    from qeval.suites import TaskSpec
+
+    assert TaskSpec("qeval_analogy", batch_size="auto").problems("t") == []
+    assert TaskSpec("qeval_lee_ppl", batch_size=4, divergence=True).problems("t") == []
+    assert [e.what for e in TaskSpec("qeval_analogy", batch_size="big").problems("t")] == ["t.batch_size"]
+    assert len(TaskSpec("qeval_analogy", batch_size=0).problems("t")) == 1
