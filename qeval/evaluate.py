@@ -75,6 +75,41 @@ def _quiet_lm_eval() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+_FAST_PATHS = True  # scripts/eval_speed.py turns these off to time the path as it was
+
+
+@functools.lru_cache(maxsize=1024)
+def _template(source: str):
+    from lm_eval.utils import env
+
+    return env.from_string(source)
+
+
+def _apply_template(template: str, doc: dict) -> str:
+    return _template(template).render(**doc)
+
+
+@contextlib.contextmanager
+def _lm_eval_fast_paths():
+    """Two costs lm-eval pays on every simple_evaluate call, switched off for the call:
+    - it collects torch's environment report (subprocesses: pip list, lscpu, nvidia-smi; ~1 s on
+      2 cores) into results qeval never reads (records carry qeval's own versions and device);
+    - it compiles each Jinja prompt template anew for every document and choice (`from_string`
+      has no cache): compiled once here, rendering unchanged."""
+    import lm_eval.evaluator as ev
+    import lm_eval.utils as lu
+
+    if not _FAST_PATHS:
+        yield
+        return
+    saved = ev.add_env_info, lu.apply_template
+    ev.add_env_info, lu.apply_template = (lambda storage: None), _apply_template
+    try:
+        yield
+    finally:
+        ev.add_env_info, lu.apply_template = saved
+
+
 def evaluate(loaded: LoadedModel, task: TaskSpec, spec: EvalSpec,
              divergence: str | Reference | None = None, recorder: list | None = None) -> EvalOutcome:
     """Run one lm-eval task on `loaded`; return metrics, stderr, per-sample outputs, time, memory.
@@ -95,7 +130,7 @@ def evaluate(loaded: LoadedModel, task: TaskSpec, spec: EvalSpec,
         capture_ctx = capture  # a model qeval cannot split into body + head: module hooks instead
     else:
         capture_ctx = contextlib.nullcontext()
-    with PeakMemory(loaded.device) as peak, capture_ctx:
+    with PeakMemory(loaded.device) as peak, capture_ctx, _lm_eval_fast_paths():
         t0 = time.perf_counter()
         res = simple_evaluate(
             model=lm, tasks=[task.task], task_manager=_task_manager(task.task not in shipped_tasks()),

@@ -1,7 +1,8 @@
 """Before/after timing of the evaluation part of a plan, interleaved in one process.
 
 `old`: lm-eval's stock HFLM (full logits at every position, divergence by module hooks, documents
-tokenized per arm) with the batch sizes of the suite as it was (`--old-batch`); `new`: qeval.lm.QevalLM
+tokenized per arm, data files parsed per evaluation, lm-eval's environment report and template
+compilation on every call) with the batch sizes of the suite as it was (OLD_BATCH); `new`: qeval.lm.QevalLM
 with the suite's batch sizes. Per format the model is loaded once; every task runs old and new in
 alternating order, `--repeats` times; medians are printed. The first arm of each pair pays the
 tokenization for both in `old` (stock HFLM caches nothing), so `new` runs are measured on a warm
@@ -55,6 +56,7 @@ def main() -> int:
 
         torch.set_num_threads(args.threads)
 
+    import qeval.evaluate
     import qeval.lm
     from qeval.divergence import Reference
     from qeval.evaluate import EvalSpec, evaluate
@@ -80,6 +82,7 @@ def main() -> int:
                     div = None
                     if t.divergence:
                         div = refs.get((mode, t.task), "reference")
+                    qeval.evaluate._FAST_PATHS = mode == "new"
                     if mode == "old":
                         clear_data_cache()  # the old helper read the data file on every evaluation
                     t0 = time.perf_counter()

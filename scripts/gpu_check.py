@@ -70,7 +70,10 @@ def main() -> int:
             import bitsandbytes  # noqa: F401
         except ImportError:
             bnb = False
-    formats = [n for n, f in FORMATS.items() if bnb or f.backend != "bitsandbytes"]
+    # the baseline first: it records the divergence reference the other arms compare with
+    formats = ["none"] + [n for n, f in FORMATS.items() if n != "none" and (bnb or f.backend != "bitsandbytes")]
+    if args.cpu_dry_run:  # exercise every code path, not every format: the dry run must stay short
+        formats = [f for f in formats if f in ("none", "bnb-nf4-dq")]
     rows: list[tuple[str, str, str]] = []  # (step, result, detail)
     ok = True
 
