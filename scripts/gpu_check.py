@@ -132,7 +132,7 @@ def main() -> int:
             if not recs or not recs[0].get("adapter"):
                 return "FAIL", "no qlora record"
             a = recs[0]["adapter"]
-            return "ok", (f"{a.get('steps', '?')} steps, {a.get('trainable_params', '?')} trainable, "
+            return "ok", (f"{a['spec']['steps']} steps, {a.get('trainable_params', '?')} trainable, "
                           f"peak {a.get('peak_train_bytes', 0) / 2**20:.0f} MiB "
                           f"({'CUDA max allocated' if device == 'cuda' else 'RSS'})")
 
