@@ -135,6 +135,10 @@ def efficiency(model_spec: str, formats: list[str], device: str, suite: str = "d
     rows, noise_rows, refs = [], [], {}
     for name in formats:
         loaded = load_model(resolved, FORMATS.get(name), device)
+        if name == formats[0]:
+            # warm-up: the process's first evaluate() pays one-time costs (lm-eval's imports and task
+            # index, first-call kernel selection) that are no task type's efficiency
+            evaluate(loaded, dataclasses.replace(tasks[0], limit=2, divergence=False), spec)
         for t in tasks:
             div = (refs.get(t.task, "reference") if t.divergence else None)
             rec: list = []
