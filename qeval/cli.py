@@ -114,6 +114,11 @@ def _parser() -> argparse.ArgumentParser:
     ben.add_argument("--formats", default=DEFAULT_FORMATS_HELP)
     ben.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     ben.add_argument("--out", type=Path, default=None, help="default ./reports/bench (or $QEVAL_HOME/reports/bench)")
+    # harness efficiency + one qeval run vs one lm-eval process per cell (qeval.bench.efficiency)
+    ben.add_argument("--eval-formats", default="none,bnb-nf4", help="formats for the efficiency table ('' skips it)")
+    ben.add_argument("--eval-scale", type=float, default=0.25, help="fraction of each default-suite task's limit")
+    ben.add_argument("--per-cell", action=argparse.BooleanOptionalAction, default=True,
+                     help="also time one fresh lm-eval process per cell (~2 min on 2 CPU cores)")
 
     gcp = command("gc", help="delete cached references and adapters that no stored record uses",
                          description="List (and unless --dry-run delete) divergence references and adapter "
@@ -333,6 +338,14 @@ def cmd_bench(args) -> int:
             + ", ".join(f"{k} {v}" for k, v in env.versions().items()))
     for p in write(frame, out, meta):
         print(p)
+    eval_formats = [f.strip() for f in args.eval_formats.split(",") if f.strip()]
+    if eval_formats:
+        from qeval.bench import efficiency, per_cell, write_efficiency
+
+        eff, noise = efficiency(args.model, eval_formats, device, scale=args.eval_scale)
+        cells = per_cell(args.model, eval_formats, scale=args.eval_scale) if args.per_cell and device == "cpu" else None
+        with (out / "bench.md").open("a") as fh:
+            fh.write(write_efficiency(eff, noise, cells, out))
     print((out / "bench.md").read_text())
     return 0
 

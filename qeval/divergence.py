@@ -101,9 +101,11 @@ class Capture:
     """Hooks on a model that, during an ordinary evaluation pass, either record the baseline's
     hidden states (`reference=None`) or compare each forward with the reference.
 
-    Riding on the perplexity task's own forwards costs no extra model pass. Each forward must hold
-    one sequence (batch size 1, as rolling perplexity runs best on CPU anyway); a window whose ids
-    the reference does not know is counted in `unmatched` and left out.
+    Riding on the perplexity task's own forwards costs no extra model pass. Through module hooks
+    each forward must hold one sequence; `qeval.lm.QevalLM` instead calls `observe` per row of a
+    batched forward (padding cut off). A window whose ids the reference does not know is counted
+    in `unmatched` and left out. Reference and comparison must use the same batch size (it is part
+    of the task key): batching changes hidden states at float-rounding level.
     """
 
     def __init__(self, model, reference: Reference | None = None):
@@ -134,37 +136,52 @@ class Capture:
         self._ids = None if ids is None else ids.detach()
 
     def _post(self, module, inputs, output) -> None:
-        import torch
-
         if self._ids is None:
             return
         if self._ids.shape[0] != 1:
             self.batched += 1
             return
+        self.observe(self._ids[0], inputs[0][0], output[0])
+
+    def observe(self, ids, hidden, logits, log_probs=None) -> None:
+        """One window: its token ids (T,), final hidden states (T, H) and logits (T, V), and where
+        the caller has them, the log-softmax of those logits in float32 (`qeval.lm.QevalLM` computes
+        it for the log-likelihoods anyway). Called by the hooks above, or by QevalLM per row of a
+        (batched) forward."""
+        import torch
+        import torch.nn.functional as F
+
         t0 = time.perf_counter()
-        ids = self._ids[0].cpu()
+        ids = ids.detach().cpu()
         key = _window_key(ids.numpy())
         if self.ref is None:
-            self.hidden[key] = inputs[0][0].detach().float().cpu().clone()
+            self.hidden[key] = hidden.detach().float().cpu().clone()
         elif key not in self.ref.hidden:
             self.unmatched += 1
         else:
             with torch.no_grad():
-                variant = output[0, :-1].detach().float().cpu()
+                if log_probs is None:
+                    log_probs = F.log_softmax(logits.detach().float(), dim=-1)
+                variant = log_probs[:-1].detach().cpu()
                 baseline = self.ref.logits(key)[:-1]
                 targets = ids[1:].long()
-                # In row chunks (see ROWS): KL = sum softmax(p) (p - q) - (lse_p - lse_q) on raw logits.
+                # Whole-tensor ops in row chunks (see ROWS), no Python per token. On log-probabilities
+                # lq, lp: KL = sum exp(lp) (lp - lq), one fused kernel (kl_div with log_target).
+                kls, agree, vt, rt = [], [], [], []
                 for i in range(0, variant.shape[0], ROWS):
                     rows = slice(i, i + ROWS)
-                    q = variant[rows]
-                    p = baseline[rows]
-                    lse_p, lse_q = torch.logsumexp(p, -1), torch.logsumexp(q, -1)
-                    kl = (torch.softmax(p, -1) * (p - q)).sum(-1, dtype=torch.float64) - (lse_p - lse_q).double()
-                    self.kls.append(kl.clamp(min=0).numpy())  # clamp: float rounding just below 0
-                    self.agree.append((p.argmax(-1) == q.argmax(-1)).numpy())
+                    lq = variant[rows]
+                    lp = F.log_softmax(baseline[rows], dim=-1)
+                    kls.append(F.kl_div(lq, lp, reduction="none", log_target=True).sum(-1, dtype=torch.float64))
+                    agree.append(lp.argmax(-1) == lq.argmax(-1))
                     t = targets[rows, None]
-                    self.var_tgt.append((q.gather(1, t)[:, 0] - lse_q).double().numpy())
-                    self.ref_tgt.append((p.gather(1, t)[:, 0] - lse_p).double().numpy())
+                    vt.append(lq.gather(1, t)[:, 0].double())
+                    rt.append(lp.gather(1, t)[:, 0].double())
+                if kls:
+                    self.kls.append(torch.cat(kls).clamp(min=0).numpy())  # clamp: float rounding just below 0
+                    self.agree.append(torch.cat(agree).numpy())
+                    self.var_tgt.append(torch.cat(vt).numpy())
+                    self.ref_tgt.append(torch.cat(rt).numpy())
         self.seconds += time.perf_counter() - t0
 
     def reference(self) -> Reference:

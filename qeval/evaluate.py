@@ -24,12 +24,19 @@ from qeval.models import LoadedModel
 from qeval.suites import TASKS_DIR, TaskSpec, find_tasks
 
 
+# The scoring code path's version, part of every evaluation key (EvalSpec -> runner.make_cells).
+# 2: qeval.lm.QevalLM (head only on the positions read, longest-first rolling batches) rounds
+# differently from lm-eval's full-logits path at float tolerance, so records of the two don't mix.
+HARNESS_VERSION = 2
+
+
 @dataclass(frozen=True)
 class EvalSpec:
     """Evaluation settings that are the same for every task of a run."""
 
     seed: int = 1234
     bootstrap_iters: int = 1000  # for stderr of metrics lm-eval gives none for (perplexities)
+    harness: int = HARNESS_VERSION
 
 
 @dataclass
@@ -114,23 +121,65 @@ def _in_folder(folder: Path | None):
         os.chdir(old)
 
 
+_FAST_PATHS = True  # scripts/eval_speed.py turns these off to time the path as it was
+
+
+@functools.lru_cache(maxsize=1024)
+def _template(source: str):
+    from lm_eval.utils import env
+
+    return env.from_string(source)
+
+
+def _apply_template(template: str, doc: dict) -> str:
+    return _template(template).render(**doc)
+
+
+@contextlib.contextmanager
+def _lm_eval_fast_paths():
+    """Two costs lm-eval pays on every simple_evaluate call, switched off for the call:
+    - it collects torch's environment report (subprocesses: pip list, lscpu, nvidia-smi; ~1 s on
+      2 cores) into results qeval never reads (records carry qeval's own versions and device);
+    - it compiles each Jinja prompt template anew for every document and choice (`from_string`
+      has no cache): compiled once here, rendering unchanged."""
+    import lm_eval.evaluator as ev
+    import lm_eval.utils as lu
+
+    if not _FAST_PATHS:
+        yield
+        return
+    saved = ev.add_env_info, lu.apply_template
+    ev.add_env_info, lu.apply_template = (lambda storage: None), _apply_template
+    try:
+        yield
+    finally:
+        ev.add_env_info, lu.apply_template = saved
+
+
 def evaluate(loaded: LoadedModel, task: TaskSpec, spec: EvalSpec,
-             divergence: str | Reference | None = None, paths: tuple[Path, ...] = ()) -> EvalOutcome:
+             divergence: str | Reference | None = None, paths: tuple[Path, ...] = (),
+             recorder: list | None = None) -> EvalOutcome:
     """Run one lm-eval task on `loaded`; return metrics, stderr, per-sample outputs, time, memory.
 
     `divergence="reference"` also captures the model's hidden states on the task's forwards (the
     baseline); a `Reference` instead compares every forward with it (KL, top-1 agreement).
+    `recorder` (a list) receives the inputs of every forward and generate call (for `qeval bench`).
     """
     from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
+
+    from qeval.lm import QevalLM
 
     _quiet_git()
     found = find_tasks(paths)
-    lm = HFLM(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=task.batch_size,
-              device=loaded.device)
     capture = None if divergence is None else Capture(loaded.model, None if divergence == "reference" else divergence)
+    lm = QevalLM(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=task.batch_size,
+                 device=loaded.device, observer=capture, recorder=recorder)
+    if lm._split is None and capture is not None:
+        capture_ctx = capture  # a model qeval cannot split into body + head: module hooks instead
+    else:
+        capture_ctx = contextlib.nullcontext()
     folder = found[task.task].parent if task.task in found else None
-    with PeakMemory(loaded.device) as peak, (capture or contextlib.nullcontext()), _quiet_lm_eval(), _in_folder(folder):
+    with PeakMemory(loaded.device) as peak, capture_ctx, _lm_eval_fast_paths(), _quiet_lm_eval(), _in_folder(folder):
         t0 = time.perf_counter()
         res = simple_evaluate(
             model=lm, tasks=[task.task], task_manager=_task_manager(task.task not in found, tuple(paths)),

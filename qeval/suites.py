@@ -37,7 +37,7 @@ class TaskSpec:
     task: str
     limit: int | None = None  # first N documents (shipped data is pre-shuffled and stratified)
     num_fewshot: int = 0
-    batch_size: int = 1  # CPU: 1 was fastest for rolling perplexity, 32 for multiple choice
+    batch_size: int | str = 1  # or "auto": lm-eval's largest-that-fits probe (for CUDA; CPU never runs out)
     divergence: bool = False  # also measure KL / top-1 agreement vs the baseline on this task's tokens
 
     def problems(self, where: str) -> list[QevalError]:
@@ -46,11 +46,10 @@ class TaskSpec:
             out.append(QevalError(f"{where}.limit", self.limit, "a positive number of documents or no limit"))
         if self.num_fewshot < 0:
             out.append(QevalError(f"{where}.num_fewshot", self.num_fewshot, "0 or more"))
-        if self.batch_size < 1:
-            out.append(QevalError(f"{where}.batch_size", self.batch_size, "1 or more"))
-        if self.divergence and self.batch_size != 1:
-            out.append(QevalError(f"{where}.batch_size", self.batch_size, "1 with divergence: true",
-                                  "divergence compares one sequence per forward"))
+        if (self.batch_size != "auto") if isinstance(self.batch_size, str) else self.batch_size < 1:
+            out.append(QevalError(f"{where}.batch_size", self.batch_size, "1 or more, or auto"))
+        # divergence works at any batch size (qeval.lm.QevalLM hands it each row, padding cut off);
+        # the reference is recorded at the task's batch size, which is part of the task key
         return out
 
 

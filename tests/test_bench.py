@@ -22,3 +22,21 @@ def test_bench_gates_without_a_store_says_what_to_run(tmp_path, capsys):
     assert main(["bench-gates", "--store", str(tmp_path / "missing.sqlite")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "make report" in err[0]
+
+
+def test_efficiency_table(tiny_model_dir, tmp_path):
+    from qeval.bench import EFFICIENCY_TARGET, efficiency, write_efficiency
+
+    suite = tmp_path / "s.yaml"
+    suite.write_text("name: s\ntasks:\n  - {task: qeval_analogy, limit: 6, batch_size: 4}\n"
+                     "  - {task: qeval_lee_ppl, limit: 3, batch_size: 2, divergence: true}\n")
+    frame, noise = efficiency(str(tiny_model_dir), ["none"], "cpu", suite=str(suite), scale=1.0)
+    assert list(frame.task) == ["qeval_analogy", "qeval_lee_ppl"]
+    assert (frame.tokens > 0).all() and (frame.qeval_tok_s > 0).all() and (frame.bare_tok_s > 0).all()
+    assert list(frame.meets_target) == list(frame.efficiency >= EFFICIENCY_TARGET)
+    # batch-size noise floor: each log-likelihood task at its batch size vs 1, float rounding only
+    assert list(noise.task) == ["qeval_analogy", "qeval_lee_ppl"]
+    assert (noise.max_rel_dll < 1e-4).all()
+    text = write_efficiency(frame, noise, {"cells": 8, "fresh_process_s": 80.0, "qeval_s": 10.0, "speedup": 8.0},
+                            tmp_path)
+    assert "Harness efficiency" in text and "8.00x" in text and (tmp_path / "efficiency.csv").is_file()

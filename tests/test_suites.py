@@ -51,7 +51,7 @@ def test_default_suite_settings():
     s = load_suite("default")
     assert [t.task for t in s.tasks] == ["qeval_analogy", "qeval_lee_ppl", "qeval_capitals", "qeval_similarity"]
     assert s.task("qeval_analogy") == TaskSpec("qeval_analogy", limit=300, num_fewshot=0, batch_size=32)
-    assert s.task("qeval_lee_ppl") == TaskSpec("qeval_lee_ppl", limit=50, num_fewshot=0, batch_size=1, divergence=True)
+    assert s.task("qeval_lee_ppl") == TaskSpec("qeval_lee_ppl", limit=50, num_fewshot=0, batch_size=4, divergence=True)
     assert s.task("qeval_capitals") == TaskSpec("qeval_capitals", limit=60, num_fewshot=3, batch_size=16)
     assert s.task("qeval_similarity") == TaskSpec("qeval_similarity", limit=200, num_fewshot=0, batch_size=32)
 

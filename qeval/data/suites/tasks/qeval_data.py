@@ -25,10 +25,21 @@ def _resolve(data_file):
     return suite_data_dir() / path
 
 
+_CACHE = {}  # (path, size, mtime) -> DatasetDict: the arms of one run read the same file once
+
+
 def _load(data_file, **_ignored):
     path = _resolve(data_file)
     if not path.is_file():
         raise FileNotFoundError(f"suite data {path} is missing: run `qeval setup` (or `make setup`) to build it")
+    st = path.stat()
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key not in _CACHE:  # Arrow datasets are immutable: one object can serve every evaluation
+        _CACHE[key] = _build(path)
+    return _CACHE[key]
+
+
+def _build(path):
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
     splits = {}
     for row in rows:

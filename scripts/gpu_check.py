@@ -1,0 +1,193 @@
+"""The GPU check's Python part (scripts/gpu-check.sh runs it after the `gpu` tests).
+
+On one CUDA GPU, with nothing fetched: builds a small Llama on the spot (tokenizer trained on the
+carried suite data), then
+  1. a smoke plan: every format that supports CUDA (bf16 baseline and compute) on a small suite
+     (choice, perplexity + KL, generation), batch size auto;
+  2. a QLoRA training of a few steps (CUDA max-allocated memory from the adapter record) and the
+     merge paths (dequantized into the float base, requantized to NF4) as arms of the same plan;
+  3. the divergence self-check: the bf16 baseline against its own reference (KL floor, must be 0);
+  4. the harness-efficiency table on CUDA (qeval.bench.efficiency) for none + one 4-bit format;
+and prints one summary table. `--cpu-dry-run` runs the same on CPU (tiny sizes) to catch crashes.
+Exit 0 when every step passed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def build_model(folder: Path, hidden: int, layers: int, vocab: int) -> Path:
+    """A Llama with a byte-level BPE tokenizer trained on the carried suite data (no gensim there)."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    texts = [json.loads(x)["text"] for x in (ROOT / "suites" / "data" / "lee_train.jsonl").read_text().splitlines()]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<unk>", "<s>", "</s>"],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   pad_token="</s>")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=fast.vocab_size, hidden_size=hidden, intermediate_size=hidden * 3,
+                      num_hidden_layers=layers, num_attention_heads=max(1, hidden // 64),
+                      num_key_value_heads=max(1, hidden // 128), max_position_embeddings=2048, bos_token_id=1,
+                      eos_token_id=2, pad_token_id=2, initializer_range=0.1)
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    fast.save_pretrained(folder)
+    return folder
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--cpu-dry-run", action="store_true", help="run everything on CPU at tiny sizes")
+    ap.add_argument("--skip-bnb", action="store_true", help="bitsandbytes is not installed: float formats only")
+    args = ap.parse_args()
+    os.environ.setdefault("QEVAL_CACHE", tempfile.mkdtemp(prefix="qeval-gpu-check-"))
+    import torch
+
+    device = "cpu" if args.cpu_dry_run else "cuda"
+    if device == "cuda" and not torch.cuda.is_available():
+        print("gpu_check: no CUDA device (use --cpu-dry-run to exercise the script on CPU)", file=sys.stderr)
+        return 2
+    from qeval.quant import FORMATS
+
+    bnb = not args.skip_bnb
+    if bnb:
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            bnb = False
+    # the baseline first: it records the divergence reference the other arms compare with
+    formats = ["none"] + [n for n, f in FORMATS.items() if n != "none" and (bnb or f.backend != "bitsandbytes")]
+    if args.cpu_dry_run:  # exercise every code path, not every format: the dry run must stay short
+        formats = [f for f in formats if f in ("none", "bnb-nf4-dq")]
+    rows: list[tuple[str, str, str]] = []  # (step, result, detail)
+    ok = True
+
+    def step(name, fn):
+        nonlocal ok
+        t0 = time.perf_counter()
+        try:
+            result, detail = fn()
+        except Exception as e:  # a failed step is reported, the others still run
+            traceback.print_exc()
+            result, detail = "FAIL", f"{type(e).__name__}: {str(e).splitlines()[0][:150] if str(e) else ''}"
+        ok &= result != "FAIL"
+        rows.append((name, result, f"{detail} ({time.perf_counter() - t0:.0f} s)"))
+        print(f"[gpu-check] {name}: {result} {detail}", flush=True)
+
+    work = Path(tempfile.mkdtemp(prefix="qeval-gpu-model-"))
+    hidden, layers, vocab = (64, 2, 512) if args.cpu_dry_run else (512, 8, 8192)
+    model_dir = build_model(work / "model", hidden, layers, vocab)
+    scale = 1 if args.cpu_dry_run else 4
+    bs = 4 if args.cpu_dry_run else "auto"
+    suite = work / "smoke.yaml"
+    suite.write_text("name: gpu-smoke\ntasks:\n"
+                     f"  - {{task: qeval_analogy, limit: {10 * scale}, batch_size: {bs}}}\n"
+                     f"  - {{task: qeval_lee_ppl, limit: {3 * scale}, batch_size: {bs}, divergence: true}}\n"
+                     f"  - {{task: qeval_capitals, limit: {4 * scale}, num_fewshot: 3, batch_size: {bs}}}\n"
+                     f"  - {{task: qeval_similarity, limit: {10 * scale}, batch_size: {bs}}}\n")
+    from qeval.runner import Plan, run_plan
+    from qeval.store import Store
+
+    adapters, arms = {}, []
+    if bnb:
+        adapters = {"qlora": {"method": "lora", "train_quant": "bnb-nf4-dq", "r": 8, "alpha": 16, "steps": 4,
+                              "batch_size": 2, "seq_len": 64, "eval_every": 2}}
+        arms = [{"name": "qlora", "quant": "bnb-nf4-dq", "adapter": "qlora"},
+                {"name": "qlora-merged-float", "quant": "bnb-nf4-dq", "adapter": "qlora", "merge": "dequantized"},
+                {"name": "qlora-merged-nf4", "quant": "bnb-nf4-dq", "adapter": "qlora", "merge": "requantized"}]
+    plan = Plan(models=(str(model_dir),), formats=tuple(formats), suite=str(suite), device=device,
+                adapters=adapters, arms=tuple(arms), bootstrap_iters=100)
+    store_path = work / "store.sqlite"
+
+    def smoke():
+        s = run_plan(plan, store_path, progress=lambda m: print("   ", m, flush=True))
+        if s.failed:
+            return "FAIL", "; ".join(s.failed)[:300]
+        return "ok", f"{len(s.computed)} cells over {len(formats) + len(arms)} arms ({', '.join(formats)})"
+
+    step("smoke plan, all CUDA formats" + ("" if bnb else " (bitsandbytes absent: float only)"), smoke)
+
+    def records():
+        with Store(store_path) as st:
+            return list(st.records())
+
+    if bnb:
+        def qlora():
+            recs = [r for r in records() if r["variant"]["arm"] == "qlora"]
+            if not recs or not recs[0].get("adapter"):
+                return "FAIL", "no qlora record"
+            a = recs[0]["adapter"]
+            return "ok", (f"{a['spec']['steps']} steps, {a.get('trainable_params', '?')} trainable, "
+                          f"peak {a.get('peak_train_bytes', 0) / 2**20:.0f} MiB "
+                          f"({'CUDA max allocated' if device == 'cuda' else 'RSS'})")
+
+        def merges():
+            got = {r["variant"]["arm"] for r in records()}
+            need = {"qlora-merged-float", "qlora-merged-nf4"}
+            return ("ok" if need <= got else "FAIL"), f"arms stored: {sorted(need & got)}"
+
+        step("QLoRA training (few steps)", qlora)
+        step("merge paths", merges)
+    else:
+        rows.append(("QLoRA training / merge paths", "SKIPPED", "bitsandbytes not installed"))
+
+    def self_kl():
+        from qeval.divergence import Reference
+        from qeval.evaluate import EvalSpec, evaluate
+        from qeval.models import load_model, resolve_model
+        from qeval.suites import load_suite
+
+        task = load_suite(str(suite)).task("qeval_lee_ppl")
+        r = resolve_model(str(model_dir))
+        ref = evaluate(load_model(r, FORMATS.get("none"), device), task, EvalSpec(bootstrap_iters=10), "reference").reference
+        assert isinstance(ref, Reference)
+        again = evaluate(load_model(r, FORMATS.get("none"), device), task, EvalSpec(bootstrap_iters=10), ref).divergence
+        res = "ok" if again.kl_max == 0.0 else ("WARN" if again.kl_mean < 1e-6 else "FAIL")
+        return res, (f"baseline ({str(torch.bfloat16 if device == 'cuda' else torch.float32)}) vs itself, second "
+                     f"load: KL mean {again.kl_mean:.2e} max {again.kl_max:.2e}, top-1 {again.top1_agree:.4f}")
+
+    step("divergence self-check (KL floor)", self_kl)
+
+    def eff():
+        from qeval.bench import efficiency
+
+        eformats = ["none"] + (["bnb-nf4"] if bnb else [])
+        frame, noise = efficiency(str(model_dir), eformats, device, suite=str(suite), scale=1.0, noise=True)
+        print(frame.to_string(index=False))
+        print(noise.to_string(index=False))
+        frame.to_csv(work / "efficiency.csv", index=False)
+        worst = frame.loc[frame.efficiency.idxmin()]
+        return "ok", (f"efficiency min {worst.efficiency:.2f} ({worst.task}/{worst.format}), median "
+                      f"{frame.efficiency.median():.2f}; qeval tok/s median {frame.qeval_tok_s.median():.0f}")
+
+    step("harness efficiency on " + device, eff)
+
+    print("\n| step | result | detail |\n|---|---|---|")
+    for r in rows:
+        print(f"| {r[0]} | {r[1]} | {r[2]} |")
+    if device == "cuda":
+        print(f"\n{torch.cuda.get_device_name(0)}, torch {torch.__version__}, max allocated "
+              f"{torch.cuda.max_memory_allocated() / 2**20:.0f} MiB")
+    out = os.environ.get("OUT")
+    if out:
+        Path(out, "gpu-check.md").write_text("\n".join(f"| {a} | {b} | {c} |" for a, b, c in rows) + "\n")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
