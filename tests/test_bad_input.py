@@ -116,7 +116,7 @@ CASES = [
     # --- suite YAML ---
     ("suite-no-tasks", lambda t, m: ["run", "--model", m, "--suite", write(t, "s.yaml", "name: s\ntasks: []\n")], "absent", ["at least one task"]),
     ("suite-task-unknown-key", lambda t, m: ["run", "--model", m, "--suite", write(t, "s.yaml", "name: s\ntasks:\n  - {task: qeval_analogy, limt: 3}\n")], "absent", ["limt", "limit"]),
-    ("suite-divergence-batched", lambda t, m: ["run", "--model", m, "--suite", write(t, "s.yaml", "name: s\ntasks:\n  - {task: qeval_lee_ppl, batch_size: 4, divergence: true}\n")], "absent", ["batch_size", "divergence"]),
+    ("suite-batch-size-typo", lambda t, m: ["run", "--model", m, "--suite", write(t, "s.yaml", "name: s\ntasks:\n  - {task: qeval_lee_ppl, batch_size: autoo}\n")], "absent", ["batch_size", "autoo", "auto"]),
     ("suite-duplicate-task", lambda t, m: ["run", "--model", m, "--suite", write(t, "s.yaml", SUITE_OK + "  - {task: qeval_analogy, limit: 3}\n")], "existing", ["at most once"]),
     ("suite-missing-name", lambda t, m: ["run", "--model", m, "--suite", write(t, "s.yaml", "tasks:\n  - {task: qeval_analogy}\n")], "absent", ["'name'"]),
     ("suite-include-path-missing", lambda t, m: ["run", "--model", m, "--suite", write(t, "s.yaml", SUITE_OK + "include_path: gone\n")], "absent", ["gone"]),
