@@ -172,8 +172,9 @@ def evaluate(loaded: LoadedModel, task: TaskSpec, spec: EvalSpec,
     _quiet_git()
     found = find_tasks(paths)
     capture = None if divergence is None else Capture(loaded.model, None if divergence == "reference" else divergence)
-    lm = QevalLM(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=task.batch_size,
-                 device=loaded.device, observer=capture, recorder=recorder)
+    with _quiet_lm_eval():  # HFLM warns at every construction that it was handed a loaded model: it was
+        lm = QevalLM(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=task.batch_size,
+                     device=loaded.device, observer=capture, recorder=recorder)
     if lm._split is None and capture is not None:
         capture_ctx = capture  # a model qeval cannot split into body + head: module hooks instead
     else:
