@@ -34,10 +34,16 @@ def mapping(keys, extra=None):
 FUZZ = settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck))
 
 
-def _assert_one_line_each(e: QevalError) -> None:
-    for err in getattr(e, "errors", [e]):
-        assert "\n" not in str(err)
-        assert "expected" in str(err)
+def _validates_or_refuses(data, tmp_path_factory, load) -> None:
+    """Write `data` as YAML and `load` it: it validates, or every error is one line (never a traceback)."""
+    path = tmp_path_factory.mktemp("fuzz") / "file.yaml"
+    path.write_text(yaml.safe_dump(data))
+    try:
+        load(path)
+    except QevalError as e:
+        for err in getattr(e, "errors", [e]):
+            assert "\n" not in str(err)
+            assert "expected" in str(err)
 
 
 @FUZZ
@@ -45,12 +51,7 @@ def _assert_one_line_each(e: QevalError) -> None:
 def test_plan_yaml_validates_or_refuses(data, tmp_path_factory):
     from qeval.runner import load_plan, validate
 
-    path = tmp_path_factory.mktemp("plan") / "plan.yaml"
-    path.write_text(yaml.safe_dump(data))
-    try:
-        validate(load_plan(path))
-    except QevalError as e:
-        _assert_one_line_each(e)
+    _validates_or_refuses(data, tmp_path_factory, lambda p: validate(load_plan(p)))
 
 
 @FUZZ
@@ -58,9 +59,4 @@ def test_plan_yaml_validates_or_refuses(data, tmp_path_factory):
 def test_suite_yaml_validates_or_refuses(data, tmp_path_factory):
     from qeval.suites import load_suite
 
-    path = tmp_path_factory.mktemp("suite") / "suite.yaml"
-    path.write_text(yaml.safe_dump(data))
-    try:
-        load_suite(str(path))
-    except QevalError as e:
-        _assert_one_line_each(e)
+    _validates_or_refuses(data, tmp_path_factory, lambda p: load_suite(str(p)))
