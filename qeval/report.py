@@ -487,10 +487,11 @@ def _placeholder_png(text: str) -> bytes:
 
 def _variant_colors(results: pd.DataFrame, multi_model: bool) -> dict[str, object]:
     """One colour per variant label, shared by both plots so a variant looks the same in each."""
-    cmap = plt.get_cmap("tab10")
     labels = list(dict.fromkeys(_plot_label(r, multi_model) for r in
                                 _sorted(results[_VARIANT].drop_duplicates(), _VARIANT).itertuples(index=False)))
-    return {lab: cmap(i % 10) for i, lab in enumerate(labels)}
+    # tab10 while it suffices; the default plan has 12 arms, and tab20 keeps them distinct up to 20
+    cmap = plt.get_cmap("tab10" if len(labels) <= 10 else "tab20")
+    return {lab: cmap(i % cmap.N) for i, lab in enumerate(labels)}
 
 
 def _plot_label(r, multi_model: bool) -> str:

@@ -207,3 +207,15 @@ def test_markdown_escapes_user_text():
     assert "\n# injected" not in md
     assert "| &lt;img src=x onerror=alert(1)&gt; \\*\\*b\\*\\* \\[l\\](javascript:x) \\_e\\_ \\| |" in md
     assert to_markdown([Heading(3, "qeval_analogy")]).startswith("### qeval_analogy")
+
+
+def test_every_variant_of_a_large_plan_gets_its_own_colour():
+    """The default plan has 12 arms; tab10 gave two of them the same colour in recovery.png."""
+    import pandas as pd
+
+    from qeval.report import _variant_colors
+
+    quants = ["none", "bnb-int8", "bnb-nf4", "bnb-nf4-dq", "bnb-fp4", "bnb-fp4-dq"]
+    rows = [{"model": "m", "quant": q, "adapter": a} for q in quants for a in ("", "lora")]
+    colours = _variant_colors(pd.DataFrame(rows), multi_model=False)
+    assert len(colours) == 12 and len(set(colours.values())) == 12
