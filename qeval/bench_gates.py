@@ -27,7 +27,7 @@ import numpy as np
 
 from qeval.compare import BASELINE, adapter_label, latest, paired_frame, task_mde
 from qeval.errors import QevalError
-from qeval.paired import FDR_METHOD, KINDS, WORSE, fdr_verdicts, kind_of
+from qeval.paired import FDR_METHOD, WORSE, compare_values, fdr_verdicts, kind_of
 
 SEED = 20260101
 PPL_JITTER = 1e-4
@@ -95,10 +95,7 @@ def _noisy(c, rate, rng):
 
 def _compare(c, ref, var, th):
     """The nightly's comparison of one cell and metric, on aligned per-document arrays."""
-    kind = KINDS.get(c["kind"])
-    me = th.min_effect_for(c["metric"], c["kind"])
-    return kind.compare(ref, var, metric=c["metric"], higher_is_better=c["hib"],
-                        min_effect=kind.default_min_effect if me is None else me, alpha=0.05, noise_rate=None)
+    return compare_values(ref, var, c["metric"], c["hib"], th.min_effect, kind=c["kind"])
 
 
 def _night(cells, rates, th, rng, plant=None):

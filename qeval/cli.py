@@ -20,9 +20,6 @@ from pathlib import Path
 from qeval import __version__, env
 from qeval.errors import QevalError
 
-# mirrors qeval.quant.DEFAULT_FORMATS (tests/test_cli.py checks); here to keep --help free of torch
-DEFAULT_FORMATS_HELP = "none,bnb-int8,bnb-nf4,bnb-nf4-dq,bnb-fp4,bnb-fp4-dq"
-
 EPILOG = """examples:
   qeval run                                   # all six formats of the embedded model, default suite
   qeval run --formats none,bnb-nf4 --suite smoke
@@ -104,19 +101,19 @@ def _parser() -> argparse.ArgumentParser:
 
     bg = command("bench-gates", help="false alarms and detection of the nightly gates, simulated on a store")
     bg.add_argument("--store", type=Path, default=None, help="a store holding the default plan's results")
-    bg.add_argument("--nights", type=int, default=1000)
+    bg.add_argument("--nights", type=_positive_int, default=1000)
     bg.add_argument("--plan", type=Path, default=Path("plans/default.yaml"),
                     help="the plan whose gates are simulated (default plans/default.yaml)")
     bg.add_argument("--out", type=Path, default=None, help="default ./reports/bench (or $QEVAL_HOME/reports/bench)")
 
     ben = command("bench", help="speed and memory per format against targets (writes reports/bench/)")
     ben.add_argument("--model", default="smollm2-135m")
-    ben.add_argument("--formats", default=DEFAULT_FORMATS_HELP)
+    ben.add_argument("--formats", help="comma-separated format names; default: the default plan's six")
     ben.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     ben.add_argument("--out", type=Path, default=None, help="default ./reports/bench (or $QEVAL_HOME/reports/bench)")
     # harness efficiency + one qeval run vs one lm-eval process per cell (qeval.bench.efficiency)
     ben.add_argument("--eval-formats", default="none,bnb-nf4", help="formats for the efficiency table ('' skips it)")
-    ben.add_argument("--eval-scale", type=float, default=0.25, help="fraction of each default-suite task's limit")
+    ben.add_argument("--eval-scale", type=_fraction, default=0.25, help="fraction of each default-suite task's limit")
     ben.add_argument("--per-cell", action=argparse.BooleanOptionalAction, default=True,
                      help="also time one fresh lm-eval process per cell (~2 min on 2 CPU cores)")
 
@@ -132,14 +129,27 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _number(parse, ok, expected: str):
+    """An argparse type: `parse` the text, check it with `ok`, else one line naming the value and
+    what was expected."""
+    def convert(text: str):
+        try:
+            value = parse(text)
+        except ValueError:
+            value = None
+        if value is None or not ok(value):
+            raise argparse.ArgumentTypeError(f"{text!r}: expected {expected}")
+        return value
+    return convert
+
+
+_positive_int = _number(int, lambda v: v >= 1, "a whole number, 1 or more (e.g. 1000)")
+_fraction = _number(float, lambda v: 0 < v <= 1, "a fraction in (0, 1], e.g. 0.25")
+_positive_gib = _number(float, lambda v: v > 0, "a positive number of GiB, e.g. 4 or 2.5")
+
+
 def _gib(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a number of GiB, e.g. 4 or 2.5") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a positive number of GiB")
-    return value * 2**30
+    return _positive_gib(text) * 2**30
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -257,8 +267,8 @@ def cmd_report(args) -> int:
     th = thresholds_of(load_plan(args.plan)) if args.plan else Thresholds()
     with Store(path, readonly=True) as store:
         records = list(store.records())
-        pairs = paired_frame(records, store.samples, th.min_effect_for)
-        frames = adapter_frames(records, store.samples, th.min_effect_for)
+        pairs = paired_frame(records, store.samples, th.min_effect)
+        frames = adapter_frames(records, store.samples, th.min_effect)
         history = history_frame(store.runs("nightly"), store.get)
     meta = {
         "title": "qeval report", "store": str(path),
@@ -329,16 +339,20 @@ def cmd_bench(args) -> int:
     from qeval.quant import FORMATS
 
     out = args.out or env.home() / "reports" / "bench"
-    formats = [f.strip() for f in args.formats.split(",") if f.strip()]
-    for f in formats:
-        FORMATS.get(f)  # unknown names fail here, with the known ones listed
+    from qeval.quant import DEFAULT_FORMATS  # resolved here, not at --help time: qeval.quant imports torch
+
+    formats = list(DEFAULT_FORMATS) if args.formats is None else [f.strip() for f in args.formats.split(",") if f.strip()]
+    eval_formats = [f.strip() for f in args.eval_formats.split(",") if f.strip()]
+    if not formats:
+        raise QevalError("--formats", args.formats, "at least one format name", "e.g. --formats none,bnb-nf4")
+    for f in formats + eval_formats:
+        FORMATS.get(f)  # unknown names fail here, before any measurement, with the known ones listed
     device = env.resolve_device(args.device)
     frame = bench(args.model, formats, device)
     meta = (f"model {args.model}, device {env.device_description(device)}, git {env.git_sha()}, "
             + ", ".join(f"{k} {v}" for k, v in env.versions().items()))
     for p in write(frame, out, meta):
         print(p)
-    eval_formats = [f.strip() for f in args.eval_formats.split(",") if f.strip()]
     if eval_formats:
         from qeval.bench import efficiency, per_cell, write_efficiency
 

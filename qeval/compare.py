@@ -8,11 +8,11 @@ group wins; a variant is only compared with a baseline measured on the same docu
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Mapping
 
 import pandas as pd
 
-from qeval.paired import Comparison, compare_pair, kind_of, recovery_undefined
+from qeval.paired import Comparison, compare_pair, recovery_undefined
 from qeval.paired import recovery as recovery_of
 from qeval.quant import DEFAULT_FORMATS, FORMATS
 
@@ -130,26 +130,22 @@ def _good(value: float, hib: bool) -> float:
     return value if hib else -value
 
 
-MinEffect = Callable[[str, str], float | None]  # (metric, kind) -> min meaningful effect (None: default)
+# A plan's `thresholds.min_effect` (metric name or comparison kind -> minimum meaningful effect);
+# empty: every kind's default. `compare_pair` resolves it once it knows the metric's kind.
+MinEffect = Mapping[str, float]
 
 
-def _no_override(metric: str, kind: str) -> float | None:
-    return None
-
-
-def compare_records(ref: dict, rec: dict, metric: str, samples, min_effect: MinEffect = _no_override) -> Comparison | None:
+def compare_records(ref: dict, rec: dict, metric: str, samples, min_effect: MinEffect | None = None) -> Comparison | None:
     """`compare_pair` of two stored records on `metric`, or None where either has no samples."""
     if samples is None:
         return None
     rs, vs = samples(ref["key"]), samples(rec["key"])
     if not rs or not vs:
         return None
-    kind = kind_of(metric, [s[metric] for s in rs[:50] if metric in s])
-    return compare_pair(rs, vs, metric, bool(rec["metrics"][metric]["higher_is_better"]),
-                        min_effect(metric, kind))
+    return compare_pair(rs, vs, metric, bool(rec["metrics"][metric]["higher_is_better"]), min_effect)
 
 
-def adapter_frames(records: list[dict], samples=None, min_effect: MinEffect = _no_override) -> dict[str, pd.DataFrame]:
+def adapter_frames(records: list[dict], samples=None, min_effect: MinEffect | None = None) -> dict[str, pd.DataFrame]:
     """What adapters win back and cost, per task's primary metric.
 
     `regained`: one row per adapter arm and task: the arm's score, its reference (the same format
@@ -286,7 +282,7 @@ def decision(frames: dict[str, pd.DataFrame], memory_budget: float | None) -> tu
 
 # ----------------------------------------------------------------------------- paired statistics
 
-def paired_frame(records: list[dict], samples, min_effect: MinEffect = _no_override) -> pd.DataFrame:
+def paired_frame(records: list[dict], samples, min_effect: MinEffect | None = None) -> pd.DataFrame:
     """One row per variant and task (primary metric): the paired comparison against the baseline
     (`qeval.paired.compare_pair`: test, interval, p-value, flips, MDE, verdict).
     `samples(key)` returns a record's stored per-sample outputs."""

@@ -34,7 +34,7 @@ from typing import Callable
 from qeval import env
 from qeval.compare import BASELINE, adapter_label
 from qeval.errors import QevalError, did_you_mean, unknown_name
-from qeval.paired import (FDR_METHOD, KINDS, WORSE, Comparison, compare_pair, fdr_verdicts, kind_of, recovery,
+from qeval.paired import (FDR_METHOD, KINDS, WORSE, Comparison, compare_pair, fdr_verdicts, recovery,
                           recovery_fails)
 from qeval.runner import Plan, Resolved, expand, load_plan, run_plan, validate
 from qeval.specs import from_mapping, raise_if
@@ -70,9 +70,6 @@ class Thresholds:
         if not primary:
             return None
         return self.per_arm.get(arm, self.min_recovery)
-
-    def min_effect_for(self, metric: str, kind: str) -> float | None:
-        return self.min_effect.get(metric, self.min_effect.get(kind))
 
 
 @dataclass
@@ -321,10 +318,9 @@ def _compare(store: Store, run_id: int, keys: list[str], th: Thresholds, compare
 def _compare_samples(ref_samples, var_samples, metric: str, hib: bool, th: Thresholds) -> Comparison | None:
     if not ref_samples or not var_samples:
         return None
-    values = [s[metric] for s in ref_samples[:50] if metric in s]
-    if not values:
+    if not any(metric in s for s in ref_samples):
         return None
-    return compare_pair(ref_samples, var_samples, metric, hib, th.min_effect_for(metric, kind_of(metric, values)))
+    return compare_pair(ref_samples, var_samples, metric, hib, th.min_effect)
 
 
 def _ref_key_of(tests, rec, metric) -> str:
@@ -378,16 +374,18 @@ def acknowledge(store_path: Path, cell: str, reason: str, kind: str = "nightly")
     `kind`); returns their ids. A cell with no open regression is an error (listing those that are)."""
     if not reason or not reason.strip():
         raise QevalError("--reason", reason, "a reason for the acknowledgement", "say why, e.g. --reason 'known nf4 loss'")
-    with Store(store_path) as store:
+    # read first, read-only: a mistyped --store must not leave a new, empty store behind
+    with Store(store_path, readonly=True) as store:
         finished = [r for r in store.runs(kind) if "open_regressions" in r]
-        open_ = finished[-1].get("open_regressions", []) if finished else []
-        ids = [o["id"] for o in open_ if _matches(o["cell"], cell)]
-        if not ids:
-            cells = sorted({o["cell"] for o in open_})
-            hint = did_you_mean(cell, cells)
-            raise QevalError("--ack", cell, "a cell with an open regression: " + (", ".join(cells) or "there are none"),
-                             hint or "copy the cell name from the nightly output")
-        info = {"cell": cell, "reason": reason.strip(), "ids": ids, "after_run": finished[-1]["run_id"]}
+    open_ = finished[-1].get("open_regressions", []) if finished else []
+    ids = [o["id"] for o in open_ if _matches(o["cell"], cell)]
+    if not ids:
+        cells = sorted({o["cell"] for o in open_})
+        hint = did_you_mean(cell, cells)
+        raise QevalError("--ack", cell, "a cell with an open regression: " + (", ".join(cells) or "there are none"),
+                         hint or "copy the cell name from the nightly output")
+    info = {"cell": cell, "reason": reason.strip(), "ids": ids, "after_run": finished[-1]["run_id"]}
+    with Store(store_path) as store:
         run_id = store.start_run("ack", info)
         store.finish_run(run_id, "ok", info)
     return ids

@@ -48,7 +48,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Mapping
 
 import numpy as np
 from scipy import stats
@@ -175,22 +175,35 @@ def default_min_effect(kind: str) -> float:
 
 
 def compare_pair(base_samples: list[dict], var_samples: list[dict], metric: str, higher_is_better: bool,
-                 min_effect: float | None = None, alpha: float = ALPHA, noise_rate: float | None = None) -> Comparison:
+                 min_effect: float | Mapping[str, float] | None = None, alpha: float = ALPHA,
+                 noise_rate: float | None = None) -> Comparison:
     """Compare `metric` of a variant with a reference on the documents both measured (by doc_id;
-    a document whose hash differs is an error, not a pair). `min_effect` None: the kind's default.
+    a document whose hash differs is an error, not a pair). `min_effect`: see `compare_values`.
     `noise_rate`: the discordance rate the MDE assumes (default: the one measured here)."""
     base = {s["doc_id"]: s for s in base_samples}
     pairs = [(base[s["doc_id"]], s) for s in var_samples if s["doc_id"] in base and metric in s]
     for b, v in pairs:
         if b.get("doc_hash") != v.get("doc_hash"):
             raise ValueError(f"document {b['doc_id']} differs between baseline and variant")
-    ref = [b[metric] for b, _ in pairs]
-    var = [v[metric] for _, v in pairs]
-    name = kind_of(metric, ref + var)
-    kind = KINDS.get(name)
-    me = kind.default_min_effect if min_effect is None else float(min_effect)
-    return kind.compare(ref, var, metric=metric, higher_is_better=higher_is_better, min_effect=me, alpha=alpha,
-                        noise_rate=noise_rate)
+    return compare_values([b[metric] for b, _ in pairs], [v[metric] for _, v in pairs], metric, higher_is_better,
+                          min_effect, alpha, noise_rate)
+
+
+def compare_values(ref, var, metric: str, higher_is_better: bool,
+                   min_effect: float | Mapping[str, float] | None = None, alpha: float = ALPHA,
+                   noise_rate: float | None = None, kind: str | None = None) -> Comparison:
+    """`compare_pair` on per-document values already aligned (ref[i] and var[i] are one document).
+    `kind`: the registry key when the caller knows it (default: `kind_of` the values).
+    `min_effect`: a number; or a plan's `thresholds.min_effect` mapping (metric name or kind ->
+    number; the metric's own entry wins), resolved here once the kind is known; None: the kind's
+    default."""
+    name = kind or kind_of(metric, list(ref) + list(var))
+    k = KINDS.get(name)
+    if isinstance(min_effect, Mapping):
+        min_effect = min_effect.get(metric, min_effect.get(name))
+    me = k.default_min_effect if min_effect is None else float(min_effect)
+    return k.compare(ref, var, metric=metric, higher_is_better=higher_is_better, min_effect=me, alpha=alpha,
+                     noise_rate=noise_rate)
 
 
 def _undefined(metric, kind, test, n, ref_value, value, min_effect, alpha, reason, **kw) -> Comparison:
@@ -387,6 +400,16 @@ KINDS.add("mean", Kind(_bca_mean, 0.01, "absolute", "BCa bootstrap of the paired
 # ----------------------------------------------------------------------------- multiple testing
 
 FDR_METHOD = "Benjamini-Hochberg FDR"
+
+
+def mde_at(kind: str, n: int, noise_rate: float, mde: float, alpha: float) -> float:
+    """The MDE of `kind`'s test at a stricter level `alpha` (the per-test level a gate under FDR
+    control needs for a single regression), from its MDE `mde` at ALPHA: McNemar's exact power
+    calculation again at discordance rate `noise_rate`; for the t and bootstrap intervals the MDE
+    scales with z_{1-alpha/2} + z_power (to first order in the relative change)."""
+    if kind == "right_wrong":
+        return mcnemar_mde(n, noise_rate, alpha)
+    return mde * _z(alpha) / _z(ALPHA)
 
 
 def fdr_adjust(p_values: list[float]) -> list[float]:

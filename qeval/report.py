@@ -386,7 +386,7 @@ def significance_section(mde: pd.DataFrame, fdr: float, tests: int) -> "Section 
     """Per task: n, the test, its minimum detectable effect, the minimum meaningful effect, and what
     the nightly can detect with `tests` comparisons under Benjamini-Hochberg at level `fdr` (a
     single real regression among them must reach p < fdr / tests)."""
-    from qeval.paired import POWER, mcnemar_mde
+    from qeval.paired import mde_at
 
     if mde.empty:
         return None
@@ -394,12 +394,8 @@ def significance_section(mde: pd.DataFrame, fdr: float, tests: int) -> "Section 
     rows, sentences = [], []
     for r in mde.itertuples(index=False):
         relative = r.kind == "loglikelihood_ratio"
-        if r.kind == "right_wrong":
-            nightly = mcnemar_mde(int(r.n), round(float(r.flip_rate if not _missing(r.flip_rate) else 0.0), 6), strict)
-        else:  # the t-test's MDE scales with z_{1-a/2} + z_power
-            from scipy.stats import norm
-
-            nightly = float(r.mde) * (norm.ppf(1 - strict / 2) + norm.ppf(POWER)) / (norm.ppf(0.975) + norm.ppf(POWER))
+        rate = round(float(r.flip_rate), 6) if not _missing(r.flip_rate) else 0.0
+        nightly = mde_at(str(r.kind), int(r.n), rate, float(r.mde), strict)
         rows.append([str(r.task), str(r.metric), fmt_int(r.n), str(r.test), fmt_pct(r.flip_rate),
                      _fmt_effect(r.mde, relative), _fmt_effect(r.min_effect, relative), _fmt_effect(nightly, relative)])
         sentences.append(f"{r.task}: a change smaller than {_fmt_effect(max(nightly, r.min_effect), relative)} "

@@ -154,6 +154,19 @@ CASES = [
     ("nightly-warn-below-typo", lambda t, m: ["nightly", write(t, "n.yaml", f"models: [{m}]\nformats: [none]\nsuite: smoke\n"
                                                                "thresholds: {warn_below: {'qeval_analogi:acc': 0.3}}\n")],
      "absent", ["qeval_analogi"]),
+    ("nightly-ack-store-missing", lambda t, m: ["nightly", write(t, "n.yaml", "formats: [none]\n"), "--ack",
+                                                 "m @ bnb-nf4 / qeval_analogy", "--reason", "known loss"],
+     "absent", ["an existing store"]),
+    ("nightly-ack-without-reason", lambda t, m: ["nightly", write(t, "n.yaml", "formats: [none]\n"), "--ack", "x"],
+     "existing", ["--reason"]),
+    ("nightly-reason-without-ack", lambda t, m: ["nightly", write(t, "n.yaml", "formats: [none]\n"), "--reason", "x"],
+     "absent", ["--ack"]),
+    # --- benchmarks: every option checked before anything is measured ---
+    ("bench-gates-nights-zero", lambda t, m: ["bench-gates", "--nights", "0"], "absent", ["'0'", "1 or more"]),
+    ("bench-eval-scale-zero", lambda t, m: ["bench", "--eval-scale", "0"], "absent", ["'0'", "fraction"]),
+    ("bench-formats-empty", lambda t, m: ["bench", "--model", m, "--formats", ""], "absent", ["--formats"]),
+    ("bench-eval-formats-typo", lambda t, m: ["bench", "--model", m, "--formats", "none", "--eval-formats", "bnb-nf44"],
+     "absent", ["bnb-nf44", "bnb-nf4"]),
     # --- the command line itself ---
     ("unknown-command", lambda t, m: ["runn"], "absent", ["runn"]),
     ("unknown-flag", lambda t, m: ["run", "--modle", m], "absent", ["--modle"]),
@@ -209,7 +222,7 @@ def test_bad_input(case, tmp_path, tiny_model_dir, capsys, monkeypatch):
     _make_store(store_kind, store)
     before = _snapshot(store)
     argv = build(tmp_path, str(tiny_model_dir))
-    store_flag = [] if argv[0] in ("runn",) else ["--store", str(store)]
+    store_flag = [] if argv[0] in ("runn", "bench") else ["--store", str(store)]  # bench has no store
     try:
         code = main(argv + store_flag)
     except SystemExit as e:  # argparse usage errors
@@ -223,7 +236,7 @@ def test_bad_input(case, tmp_path, tiny_model_dir, capsys, monkeypatch):
     for needle in needles:
         assert needle in text, f"{needle!r} not in: {text}"
     assert _snapshot(store) == before, "the store changed"
-    assert not (work / "results").exists()
+    assert not (work / "results").exists() and not (work / "reports").exists()
 
 
 def test_case_count():

@@ -97,13 +97,6 @@ def test_module_entry_point_help():
     assert "--formats" in res.stdout and "--suite" in res.stdout and "examples:" in res.stdout
 
 
-def test_help_defaults_mirror_the_registry():
-    from qeval import cli
-    from qeval.quant import DEFAULT_FORMATS
-
-    assert cli.DEFAULT_FORMATS_HELP == ",".join(DEFAULT_FORMATS)
-
-
 def test_help_and_version_do_not_import_torch():
     import subprocess
     import sys
