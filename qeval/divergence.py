@@ -29,18 +29,28 @@ class Reference:
     weight: object  # (V, H) output head
     bias: object | None
     softcap: float | None  # final logit soft-capping (Gemma 2 style), None for most models
+    # the dtype the baseline's head produced its logits in ("bfloat16" on GPU): the reference's
+    # logits are recomputed in it, so a bf16 baseline is compared as the bf16 distribution it is
+    # (recomputing in float32 instead put a KL floor of 4e-5 under a bf16 baseline on an H200)
+    logits_dtype: str = "float32"
 
-    def logits(self, key: str):
-        """Baseline logits of a whole window, by the same op on the same shape as the model's own
-        head (F.linear over all positions): GEMM blocking depends on the shape, and only the same
-        shape gives bit-identical logits, i.e. a baseline-against-itself KL of exactly 0."""
+    def logits(self, key: str, device=None):
+        """Baseline logits of a whole window, by the same op on the same shape, dtype and device as
+        the model's own head (F.linear over all positions): GEMM blocking depends on the shape, and
+        only the same shape gives bit-identical logits, i.e. a baseline-against-itself KL of 0."""
         import torch
 
-        logits = torch.nn.functional.linear(self.hidden[key][None].float(), self.weight.float(),
-                                            None if self.bias is None else self.bias.float())[0]
+        dtype = getattr(torch, self.logits_dtype)
+        dev = torch.device(device or "cpu")
+        cache = self.__dict__.setdefault("_head_on", {})
+        if (dev, dtype) not in cache:  # the head moved once per device, not once per window
+            cache[(dev, dtype)] = (self.weight.to(dev, dtype),
+                                   None if self.bias is None else self.bias.to(dev, dtype))
+        weight, bias = cache[(dev, dtype)]
+        logits = torch.nn.functional.linear(self.hidden[key][None].to(dev, dtype), weight, bias)[0]
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
-        return logits
+        return logits.float()
 
     def save(self, path: Path, head_path: Path | None = None) -> None:
         """Hidden states to `path`; the output head to `head_path` when given (once per model: it is
@@ -54,7 +64,7 @@ class Reference:
         head = {"weight": self.weight.contiguous()}
         if self.bias is not None:
             head["bias"] = self.bias.contiguous()
-        meta = {"softcap": str(self.softcap or "")}
+        meta = {"softcap": str(self.softcap or ""), "logits_dtype": self.logits_dtype}
         if head_path is None:
             tensors.update(head)
         elif not Path(head_path).is_file():
@@ -72,7 +82,8 @@ class Reference:
         with safe_open(str(head_file), "pt") as h:
             bias = h.get_tensor("bias") if "bias" in h.keys() else None
             weight = h.get_tensor("weight")
-        return cls(hidden, weight, bias, float(meta["softcap"]) if meta["softcap"] else None)
+        return cls(hidden, weight, bias, float(meta["softcap"]) if meta["softcap"] else None,
+                   meta.get("logits_dtype", "float32"))
 
 
 @dataclass
@@ -118,6 +129,7 @@ class Capture:
         self.unmatched = 0
         self.batched = 0
         self.seconds = 0.0
+        self.logits_dtype = "float32"
         self._ids = None
         self._handles: list = []
 
@@ -156,15 +168,18 @@ class Capture:
         key = _window_key(ids.numpy())
         if self.ref is None:
             self.hidden[key] = hidden.detach().float().cpu().clone()
+            self.logits_dtype = str(logits.dtype).removeprefix("torch.")
         elif key not in self.ref.hidden:
             self.unmatched += 1
         else:
             with torch.no_grad():
                 if log_probs is None:
                     log_probs = F.log_softmax(logits.detach().float(), dim=-1)
-                variant = log_probs[:-1].detach().cpu()
-                baseline = self.ref.logits(key)[:-1]
-                targets = ids[1:].long()
+                # on the variant's device (a GPU does the vocabulary-wide arithmetic); only the
+                # per-token results travel to the CPU
+                variant = log_probs[:-1].detach()
+                baseline = self.ref.logits(key, variant.device)[:-1]
+                targets = ids[1:].long().to(variant.device)
                 # Whole-tensor ops in row chunks (see ROWS), no Python per token. On log-probabilities
                 # lq, lp: KL = sum exp(lp) (lp - lq), one fused kernel (kl_div with log_target).
                 kls, agree, vt, rt = [], [], [], []
@@ -178,17 +193,18 @@ class Capture:
                     vt.append(lq.gather(1, t)[:, 0].double())
                     rt.append(lp.gather(1, t)[:, 0].double())
                 if kls:
-                    self.kls.append(torch.cat(kls).clamp(min=0).numpy())  # clamp: float rounding just below 0
-                    self.agree.append(torch.cat(agree).numpy())
-                    self.var_tgt.append(torch.cat(vt).numpy())
-                    self.ref_tgt.append(torch.cat(rt).numpy())
+                    self.kls.append(torch.cat(kls).clamp(min=0).cpu().numpy())  # clamp: rounding just below 0
+                    self.agree.append(torch.cat(agree).cpu().numpy())
+                    self.var_tgt.append(torch.cat(vt).cpu().numpy())
+                    self.ref_tgt.append(torch.cat(rt).cpu().numpy())
         self.seconds += time.perf_counter() - t0
 
     def reference(self) -> Reference:
         head = self.model.get_output_embeddings()
         bias = head.bias.detach().float().cpu() if getattr(head, "bias", None) is not None else None
         return Reference(dict(self.hidden), head.weight.detach().float().cpu().clone(), bias,
-                         getattr(getattr(self.model, "config", None), "final_logit_softcapping", None))
+                         getattr(getattr(self.model, "config", None), "final_logit_softcapping", None),
+                         self.logits_dtype)
 
     def result(self) -> Divergence | None:
         if not self.kls:

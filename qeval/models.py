@@ -246,12 +246,13 @@ def compute_dtype(device: str):
     return torch.bfloat16 if device.startswith("cuda") else torch.float32
 
 
-def load_model(resolved: ResolvedModel, fmt: QuantFormat, device: str) -> LoadedModel:
-    """Load `resolved` at format `fmt` on `device`; measure its bytes and the load+quantize time."""
+def load_model(resolved: ResolvedModel, fmt: QuantFormat, device: str, dtype=None) -> LoadedModel:
+    """Load `resolved` at format `fmt` on `device` (in `dtype`, default `compute_dtype(device)`);
+    measure its bytes and the load+quantize time."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    dtype = compute_dtype(device)
+    dtype = dtype or compute_dtype(device)
     qcfg = fmt.quantization_config(dtype)
     kwargs: dict[str, Any] = {"dtype": dtype}
     if qcfg is not None:

@@ -6,7 +6,8 @@ carried suite data), then
      (choice, perplexity + KL, generation), batch size auto;
   2. a QLoRA training of a few steps (CUDA max-allocated memory from the adapter record) and the
      merge paths (dequantized into the float base, requantized to NF4) as arms of the same plan;
-  3. the divergence self-check: the bf16 baseline against its own reference (KL floor, must be 0);
+  3. the divergence self-check: the bf16 baseline against its own reference (must be 0), and the
+     bf16-vs-float32 baseline KL (the precision's noise floor) beside NF4's KL for scale;
   4. the harness-efficiency table on CUDA (qeval.bench.efficiency) for none + one 4-bit format;
 and prints one summary table. `--cpu-dry-run` runs the same on CPU (tiny sizes) to catch crashes.
 Exit 0 when every step passed.
@@ -32,7 +33,7 @@ def build_model(folder: Path, hidden: int, layers: int, vocab: int) -> Path:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    texts = [json.loads(x)["text"] for x in (ROOT / "suites" / "data" / "lee_train.jsonl").read_text().splitlines()]
+    texts = [json.loads(x)["text"] for x in (Path(os.environ["QEVAL_SUITE_DATA"]) / "lee_train.jsonl").read_text().splitlines()]
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -147,19 +148,37 @@ def main() -> int:
         rows.append(("QLoRA training / merge paths", "SKIPPED", "bitsandbytes not installed"))
 
     def self_kl():
+        """The baseline against its own reference (must be 0: the reference's logits are recomputed
+        in the baseline's dtype on its device), and the noise floor of the baseline's precision:
+        the bf16 baseline against a float32 reference, beside the NF4 KL for scale."""
         from qeval.divergence import Reference
         from qeval.evaluate import EvalSpec, evaluate
-        from qeval.models import load_model, resolve_model
+        from qeval.models import compute_dtype, load_model, resolve_model
         from qeval.suites import load_suite
 
         task = load_suite(str(suite)).task("qeval_lee_ppl")
         r = resolve_model(str(model_dir))
-        ref = evaluate(load_model(r, FORMATS.get("none"), device), task, EvalSpec(bootstrap_iters=10), "reference").reference
-        assert isinstance(ref, Reference)
-        again = evaluate(load_model(r, FORMATS.get("none"), device), task, EvalSpec(bootstrap_iters=10), ref).divergence
-        res = "ok" if again.kl_max == 0.0 else ("WARN" if again.kl_mean < 1e-6 else "FAIL")
-        return res, (f"baseline ({str(torch.bfloat16 if device == 'cuda' else torch.float32)}) vs itself, second "
-                     f"load: KL mean {again.kl_mean:.2e} max {again.kl_max:.2e}, top-1 {again.top1_agree:.4f}")
+        none = FORMATS.get("none")
+
+        def kl_against(ref, fmt=none, dtype=None):
+            return evaluate(load_model(r, fmt, device, dtype), task, EvalSpec(bootstrap_iters=10), ref).divergence
+
+        def reference(dtype=None):
+            ref = evaluate(load_model(r, none, device, dtype), task, EvalSpec(bootstrap_iters=10), "reference").reference
+            assert isinstance(ref, Reference)
+            return ref
+
+        ref = reference()
+        again = kl_against(ref)
+        parts = [f"baseline ({compute_dtype(device)}) vs itself: KL max {again.kl_max:.2e}, top-1 {again.top1_agree:.4f}"]
+        if device == "cuda":
+            floor = kl_against(reference(torch.float32))  # bf16 baseline vs a float32 reference
+            parts.append(f"bf16 vs float32 baseline: KL mean {floor.kl_mean:.2e} p99 {floor.kl_p99:.2e}, "
+                         f"top-1 {floor.top1_agree:.4f}")
+            if bnb:
+                nf4 = kl_against(ref, FORMATS.get("bnb-nf4"))
+                parts.append(f"bnb-nf4 vs bf16 baseline: KL mean {nf4.kl_mean:.2e}")
+        return ("ok" if again.kl_max == 0.0 else "FAIL"), "; ".join(parts)
 
     step("divergence self-check (KL floor)", self_kl)
 
@@ -167,7 +186,10 @@ def main() -> int:
         from qeval.bench import efficiency
 
         eformats = ["none"] + (["bnb-nf4"] if bnb else [])
-        frame, noise = efficiency(str(model_dir), eformats, device, suite=str(suite), scale=1.0, noise=True)
+        # on a GPU the default suite at full size (the smoke suite's few documents measure mostly
+        # fixed costs there); on the CPU dry run the smoke suite
+        frame, noise = efficiency(str(model_dir), eformats, device, suite="default" if device == "cuda" else str(suite),
+                                  scale=1.0, noise=True)
         print(frame.to_string(index=False))
         print(noise.to_string(index=False))
         frame.to_csv(work / "efficiency.csv", index=False)

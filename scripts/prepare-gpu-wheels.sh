@@ -43,10 +43,11 @@ for pkg in "${OPTIONAL[@]}"; do
   tmp=$(mktemp -d)
   $PIP download -q -d "$tmp" "${PLATFORM_ARGS[@]}" "$pkg"
   # bitsandbytes ships one kernel library per CUDA / ROCm version (42 MiB): keep the CPU one and
-  # the one for the GPU image's CUDA (BNB_CUDA, default 128 = CUDA 12.8; see torch.version.cuda)
+  # the one for the GPU image's CUDA (BNB_CUDA, default 130: the image's torch is
+  # 2.11.0+cu130; see torch.version.cuda there)
   [[ $pkg == bitsandbytes* ]] && $PY scripts/trim_wheel.py "$tmp"/*.whl 'bitsandbytes/libbitsandbytes_rocm*' \
       'bitsandbytes/libbitsandbytes_xpu*' $(for v in 118 121 124 126 128 130 132; do
-        [ "$v" = "${BNB_CUDA:-128}" ] || echo "bitsandbytes/libbitsandbytes_cuda$v.so"; done)
+        [ "$v" = "${BNB_CUDA:-130}" ] || echo "bitsandbytes/libbitsandbytes_cuda$v.so"; done)
   add=$(du -sm "$tmp" | cut -f1)
   if [ $(( $(size_mib) + add )) -le "$BUDGET_MIB" ]; then
     mv "$tmp"/*.whl "$OUT"/

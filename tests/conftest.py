@@ -6,6 +6,7 @@ user's ~/.cache/qeval or ./results, and module-scoped fixtures (the truth tests'
 with what they computed themselves. The one thing shared read-only with the user's cache is the
 converted embedded model (40 s to convert): it is linked into the session cache.
 """
+import json
 import os
 import shutil
 import tempfile
@@ -19,7 +20,12 @@ _USER_CACHE = Path(os.environ.get("QEVAL_CACHE") or Path.home() / ".cache" / "qe
 SESSION_ROOT = Path(tempfile.mkdtemp(prefix="qeval-tests-"))
 SESSION_CACHE = SESSION_ROOT / "cache"
 os.environ["QEVAL_CACHE"] = str(SESSION_CACHE)
+_CARRIED_DATA = Path(os.environ.get("QEVAL_SUITE_DATA", "")) / "MANIFEST.json"
 os.environ["QEVAL_SUITE_DATA"] = str(SESSION_ROOT / "suite-data")  # one build per session, any test's cache
+if _CARRIED_DATA.is_file():
+    # copied, not used in place (tests stay isolated); a machine without gensim (the GPU image)
+    # runs on suite data built elsewhere and carried (checked by content hash in build_all)
+    shutil.copytree(_CARRIED_DATA.parent, SESSION_ROOT / "suite-data")
 os.environ["QEVAL_HOME"] = str(SESSION_ROOT / "home")
 os.environ.pop("QEVAL_STORE", None)
 (SESSION_CACHE / "models").mkdir(parents=True)
@@ -47,6 +53,9 @@ def pytest_collection_modifyitems(config, items):
 
 def _lee_background() -> list[str]:
     spec = importlib.util.find_spec("gensim")
+    if spec is None:  # the GPU image: the carried suite data holds the same corpus's training split
+        rows = (Path(os.environ["QEVAL_SUITE_DATA"]) / "lee_train.jsonl").read_text().splitlines()
+        return [json.loads(r)["text"] for r in rows]
     path = Path(list(spec.submodule_search_locations)[0]) / "test" / "test_data" / "lee_background.cor"
     return [line for line in path.read_text(encoding="latin-1").splitlines() if line.strip()]
 
