@@ -121,7 +121,7 @@ def scaled_tasks(suite_name: str, scale: float):
 
 
 def efficiency(model_spec: str, formats: list[str], device: str, suite: str = "default",
-               scale: float = 0.25, noise: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
+               scale: float = 0.25, noise: bool = True, dtype=None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Per task x format: qeval's tokens/s (the whole `evaluate()` call: lm-eval's task building,
     requests, scoring, metrics) and a bare model's over the recorded windows; their ratio is the
     harness efficiency. With `noise`, also each log-likelihood task at batch size 1 vs the suite's
@@ -135,7 +135,7 @@ def efficiency(model_spec: str, formats: list[str], device: str, suite: str = "d
     spec = EvalSpec()
     rows, noise_rows, refs = [], [], {}
     for name in formats:
-        loaded = load_model(resolved, FORMATS.get(name), device)
+        loaded = load_model(resolved, FORMATS.get(name), device, dtype)
         if name == formats[0]:
             # warm-up: the process's first evaluate() pays one-time costs (lm-eval's imports and task
             # index, first-call kernel selection) that are no task type's efficiency
@@ -150,7 +150,8 @@ def efficiency(model_spec: str, formats: list[str], device: str, suite: str = "d
             rows.append({"task": t.task, "type": out.config.get("output_type", "?"), "format": name,
                          "batch_size": t.batch_size, "n": out.n, "tokens": tokens,
                          "qeval_tok_s": tokens / out.eval_s, "bare_tok_s": tokens / bare_s,
-                         "efficiency": bare_s / out.eval_s, "divergence": bool(t.divergence), "device": device})
+                         "efficiency": bare_s / out.eval_s, "divergence": bool(t.divergence), "device": device,
+                         "dtype": loaded.dtype})
             if noise and name == formats[0] and t.batch_size != 1 and out.config.get("output_type") != "generate_until":
                 one = evaluate(loaded, dataclasses.replace(t, batch_size=1, divergence=False), spec)
                 noise_rows.append(_batch_noise(t, out, one))
@@ -158,6 +159,54 @@ def efficiency(model_spec: str, formats: list[str], device: str, suite: str = "d
     frame = pd.DataFrame(rows)
     frame["meets_target"] = frame.efficiency >= EFFICIENCY_TARGET
     return frame, pd.DataFrame(noise_rows)
+
+
+def dtype_floor(model_spec: str, device: str, dtype, suite: str = "default", scale: float = 1.0,
+                task: str = "qeval_lee_ppl", reference_dtype=None) -> dict:
+    """What computing in `dtype` instead of `reference_dtype` (default float32) moves by itself: the
+    baseline (format none) in `dtype` against a reference recorded by the baseline in
+    `reference_dtype`, on the divergence task: the KL / top-1 floor under every format's numbers in
+    that dtype, and the primary metric and speed of both. Also the `dtype` baseline against its own
+    reference, which must be exactly 0 (the reference's logits are recomputed in its dtype)."""
+    import dataclasses
+
+    import torch
+
+    from qeval.evaluate import EvalSpec, evaluate
+
+    resolved = resolve_model(model_spec)
+    t = next((dataclasses.replace(x, divergence=True) for x in scaled_tasks(suite, scale) if x.task == task), None)
+    if t is None:
+        raise ValueError(f"{task} is not in suite {suite}")
+    spec, none = EvalSpec(bootstrap_iters=100), FORMATS.get("none")  # stderr is not what is measured here
+    ref_dtype = reference_dtype or torch.float32
+    ref_out = evaluate(load_model(resolved, none, device, ref_dtype), t, spec, "reference")
+    low = load_model(resolved, none, device, dtype)
+    low_out = evaluate(low, t, spec, ref_out.reference)
+    self_out = evaluate(load_model(resolved, none, device, dtype), t, spec, "reference")
+    again = evaluate(low, t, spec, self_out.reference).divergence
+    d = low_out.divergence
+    return {"task": t.task, "n": low_out.n, "tokens": d.tokens, "device": device,
+            "dtype": low.dtype, "reference_dtype": str(ref_dtype).removeprefix("torch."),
+            "kl_mean": d.kl_mean, "kl_p99": d.kl_p99, "kl_max": d.kl_max, "top1_agree": d.top1_agree,
+            "ppl_ratio": d.ppl_ratio, "primary": low_out.primary,
+            "primary_reference": ref_out.metrics[ref_out.primary].value,
+            "primary_dtype": low_out.metrics[low_out.primary].value,
+            "eval_s_reference": ref_out.eval_s, "eval_s_dtype": low_out.eval_s, "self_kl_max": again.kl_max}
+
+
+def write_dtype_floor(row: dict) -> str:
+    return ("\n## Compute-dtype noise floor\n\n"
+            f"The baseline computed in {row['dtype']} against the same baseline in {row['reference_dtype']} on "
+            f"{row['task']} ({row['n']} documents, {row['tokens']} tokens, {row['device']}): what the compute "
+            f"dtype moves by itself, under every format's numbers in that dtype.\n\n"
+            "| KL mean | KL p99 | KL max | top-1 agreement | token ppl ratio | "
+            f"{row['primary']} {row['reference_dtype']} | {row['primary']} {row['dtype']} | "
+            f"eval s {row['reference_dtype']} | eval s {row['dtype']} | {row['dtype']} vs itself (KL max) |\n"
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+            f"| {row['kl_mean']:.2e} | {row['kl_p99']:.2e} | {row['kl_max']:.2e} | {row['top1_agree']:.4f} | "
+            f"{row['ppl_ratio']:.4f} | {row['primary_reference']:.4g} | {row['primary_dtype']:.4g} | "
+            f"{row['eval_s_reference']:.1f} | {row['eval_s_dtype']:.1f} | {row['self_kl_max']:.1e} |\n")
 
 
 def _batch_noise(t, batched, single) -> dict:

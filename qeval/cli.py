@@ -69,6 +69,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--num-fewshot", type=int, default=0, help="with --tasks: few-shot examples (default 0)")
     run.add_argument("--batch-size", type=int, default=1, help="with --tasks: batch size (default 1)")
     run.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default auto: cuda if available")
+    run.add_argument("--compute-dtype", choices=["auto", "float32", "bf16"],
+                     help="auto (default): float32 on CPU, bf16 on CUDA; bf16 on a CPU with native bf16 only")
     run.add_argument("--seed", type=int)
     run.add_argument("--store", type=Path, default=None, help=f"result store (default {env.default_store_path()}, "
                      "or $QEVAL_STORE)")
@@ -114,6 +116,8 @@ def _parser() -> argparse.ArgumentParser:
     # harness efficiency + one qeval run vs one lm-eval process per cell (qeval.bench.efficiency)
     ben.add_argument("--eval-formats", default="none,bnb-nf4", help="formats for the efficiency table ('' skips it)")
     ben.add_argument("--eval-scale", type=_fraction, default=0.25, help="fraction of each default-suite task's limit")
+    ben.add_argument("--compute-dtype", choices=["auto", "float32", "bf16"], default="auto",
+                     help="dtype of the efficiency table; with bf16 also its noise floor against float32")
     ben.add_argument("--per-cell", action=argparse.BooleanOptionalAction, default=True,
                      help="also time one fresh lm-eval process per cell (~2 min on 2 CPU cores)")
 
@@ -228,7 +232,7 @@ def cmd_run(args) -> int:
     if args.include_path:
         overrides["include_path"] = tuple(str(p) for p in args.include_path) + tuple(
             [plan.include_path] if isinstance(plan.include_path, str) else plan.include_path)
-    for name in ("suite", "device", "seed"):
+    for name in ("suite", "device", "seed", "compute_dtype"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
     if args.tasks and args.suite:
@@ -276,7 +280,8 @@ def cmd_report(args) -> int:
         "models": {r["model"]["spec"]: r["model"]["fingerprint"] for r in records},
         "versions": records[-1]["versions"] if records else env.versions(),
         "git_sha": ", ".join(sorted({r["git_sha"] for r in records})) or env.git_sha(),
-        "devices": sorted({r["device_description"] for r in records}),
+        # with the compute dtype: a bf16 baseline on CPU is an explicit choice the reader must see
+        "devices": sorted({f"{r['device_description']} ({r.get('compute_dtype', '?')})" for r in records}),
         "seed": ", ".join(sorted({str(r["seed"]) for r in records})), "cells": len(records),
     }
     memory = memory_frame(records)
@@ -348,6 +353,11 @@ def cmd_bench(args) -> int:
     for f in formats + eval_formats:
         FORMATS.get(f)  # unknown names fail here, before any measurement, with the known ones listed
     device = env.resolve_device(args.device)
+    from qeval.models import compute_dtype, compute_dtype_problem
+
+    if problem := compute_dtype_problem(args.compute_dtype, device):
+        raise problem
+    dtype = compute_dtype(device, args.compute_dtype)
     frame = bench(args.model, formats, device)
     meta = (f"model {args.model}, device {env.device_description(device)}, git {env.git_sha()}, "
             + ", ".join(f"{k} {v}" for k, v in env.versions().items()))
@@ -356,10 +366,16 @@ def cmd_bench(args) -> int:
     if eval_formats:
         from qeval.bench import efficiency, per_cell, write_efficiency
 
-        eff, noise = efficiency(args.model, eval_formats, device, scale=args.eval_scale)
-        cells = per_cell(args.model, eval_formats, scale=args.eval_scale) if args.per_cell and device == "cpu" else None
+        eff, noise = efficiency(args.model, eval_formats, device, scale=args.eval_scale, dtype=dtype)
+        cells = per_cell(args.model, eval_formats, scale=args.eval_scale) \
+            if args.per_cell and device == "cpu" and args.compute_dtype == "auto" else None
         with (out / "bench.md").open("a") as fh:
             fh.write(write_efficiency(eff, noise, cells, out))
+    if dtype != compute_dtype("cpu"):  # bf16 (CPU or CUDA): what it moves against float32
+        from qeval.bench import dtype_floor, write_dtype_floor
+
+        with (out / "bench.md").open("a") as fh:
+            fh.write(write_dtype_floor(dtype_floor(args.model, device, dtype)))
     print((out / "bench.md").read_text())
     return 0
 

@@ -30,7 +30,7 @@ def _group(rec: dict) -> tuple:
     """Records in one group measured the same documents the same way, so they are comparable."""
     t = rec["task"]
     return (rec["model"]["fingerprint"], t["name"], t["fingerprint"], t["limit"], t["num_fewshot"],
-            rec["device"].split(":")[0])
+            rec["device"].split(":")[0], rec.get("compute_dtype"))  # a bf16 variant pairs with the bf16 baseline
 
 
 MERGE_SUFFIX = {"none": "", "dequantized": "@merged-float", "requantized": "@merged-requant"}

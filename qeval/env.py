@@ -99,6 +99,26 @@ def resolve_device(device: str = "auto") -> str:
     return device
 
 
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's instruction-set flags (Linux /proc/cpuinfo; empty elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return frozenset(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def cpu_bf16_isa() -> str | None:
+    """The CPU's native bfloat16 matmul instructions, best first: "amx_bf16" (AMX tiles),
+    "avx512_bf16", or None (then bf16 matmuls are emulated, 8-20x slower than float32, and rounded
+    differently): bf16 numbers on CPU depend on which of these ran them."""
+    flags = cpu_flags()
+    return next((isa for isa in ("amx_bf16", "avx512_bf16") if isa in flags), None)
+
+
 def device_description(device: str) -> str:
     import torch
 

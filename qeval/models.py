@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from qeval import env
-from qeval.errors import QevalError
+from qeval.errors import QevalError, unknown_name
 from qeval.files import atomic_write, sha256_file
 from qeval.memory import PeakMemory
 from qeval.quant import Footprint, QuantFormat, measure_footprint
@@ -239,11 +239,30 @@ def fingerprint(folder: Path) -> str:
     return fp
 
 
-def compute_dtype(device: str):
-    """float32 on CPU (bf16 matmuls are 8-20x slower on CPUs without bf16 units), bf16 on CUDA."""
+# The plan's `compute_dtype`: "auto" is float32 on CPU (portable: the same numbers on every x86 CPU;
+# bf16 matmuls are 8-20x slower on CPUs without bf16 units) and bfloat16 on CUDA.
+COMPUTE_DTYPES = {"auto": "auto", "float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
+
+
+def compute_dtype(device: str, choice: str = "auto"):
+    """The torch dtype a model is loaded and computed in on `device` for the plan's `choice`."""
     import torch
 
-    return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    name = COMPUTE_DTYPES.get(choice, choice)
+    if name == "auto":
+        name = "bfloat16" if device.startswith("cuda") else "float32"
+    return getattr(torch, name)
+
+
+def compute_dtype_problem(choice: str, device: str) -> QevalError | None:
+    """Why `choice` cannot run on `device` (None when it can). bf16 on a CPU is an explicit choice
+    and only where the CPU computes it natively: emulated bf16 is slow and rounds differently."""
+    if choice not in COMPUTE_DTYPES:
+        return unknown_name("compute_dtype", choice, COMPUTE_DTYPES)
+    if device == "cpu" and COMPUTE_DTYPES[choice] == "bfloat16" and env.cpu_bf16_isa() is None:
+        return QevalError("compute_dtype", choice, "a CPU with native bf16 (AVX512-BF16 or AMX) for bf16 on cpu",
+                          "this CPU has neither: use compute_dtype: float32 (or auto), or a GPU")
+    return None
 
 
 def load_model(resolved: ResolvedModel, fmt: QuantFormat, device: str, dtype=None) -> LoadedModel:

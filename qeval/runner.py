@@ -24,7 +24,8 @@ from qeval.adapters import MERGES, AdapterArtifact, AdapterSpec, adapter_key, at
 from qeval.divergence import Reference
 from qeval.errors import QevalError, unknown_name
 from qeval.evaluate import EvalOutcome, EvalSpec, evaluate
-from qeval.models import DEFAULT_MODEL, LoadedModel, ResolvedModel, compute_dtype, load_model, resolve_model
+from qeval.models import (DEFAULT_MODEL, LoadedModel, ResolvedModel, compute_dtype, compute_dtype_problem, load_model,
+                          resolve_model)
 from qeval.quant import DEFAULT_FORMATS, FORMATS, QuantFormat
 from qeval.specs import from_mapping, load_yaml, raise_if
 from qeval.files import content_key, store_lock
@@ -51,6 +52,9 @@ class Plan:
     formats: tuple[str, ...] = DEFAULT_FORMATS
     suite: str = "default"  # shipped suite name or suite YAML path
     device: str = "auto"  # auto | cpu | cuda
+    # auto: float32 on CPU, bfloat16 on CUDA; bf16 on a CPU with native bf16 only as an explicit choice
+    # (baseline included; part of every key, with the CPU's bf16 instruction set)
+    compute_dtype: str = "auto"
     seed: int = 1234
     bootstrap_iters: int = 1000
     adapters: dict = field(default_factory=dict)  # name -> AdapterSpec fields
@@ -100,6 +104,7 @@ class Resolved:
     adapters: dict[str, AdapterSpec]
     suite: Suite
     device: str
+    dtype: Any = None  # the torch dtype every model of the plan is loaded and computed in
 
 
 def validate(plan: Plan, suite: Suite | None = None) -> Resolved:
@@ -153,6 +158,13 @@ def validate(plan: Plan, suite: Suite | None = None) -> Resolved:
 
         if not torch.cuda.is_available():
             errors.append(QevalError("device", "cuda", "a machine with a CUDA GPU", "use --device cpu or auto"))
+    device = env.resolve_device(plan.device) if plan.device in ("auto", "cpu", "cuda") else "cpu"
+    if isinstance(plan.compute_dtype, str):
+        if problem := compute_dtype_problem(plan.compute_dtype, device):
+            errors.append(problem)
+        elif device == "cpu" and compute_dtype(device, plan.compute_dtype) != compute_dtype(device) and plan.adapters:
+            errors.append(QevalError("compute_dtype", plan.compute_dtype, "float32 (auto) for a plan with adapters on cpu",
+                                     "adapter training on CPU runs in float32: drop adapters/arms or compute_dtype"))
     if not plan.models:
         errors.append(QevalError("models", "[]", "at least one model", f"e.g. {DEFAULT_MODEL}"))
     if not arms:
@@ -165,14 +177,18 @@ def validate(plan: Plan, suite: Suite | None = None) -> Resolved:
     if suite is None:
         suite = check(lambda: load_suite(plan.suite, paths))
     raise_if(errors)
-    return Resolved(tuple(arms), adapters, suite, env.resolve_device(plan.device))
+    return Resolved(tuple(arms), adapters, suite, device, compute_dtype(device, plan.compute_dtype))
 
 
 def make_cells(model: ResolvedModel, arm: Arm, suite: Suite, eval_spec: EvalSpec, device: str,
-               adapter: AdapterSpec | None = None) -> list[Cell]:
+               adapter: AdapterSpec | None = None, dtype=None) -> list[Cell]:
     fmt = FORMATS.get(arm.quant)
-    fmt_spec = fmt.spec(compute_dtype(device))
+    dtype = dtype or compute_dtype(device)
+    fmt_spec = fmt.spec(dtype)
     device_kind = "cuda" if device.startswith("cuda") else "cpu"
+    if device_kind == "cpu" and dtype != compute_dtype(device):
+        # bf16 on a CPU: AMX and AVX512-BF16 kernels round differently (float32 keys stay as they were)
+        device_kind = f"cpu:{env.cpu_bf16_isa()}"
     # The variant is what a user means by "this model at this format with this adapter": stable
     # across library upgrades, so a history can follow it; the key adds what else moves the numbers.
     adapter_id = None
@@ -184,7 +200,7 @@ def make_cells(model: ResolvedModel, arm: Arm, suite: Suite, eval_spec: EvalSpec
                "device": device_kind}
     variant_id = content_key(variant)
     head = content_key({"model": model.fingerprint, "device": device_kind,
-                        "baseline": FORMATS.get(BASELINE).spec(compute_dtype(device)), "versions": env.versions()})
+                        "baseline": FORMATS.get(BASELINE).spec(dtype), "versions": env.versions()})
     cells = []
     for t in suite.tasks:
         task = {"name": t.task, "fingerprint": task_fingerprint(t.task, suite.include_paths), "limit": t.limit,
@@ -195,7 +211,7 @@ def make_cells(model: ResolvedModel, arm: Arm, suite: Suite, eval_spec: EvalSpec
             # the baseline's hidden states on this task's forwards: a new baseline means new numbers
             material["divergence"] = {"reference": content_key(
                 {"model": model.fingerprint, "task": task, "device": device_kind, "versions": env.versions(),
-                 "baseline": FORMATS.get(BASELINE).spec(compute_dtype(device))})}
+                 "baseline": FORMATS.get(BASELINE).spec(dtype)})}
         cells.append(Cell(model, arm, fmt, t, content_key(material), variant_id, material, head))
     return cells
 
@@ -229,7 +245,7 @@ def _head_path(cell: Cell) -> Path:
 
 
 def _divergence_mode(cell: Cell, eval_spec: EvalSpec, device: str, progress,
-                     paths: tuple[Path, ...] = ()) -> str | Reference | None:
+                     paths: tuple[Path, ...] = (), dtype=None) -> str | Reference | None:
     """None (not asked), "reference" (this is the baseline and no reference exists yet), or the
     baseline's Reference to compare with (built first, from a baseline load, when missing)."""
     if "divergence" not in cell.key_material:
@@ -239,7 +255,7 @@ def _divergence_mode(cell: Cell, eval_spec: EvalSpec, device: str, progress,
         if _is_baseline(cell.arm):
             return "reference"
         progress(f"  baseline reference for {cell.task.task} missing: loading the baseline to record it")
-        base = load_model(cell.model, FORMATS.get(BASELINE), device)
+        base = load_model(cell.model, FORMATS.get(BASELINE), device, dtype)
         outcome = evaluate(base, cell.task, eval_spec, "reference", paths)
         if outcome.reference is None:
             raise QevalError("divergence", cell.task.task, "a task whose forwards hold one sequence",
@@ -256,7 +272,8 @@ def expand(plan: Plan, rp: Resolved) -> list[tuple[ResolvedModel, Arm, list[Cell
     models = [resolve_model(m) for m in plan.models]
     ensure_built()
     eval_spec = EvalSpec(seed=plan.seed, bootstrap_iters=plan.bootstrap_iters)
-    return [(m, a, make_cells(m, a, rp.suite, eval_spec, rp.device, rp.adapters.get(a.adapter) if a.adapter else None))
+    return [(m, a, make_cells(m, a, rp.suite, eval_spec, rp.device, rp.adapters.get(a.adapter) if a.adapter else None,
+                              rp.dtype))
             for m in models for a in rp.arms]
 
 
@@ -293,7 +310,7 @@ def run_plan(plan: Plan, store_path: Path, suite: Suite | None = None,
                              f"({artifact.trainable_params:,} trainable, {artifact.train_s:.0f} s)")
                 progress(f"{tag}: loading + quantizing on {rp.device}")
                 torch.manual_seed(plan.seed)
-                loaded = _load_arm(model, arm, artifact, rp.device)
+                loaded = _load_arm(model, arm, artifact, rp.device, rp.dtype)
             except QevalError:
                 raise
             except Exception as e:  # OOM, a training crash, an unsupported format: this arm's cells fail
@@ -304,7 +321,7 @@ def run_plan(plan: Plan, store_path: Path, suite: Suite | None = None,
             for cell in missing:
                 progress(f"{tag}: evaluating {cell.task.task} (limit {cell.task.limit})")
                 try:
-                    mode = _divergence_mode(cell, eval_spec, rp.device, progress, paths)
+                    mode = _divergence_mode(cell, eval_spec, rp.device, progress, paths, rp.dtype)
                     outcome = evaluate(loaded, cell.task, eval_spec, mode, paths)
                     if outcome.reference is not None:
                         outcome.reference.save(_reference_path(cell), _head_path(cell))
@@ -339,11 +356,12 @@ def _failed(summary: RunSummary, progress, what: str, e: BaseException) -> None:
             print(e.trace, file=sys.stderr)
 
 
-def _load_arm(model: ResolvedModel, arm: Arm, artifact: AdapterArtifact | None, device: str) -> LoadedModel:
+def _load_arm(model: ResolvedModel, arm: Arm, artifact: AdapterArtifact | None, device: str,
+              dtype=None) -> LoadedModel:
     """Load + quantize the arm's base, then put its adapter on (or load the fully fine-tuned model)."""
     if artifact is not None and artifact.spec.method == "full":
         return load_finetuned(model, artifact, arm.quant, device)
-    loaded = load_model(model, FORMATS.get(arm.quant), device)
+    loaded = load_model(model, FORMATS.get(arm.quant), device, dtype)
     if artifact is not None:
         loaded = attach(loaded, artifact, arm.merge)
     return loaded

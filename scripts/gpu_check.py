@@ -148,37 +148,20 @@ def main() -> int:
         rows.append(("QLoRA training / merge paths", "SKIPPED", "bitsandbytes not installed"))
 
     def self_kl():
-        """The baseline against its own reference (must be 0: the reference's logits are recomputed
-        in the baseline's dtype on its device), and the noise floor of the baseline's precision:
-        the bf16 baseline against a float32 reference, beside the NF4 KL for scale."""
-        from qeval.divergence import Reference
-        from qeval.evaluate import EvalSpec, evaluate
-        from qeval.models import compute_dtype, load_model, resolve_model
-        from qeval.suites import load_suite
+        """The baseline against its own reference (must be exactly 0: the reference's logits are
+        recomputed in the baseline's dtype on its device), and the noise floor of the compute dtype
+        (qeval.bench.dtype_floor: the bf16 baseline against a float32 one), beside NF4's KL from the
+        smoke plan for scale."""
+        from qeval.bench import dtype_floor
+        from qeval.models import compute_dtype
 
-        task = load_suite(str(suite)).task("qeval_lee_ppl")
-        r = resolve_model(str(model_dir))
-        none = FORMATS.get("none")
-
-        def kl_against(ref, fmt=none, dtype=None):
-            return evaluate(load_model(r, fmt, device, dtype), task, EvalSpec(bootstrap_iters=10), ref).divergence
-
-        def reference(dtype=None):
-            ref = evaluate(load_model(r, none, device, dtype), task, EvalSpec(bootstrap_iters=10), "reference").reference
-            assert isinstance(ref, Reference)
-            return ref
-
-        ref = reference()
-        again = kl_against(ref)
-        parts = [f"baseline ({compute_dtype(device)}) vs itself: KL max {again.kl_max:.2e}, top-1 {again.top1_agree:.4f}"]
-        if device == "cuda":
-            floor = kl_against(reference(torch.float32))  # bf16 baseline vs a float32 reference
-            parts.append(f"bf16 vs float32 baseline: KL mean {floor.kl_mean:.2e} p99 {floor.kl_p99:.2e}, "
-                         f"top-1 {floor.top1_agree:.4f}")
-            if bnb:
-                nf4 = kl_against(ref, FORMATS.get("bnb-nf4"))
-                parts.append(f"bnb-nf4 vs bf16 baseline: KL mean {nf4.kl_mean:.2e}")
-        return ("ok" if again.kl_max == 0.0 else "FAIL"), "; ".join(parts)
+        f = dtype_floor(str(model_dir), device, compute_dtype(device), suite=str(suite))
+        nf4 = [r["divergence"]["kl_mean"] for r in records()
+               if r["variant"]["arm"] == "bnb-nf4" and (r.get("divergence") or {}).get("kl_mean") is not None]
+        detail = (f"{f['dtype']} baseline vs itself: KL max {f['self_kl_max']:.2e}; {f['dtype']} vs "
+                  f"{f['reference_dtype']} baseline: KL mean {f['kl_mean']:.2e} p99 {f['kl_p99']:.2e}, top-1 "
+                  f"{f['top1_agree']:.4f}" + (f"; bnb-nf4 vs baseline: KL mean {nf4[0]:.2e}" if nf4 else ""))
+        return ("ok" if f["self_kl_max"] == 0.0 else "FAIL"), detail
 
     step("divergence self-check (KL floor)", self_kl)
 

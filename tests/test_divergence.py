@@ -101,3 +101,20 @@ def test_paired_flips_and_interval():
     assert out.p_value == pytest.approx(_mcnemar_p(4, 1))
     with pytest.raises(ValueError, match="differs"):
         compare_pair(base, [{**var[0], "doc_hash": "other"}], "acc", True)
+
+
+def test_bf16_reference_is_recomputed_in_bf16(peaked_model_dir, docs):
+    """A bf16 baseline against its own reference is exactly 0 (its logits are recomputed in bf16, not
+    float32), and a bf16 model against a float32 reference gives the KL of both models' own logits."""
+    import torch
+
+    r = resolve_model(str(peaked_model_dir))
+    bf16 = lambda: load_model(r, FORMATS.get("none"), "cpu", torch.bfloat16).model
+    ref = _run(bf16(), docs).reference()
+    assert ref.logits_dtype == "bfloat16"
+    again = _run(bf16(), docs, ref).result()
+    assert again.kl_max == 0.0 and again.top1_agree == 1.0
+    fp32 = load_model(r, FORMATS.get("none"), "cpu").model
+    got = _run(bf16(), docs, _run(fp32, docs).reference()).result()
+    exact = exact_kl(fp32, bf16(), docs, "cpu")
+    assert got.kl_mean > 0 and abs(got.kl_mean - exact.mean()) / exact.mean() < 1e-3

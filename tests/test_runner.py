@@ -170,3 +170,50 @@ def test_arm_validation_reports_everything(plan):
     assert "merge" in text and "4-bit" in text  # merge path on int8 / full fine-tune
     assert "arm name 'none'" in text  # clashes with the format arm
     assert "'colour'" in text
+
+
+def test_compute_dtype_is_an_explicit_checked_choice(plan, tiny_model_dir, monkeypatch):
+    import torch
+
+    from qeval import env
+    from qeval.errors import QevalError, QevalErrors
+    from qeval.evaluate import EvalSpec
+    from qeval.models import resolve_model
+    from qeval.suites import load_suite
+
+    with pytest.raises(QevalError, match="did you mean 'bf16'"):
+        runner.validate(Plan(**{**plan.__dict__, "compute_dtype": "bf61"}))
+    monkeypatch.setattr(env, "cpu_bf16_isa", lambda: None)  # an AVX2-only CPU
+    with pytest.raises(QevalError, match="AVX512-BF16 or AMX"):
+        runner.validate(Plan(**{**plan.__dict__, "compute_dtype": "bf16"}))
+    monkeypatch.setattr(env, "cpu_bf16_isa", lambda: "avx512_bf16")
+    assert runner.validate(Plan(**{**plan.__dict__, "compute_dtype": "bf16"})).dtype == torch.bfloat16
+    with pytest.raises((QevalError, QevalErrors), match="adapter training on CPU"):
+        runner.validate(Plan(**{**plan.__dict__, "compute_dtype": "bf16", "adapters": {"l": {}}}))
+
+    model, suite = resolve_model(str(tiny_model_dir)), load_suite(plan.suite)
+    key = lambda dtype=None: runner.make_cells(model, runner.Arm("none", "none"), suite, EvalSpec(), "cpu", None,
+                                               dtype)[0].key
+    assert key() == key(torch.float32)  # explicit float32 on CPU is "auto": stores stay valid
+    assert key(torch.bfloat16) != key()
+    monkeypatch.setattr(env, "cpu_bf16_isa", lambda: "amx_bf16")
+    bf16_amx = key(torch.bfloat16)
+    monkeypatch.setattr(env, "cpu_bf16_isa", lambda: "avx512_bf16")
+    assert key(torch.bfloat16) != bf16_amx  # which bf16 kernels ran is part of the key
+
+
+def test_bf16_plan_runs_with_its_own_bf16_baseline(plan, tmp_path, monkeypatch):
+    from qeval import env
+
+    real = env.cpu_bf16_isa()  # where the CPU lacks bf16 the test runs it emulated: numbers, not speed
+    monkeypatch.setattr(env, "cpu_bf16_isa", lambda: real or "avx512_bf16")
+    (tmp_path / "div.yaml").write_text("name: d\ntasks:\n  - {task: qeval_lee_ppl, limit: 2, divergence: true}\n")
+    bf16 = Plan(**{**plan.__dict__, "suite": str(tmp_path / "div.yaml"), "formats": ("none", "bnb-nf4"),
+                   "compute_dtype": "bf16"})
+    s = run_plan(bf16, tmp_path / "s.sqlite", progress=lambda m: None)
+    assert not s.failed and len(s.computed) == 2
+    with Store(tmp_path / "s.sqlite") as st:
+        recs = {r["variant"]["quant"]: r for r in st.records()}
+    assert {r["compute_dtype"] for r in recs.values()} == {"bfloat16"}
+    assert recs["none"]["format"]["compute_dtype"] == "torch.bfloat16"
+    assert recs["bnb-nf4"]["divergence"]["kl_mean"] > 0  # against the bf16 baseline's reference
