@@ -268,7 +268,7 @@ def cmd_report(args) -> int:
     with Store(path, readonly=True) as store:
         records = list(store.records())
         pairs = paired_frame(records, store.samples, th.min_effect)
-        frames = adapter_frames(records, store.samples, th.min_effect)
+        frames = adapter_frames(records, store.samples, th.min_effect, _domain_tasks(args.plan))
         history = history_frame(store.runs("nightly"), store.get)
     meta = {
         "title": "qeval report", "store": str(path),
@@ -290,6 +290,16 @@ def cmd_report(args) -> int:
     for p in written:
         print(p)
     return 0
+
+
+def _domain_tasks(plan_path) -> dict | None:
+    """adapter name -> domain_tasks as the plan says now (stored records keep the run's)."""
+    if not plan_path:
+        return None
+    from qeval.runner import load_plan
+
+    return {name: tuple(raw.get("domain_tasks") or ()) for name, raw in load_plan(plan_path).adapters.items()
+            if isinstance(raw, dict)}
 
 
 LOCK_FILE = "requirements-lock.txt"  # the known-good environment `make` installs (Makefile LOCK)

@@ -145,7 +145,8 @@ def compare_records(ref: dict, rec: dict, metric: str, samples, min_effect: MinE
     return compare_pair(rs, vs, metric, bool(rec["metrics"][metric]["higher_is_better"]), min_effect)
 
 
-def adapter_frames(records: list[dict], samples=None, min_effect: MinEffect | None = None) -> dict[str, pd.DataFrame]:
+def adapter_frames(records: list[dict], samples=None, min_effect: MinEffect | None = None,
+                   domain_tasks: Mapping[str, tuple] | None = None) -> dict[str, pd.DataFrame]:
     """What adapters win back and cost, per task's primary metric.
 
     `regained`: one row per adapter arm and task: the arm's score, its reference (the same format
@@ -156,12 +157,11 @@ def adapter_frames(records: list[dict], samples=None, min_effect: MinEffect | No
     "worse": only then is `regained` meaningful), `regained_verdict` (arm vs reference) and
     `vs_baseline_verdict` (arm vs the float baseline: for arms trained on the float base, whose
     reference *is* the baseline, this is their gain). `untouched` marks tasks outside the adapter's
-    training domain: there `delta_vs_reference` measures forgetting.
+    training domain (the adapter's `domain_tasks`: from `domain_tasks`, the plan's adapter name ->
+    tasks, when given, else as stored with the record): there `delta_vs_reference` measures forgetting.
     `merge`: each merged arm against the same adapter unmerged.
     `training`: one row per trained adapter: its costs and curves.
     """
-    from qeval.adapters import DOMAIN_TASKS
-
     primary = {}
     for r in latest(records):
         m = r["metrics"][r["primary_metric"]]
@@ -183,7 +183,8 @@ def adapter_frames(records: list[dict], samples=None, min_effect: MinEffect | No
         # the reference: the arm's own format without adapter (for the float merge: the 4-bit base)
         ref = primary.get((group, quant, ""))
         spec = (r.get("adapter") or {}).get("spec", {})
-        untouched = r["task"]["name"] not in DOMAIN_TASKS.get(spec.get("train_data", ""), ())
+        domain = (domain_tasks or {}).get(v["adapter"], spec.get("domain_tasks") or ())
+        untouched = r["task"]["name"] not in domain
         row = {"model": v["model"], "arm": v.get("arm", label), "quant": quant, "adapter": label,
                "task": r["task"]["name"], "metric": metric, "higher_is_better": hib,
                "value": m["value"], "stderr": m["stderr"], "untouched": untouched,

@@ -10,7 +10,8 @@ def _rec(quant, task, metric, value, stderr, hib=True, adapter="", merge="none",
     fp = {"total_bytes": 100 if quant == "none" else 40, "quantized_weight_bytes": 0 if quant == "none" else 20,
           "quant_state_bytes": 0 if quant == "none" else 2, "unquantized_bytes": 100 if quant == "none" else 18,
           "theory_bytes": 100 if quant == "none" else 39, "quantized_params": 0 if quant == "none" else 40, "census": {}}
-    spec = {"method": "lora", "train_quant": quant, "train_data": "lee_background", "steps": 2}
+    spec = {"method": "lora", "train_quant": quant, "train_data": "lee_background", "steps": 2,
+            "domain_tasks": ["qeval_lee_ppl"]}
     return {"key": f"{quant}{adapter}{merge}{task}{created}", "variant": {"model": "m", "quant": quant, "adapter": adapter,
             "merge": merge, "arm": arm or (quant if not adapter else f"{quant}+{adapter}")},
             "model": {"fingerprint": "f"}, "task": {"name": task, "fingerprint": "t", "limit": 10, "num_fewshot": 0},
