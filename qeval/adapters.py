@@ -67,6 +67,7 @@ class AdapterSpec:
     eval_every: int = 5  # held-out loss every N steps
     early_stopping_patience: int = 0  # > 0: stop after this many held-out evaluations without a new best
     domain_tasks: tuple[str, ...] = ()  # the tasks this training targets; every other task measures forgetting
+    seeds: tuple[int, ...] = ()  # train each arm once per seed (replaces `seed`): the verdict then carries the spread
     peft: dict = dataclasses.field(default_factory=dict)  # more LoraConfig options (use_dora, init_lora_weights...)
 
     @property
@@ -112,6 +113,8 @@ class AdapterSpec:
             out.append(QevalError(f"{where}.dropout", self.dropout, "a value in [0, 1)"))
         if not self.lr > 0:
             out.append(QevalError(f"{where}.lr", self.lr, "a positive learning rate"))
+        if len(set(self.seeds)) != len(self.seeds) or any(x < 0 for x in self.seeds):
+            out.append(QevalError(f"{where}.seeds", list(self.seeds), "distinct seeds, 0 or more"))
         if self.peft:
             if self.method != "lora":
                 out.append(QevalError(f"{where}.peft", sorted(self.peft), "no peft options for method: full",
@@ -126,6 +129,37 @@ class AdapterSpec:
 
         return [unknown_name(f"{where}.domain_tasks task", t, tasks, "a task of the plan's suite")
                 for t in self.domain_tasks if t not in tasks]
+
+
+SEED_TAG = "#s"  # an arm trained with seed 7 from adapter `lora` is `lora#s7` (arm and adapter names)
+
+
+def seed_base(name: str) -> str:
+    """The plan's name of a seed-expanded arm or adapter label (`lora#s7@merged-float` -> `lora@merged-float`)."""
+    import re
+
+    return re.sub(re.escape(SEED_TAG) + r"\d+", "", str(name))
+
+
+def expand_seeds(adapters: dict[str, AdapterSpec], arms: list) -> tuple[dict[str, AdapterSpec], list]:
+    """An adapter with `seeds: [a, b]` becomes adapters `name#sa`, `name#sb` (each its own `seed`),
+    and every arm using it one arm per seed: several trainings per arm, the spread in the report."""
+    out = {}
+    for name, spec in adapters.items():
+        if spec.seeds:
+            for sd in spec.seeds:
+                out[f"{name}{SEED_TAG}{sd}"] = dataclasses.replace(spec, seed=sd, seeds=())
+        else:
+            out[name] = spec
+    new_arms = []
+    for arm in arms:
+        spec = adapters.get(arm.adapter) if getattr(arm, "adapter", None) else None
+        if spec is not None and spec.seeds:
+            new_arms += [dataclasses.replace(arm, name=f"{arm.name}{SEED_TAG}{sd}", adapter=f"{arm.adapter}{SEED_TAG}{sd}")
+                         for sd in spec.seeds]
+        else:
+            new_arms.append(arm)
+    return out, new_arms
 
 
 def lora_config(spec: AdapterSpec) -> Any:
@@ -421,8 +455,9 @@ def _load_artifact(meta: Path, reused: bool) -> AdapterArtifact:
         spec["target_modules"] = tuple(spec["target_modules"])
     d["losses"] = tuple(tuple(x) for x in d["losses"])
     d["heldout"] = tuple(tuple(x) for x in d["heldout"])
-    if isinstance(spec.get("domain_tasks"), list):
-        spec["domain_tasks"] = tuple(spec["domain_tasks"])
+    for name in ("domain_tasks", "seeds"):
+        if isinstance(spec.get(name), list):
+            spec[name] = tuple(spec[name])
     return AdapterArtifact(**{**d, "path": meta.parent, "spec": AdapterSpec(**spec), "reused": reused})
 
 

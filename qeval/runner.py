@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from qeval import env
-from qeval.adapters import MERGES, AdapterArtifact, AdapterSpec, adapter_key, attach, finetune, load_finetuned
+from qeval.adapters import (MERGES, AdapterArtifact, AdapterSpec, adapter_key, attach, expand_seeds, finetune,
+                            load_finetuned)
 from qeval.divergence import Reference
 from qeval.errors import QevalError, unknown_name
 from qeval.evaluate import EvalOutcome, EvalSpec, evaluate
@@ -167,6 +168,7 @@ def validate(plan: Plan, suite: Suite | None = None) -> Resolved:
         for name, spec in adapters.items():  # not against a --tasks override: it may leave them out
             errors += spec.domain_problems(f"adapters.{name}", [t.task for t in suite.tasks] if suite else [])
     raise_if(errors)
+    adapters, arms = expand_seeds(adapters, arms)  # `seeds: [..]`: one adapter and arm per seed
     return Resolved(tuple(arms), adapters, suite, env.resolve_device(plan.device))
 
 

@@ -309,3 +309,15 @@ def test_peft_passthrough_is_checked_against_loraconfig(resolved):
         names = list(f.keys())
         q = f.get_tensor(next(n for n in names if "q_proj.lora_A" in n))
     assert any("lora_magnitude_vector" in n for n in names) and q.shape[0] == 4  # DoRA, per-module rank
+
+
+def test_seeds_expand_into_one_adapter_and_arm_per_seed():
+    from qeval.runner import Plan, validate
+
+    plan = Plan(models=("m",), formats=("none",), adapters={"lora": {"seeds": [3, 5], "domain_tasks": ["qeval_lee_ppl"]}},
+                arms=({"name": "l", "quant": "none", "adapter": "lora"},))
+    rp = validate(plan)
+    assert [a.name for a in rp.arms] == ["none", "l#s3", "l#s5"]
+    assert {k: v.seed for k, v in rp.adapters.items()} == {"lora#s3": 3, "lora#s5": 5}
+    assert all(v.seeds == () for v in rp.adapters.values())
+    assert "distinct" in str(AdapterSpec(seeds=(1, 1)).problems("a"))
