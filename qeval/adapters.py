@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 from qeval import env
 from qeval.errors import ChildError, QevalError
-from qeval.memory import PeakMemory
+from qeval.memory import PeakMemory, PhasePeaks
 from qeval.models import LoadedModel, ResolvedModel, fingerprint, load_model
 from qeval.quant import FORMATS, measure_footprint
 from qeval.files import atomic_write, content_key
@@ -236,7 +236,7 @@ class AdapterArtifact:
     train_s: float
     s_per_step: float
     tokens_per_s: float
-    peak_train_bytes: int  # CUDA max allocated, or sampled peak RSS of the training process on CPU
+    peak_train_bytes: int  # training steps only (not the load): CUDA max allocated, or peak RSS on CPU
     idle_bytes: int  # CPU: RSS of that process before loading the base (Python + libraries); 0 on CUDA
     losses: tuple[tuple[int, float], ...]  # (step, training loss)
     heldout: tuple[tuple[int, float], ...]  # (step, held-out loss)
@@ -246,6 +246,7 @@ class AdapterArtifact:
     order_hash: str = ""  # sha256 of the token blocks in the order trained: equal means the same tokens
     eval_s: float = 0.0  # held-out passes (not part of train_s, s_per_step, tokens_per_s)
     data: dict = dataclasses.field(default_factory=dict)  # qeval.train_data.prepare's summary
+    memory: dict = dataclasses.field(default_factory=dict)  # per phase, by part, and the analytic prediction
     reused: bool = False
 
     def summary(self) -> dict:
@@ -366,11 +367,15 @@ def _train(model: ResolvedModel, spec: AdapterSpec, device: str, key: str, out: 
 
     import hashlib
 
+    import psutil
+
     from qeval.train_data import prepare
 
     torch.manual_seed(spec.seed)
-    with PeakMemory(device) as peak:  # from before the load: the base's weights count too
-        rss_before = peak.peak_bytes
+    phases = PhasePeaks(device)
+    cuda = device.startswith("cuda")
+    idle = 0 if cuda else psutil.Process().memory_info().rss  # Python + libraries, before the model
+    with phases.phase("load"):
         base = load_model(model, FORMATS.get(spec.train_quant), device)
         net = _trainable(base.model, spec)
         params = [p for p in net.parameters() if p.requires_grad]
@@ -385,6 +390,7 @@ def _train(model: ResolvedModel, spec: AdapterSpec, device: str, key: str, out: 
         order = torch.randperm(len(train.ids), generator=gen)
         steps = spec.train_steps
         eval_s = 0.0
+        grad_bytes = 0
 
         def heldout_loss() -> float:
             nonlocal eval_s
@@ -400,6 +406,10 @@ def _train(model: ResolvedModel, spec: AdapterSpec, device: str, key: str, out: 
                  f"{steps} steps x {spec.batch_size} x {spec.seq_len} = {steps * spec.batch_size * spec.seq_len:,} tokens "
                  f"of {data['format']} data ({data['train_rows']} train / {data['heldout_rows']} held-out rows, "
                  f"{spec.packing}: {long_note}); held-out loss {heldout[0][1]:.4f}")
+    # Training's own peak, measured apart from the load: on CPU the load's freed float weights are
+    # handed back to the OS first (a 4-bit load keeps them in the heap otherwise, and QLoRA's
+    # "training" peak came out above LoRA's); on CUDA max allocated is reset here.
+    with phases.phase("train"):
         net.train()
         order_hash = hashlib.sha256()
         best, since_best, done = heldout[0][1], 0, 0
@@ -411,6 +421,8 @@ def _train(model: ResolvedModel, spec: AdapterSpec, device: str, key: str, out: 
             order_hash.update(labels.numpy().tobytes())
             loss = net(input_ids=ids.to(device), labels=labels.to(device)).loss
             loss.backward()
+            if step == 1:
+                grad_bytes = sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             sched.step()
@@ -438,14 +450,46 @@ def _train(model: ResolvedModel, spec: AdapterSpec, device: str, key: str, out: 
         base.tokenizer.save_pretrained(tmp)
     weights = sum(f.stat().st_size for f in tmp.glob("*.safetensors"))
     tokens = done * spec.batch_size * spec.seq_len
+    opt_bytes = sum(t.numel() * t.element_size() for st in opt.state.values() for t in st.values()
+                    if torch.is_tensor(t))
+    memory = _memory_breakdown(base, spec, phases, idle, trainable_bytes=sum(p.numel() * p.element_size() for p in params),
+                               opt_bytes=opt_bytes, grad_bytes=grad_bytes, cuda=cuda)
     art = AdapterArtifact(key, out, spec, trainable, total, weights, train_s, train_s / done,
-                          tokens / train_s, peak.peak_bytes,
-                          0 if device.startswith("cuda") else rss_before,
+                          tokens / train_s, phases.peak["train"], idle,
                           tuple(losses), tuple(heldout), device, steps_done=done, tokens=tokens,
-                          order_hash=order_hash.hexdigest(), eval_s=eval_s, data=data)
+                          order_hash=order_hash.hexdigest(), eval_s=eval_s, data=data, memory=memory)
     atomic_write(tmp / "qeval-artifact.json", json.dumps(art.summary(), indent=1))
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)  # atomic: a crash mid-training leaves nothing that looks finished
+
+
+def _memory_breakdown(base, spec: AdapterSpec, phases, idle: int, trainable_bytes: int, opt_bytes: int,
+                      grad_bytes: int, cuda: bool) -> dict:
+    """Measured parts of the training peak and the analytic model's prediction (qeval.memory.estimate).
+
+    weights = the loaded model's bytes; adapter_optimizer = trainable weights + AdamW states;
+    gradients = the trainable gradients; activations = what is left of the training peak (on CPU
+    also allocator slack and, for a 4-bit base, the dequantized weight of the layer in flight)."""
+    from qeval.memory import Shape, estimate
+
+    weights = int(base.footprint.total_bytes)
+    peak = phases.peak["train"]
+    frozen_and_idle = weights + (0 if cuda else idle)
+    measured = {"idle": idle, "load_peak": phases.peak["load"], "train_start": phases.start["train"], "train_peak": peak,
+                "weights": weights, "adapter_optimizer": trainable_bytes + opt_bytes, "gradients": grad_bytes}
+    measured["activations"] = max(0, peak - frozen_and_idle - measured["adapter_optimizer"] - grad_bytes)
+    method = "full" if spec.method == "full" else ("qlora" if spec.train_quant != "none" else "lora")
+    try:
+        shape = Shape.from_config(base.model.config.to_dict())
+        dtype_bytes = 2 if cuda and str(base.dtype) in ("bfloat16", "float16") else 4
+        e = estimate(shape, method, spec.batch_size, spec.seq_len, r=spec.r, dtype_bytes=dtype_bytes,
+                     train_quant=spec.train_quant if method == "qlora" else "bnb-nf4-dq",
+                     checkpointing=spec.gradient_checkpointing, overhead=0 if cuda else idle)
+        measured["predicted"] = {**dataclasses.asdict(e), "total": e.total}
+        measured["prediction_error"] = (e.total - peak) / peak if peak else None
+    except Exception as exc:  # noqa: BLE001 -- a config the model does not cover: no prediction, say why
+        measured["predicted"] = {"error": str(exc)[:200]}
+    return measured
 
 
 def _load_artifact(meta: Path, reused: bool) -> AdapterArtifact:
