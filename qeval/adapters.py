@@ -474,17 +474,20 @@ def _memory_breakdown(base, spec: AdapterSpec, phases, idle: int, trainable_byte
 
     weights = int(base.footprint.total_bytes)
     peak = phases.peak["train"]
-    frozen_and_idle = weights + (0 if cuda else idle)
     measured = {"idle": idle, "load_peak": phases.peak["load"], "train_start": phases.start["train"], "train_peak": peak,
                 "weights": weights, "adapter_optimizer": trainable_bytes + opt_bytes, "gradients": grad_bytes}
-    measured["activations"] = max(0, peak - frozen_and_idle - measured["adapter_optimizer"] - grad_bytes)
+    # CPU: what the process holds besides the model when training starts (Python, libraries imported
+    # since `idle`, the tokenized data): measured, and the base the analytic model adds to
+    process = 0 if cuda else max(0, phases.start["train"] - weights - trainable_bytes)
+    measured["process"] = process
+    measured["activations"] = max(0, peak - weights - process - measured["adapter_optimizer"] - grad_bytes)
     method = "full" if spec.method == "full" else ("qlora" if spec.train_quant != "none" else "lora")
     try:
         shape = Shape.from_config(base.model.config.to_dict())
         dtype_bytes = 2 if cuda and str(base.dtype) in ("bfloat16", "float16") else 4
         e = estimate(shape, method, spec.batch_size, spec.seq_len, r=spec.r, dtype_bytes=dtype_bytes,
                      train_quant=spec.train_quant if method == "qlora" else "bnb-nf4-dq",
-                     checkpointing=spec.gradient_checkpointing, overhead=0 if cuda else idle)
+                     checkpointing=spec.gradient_checkpointing, overhead=process)
         measured["predicted"] = {**dataclasses.asdict(e), "total": e.total}
         measured["prediction_error"] = (e.total - peak) / peak if peak else None
     except Exception as exc:  # noqa: BLE001 -- a config the model does not cover: no prediction, say why

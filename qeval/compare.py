@@ -232,6 +232,8 @@ def adapter_frames(records: list[dict], samples=None, min_effect: MinEffect | No
                 "tokens": a.get("tokens", 0), "order_hash": a.get("order_hash", ""), "eval_s": a.get("eval_s", 0.0),
                 "seed": a["spec"].get("seed"), "data_format": (a.get("data") or {}).get("format", ""),
                 "data_hash": (a.get("data") or {}).get("hash", ""), "not_converged": not_converged(a["heldout"]),
+                "memory": a.get("memory") or {}, "model_path": r["model"].get("path", ""),
+                "batch_size": a["spec"].get("batch_size"), "seq_len": a["spec"].get("seq_len"),
                 "losses": a["losses"], "heldout": a["heldout"], "key": a["key"], "device": a["device"]})
     regained = pd.DataFrame(regained)
     return {"regained": regained, "merge": pd.DataFrame(merges),

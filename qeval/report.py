@@ -676,16 +676,64 @@ def adapter_section(frames: dict[str, pd.DataFrame], decision_table: pd.DataFram
                 for r in seeds[seeds["seeds"] > 1].itertuples(index=False)]
         blocks.append(Table(["arm", "task", "metric", "seeds", "mean", "95% interval", "min .. max", "regained"],
                             rows, [False, False, False, True, True, True, True, True]))
+    if not train.empty and "memory" in train and train["memory"].map(bool).any():
+        blocks += _memory_blocks(train)
     if not train.empty:
         images[TRAINING_PNG] = _training_png(train)
         blocks.append(Image("Training and held-out loss per adapter", TRAINING_PNG))
     images[TRAIN_MEMORY_PNG] = _train_memory_png(reg, train, memory)
     blocks.append(Image("Peak training memory vs score per arm", TRAIN_MEMORY_PNG))
     files = {"adapters.csv": reg.to_csv(index=False).encode("utf-8"),
-             "training.csv": train.drop(columns=["losses", "heldout"], errors="ignore").to_csv(index=False).encode("utf-8")}
+             "training.csv": train.drop(columns=["losses", "heldout", "memory"], errors="ignore").to_csv(index=False).encode("utf-8")}
     if not seeds.empty:
         files["adapter_seeds.csv"] = seeds.to_csv(index=False).encode("utf-8")
     return Section(blocks, images, files)
+
+
+def _memory_blocks(train: pd.DataFrame) -> list:
+    """Training memory by part against the analytic model (qeval.memory.estimate), and the
+    projection of the measured model to common GPU sizes (`qeval plan-memory`)."""
+    import json
+
+    from qeval.memory import Shape, fits_table
+
+    rows = []
+    for t in train.itertuples(index=False):
+        m = t.memory or {}
+        if not m:
+            continue
+        pred = m.get("predicted") or {}
+        err = m.get("prediction_error")
+        rows.append([str(t.adapter), str(t.train_quant), fmt_mib(m.get("load_peak")), fmt_mib(m.get("train_peak")),
+                     fmt_mib(m.get("weights")), fmt_mib(m.get("adapter_optimizer")), fmt_mib(m.get("gradients")),
+                     fmt_mib(m.get("activations")), fmt_mib(m.get("process")) if m.get("process") else NA,
+                     fmt_mib(pred.get("total")), NA if err is None else f"{err:+.0%}"])
+    out = [Heading(3, "Training memory by part, measured and predicted"),
+           Para("Load and training are measured apart: a 4-bit load on CPU materialises float weights before "
+                "quantizing them, and that high-water mark is not training memory. On CPU the heap freed by the "
+                "load is handed back (malloc_trim) before training; on CUDA max allocated is reset. weights = the "
+                "loaded model; adapter + optimizer = trainable weights + AdamW states; activations = the rest of "
+                "the training peak (CPU: also allocator slack and 4-bit dequantization buffers); process = CPU "
+                "memory besides the model at training start. Predicted: qeval.memory.estimate from the model's "
+                "config (error = predicted / measured - 1)."),
+           Table(["adapter", "trained on", "load peak MiB", "training peak MiB", "weights", "adapter + optimizer",
+                  "gradients", "activations", "process", "predicted MiB", "error"], rows,
+                 [False, False] + [True] * 9)]
+    t = train.iloc[0]
+    cfg = Path(str(t.get("model_path", ""))) / "config.json"
+    if cfg.is_file():
+        shape = Shape.from_config(json.loads(cfg.read_text()))
+        batch, seq = int(t.get("batch_size") or 1), int(t.get("seq_len") or 512)
+        proj = []
+        for gpu in (16, 24, 48, 80):
+            for r in fits_table(shape, gpu, batch, seq):
+                proj.append([f"{gpu} GiB", r["method"], fmt_num(r["weights_gib"]), fmt_num(r["total_gib"]),
+                             "yes" if r["fits"] else "no"])
+        out += [Heading(3, "Projected to GPUs (bf16, this model)"),
+                Para(f"`qeval plan-memory --config {cfg.parent} --batch-size {batch} --seq-len {seq}`: predicted peak "
+                     "GiB of LoRA, QLoRA (NF4 + double quant) and a full fine-tune (fp32 master weights) per GPU size."),
+                Table(["GPU", "method", "weights GiB", "total GiB", "fits"], proj, [False, False, True, True, False])]
+    return out
 
 
 def _training_png(train: pd.DataFrame) -> bytes:

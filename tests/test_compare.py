@@ -1,4 +1,5 @@
 """Comparison frames from records: recovery orientation, regained share, 'within noise'."""
+import json
 import math
 
 import pytest
@@ -85,11 +86,14 @@ def _seeded(quant, adapter, seed, value, peak, order="o"):
     r = _rec(quant, "qeval_lee_ppl", "word_perplexity", value, 2, hib=False, adapter=f"{adapter}#s{seed}",
              arm=f"{adapter}#s{seed}")
     r["adapter"] = {**r["adapter"], "spec": {**r["adapter"]["spec"], "seed": seed}, "peak_train_bytes": peak,
-                    "order_hash": f"{order}{seed}", "tokens": 100}
+                    "order_hash": f"{order}{seed}", "tokens": 100,
+                    "memory": {"load_peak": 2 * peak, "train_peak": peak, "weights": peak // 2, "adapter_optimizer": 1,
+                               "gradients": 1, "activations": peak // 2 - 2, "predicted": {"total": peak},
+                               "prediction_error": 0.0}}
     return r
 
 
-def test_seeds_spread_and_no_clear_winner():
+def test_seeds_spread_and_no_clear_winner(tmp_path):
     from scipy import stats
 
     from qeval.compare import decision
@@ -111,8 +115,14 @@ def test_seeds_spread_and_no_clear_winner():
     assert len(table) == 6 and "No clear winner on qeval_lee_ppl" in verdict and "least training memory: qlora" in verdict
     from qeval.report import adapter_section
 
-    section = adapter_section(frames, table, verdict, memory_frame(recs))
+    (tmp_path / "config.json").write_text(json.dumps({"vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536,
+                                                      "num_hidden_layers": 30, "num_attention_heads": 9}))
+    for r in recs:
+        r["model"]["path"] = str(tmp_path)
+    section = adapter_section(adapter_frames(recs, samples.get), table, verdict, memory_frame(recs))
+    assert any("Projected to GPUs" in str(b) for b in section.blocks)
     assert "adapter_seeds.csv" in section.files and any("spread across seeds" in str(b) for b in section.blocks)
+    assert any("measured and predicted" in str(b) for b in section.blocks)
     far = [_seeded("bnb-nf4", "qlora", s, v, 1000) for s, v in ((1, 131), (2, 130), (3, 129))]
     table, verdict = decision(adapter_frames(base + lora + far), None)
     assert "No clear winner" not in verdict and verdict.startswith("Best on qeval_lee_ppl: lora (word_perplexity 100")
