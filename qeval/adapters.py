@@ -376,7 +376,10 @@ def _train(model: ResolvedModel, spec: AdapterSpec, device: str, key: str, out: 
     cuda = device.startswith("cuda")
     idle = 0 if cuda else psutil.Process().memory_info().rss  # Python + libraries, before the model
     with phases.phase("load"):
-        base = load_model(model, FORMATS.get(spec.train_quant), device)
+        # A full fine-tune trains fp32 weights even on a bf16 GPU: AdamW's updates (lr x ~1) on bf16
+        # weights (8 bits of mantissa) round most of them away. LoRA keeps the base in compute dtype.
+        base = load_model(model, FORMATS.get(spec.train_quant), device,
+                          dtype=torch.float32 if spec.method == "full" else None)
         net = _trainable(base.model, spec)
         params = [p for p in net.parameters() if p.requires_grad]
         trainable = sum(p.numel() for p in params)

@@ -321,3 +321,15 @@ def test_seeds_expand_into_one_adapter_and_arm_per_seed():
     assert {k: v.seed for k, v in rp.adapters.items()} == {"lora#s3": 3, "lora#s5": 5}
     assert all(v.seeds == () for v in rp.adapters.values())
     assert "distinct" in str(AdapterSpec(seeds=(1, 1)).problems("a"))
+
+
+def test_shipped_adapter_plan_is_valid():
+    from pathlib import Path
+
+    from qeval.runner import load_plan, validate
+
+    rp = validate(load_plan(Path(__file__).parents[1] / "plans" / "adapters.yaml"))
+    specs = rp.adapters
+    assert len(specs) == 6 and {s.train_data for s in specs.values()} == {"example-chat"}
+    assert len({(s.budget_tokens, s.seq_len, s.batch_size, s.packing) for s in specs.values()}) == 1  # one budget
+    assert specs["qdora#s1"].peft == {"use_dora": True} and specs["qdora#s2"].seed == 2
