@@ -371,6 +371,9 @@ def _train(model: ResolvedModel, spec: AdapterSpec, device: str, key: str, out: 
 
     from qeval.train_data import prepare
 
+    if spec.peft.get("init_lora_weights") == "loftq" and not device.startswith("cuda"):
+        raise QevalError("peft.init_lora_weights", "loftq", "a CUDA device (peft computes the LoftQ "
+                         "initialisation on the GPU)", "run this adapter with device: cuda, or drop LoftQ on CPU")
     torch.manual_seed(spec.seed)
     phases = PhasePeaks(device)
     cuda = device.startswith("cuda")

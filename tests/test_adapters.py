@@ -333,3 +333,10 @@ def test_shipped_adapter_plan_is_valid():
     assert len(specs) == 6 and {s.train_data for s in specs.values()} == {"example-chat"}
     assert len({(s.budget_tokens, s.seq_len, s.batch_size, s.packing) for s in specs.values()}) == 1  # one budget
     assert specs["qdora#s1"].peft == {"use_dora": True} and specs["qdora#s2"].seed == 2
+
+
+def test_loftq_on_cpu_is_one_clear_error(resolved):
+    spec = AdapterSpec(peft={"init_lora_weights": "loftq", "loftq_config": {"loftq_bits": 4}}, **TINY)
+    assert spec.problems("a") == []  # a valid recipe ...
+    with pytest.raises(QevalError, match="CUDA device"):  # ... that peft can only compute on a GPU
+        finetune(resolved, spec, "cpu", isolate=False)
