@@ -405,21 +405,22 @@ def _train(model: ResolvedModel, spec: AdapterSpec, device: str, key: str, out: 
             eval_s += time.perf_counter() - t
             return value
 
-        losses, heldout = [], [(0, heldout_loss())]
         long_note = (f"{data['long_rows']} rows longer than seq_len {'packed across blocks' if spec.packing == 'pack' else 'truncated'}"
                      if data["long_rows"] else "no row longer than seq_len")
         progress(f"fine-tune {spec.method} on {spec.train_quant}: {trainable:,} trainable of {total:,} parameters, "
                  f"{steps} steps x {spec.batch_size} x {spec.seq_len} = {steps * spec.batch_size * spec.seq_len:,} tokens "
                  f"of {data['format']} data ({data['train_rows']} train / {data['heldout_rows']} held-out rows, "
-                 f"{spec.packing}: {long_note}); held-out loss {heldout[0][1]:.4f}")
+                 f"{spec.packing}: {long_note})")
     # Training's own peak, measured apart from the load: on CPU the load's freed float weights are
     # handed back to the OS first (a 4-bit load keeps them in the heap otherwise, and QLoRA's
     # "training" peak came out above LoRA's); on CUDA max allocated is reset here.
     with phases.phase("train"):
+        losses, heldout = [], [(0, heldout_loss())]
+        progress(f"  held-out loss before training {heldout[0][1]:.4f}")
         net.train()
         order_hash = hashlib.sha256()
         best, since_best, done = heldout[0][1], 0, 0
-        t0 = time.perf_counter()
+        t0, eval_before = time.perf_counter(), eval_s
         for step in range(1, steps + 1):
             idx = [order[((step - 1) * spec.batch_size + i) % len(order)].item() for i in range(spec.batch_size)]
             ids, labels = train.ids[idx], train.labels[idx]
@@ -447,7 +448,7 @@ def _train(model: ResolvedModel, spec: AdapterSpec, device: str, key: str, out: 
                     break
         if device.startswith("cuda"):
             torch.cuda.synchronize()
-        train_s = time.perf_counter() - t0 - eval_s  # optimizer steps only, not the held-out passes
+        train_s = time.perf_counter() - t0 - (eval_s - eval_before)  # optimizer steps only, not held-out passes
     net.eval()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{key[:12]}-", dir=out.parent))

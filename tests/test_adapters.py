@@ -340,3 +340,20 @@ def test_loftq_on_cpu_is_one_clear_error(resolved):
     assert spec.problems("a") == []  # a valid recipe ...
     with pytest.raises(QevalError, match="CUDA device"):  # ... that peft can only compute on a GPU
         finetune(resolved, spec, "cpu", isolate=False)
+
+
+def test_time_per_step_excludes_the_heldout_passes(resolved, monkeypatch):
+    import time as _time
+
+    import qeval.adapters as adapters
+
+    def slow(*a):
+        _time.sleep(0.4)
+        return 1.0
+
+    monkeypatch.setattr(adapters, "_heldout_loss", slow)
+    t = _time.perf_counter()
+    art = finetune(resolved, AdapterSpec(**{**TINY, "steps": 2, "eval_every": 1}), "cpu", isolate=False)
+    wall = _time.perf_counter() - t
+    assert art.eval_s >= 3 * 0.4  # before training, after step 1 and step 2
+    assert art.train_s < wall - 3 * 0.4 and art.s_per_step == pytest.approx(art.train_s / 2)
