@@ -677,7 +677,7 @@ def adapter_section(frames: dict[str, pd.DataFrame], decision_table: pd.DataFram
         blocks.append(Table(["arm", "task", "metric", "seeds", "mean", "95% interval", "min .. max", "regained"],
                             rows, [False, False, False, True, True, True, True, True]))
     if not train.empty and "memory" in train and train["memory"].map(bool).any():
-        blocks += _memory_blocks(train)
+        blocks += _train_memory_blocks(train)
     if not train.empty:
         images[TRAINING_PNG] = _training_png(train)
         blocks.append(Image("Training and held-out loss per adapter", TRAINING_PNG))
@@ -690,7 +690,7 @@ def adapter_section(frames: dict[str, pd.DataFrame], decision_table: pd.DataFram
     return Section(blocks, images, files)
 
 
-def _memory_blocks(train: pd.DataFrame) -> list:
+def _train_memory_blocks(train: pd.DataFrame) -> list:
     """Training memory by part against the analytic model (qeval.memory.estimate), and the
     projection of the measured model to common GPU sizes (`qeval plan-memory`)."""
     import json
