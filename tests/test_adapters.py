@@ -176,14 +176,17 @@ def test_chat_needs_a_chat_template(resolved):
         td.encode(td._row(_example("example-chat", 1)[0], "x"), plain)
 
 
-def test_every_format_trains_end_to_end(resolved, tmp_path, monkeypatch):
+def test_every_format_trains_end_to_end(tiny_model_dir, tmp_path):
     """A user's JSONL file in each format, through the same finetune a plan runs."""
+    import shutil
+
     from transformers import AutoTokenizer
 
-    t = AutoTokenizer.from_pretrained(resolved.path)
+    folder = Path(shutil.copytree(tiny_model_dir, tmp_path / "chat-model"))  # the shared tiny model stays as is
+    t = AutoTokenizer.from_pretrained(folder)
     t.chat_template = CHATML
-    t.save_pretrained(resolved.path)  # the tiny model now has a chat template, like SmolLM2
-    monkeypatch.setattr("qeval.adapters.load_model", lambda *a, **k: _with_template(load_model(*a, **k)))
+    t.save_pretrained(folder)  # this copy has a chat template, like SmolLM2
+    resolved = resolve_model(str(folder))
     seen = {}
     for name in ("example-text", "example-prompt-completion", "example-chat"):
         path = _jsonl(tmp_path / f"{name}.jsonl", _example(name, 40))
@@ -194,11 +197,6 @@ def test_every_format_trains_end_to_end(resolved, tmp_path, monkeypatch):
         assert art.data["train_rows"] + art.data["heldout_rows"] == 40 and art.data["heldout_rows"] == 4
     assert set(seen) == set(td.DATA_FORMATS)
     assert len({a.key for a in seen.values()}) == 3
-
-
-def _with_template(loaded):
-    loaded.tokenizer.chat_template = loaded.tokenizer.chat_template or CHATML
-    return loaded
 
 
 def test_lora_and_qlora_see_the_same_tokens_in_the_same_order(resolved):
