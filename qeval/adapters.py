@@ -23,20 +23,25 @@ from typing import Any, Callable
 
 from qeval import env
 from qeval.errors import ChildError, QevalError
-from qeval.memory import PeakMemory
+from qeval.memory import PeakMemory, PhasePeaks
 from qeval.models import LoadedModel, ResolvedModel, fingerprint, load_model
 from qeval.quant import FORMATS, measure_footprint
 from qeval.files import atomic_write, content_key
-from qeval.suite_data import ensure_built, suite_data_dir
 
 log = logging.getLogger("qeval")
 
-TRAIN_DATA = {"lee_background": "lee_train.jsonl"}  # name -> data file built by qeval.suite_data
-# The tasks each training set adapts to; every other task is "untouched" and measures forgetting.
-DOMAIN_TASKS = {"lee_background": ("qeval_lee_ppl",)}
 METHODS = ("lora", "full")
 MERGES = ("none", "dequantized", "requantized")
-ADAPTER_SCHEMA = 2  # 2: peak training memory measured in a fresh process
+# 3: user training data (content hash in the key), labels masked per format, budgets in tokens,
+#    early stopping, peft passthrough, time per step without the held-out passes
+ADAPTER_SCHEMA = 3
+# LoraConfig fields a plan may not set through `peft:` (the spec's own keys, or qeval's to decide)
+PEFT_OWN = {"r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "target_modules": "target_modules"}
+PEFT_INTERNAL = ("task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
+                 "inference_mode")
+# not converged: held-out loss still fell by more than CONVERGED_TOL (relative) over the last
+# CONVERGED_EVALS held-out evaluations
+CONVERGED_EVALS, CONVERGED_TOL = 3, 0.01
 
 
 @dataclass(frozen=True)
@@ -50,17 +55,38 @@ class AdapterSpec:
     dropout: float = 0.05
     target_modules: str | tuple[str, ...] = "all-linear"  # every linear layer of the blocks (QLoRA paper)
     lr: float = 2e-4  # LoRA's usual rate; a full fine-tune wants ~1e-5
-    steps: int = 30  # CPU default: minutes; raise on a GPU
+    steps: int = 30  # CPU default: minutes; raise on a GPU. Ignored when budget_tokens is set
+    budget_tokens: int = 0  # > 0: train on this many tokens (steps = ceil(tokens / (batch_size x seq_len)))
     batch_size: int = 4
     seq_len: int = 128  # CPU default; 512+ on a GPU
     warmup_steps: int = 3
     seed: int = 1234
-    train_data: str = "lee_background"
+    train_data: str = "lee_background"  # a built-in name (qeval.train_data.BUILTIN) or a .jsonl file / folder
+    packing: str = "pack"  # pack | truncate: what happens to rows longer than seq_len (qeval.train_data)
     gradient_checkpointing: bool = True  # trades ~40% more time for far less activation memory
     eval_every: int = 5  # held-out loss every N steps
+    early_stopping_patience: int = 0  # > 0: stop after this many held-out evaluations without a new best
+    domain_tasks: tuple[str, ...] = ()  # the tasks this training targets; every other task measures forgetting
+    seeds: tuple[int, ...] = ()  # train each arm once per seed (replaces `seed`): the verdict then carries the spread
+    peft: dict = dataclasses.field(default_factory=dict)  # more LoraConfig options (use_dora, init_lora_weights...)
+
+    @property
+    def train_steps(self) -> int:
+        """Optimizer steps: from the token budget when one is given."""
+        if self.budget_tokens > 0:
+            return -(-self.budget_tokens // (self.batch_size * self.seq_len))
+        return self.steps
+
+    def identity(self) -> dict:
+        """What determines the trained weights (the adapter's and its cells' keys): everything but
+        `domain_tasks`, which only says how the results are read."""
+        d = dataclasses.asdict(self)
+        d.pop("domain_tasks")
+        return d
 
     def problems(self, where: str) -> list[QevalError]:
         from qeval.errors import unknown_name
+        from qeval.train_data import PACKINGS, read_rows, resolve
 
         out = []
         if self.method not in METHODS:
@@ -71,16 +97,130 @@ class AdapterSpec:
             out.append(QevalError(f"{where}.train_quant", self.train_quant,
                                   "'none' for a full fine-tune (quantized weights cannot be trained)",
                                   "use method: lora for a quantized base (QLoRA)"))
-        if self.train_data not in TRAIN_DATA:
-            out.append(unknown_name(f"{where}.train_data", self.train_data, TRAIN_DATA))
+        try:  # the data is read and checked now, before any model loads
+            read_rows(resolve(self.train_data, f"{where}.train_data"))
+        except QevalError as e:
+            out += getattr(e, "errors", [e])
+        if self.packing not in PACKINGS:
+            out.append(unknown_name(f"{where}.packing", self.packing, PACKINGS))
         for name in ("r", "alpha", "steps", "batch_size", "seq_len", "eval_every"):
             if getattr(self, name) < 1:
                 out.append(QevalError(f"{where}.{name}", getattr(self, name), "a positive integer"))
+        for name in ("budget_tokens", "early_stopping_patience", "warmup_steps"):
+            if getattr(self, name) < 0:
+                out.append(QevalError(f"{where}.{name}", getattr(self, name), "0 (off) or a positive integer"))
         if not 0 <= self.dropout < 1:
             out.append(QevalError(f"{where}.dropout", self.dropout, "a value in [0, 1)"))
         if not self.lr > 0:
             out.append(QevalError(f"{where}.lr", self.lr, "a positive learning rate"))
+        if len(set(self.seeds)) != len(self.seeds) or any(x < 0 for x in self.seeds):
+            out.append(QevalError(f"{where}.seeds", list(self.seeds), "distinct seeds, 0 or more"))
+        if self.peft:
+            if self.method != "lora":
+                out.append(QevalError(f"{where}.peft", sorted(self.peft), "no peft options for method: full",
+                                      "remove peft:, or use method: lora"))
+            else:
+                out += peft_problems(self, where)
         return out
+
+    def domain_problems(self, where: str, tasks: list[str]) -> list[QevalError]:
+        """`domain_tasks` must name tasks of the suite."""
+        from qeval.errors import unknown_name
+
+        return [unknown_name(f"{where}.domain_tasks task", t, tasks, "a task of the plan's suite")
+                for t in self.domain_tasks if t not in tasks]
+
+
+SEED_TAG = "#s"  # an arm trained with seed 7 from adapter `lora` is `lora#s7` (arm and adapter names)
+
+
+def seed_base(name: str) -> str:
+    """The plan's name of a seed-expanded arm or adapter label (`lora#s7@merged-float` -> `lora@merged-float`)."""
+    import re
+
+    return re.sub(re.escape(SEED_TAG) + r"\d+", "", str(name))
+
+
+def expand_seeds(adapters: dict[str, AdapterSpec], arms: list) -> tuple[dict[str, AdapterSpec], list]:
+    """An adapter with `seeds: [a, b]` becomes adapters `name#sa`, `name#sb` (each its own `seed`),
+    and every arm using it one arm per seed: several trainings per arm, the spread in the report."""
+    out = {}
+    for name, spec in adapters.items():
+        if spec.seeds:
+            for sd in spec.seeds:
+                out[f"{name}{SEED_TAG}{sd}"] = dataclasses.replace(spec, seed=sd, seeds=())
+        else:
+            out[name] = spec
+    new_arms = []
+    for arm in arms:
+        spec = adapters.get(arm.adapter) if getattr(arm, "adapter", None) else None
+        if spec is not None and spec.seeds:
+            new_arms += [dataclasses.replace(arm, name=f"{arm.name}{SEED_TAG}{sd}", adapter=f"{arm.adapter}{SEED_TAG}{sd}")
+                         for sd in spec.seeds]
+        else:
+            new_arms.append(arm)
+    return out, new_arms
+
+
+def lora_config(spec: AdapterSpec) -> Any:
+    """The peft LoraConfig of a spec: its own keys, plus the `peft:` passthrough."""
+    from peft import LoraConfig
+
+    target = list(spec.target_modules) if isinstance(spec.target_modules, tuple) else spec.target_modules
+    kwargs = {"bias": "none", **spec.peft}
+    return LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, task_type="CAUSAL_LM",
+                      target_modules=target, **kwargs)
+
+
+def peft_problems(spec: AdapterSpec, where: str) -> list[QevalError]:
+    """Check `peft:` against peft's own LoraConfig: its field names (did-you-mean), the literal
+    values it declares (init_lora_weights), then LoraConfig's own checks."""
+    import typing
+
+    from peft import LoraConfig
+
+    from qeval.errors import unknown_name
+
+    fields = {f.name: f for f in dataclasses.fields(LoraConfig)}
+    allowed = [n for n in fields if n not in PEFT_OWN and n not in PEFT_INTERNAL]
+    out = []
+    for k, v in spec.peft.items():
+        if k in PEFT_OWN:
+            out.append(QevalError(f"{where}.peft.{k}", v, f"the spec's own key {PEFT_OWN[k]!r}",
+                                  f"set `{PEFT_OWN[k]}:` instead of peft.{k}"))
+        elif k in PEFT_INTERNAL:
+            out.append(QevalError(f"{where}.peft.{k}", v, "a training option (qeval sets this one)", "remove it"))
+        elif k not in fields:
+            out.append(unknown_name(f"{where}.peft key (a peft LoraConfig field)", k, allowed))
+    if out:
+        return out
+    init = spec.peft.get("init_lora_weights")
+    if isinstance(init, str):
+        hint = typing.get_type_hints(LoraConfig).get("init_lora_weights")
+        literals = [a for arg in typing.get_args(hint) for a in typing.get_args(arg) if isinstance(a, str)]
+        ok = init in literals or any(x.endswith("]") and init.startswith(x.split("[")[0]) for x in literals)
+        if literals and not ok:
+            out.append(unknown_name(f"{where}.peft.init_lora_weights", init, literals, "or true / false"))
+    if init == "loftq" and spec.train_quant != "none":
+        out.append(QevalError(f"{where}.peft.init_lora_weights", init, "a float base (train_quant: none): "
+                              "LoftQ initialises from the full-precision weights",
+                              "train LoftQ on train_quant: none and evaluate it on the 4-bit arm"))
+    if not out:
+        try:
+            lora_config(spec)
+        except (ValueError, TypeError) as e:
+            out.append(QevalError(f"{where}.peft", spec.peft, f"options peft's LoraConfig accepts ({str(e).splitlines()[0]})"))
+    return out
+
+
+def not_converged(heldout: list | tuple) -> bool:
+    """True when the held-out loss was still falling by more than CONVERGED_TOL (relative) over the
+    last CONVERGED_EVALS evaluations: more budget would likely have helped."""
+    losses = [float(x[1]) for x in heldout]
+    if len(losses) <= CONVERGED_EVALS:
+        return len(losses) > 1 and losses[-1] < losses[0] * (1 - CONVERGED_TOL)
+    then = losses[-1 - CONVERGED_EVALS]
+    return then > 0 and (then - losses[-1]) / then > CONVERGED_TOL
 
 
 @dataclass(frozen=True)
@@ -96,11 +236,17 @@ class AdapterArtifact:
     train_s: float
     s_per_step: float
     tokens_per_s: float
-    peak_train_bytes: int  # CUDA max allocated, or sampled peak RSS of the training process on CPU
+    peak_train_bytes: int  # training steps only (not the load): CUDA max allocated, or peak RSS on CPU
     idle_bytes: int  # CPU: RSS of that process before loading the base (Python + libraries); 0 on CUDA
     losses: tuple[tuple[int, float], ...]  # (step, training loss)
     heldout: tuple[tuple[int, float], ...]  # (step, held-out loss)
     device: str
+    steps_done: int = 0  # fewer than spec.train_steps when early stopping stopped it
+    tokens: int = 0  # tokens the optimizer saw (steps_done x batch_size x seq_len, padding included)
+    order_hash: str = ""  # sha256 of the token blocks in the order trained: equal means the same tokens
+    eval_s: float = 0.0  # held-out passes (not part of train_s, s_per_step, tokens_per_s)
+    data: dict = dataclasses.field(default_factory=dict)  # qeval.train_data.prepare's summary
+    memory: dict = dataclasses.field(default_factory=dict)  # per phase, by part, and the analytic prediction
     reused: bool = False
 
     def summary(self) -> dict:
@@ -111,13 +257,17 @@ class AdapterArtifact:
 
 
 def adapter_key(model: ResolvedModel, spec: AdapterSpec, device: str) -> str:
-    """Content hash of what determines an adapter (the training data must be built already)."""
-    data = suite_data_dir() / TRAIN_DATA[spec.train_data]
-    from qeval.suite_data import sha256
+    """Content hash of what determines an adapter: model, recipe, the training data's content
+    (not its path), library versions and device kind."""
+    from qeval.train_data import resolve
 
     versions = {k: v for k, v in env.versions().items() if k in ("torch", "transformers", "peft", "bitsandbytes")}
-    return content_key({"schema": ADAPTER_SCHEMA, "model": model.fingerprint, "spec": dataclasses.asdict(spec),
-                        "data": sha256(data), "versions": versions,
+    recipe = spec.identity()
+    src = resolve(spec.train_data)
+    if not src.builtin:  # the same rows moved elsewhere are the same adapter
+        recipe["train_data"] = "local"
+    return content_key({"schema": ADAPTER_SCHEMA, "model": model.fingerprint, "spec": recipe,
+                        "data": src.hash, "versions": versions,
                         "device": "cuda" if device.startswith("cuda") else "cpu"})
 
 
@@ -129,17 +279,17 @@ def finetune(model: ResolvedModel, spec: AdapterSpec, device: str, prefix: str =
     training's own, not the high-water mark of whatever this process loaded before (RSS never
     shrinks back on CPU), and the memory is returned to the OS when it ends.
     """
-    ensure_built()
     key = adapter_key(model, spec, device)
     out = env.cache_dir() / "adapters" / key[:32]
     meta = out / "qeval-artifact.json"
-    if meta.is_file():
-        return _load_artifact(meta, reused=True)
-    if isolate:
-        run_in_child(_train, (model, spec, device, key, out, prefix))
-    else:
-        _train(model, spec, device, key, out, prefix)
-    return _load_artifact(meta, reused=False)
+    reused = meta.is_file()
+    if not reused:
+        if isolate:
+            run_in_child(_train, (model, spec, device, key, out, prefix))
+        else:
+            _train(model, spec, device, key, out, prefix)
+    # the weights are keyed by spec.identity(); how the results are read (domain_tasks) is this run's
+    return dataclasses.replace(_load_artifact(meta, reused=reused), spec=spec)
 
 
 def run_in_child(fn: Callable, args: tuple) -> None:
@@ -215,40 +365,90 @@ def _train(model: ResolvedModel, spec: AdapterSpec, device: str, key: str, out: 
     def progress(msg: str) -> None:
         print(f"{prefix}{msg}", file=sys.stderr, flush=True)
 
+    import hashlib
+
+    import psutil
+
+    from qeval.train_data import prepare
+
+    if spec.peft.get("init_lora_weights") == "loftq" and not device.startswith("cuda"):
+        raise QevalError("peft.init_lora_weights", "loftq", "a CUDA device (peft computes the LoftQ "
+                         "initialisation on the GPU)", "run this adapter with device: cuda, or drop LoftQ on CPU")
     torch.manual_seed(spec.seed)
-    with PeakMemory(device) as peak:  # from before the load: the base's weights count too
-        rss_before = peak.peak_bytes
-        base = load_model(model, FORMATS.get(spec.train_quant), device)
+    phases = PhasePeaks(device)
+    cuda = device.startswith("cuda")
+    idle = 0 if cuda else psutil.Process().memory_info().rss  # Python + libraries, before the model
+    with phases.phase("load"):
+        # A full fine-tune trains fp32 weights even on a bf16 GPU: AdamW's updates (lr x ~1) on bf16
+        # weights (8 bits of mantissa) round most of them away. LoRA keeps the base in compute dtype.
+        base = load_model(model, FORMATS.get(spec.train_quant), device,
+                          dtype=torch.float32 if spec.method == "full" else None)
         net = _trainable(base.model, spec)
         params = [p for p in net.parameters() if p.requires_grad]
         trainable = sum(p.numel() for p in params)
         total = sum(p.numel() for p in net.parameters())
-        train_blocks, heldout_blocks = _blocks(base.tokenizer, spec)
+        train, held, data = prepare(spec.train_data, base.tokenizer, spec.seq_len, spec.packing)
         opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=0.0)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, spec.warmup_steps)))
+        # The order depends on the seed and the number of blocks only: arms trained on the same data,
+        # seq_len, packing and seed see the same tokens in the same order (order_hash proves it).
         gen = torch.Generator().manual_seed(spec.seed)
-        order = torch.randperm(len(train_blocks), generator=gen)
-        losses, heldout = [], [(0, _heldout_loss(net, heldout_blocks, device))]
+        order = torch.randperm(len(train.ids), generator=gen)
+        steps = spec.train_steps
+        eval_s = 0.0
+        grad_bytes = 0
+
+        def heldout_loss() -> float:
+            nonlocal eval_s
+            t = time.perf_counter()
+            value = _heldout_loss(net, held, device)
+            eval_s += time.perf_counter() - t
+            return value
+
+        long_note = (f"{data['long_rows']} rows longer than seq_len {'packed across blocks' if spec.packing == 'pack' else 'truncated'}"
+                     if data["long_rows"] else "no row longer than seq_len")
         progress(f"fine-tune {spec.method} on {spec.train_quant}: {trainable:,} trainable of {total:,} parameters, "
-                 f"{spec.steps} steps x {spec.batch_size} x {spec.seq_len} tokens; held-out loss {heldout[0][1]:.4f}")
+                 f"{steps} steps x {spec.batch_size} x {spec.seq_len} = {steps * spec.batch_size * spec.seq_len:,} tokens "
+                 f"of {data['format']} data ({data['train_rows']} train / {data['heldout_rows']} held-out rows, "
+                 f"{spec.packing}: {long_note})")
+    # Training's own peak, measured apart from the load: on CPU the load's freed float weights are
+    # handed back to the OS first (a 4-bit load keeps them in the heap otherwise, and QLoRA's
+    # "training" peak came out above LoRA's); on CUDA max allocated is reset here.
+    with phases.phase("train"):
+        losses, heldout = [], [(0, heldout_loss())]
+        progress(f"  held-out loss before training {heldout[0][1]:.4f}")
         net.train()
-        t0 = time.perf_counter()
-        for step in range(1, spec.steps + 1):
+        order_hash = hashlib.sha256()
+        best, since_best, done = heldout[0][1], 0, 0
+        t0, eval_before = time.perf_counter(), eval_s
+        for step in range(1, steps + 1):
             idx = [order[((step - 1) * spec.batch_size + i) % len(order)].item() for i in range(spec.batch_size)]
-            batch = train_blocks[idx].to(device)
-            loss = net(input_ids=batch, labels=batch).loss
+            ids, labels = train.ids[idx], train.labels[idx]
+            order_hash.update(ids.numpy().tobytes())
+            order_hash.update(labels.numpy().tobytes())
+            loss = net(input_ids=ids.to(device), labels=labels.to(device)).loss
             loss.backward()
+            if step == 1:
+                grad_bytes = sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
             losses.append((step, float(loss.detach())))
-            if step % spec.eval_every == 0 or step == spec.steps:
-                heldout.append((step, _heldout_loss(net, heldout_blocks, device)))
-                progress(f"  step {step}/{spec.steps}: loss {losses[-1][1]:.4f}, held-out {heldout[-1][1]:.4f}")
+            done = step
+            if step % spec.eval_every == 0 or step == steps:
+                heldout.append((step, heldout_loss()))
+                progress(f"  step {step}/{steps}: loss {losses[-1][1]:.4f}, held-out {heldout[-1][1]:.4f}")
+                if heldout[-1][1] < best:
+                    best, since_best = heldout[-1][1], 0
+                else:
+                    since_best += 1
+                if spec.early_stopping_patience and since_best >= spec.early_stopping_patience and step < steps:
+                    progress(f"  early stop at step {step}: no better held-out loss in {since_best} evaluations")
+                    break
         if device.startswith("cuda"):
             torch.cuda.synchronize()
-        train_s = time.perf_counter() - t0
+        train_s = time.perf_counter() - t0 - (eval_s - eval_before)  # optimizer steps only, not held-out passes
     net.eval()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{key[:12]}-", dir=out.parent))
@@ -256,13 +456,50 @@ def _train(model: ResolvedModel, spec: AdapterSpec, device: str, key: str, out: 
     if spec.method == "full":
         base.tokenizer.save_pretrained(tmp)
     weights = sum(f.stat().st_size for f in tmp.glob("*.safetensors"))
-    art = AdapterArtifact(key, out, spec, trainable, total, weights, train_s, train_s / spec.steps,
-                          spec.steps * spec.batch_size * spec.seq_len / train_s, peak.peak_bytes,
-                          0 if device.startswith("cuda") else rss_before,
-                          tuple(losses), tuple(heldout), device)
+    tokens = done * spec.batch_size * spec.seq_len
+    opt_bytes = sum(t.numel() * t.element_size() for st in opt.state.values() for t in st.values()
+                    if torch.is_tensor(t))
+    memory = _memory_breakdown(base, spec, phases, idle, trainable_bytes=sum(p.numel() * p.element_size() for p in params),
+                               opt_bytes=opt_bytes, grad_bytes=grad_bytes, cuda=cuda)
+    art = AdapterArtifact(key, out, spec, trainable, total, weights, train_s, train_s / done,
+                          tokens / train_s, phases.peak["train"], idle,
+                          tuple(losses), tuple(heldout), device, steps_done=done, tokens=tokens,
+                          order_hash=order_hash.hexdigest(), eval_s=eval_s, data=data, memory=memory)
     atomic_write(tmp / "qeval-artifact.json", json.dumps(art.summary(), indent=1))
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)  # atomic: a crash mid-training leaves nothing that looks finished
+
+
+def _memory_breakdown(base, spec: AdapterSpec, phases, idle: int, trainable_bytes: int, opt_bytes: int,
+                      grad_bytes: int, cuda: bool) -> dict:
+    """Measured parts of the training peak and the analytic model's prediction (qeval.memory.estimate).
+
+    weights = the loaded model's bytes; adapter_optimizer = trainable weights + AdamW states;
+    gradients = the trainable gradients; activations = what is left of the training peak (on CPU
+    also allocator slack and, for a 4-bit base, the dequantized weight of the layer in flight)."""
+    from qeval.memory import Shape, estimate
+
+    weights = int(base.footprint.total_bytes)
+    peak = phases.peak["train"]
+    measured = {"idle": idle, "load_peak": phases.peak["load"], "train_start": phases.start["train"], "train_peak": peak,
+                "weights": weights, "adapter_optimizer": trainable_bytes + opt_bytes, "gradients": grad_bytes}
+    # CPU: what the process holds besides the model when training starts (Python, libraries imported
+    # since `idle`, the tokenized data): measured, and the base the analytic model adds to
+    process = 0 if cuda else max(0, phases.start["train"] - weights - trainable_bytes)
+    measured["process"] = process
+    measured["activations"] = max(0, peak - weights - process - measured["adapter_optimizer"] - grad_bytes)
+    method = "full" if spec.method == "full" else ("qlora" if spec.train_quant != "none" else "lora")
+    try:
+        shape = Shape.from_config(base.model.config.to_dict())
+        dtype_bytes = 2 if cuda and str(base.dtype) in ("bfloat16", "float16") else 4
+        e = estimate(shape, method, spec.batch_size, spec.seq_len, r=spec.r, dtype_bytes=dtype_bytes,
+                     train_quant=spec.train_quant if method == "qlora" else "bnb-nf4-dq",
+                     checkpointing=spec.gradient_checkpointing, overhead=process)
+        measured["predicted"] = {**dataclasses.asdict(e), "total": e.total}
+        measured["prediction_error"] = (e.total - peak) / peak if peak else None
+    except Exception as exc:  # noqa: BLE001 -- a config the model does not cover: no prediction, say why
+        measured["predicted"] = {"error": str(exc)[:200]}
+    return measured
 
 
 def _load_artifact(meta: Path, reused: bool) -> AdapterArtifact:
@@ -272,6 +509,9 @@ def _load_artifact(meta: Path, reused: bool) -> AdapterArtifact:
         spec["target_modules"] = tuple(spec["target_modules"])
     d["losses"] = tuple(tuple(x) for x in d["losses"])
     d["heldout"] = tuple(tuple(x) for x in d["heldout"])
+    for name in ("domain_tasks", "seeds"):
+        if isinstance(spec.get(name), list):
+            spec[name] = tuple(spec[name])
     return AdapterArtifact(**{**d, "path": meta.parent, "spec": AdapterSpec(**spec), "reused": reused})
 
 
@@ -289,50 +529,33 @@ def _trainable(model: Any, spec: AdapterSpec) -> Any:
         for p in model.parameters():
             p.requires_grad_(True)
         return model
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
     for p in model.parameters():
         p.requires_grad_(False)
     if spec.gradient_checkpointing:
         model.enable_input_require_grads()
-    cfg = LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, bias="none",
-                     task_type="CAUSAL_LM",
-                     target_modules=list(spec.target_modules) if isinstance(spec.target_modules, tuple) else spec.target_modules)
-    return get_peft_model(model, cfg)
-
-
-def _blocks(tokenizer, spec: AdapterSpec):
-    """Pack the training documents (EOS-separated) into seq_len blocks; same for held-out."""
-    import torch
-
-    rows = [json.loads(x) for x in (suite_data_dir() / TRAIN_DATA[spec.train_data]).read_text(encoding="utf-8").splitlines() if x]
-
-    def pack(split: str):
-        ids: list[int] = []
-        for r in rows:
-            if r["split"] == split:
-                ids += tokenizer(r["text"], add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
-        n = len(ids) // spec.seq_len
-        return torch.tensor(ids[: n * spec.seq_len], dtype=torch.long).view(n, spec.seq_len)
-
-    train, heldout = pack("train"), pack("heldout")
-    if len(train) == 0 or len(heldout) == 0:
-        raise QevalError("seq_len", spec.seq_len, "shorter than the training text", "lower seq_len")
-    return train, heldout[:16]  # 16 held-out blocks (2,048 tokens at 128) keep each pass to seconds on CPU
+    return get_peft_model(model, lora_config(spec))
 
 
 def _heldout_loss(model, blocks, device: str) -> float:
+    """Mean loss per loss token over the held-out blocks (masked labels do not count)."""
     import torch
+
+    from qeval.train_data import IGNORE
 
     was_training = model.training
     model.eval()
-    total = 0.0
+    total, count = 0.0, 0
     with torch.no_grad():
-        for i in range(0, len(blocks), 8):
-            b = blocks[i:i + 8].to(device)
-            total += float(model(input_ids=b, labels=b).loss) * len(b)
+        for i in range(0, len(blocks.ids), 8):
+            ids, labels = blocks.ids[i:i + 8].to(device), blocks.labels[i:i + 8].to(device)
+            n = int((labels[:, 1:] != IGNORE).sum())  # the model shifts labels by one
+            if n:
+                total += float(model(input_ids=ids, labels=labels).loss) * n
+                count += n
     model.train(was_training)
-    return total / len(blocks)
+    return total / max(count, 1)
 
 
 def attach(loaded: LoadedModel, artifact: AdapterArtifact, merge: str = "none") -> LoadedModel:

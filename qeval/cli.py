@@ -127,6 +127,17 @@ def _parser() -> argparse.ArgumentParser:
     gcp.add_argument("--store", type=Path, default=None)
     gcp.add_argument("--dry-run", action="store_true", help="only list what would be deleted")
 
+    pm = command("plan-memory", help="which of LoRA / QLoRA / full fine-tune fits a GPU, from a model's config.json",
+                 description="Predict peak training memory (qeval.memory.estimate: weights, adapter + AdamW, "
+                             "gradients, activations with gradient checkpointing, bf16 compute) for a model "
+                             "config and say what fits a GPU of --gpu GiB.")
+    pm.add_argument("--config", required=True,
+                    help="a hub-style config.json (or its folder), or a shipped shape: " + ", ".join(_shipped_configs()))
+    pm.add_argument("--gpu", type=_number(float, lambda x: x > 0, "a positive GPU size in GiB"), nargs="+",
+                    default=[16.0, 24.0, 48.0, 80.0], help="GPU memory in GiB (default: 16 24 48 80)")
+    pm.add_argument("--batch-size", type=_positive_int, default=1)
+    pm.add_argument("--seq-len", type=_positive_int, default=2048)
+    pm.add_argument("--r", type=_positive_int, default=16, help="LoRA rank (all linear layers)")
     command("formats", help="list the quantization formats")
     command("suites", help="list the shipped suites and tasks")
     command("setup", help="build the suite data and convert the embedded model (once)")
@@ -272,7 +283,7 @@ def cmd_report(args) -> int:
     with Store(path, readonly=True) as store:
         records = list(store.records())
         pairs = paired_frame(records, store.samples, th.min_effect)
-        frames = adapter_frames(records, store.samples, th.min_effect)
+        frames = adapter_frames(records, store.samples, th.min_effect, _domain_tasks(args.plan))
         history = history_frame(store.runs("nightly"), store.get)
     meta = {
         "title": "qeval report", "store": str(path),
@@ -295,6 +306,16 @@ def cmd_report(args) -> int:
     for p in written:
         print(p)
     return 0
+
+
+def _domain_tasks(plan_path) -> dict | None:
+    """adapter name -> domain_tasks as the plan says now (stored records keep the run's)."""
+    if not plan_path:
+        return None
+    from qeval.runner import load_plan
+
+    return {name: tuple(raw.get("domain_tasks") or ()) for name, raw in load_plan(plan_path).adapters.items()
+            if isinstance(raw, dict)}
 
 
 LOCK_FILE = "requirements-lock.txt"  # the known-good environment `make` installs (Makefile LOCK)
@@ -411,13 +432,49 @@ def cmd_setup(args) -> int:
     return 0
 
 
+def _shipped_configs() -> list[str]:
+    return sorted(p.stem for p in (Path(__file__).parent / "data" / "configs").glob("*.json"))
+
+
+def cmd_plan_memory(args) -> int:
+    import json as _json
+
+    from qeval.memory import Shape, fits_table
+
+    path = Path(args.config).expanduser()
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file() and args.config in _shipped_configs():
+        path = Path(__file__).parent / "data" / "configs" / f"{args.config}.json"
+    if not path.is_file():
+        from qeval.errors import unknown_name
+
+        raise unknown_name("--config", args.config, _shipped_configs(), "or the path of a config.json")
+    try:
+        cfg = _json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise QevalError("--config", str(path), f"a JSON config ({e})", "pass a model's config.json") from None
+    shape = Shape.from_config(cfg)
+    print(f"{args.config}: {shape.params / 1e9:.2f} B parameters ({shape.layers} layers, hidden {shape.hidden}); "
+          f"batch {args.batch_size} x seq_len {args.seq_len}, LoRA r={args.r} on all linear layers, bf16 compute, "
+          "gradient checkpointing, AdamW; QLoRA on NF4 + double quant; full fine-tune with fp32 master weights")
+    for gpu in args.gpu:
+        rows = fits_table(shape, gpu, args.batch_size, args.seq_len, args.r)
+        print(f"\nGPU {gpu:g} GiB:")
+        print(f"{'method':8} {'weights':>9} {'adapter+opt':>12} {'grads':>8} {'activations':>12} {'total GiB':>10}  fits")
+        for r in rows:
+            print(f"{r['method']:8} {r['weights_gib']:9.2f} {r['adapter_optimizer_gib']:12.2f} {r['gradients_gib']:8.2f} "
+                  f"{r['activations_gib']:12.2f} {r['total_gib']:10.2f}  {'yes' if r['fits'] else 'no'}")
+    return 0
+
+
 def cmd_gc(args) -> int:
     from qeval.gc import collect
 
     return collect(_store_path(args), dry_run=args.dry_run)
 
 
-COMMANDS = {"gc": cmd_gc, "run": cmd_run, "nightly": cmd_nightly, "bench-gates": cmd_bench_gates, "bench": cmd_bench, "report": cmd_report, "formats": cmd_formats, "suites": cmd_suites, "setup": cmd_setup}
+COMMANDS = {"gc": cmd_gc, "run": cmd_run, "nightly": cmd_nightly, "bench-gates": cmd_bench_gates, "bench": cmd_bench, "report": cmd_report, "formats": cmd_formats, "suites": cmd_suites, "setup": cmd_setup, "plan-memory": cmd_plan_memory}
 
 if __name__ == "__main__":
     sys.exit(main())

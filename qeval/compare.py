@@ -12,7 +12,8 @@ from typing import Mapping
 
 import pandas as pd
 
-from qeval.paired import Comparison, compare_pair, recovery_undefined
+from qeval.adapters import not_converged, seed_base
+from qeval.paired import Comparison, compare_pair, intervals_overlap, recovery_undefined, seed_spread
 from qeval.paired import recovery as recovery_of
 from qeval.quant import DEFAULT_FORMATS, FORMATS
 
@@ -145,7 +146,8 @@ def compare_records(ref: dict, rec: dict, metric: str, samples, min_effect: MinE
     return compare_pair(rs, vs, metric, bool(rec["metrics"][metric]["higher_is_better"]), min_effect)
 
 
-def adapter_frames(records: list[dict], samples=None, min_effect: MinEffect | None = None) -> dict[str, pd.DataFrame]:
+def adapter_frames(records: list[dict], samples=None, min_effect: MinEffect | None = None,
+                   domain_tasks: Mapping[str, tuple] | None = None) -> dict[str, pd.DataFrame]:
     """What adapters win back and cost, per task's primary metric.
 
     `regained`: one row per adapter arm and task: the arm's score, its reference (the same format
@@ -156,12 +158,11 @@ def adapter_frames(records: list[dict], samples=None, min_effect: MinEffect | No
     "worse": only then is `regained` meaningful), `regained_verdict` (arm vs reference) and
     `vs_baseline_verdict` (arm vs the float baseline: for arms trained on the float base, whose
     reference *is* the baseline, this is their gain). `untouched` marks tasks outside the adapter's
-    training domain: there `delta_vs_reference` measures forgetting.
+    training domain (the adapter's `domain_tasks`: from `domain_tasks`, the plan's adapter name ->
+    tasks, when given, else as stored with the record): there `delta_vs_reference` measures forgetting.
     `merge`: each merged arm against the same adapter unmerged.
     `training`: one row per trained adapter: its costs and curves.
     """
-    from qeval.adapters import DOMAIN_TASKS
-
     primary = {}
     for r in latest(records):
         m = r["metrics"][r["primary_metric"]]
@@ -183,7 +184,8 @@ def adapter_frames(records: list[dict], samples=None, min_effect: MinEffect | No
         # the reference: the arm's own format without adapter (for the float merge: the 4-bit base)
         ref = primary.get((group, quant, ""))
         spec = (r.get("adapter") or {}).get("spec", {})
-        untouched = r["task"]["name"] not in DOMAIN_TASKS.get(spec.get("train_data", ""), ())
+        domain = (domain_tasks or {}).get(seed_base(v["adapter"]), spec.get("domain_tasks") or ())
+        untouched = r["task"]["name"] not in domain
         row = {"model": v["model"], "arm": v.get("arm", label), "quant": quant, "adapter": label,
                "task": r["task"]["name"], "metric": metric, "higher_is_better": hib,
                "value": m["value"], "stderr": m["stderr"], "untouched": untouched,
@@ -226,16 +228,41 @@ def adapter_frames(records: list[dict], samples=None, min_effect: MinEffect | No
                 "total_params": a["total_params"], "adapter_bytes": a["adapter_bytes"], "train_s": a["train_s"],
                 "s_per_step": a["s_per_step"], "tokens_per_s": a["tokens_per_s"],
                 "peak_train_bytes": a["peak_train_bytes"], "idle_bytes": a.get("idle_bytes", 0),
-                "steps": a["spec"]["steps"],
+                "steps": a["spec"]["steps"], "steps_done": a.get("steps_done", a["spec"]["steps"]),
+                "tokens": a.get("tokens", 0), "order_hash": a.get("order_hash", ""), "eval_s": a.get("eval_s", 0.0),
+                "seed": a["spec"].get("seed"), "data_format": (a.get("data") or {}).get("format", ""),
+                "data_hash": (a.get("data") or {}).get("hash", ""), "not_converged": not_converged(a["heldout"]),
+                "memory": a.get("memory") or {}, "model_path": r["model"].get("path", ""),
+                "batch_size": a["spec"].get("batch_size"), "seq_len": a["spec"].get("seq_len"),
                 "losses": a["losses"], "heldout": a["heldout"], "key": a["key"], "device": a["device"]})
-    return {"regained": pd.DataFrame(regained), "merge": pd.DataFrame(merges),
-            "training": pd.DataFrame(list(training.values()))}
+    regained = pd.DataFrame(regained)
+    return {"regained": regained, "merge": pd.DataFrame(merges),
+            "training": pd.DataFrame(list(training.values())), "seeds": seed_frame(regained)}
+
+
+def seed_frame(regained: pd.DataFrame) -> pd.DataFrame:
+    """Arms trained with several seeds (`name#s<seed>`), one row per (model, arm, task): the score's
+    and the regained share's spread across seeds (`qeval.paired.seed_spread`)."""
+    if regained.empty:
+        return pd.DataFrame()
+    rows = []
+    frame = regained.assign(base_arm=regained["arm"].map(seed_base))
+    for (model, arm, task), g in frame.groupby(["model", "base_arm", "task"], sort=True):
+        val, reg = seed_spread(list(g["value"])), seed_spread(list(g["regained"]))
+        rows.append({"model": model, "arm": arm, "task": task, "metric": g["metric"].iloc[0],
+                     "higher_is_better": bool(g["higher_is_better"].iloc[0]), "untouched": bool(g["untouched"].all()),
+                     "seeds": len(g), "value_mean": val.mean, "value_lo": val.lo, "value_hi": val.hi,
+                     "value_min": val.min, "value_max": val.max, "regained_mean": reg.mean,
+                     "regained_min": reg.min, "regained_max": reg.max})
+    return pd.DataFrame(rows)
 
 
 def decision(frames: dict[str, pd.DataFrame], memory_budget: float | None) -> tuple[pd.DataFrame, str]:
-    """LoRA vs QLoRA (vs full fine-tune): each trained adapter deployed on its own training base,
-    with score per task and training costs; and a one-line verdict for `memory_budget` bytes of
-    peak training memory (None: name the cheapest and the best)."""
+    """LoRA vs QLoRA (vs full fine-tune): each trained adapter (one row per seed) deployed on its own
+    training base, with score per task and training costs; and a one-line verdict for
+    `memory_budget` bytes of peak training memory (None: name the cheapest and the best). Arms
+    trained with several seeds are ranked by their mean over seeds, and the verdict says "no clear
+    winner" when the best arm's interval over seeds overlaps the runner-up's."""
     reg, train = frames["regained"], frames["training"]
     if reg.empty or train.empty:
         return pd.DataFrame(), ""
@@ -244,40 +271,77 @@ def decision(frames: dict[str, pd.DataFrame], memory_budget: float | None) -> tu
         on_own_base = reg[(reg.adapter == t.adapter) & (reg.quant == t.train_quant)]
         if on_own_base.empty:
             continue
+        d = t._asdict()
         row = {"adapter": t.adapter, "method": t.method, "train_quant": t.train_quant,
                "arm": on_own_base.arm.iloc[0], "peak_train_bytes": t.peak_train_bytes, "idle_bytes": t.idle_bytes,
                "adapter_bytes": t.adapter_bytes, "trainable_params": t.trainable_params,
-               "s_per_step": t.s_per_step, "tokens_per_s": t.tokens_per_s, "train_s": t.train_s}
+               "s_per_step": t.s_per_step, "tokens_per_s": t.tokens_per_s, "train_s": t.train_s,
+               "tokens": d.get("tokens", 0), "seed": d.get("seed"), "order_hash": d.get("order_hash", ""),
+               "not_converged": bool(d.get("not_converged", False))}
         for x in on_own_base.itertuples(index=False):
             row[f"{x.task}:{x.metric}"] = x.value
             row[f"{x.task}:hib"] = x.higher_is_better
             row[f"{x.task}:untouched"] = x.untouched
         rows.append(row)
-    table = pd.DataFrame(rows).sort_values("peak_train_bytes").reset_index(drop=True)
-    domain = [c for c in table.columns if c.endswith(":untouched") and not table[c].fillna(True).all()]
-    if not domain:
+    table = pd.DataFrame(rows).sort_values(["peak_train_bytes", "arm"]).reset_index(drop=True)
+    by_arm, task, metric = decision_summary(table)
+    if by_arm.empty:
         return table, ""
-    task = domain[0].split(":")[0]
-    score_col = next(c for c in table.columns if c.startswith(task + ":") and c.split(":")[1] not in ("hib", "untouched"))
-    hib = bool(table[f"{task}:hib"].iloc[0])
-    ranked = table.sort_values(score_col, ascending=not hib)
-    fmt = lambda r: f"{r['arm']} ({score_col.split(':')[1]} {r[score_col]:.4g}, peak training memory {r['peak_train_bytes'] / 2**30:.2f} GiB)"
+    ranked = by_arm.sort_values("mean", ascending=not bool(table[f"{task}:hib"].iloc[0]))
+
+    def fmt(r) -> str:
+        spread = (f" [{r['lo']:.4g}, {r['hi']:.4g}] over {r['seeds']} seeds" if r["seeds"] > 1 else "")
+        return (f"{r['arm']} ({metric} {r['mean']:.4g}{spread}, peak training memory "
+                f"{r['peak_train_bytes'] / 2**30:.2f} GiB)")
+
+    cheapest = by_arm.sort_values("peak_train_bytes").iloc[0]
     if memory_budget is None:
-        cheapest = table.iloc[0]
-        verdict = (f"Best on {task}: {fmt(ranked.iloc[0])}; least training memory: {fmt(cheapest)}. "
-                   "Pass --memory-budget to get a pick.")
+        verdict = f"Best on {task}: {fmt(ranked.iloc[0])}; least training memory: {fmt(cheapest)}."
     else:
         fits = ranked[ranked.peak_train_bytes <= memory_budget]
         budget = f"{memory_budget / 2**30:.2f} GiB"
         if fits.empty:
-            verdict = f"Nothing fits a {budget} training budget; the least memory is {fmt(table.iloc[0])}."
+            verdict = f"Nothing fits a {budget} training budget; the least memory is {fmt(cheapest)}."
         else:
             verdict = f"Within {budget} of training memory, pick {fmt(fits.iloc[0])}"
             over = ranked[ranked.peak_train_bytes > memory_budget]
             if not over.empty and over.index[0] == ranked.index[0]:
                 verdict += f"; the best overall, {fmt(over.iloc[0])}, does not fit"
             verdict += "."
-    return table, verdict
+    if len(ranked) > 1:
+        best, second = ranked.iloc[0], ranked.iloc[1]
+        a, b = (seed_spread(list(table.loc[table.base_arm == r["arm"], f"{task}:{metric}"])) for r in (best, second))
+        if a.n > 1 and b.n > 1 and intervals_overlap(a, b):
+            verdict += (f" No clear winner on {task}: {best['arm']} and {second['arm']} overlap across seeds "
+                        "(95% t intervals of the mean).")
+        elif a.n < 2 or b.n < 2:
+            verdict += " One training per arm: training noise is not measured (set seeds: [...] to measure it)."
+    unfair = [s for s, g in table.groupby("seed") if g["order_hash"].nunique() > 1 or g["tokens"].nunique() > 1]
+    if unfair:
+        verdict += (" Not like for like: arms with the same seed trained on different tokens "
+                    "(data, seq_len, packing, batch or budget differ).")
+    late = sorted({seed_base(a) for a in table.loc[table.not_converged, "arm"]})
+    if late:
+        verdict += f" Not converged: {', '.join(late)} (held-out loss still falling at the end: more budget may change the ranking)."
+    return table.drop(columns=["base_arm"]), verdict
+
+
+def decision_summary(table: pd.DataFrame) -> tuple[pd.DataFrame, str, str]:
+    """(one row per arm over its seeds: mean, interval, spread of the first domain task's score and
+    mean peak training memory; that task; its metric). Adds `base_arm` to `table`."""
+    table["base_arm"] = table["arm"].map(seed_base)
+    domain = [c for c in table.columns if c.endswith(":untouched") and not table[c].fillna(True).all()]
+    if not domain:
+        return pd.DataFrame(), "", ""
+    task = domain[0].split(":")[0]
+    score_col = next(c for c in table.columns if c.startswith(task + ":") and c.split(":")[1] not in ("hib", "untouched"))
+    rows = []
+    for arm, g in table.groupby("base_arm", sort=False):
+        sp = seed_spread(list(g[score_col]))
+        rows.append({"arm": arm, "seeds": sp.n, "mean": sp.mean, "lo": sp.lo, "hi": sp.hi, "min": sp.min,
+                     "max": sp.max, "peak_train_bytes": float(g["peak_train_bytes"].mean()),
+                     "peak_train_max": float(g["peak_train_bytes"].max())})
+    return pd.DataFrame(rows), task, score_col.split(":")[1]
 
 
 # ----------------------------------------------------------------------------- paired statistics

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 
 import psutil
 
@@ -39,3 +40,190 @@ class PeakMemory:
             self._stop.set()
             self._thread.join()
             self.peak_bytes = max(self.peak_bytes, self._proc.memory_info().rss)
+
+
+# ----------------------------------------------------------------------------- per-phase peaks
+
+def release_freed_heap() -> None:
+    """Hand memory that Python / torch already freed back to the OS (glibc `malloc_trim`).
+
+    Without it RSS never goes down on Linux: the float weights a 4-bit load quantizes and drops
+    stay in the heap, and a training peak sampled afterwards starts from the load's high-water
+    mark. That, not the training, is why QLoRA measured above LoRA on CPU (see README)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim, RSS is what it is
+        pass
+
+
+class PhasePeaks:
+    """Peak memory per phase of one process (`load`, `train`...): CUDA max allocated reset at each
+    phase start; on CPU, freed heap is released first, then the RSS is sampled through the phase.
+
+    `start[phase]` is the memory at the phase's start, `peak[phase]` its peak (bytes)."""
+
+    def __init__(self, device: str = "cpu", interval: float = 0.02):
+        self.device, self.interval = device, interval
+        self.start: dict[str, int] = {}
+        self.peak: dict[str, int] = {}
+
+    def phase(self, name: str) -> "_Phase":
+        return _Phase(self, name)
+
+
+class _Phase:
+    def __init__(self, owner: PhasePeaks, name: str):
+        self.owner, self.name = owner, name
+
+    def __enter__(self):
+        o = self.owner
+        if o.device.startswith("cuda"):
+            import torch
+
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            o.start[self.name] = int(torch.cuda.memory_allocated())
+        else:
+            import gc
+
+            gc.collect()
+            release_freed_heap()
+            self._pm = PeakMemory("cpu", o.interval).__enter__()
+            o.start[self.name] = self._pm.peak_bytes
+        return self
+
+    def __exit__(self, *exc) -> None:
+        o = self.owner
+        if o.device.startswith("cuda"):
+            import torch
+
+            torch.cuda.synchronize()
+            o.peak[self.name] = int(torch.cuda.max_memory_allocated())
+        else:
+            self._pm.__exit__(*exc)
+            o.peak[self.name] = self._pm.peak_bytes
+
+
+# ----------------------------------------------------------------------------- analytic model
+
+GIB = 2**30
+# bytes per weight of each training base's quantized linear layers (blocks of 64 weights):
+# NF4 = 4 bits + an fp32 absmax per block; double quant = an 8-bit absmax per block + an fp32
+# scale per 256 blocks (QLoRA paper, section 3: 0.127 bits/param of constants)
+QUANT_BYTES = {"none": None, "bnb-nf4": 0.5 + 4 / 64, "bnb-nf4-dq": 0.5 + 1 / 64 + 4 / (64 * 256),
+               "bnb-fp4": 0.5 + 4 / 64, "bnb-fp4-dq": 0.5 + 1 / 64 + 4 / (64 * 256)}
+ADAM_BYTES = 8  # AdamW: two fp32 states per trainable parameter
+CUDA_CONTEXT = 0.5 * GIB  # CUDA context + cuBLAS workspace, outside max_memory_allocated: added for fit
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A decoder-only transformer's sizes, from a hub-style config.json (Llama, Mistral, Qwen, SmolLM...)."""
+
+    vocab: int
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    tied: bool
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> "Shape":
+        missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                               "num_attention_heads") if k not in cfg]
+        if missing:
+            from qeval.errors import QevalError
+
+            raise QevalError("model config", ", ".join(missing), "a decoder config.json with vocab_size, hidden_size, "
+                             "intermediate_size, num_hidden_layers, num_attention_heads",
+                             "pass a Llama-style hub config.json")
+        heads = cfg["num_attention_heads"]
+        return cls(cfg["vocab_size"], cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"], heads,
+                   cfg.get("num_key_value_heads") or heads, cfg.get("head_dim") or cfg["hidden_size"] // heads,
+                   bool(cfg.get("tie_word_embeddings", False)))
+
+    def linears(self) -> list[tuple[int, int]]:
+        """(in, out) of one block's linear layers: q, k, v, o, gate, up, down."""
+        h, q, kv, i = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim, self.intermediate
+        return [(h, q), (h, kv), (h, kv), (q, h), (h, i), (h, i), (i, h)]
+
+    @property
+    def linear_params(self) -> int:
+        return self.layers * sum(a * b for a, b in self.linears())
+
+    @property
+    def other_params(self) -> int:
+        """Embeddings, LM head (unless tied) and norms: never quantized by bitsandbytes."""
+        return self.vocab * self.hidden * (1 if self.tied else 2) + (2 * self.layers + 1) * self.hidden
+
+    @property
+    def params(self) -> int:
+        return self.linear_params + self.other_params
+
+    def lora_params(self, r: int) -> int:
+        return self.layers * r * sum(a + b for a, b in self.linears())
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Predicted peak training memory (bytes), by part."""
+
+    method: str  # lora | qlora | full
+    weights: int
+    adapter_optimizer: int  # trainable weights + AdamW states
+    gradients: int
+    activations: int
+    overhead: int  # the process's own (CPU: Python + libraries; CUDA: context)
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.adapter_optimizer + self.gradients + self.activations + self.overhead
+
+
+def estimate(shape: Shape, method: str, batch: int, seq_len: int, *, r: int = 16, dtype_bytes: int = 2,
+             train_quant: str = "bnb-nf4-dq", checkpointing: bool = True, overhead: int = 0) -> MemoryEstimate:
+    """Peak training memory of LoRA (on the `dtype_bytes` base), QLoRA (on `train_quant`) or a
+    full fine-tune (fp32 master weights: AdamW on bf16 weights rounds most updates away).
+
+    Activations, per token: with gradient checkpointing each block keeps its input (hidden) and one
+    block is recomputed at a time in backward (~ 6 hidden + 2 kv + 5 intermediate values, SwiGLU,
+    attention without stored scores: SDPA); without it every block keeps that much. The LM head
+    adds the logits three times (the logits, their fp32 upcast for the loss, its gradient)."""
+    b = dtype_bytes
+    tokens = batch * seq_len
+    if method == "full":
+        weights = shape.params * 4  # fp32 master weights
+        trainable = shape.params
+        opt, grads = trainable * ADAM_BYTES, trainable * 4
+    else:
+        q = QUANT_BYTES[train_quant] if method == "qlora" else None
+        weights = int(shape.linear_params * (q if q else b) + shape.other_params * b)
+        trainable = shape.lora_params(r)
+        opt, grads = trainable * (4 + ADAM_BYTES), trainable * 4  # peft keeps LoRA weights in fp32
+    kv = shape.kv_heads * shape.head_dim
+    per_block = 6 * shape.hidden + 2 * kv + 5 * shape.intermediate
+    if checkpointing:
+        act = tokens * (shape.layers * shape.hidden + per_block) * b
+    else:
+        act = tokens * shape.layers * per_block * b
+    if method == "qlora":  # a 4-bit layer is dequantized for its matmul: the largest one, transient
+        act += max(x * y for x, y in shape.linears()) * b
+    act += tokens * shape.vocab * (b + 4 + 4)
+    return MemoryEstimate(method, int(weights), int(opt), int(grads), int(act), int(overhead))
+
+
+def fits_table(shape: Shape, gpu_gib: float, batch: int, seq_len: int, r: int = 16) -> list[dict]:
+    """LoRA / QLoRA / full fine-tune on a CUDA GPU of `gpu_gib` GiB (bf16 compute, checkpointing):
+    predicted peak by part and whether it fits (with CUDA_CONTEXT on top)."""
+    rows = []
+    for method in ("lora", "qlora", "full"):
+        e = estimate(shape, method, batch, seq_len, r=r, dtype_bytes=2, overhead=CUDA_CONTEXT)
+        rows.append({"method": method, "weights_gib": e.weights / GIB, "adapter_optimizer_gib": e.adapter_optimizer / GIB,
+                     "gradients_gib": e.gradients / GIB, "activations_gib": e.activations / GIB,
+                     "total_gib": e.total / GIB, "fits": e.total <= gpu_gib * GIB})
+    return rows

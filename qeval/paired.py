@@ -456,3 +456,36 @@ def recovery_undefined(value: float, base: float, higher_is_better: bool) -> boo
 def recovery_fails(rec: float, limit: float) -> bool:
     """A gate on recovery: an undefined recovery fails, never passes."""
     return math.isnan(rec) or rec < limit
+
+
+# ----------------------------------------------------------------------------- training noise
+
+@dataclass(frozen=True)
+class SeedSpread:
+    """One arm's score over several training seeds: mean, min..max, and the t interval of the mean."""
+
+    n: int
+    mean: float
+    lo: float  # interval of the mean (NaN with one seed: training noise not measured)
+    hi: float
+    min: float
+    max: float
+
+
+def seed_spread(values: list[float], alpha: float = ALPHA) -> SeedSpread:
+    """The spread of a score across training seeds (`scipy.stats.t` interval of their mean)."""
+    v = np.array([x for x in values if x is not None and not math.isnan(x)], dtype=float)
+    if len(v) == 0:
+        return SeedSpread(0, math.nan, math.nan, math.nan, math.nan, math.nan)
+    mean = float(v.mean())
+    if len(v) < 2:
+        return SeedSpread(1, mean, math.nan, math.nan, mean, mean)
+    half = float(stats.t.ppf(1 - alpha / 2, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v)))
+    return SeedSpread(len(v), mean, mean - half, mean + half, float(v.min()), float(v.max()))
+
+
+def intervals_overlap(a: SeedSpread, b: SeedSpread) -> bool:
+    """True when two arms' seed intervals overlap (or either was trained once): no clear winner."""
+    if math.isnan(a.lo) or math.isnan(b.lo):
+        return True
+    return a.lo <= b.hi and b.lo <= a.hi

@@ -645,29 +645,95 @@ def adapter_section(frames: dict[str, pd.DataFrame], decision_table: pd.DataFram
     images = {}
     if not decision_table.empty:
         score_cols = [c for c in decision_table.columns if ":" in c and c.split(":")[1] not in ("hib", "untouched")]
-        header = ["arm", "trained on", "trainable params", "adapter MiB", "s/step", "tokens/s", "train s",
-                  "peak training MiB", "of which idle process MiB"] + score_cols
+        header = ["arm", "trained on", "trainable params", "adapter MiB", "tokens", "s/step", "tokens/s", "train s",
+                  "peak training MiB", "of which idle process MiB", "converged"] + score_cols
         rows = [[r["arm"], r["train_quant"], f"{int(r['trainable_params']):,}", fmt_mib(r["adapter_bytes"]),
-                 fmt_num(r["s_per_step"]), fmt_num(r["tokens_per_s"]), fmt_num(r["train_s"]),
-                 fmt_mib(r["peak_train_bytes"]), fmt_mib(r["idle_bytes"]) if r["idle_bytes"] else NA]
+                 fmt_int(r.get("tokens")), fmt_num(r["s_per_step"]), fmt_num(r["tokens_per_s"]), fmt_num(r["train_s"]),
+                 fmt_mib(r["peak_train_bytes"]), fmt_mib(r["idle_bytes"]) if r["idle_bytes"] else NA,
+                 "no: held-out loss still falling" if r.get("not_converged") else "yes"]
                 + [fmt_num(r[c]) for c in score_cols]
                 for _, r in decision_table.iterrows()]
         blocks += [Heading(3, "LoRA vs QLoRA: decision table"),
                    Para("Each adapter evaluated on the base it was trained on. Peak training memory is CUDA max "
                         "allocated on GPU; on CPU it is the peak RSS of the training process (each adapter trains "
                         "in a fresh process), of which 'idle' is that process before loading the model "
-                        "(Python, torch and the other libraries)."),
-                   Table(header, rows, [False, False] + [True] * (len(header) - 2))]
+                        "(Python, torch and the other libraries). Arms compared are trained on the same tokens "
+                        "in the same order (checked by a hash of the blocks trained on); s/step and tokens/s "
+                        "exclude the held-out evaluation passes. 'converged: no' means the held-out loss fell "
+                        "by more than 1% over the last 3 evaluations: the budget was too small to rank the arms "
+                        "at convergence."),
+                   Table(header, rows, [False, False] + [True] * (len(header) - 3) + [False])]
         if verdict:
             blocks.append(Para("Verdict: " + verdict))
+    seeds = frames.get("seeds", pd.DataFrame())
+    if not seeds.empty and (seeds["seeds"] > 1).any():
+        blocks += [Heading(3, "Training noise: spread across seeds"),
+                   Para("Arms trained with several seeds (seeds: [...]): the score's mean with its 95% t interval "
+                        "over seeds, min..max, and the regained share's range.")]
+        rows = [[r.arm, r.task, r.metric, str(r.seeds), fmt_num(r.value_mean),
+                 f"[{fmt_num(r.value_lo)}, {fmt_num(r.value_hi)}]", f"{fmt_num(r.value_min)} .. {fmt_num(r.value_max)}",
+                 f"{fmt_pct(r.regained_min)} .. {fmt_pct(r.regained_max)}" if not _missing(r.regained_mean) else NA]
+                for r in seeds[seeds["seeds"] > 1].itertuples(index=False)]
+        blocks.append(Table(["arm", "task", "metric", "seeds", "mean", "95% interval", "min .. max", "regained"],
+                            rows, [False, False, False, True, True, True, True, True]))
+    if not train.empty and "memory" in train and train["memory"].map(bool).any():
+        blocks += _train_memory_blocks(train)
     if not train.empty:
         images[TRAINING_PNG] = _training_png(train)
         blocks.append(Image("Training and held-out loss per adapter", TRAINING_PNG))
     images[TRAIN_MEMORY_PNG] = _train_memory_png(reg, train, memory)
     blocks.append(Image("Peak training memory vs score per arm", TRAIN_MEMORY_PNG))
     files = {"adapters.csv": reg.to_csv(index=False).encode("utf-8"),
-             "training.csv": train.drop(columns=["losses", "heldout"], errors="ignore").to_csv(index=False).encode("utf-8")}
+             "training.csv": train.drop(columns=["losses", "heldout", "memory"], errors="ignore").to_csv(index=False).encode("utf-8")}
+    if not seeds.empty:
+        files["adapter_seeds.csv"] = seeds.to_csv(index=False).encode("utf-8")
     return Section(blocks, images, files)
+
+
+def _train_memory_blocks(train: pd.DataFrame) -> list:
+    """Training memory by part against the analytic model (qeval.memory.estimate), and the
+    projection of the measured model to common GPU sizes (`qeval plan-memory`)."""
+    import json
+
+    from qeval.memory import Shape, fits_table
+
+    rows = []
+    for t in train.itertuples(index=False):
+        m = t.memory or {}
+        if not m:
+            continue
+        pred = m.get("predicted") or {}
+        err = m.get("prediction_error")
+        rows.append([str(t.adapter), str(t.train_quant), fmt_mib(m.get("load_peak")), fmt_mib(m.get("train_peak")),
+                     fmt_mib(m.get("weights")), fmt_mib(m.get("adapter_optimizer")), fmt_mib(m.get("gradients")),
+                     fmt_mib(m.get("activations")), fmt_mib(m.get("process")) if m.get("process") else NA,
+                     fmt_mib(pred.get("total")), NA if err is None else f"{err:+.0%}"])
+    out = [Heading(3, "Training memory by part, measured and predicted"),
+           Para("Load and training are measured apart: a 4-bit load on CPU materialises float weights before "
+                "quantizing them, and that high-water mark is not training memory. On CPU the heap freed by the "
+                "load is handed back (malloc_trim) before training; on CUDA max allocated is reset. weights = the "
+                "loaded model; adapter + optimizer = trainable weights + AdamW states; activations = the rest of "
+                "the training peak (CPU: also allocator slack and 4-bit dequantization buffers); process = CPU "
+                "memory besides the model at training start. Predicted: qeval.memory.estimate from the model's "
+                "config (error = predicted / measured - 1)."),
+           Table(["adapter", "trained on", "load peak MiB", "training peak MiB", "weights", "adapter + optimizer",
+                  "gradients", "activations", "process", "predicted MiB", "error"], rows,
+                 [False, False] + [True] * 9)]
+    t = train.iloc[0]
+    cfg = Path(str(t.get("model_path", ""))) / "config.json"
+    if cfg.is_file():
+        shape = Shape.from_config(json.loads(cfg.read_text()))
+        batch, seq = int(t.get("batch_size") or 1), int(t.get("seq_len") or 512)
+        proj = []
+        for gpu in (16, 24, 48, 80):
+            for r in fits_table(shape, gpu, batch, seq):
+                proj.append([f"{gpu} GiB", r["method"], fmt_num(r["weights_gib"]), fmt_num(r["total_gib"]),
+                             "yes" if r["fits"] else "no"])
+        out += [Heading(3, "Projected to GPUs (bf16, this model)"),
+                Para(f"`qeval plan-memory --config {cfg.parent} --batch-size {batch} --seq-len {seq}`: predicted peak "
+                     "GiB of LoRA, QLoRA (NF4 + double quant) and a full fine-tune (fp32 master weights) per GPU size."),
+                Table(["GPU", "method", "weights GiB", "total GiB", "fits"], proj, [False, False, True, True, False])]
+    return out
 
 
 def _training_png(train: pd.DataFrame) -> bytes:
@@ -677,8 +743,9 @@ def _training_png(train: pd.DataFrame) -> bytes:
         steps, loss = zip(*t.losses) if len(t.losses) else ((), ())
         ax.plot(steps, loss, color=color, alpha=0.45, lw=1, label=f"{t.adapter} ({t.train_quant}) train")
         hs, hl = zip(*t.heldout) if len(t.heldout) else ((), ())
-        ax.plot(hs, hl, color=color, marker="o", lw=2, label=f"{t.adapter} held-out")
-    ax.set_xlabel("step")
+        late = " (not converged)" if getattr(t, "not_converged", False) else ""
+        ax.plot(hs, hl, color=color, marker="o", lw=2, label=f"{t.adapter} held-out{late}")
+    ax.set_xlabel("step (the same tokens per step for every arm)")
     ax.set_ylabel("loss (nats/token)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)

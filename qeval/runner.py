@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from qeval import env
-from qeval.adapters import MERGES, AdapterArtifact, AdapterSpec, adapter_key, attach, finetune, load_finetuned
+from qeval.adapters import (MERGES, AdapterArtifact, AdapterSpec, adapter_key, attach, expand_seeds, finetune,
+                            load_finetuned)
 from qeval.divergence import Reference
 from qeval.errors import QevalError, unknown_name
 from qeval.evaluate import EvalOutcome, EvalSpec, evaluate
@@ -176,7 +177,10 @@ def validate(plan: Plan, suite: Suite | None = None) -> Resolved:
     paths = check(lambda: include_paths(plan.include_path, None, "include_path")) or ()
     if suite is None:
         suite = check(lambda: load_suite(plan.suite, paths))
+        for name, spec in adapters.items():  # not against a --tasks override: it may leave them out
+            errors += spec.domain_problems(f"adapters.{name}", [t.task for t in suite.tasks] if suite else [])
     raise_if(errors)
+    adapters, arms = expand_seeds(adapters, arms)  # `seeds: [..]`: one adapter and arm per seed
     return Resolved(tuple(arms), adapters, suite, device, compute_dtype(device, plan.compute_dtype))
 
 
@@ -193,7 +197,7 @@ def make_cells(model: ResolvedModel, arm: Arm, suite: Suite, eval_spec: EvalSpec
     # across library upgrades, so a history can follow it; the key adds what else moves the numbers.
     adapter_id = None
     if adapter is not None:
-        adapter_id = {"spec": dataclasses.asdict(adapter), "key": adapter_key(model, adapter, device),
+        adapter_id = {"spec": adapter.identity(), "key": adapter_key(model, adapter, device),
                       "merge": arm.merge}
     variant = {"model_fingerprint": model.fingerprint, "quant": fmt.name, "compute_dtype": fmt_spec["compute_dtype"],
                "adapter": None if adapter is None else {"spec": adapter_id["spec"], "merge": arm.merge},

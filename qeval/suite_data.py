@@ -189,6 +189,43 @@ def _lee_train(paths: list[Path]) -> list[dict]:
     return [{"id": i, "split": "train" if i < cut else "heldout", "text": d} for i, d in enumerate(docs)]
 
 
+def _lee_sentences(path: Path) -> list[list[str]]:
+    """The Lee background documents, each split into sentences (at . ! ? followed by a space)."""
+    import re
+
+    docs = [d.strip() for d in path.read_bytes().decode("latin-1").splitlines() if d.strip()]
+    return [[s for s in re.split(r"(?<=[.!?])\s+", d) if s] for d in docs]
+
+
+# One example of each adapter training format (qeval.train_data), all from the Lee background
+# corpus, verbatim: no text is invented, only cut. They carry no split field, so the held-out rows
+# are chosen by qeval.train_data's deterministic content-hash split.
+@builder("train_text.jsonl", "gensim", GENSIM_DATA + "lee_background.cor")
+def _train_text(paths: list[Path]) -> list[dict]:
+    """`text` rows: one document each."""
+    return [{"text": " ".join(s)} for s in _lee_sentences(paths[0])]
+
+
+@builder("train_prompt_completion.jsonl", "gensim", GENSIM_DATA + "lee_background.cor")
+def _train_prompt_completion(paths: list[Path]) -> list[dict]:
+    """`prompt` / `completion` rows: a document's first sentence, then the rest of it (the loss)."""
+    return [{"prompt": s[0], "completion": " " + " ".join(s[1:])} for s in _lee_sentences(paths[0]) if len(s) > 1]
+
+
+@builder("train_chat.jsonl", "gensim", GENSIM_DATA + "lee_background.cor")
+def _train_chat(paths: list[Path]) -> list[dict]:
+    """`messages` rows: a document's sentences as alternating turns, user first (one sentence),
+    then assistant (two), user (one), assistant (the rest): multi-turn, loss on assistant turns."""
+    rows = []
+    for s in _lee_sentences(paths[0]):
+        if len(s) < 2:
+            continue
+        cuts = [(0, 1, "user"), (1, 3, "assistant"), (3, 4, "user"), (4, len(s), "assistant")]
+        msgs = [{"role": role, "content": " ".join(s[a:b])} for a, b, role in cuts if s[a:b]]
+        rows.append({"messages": msgs})
+    return rows
+
+
 sha256 = sha256_file  # the name the builders and tests use
 
 

@@ -57,6 +57,11 @@ def write(tmp: Path, name: str, text: str) -> str:
     return str(tmp / name)
 
 
+def latin1(tmp: Path) -> str:
+    (tmp / "d.jsonl").write_bytes('{"text": "caf\u00e9"}\n'.encode("latin-1"))
+    return str(tmp / "d.jsonl")
+
+
 SUITE_OK = "name: s\ntasks:\n  - {task: qeval_analogy, limit: 2, batch_size: 2}\n"
 
 
@@ -108,6 +113,14 @@ CASES = [
     ("plan-models-empty", lambda t, m: _plan(t, "models: []\nformats: [none]\n"), "absent", ["models", "at least one"]),
     ("plan-adapter-bad-lr", lambda t, m: _plan(t, f"models: [{m}]\nformats: [none]\nadapters: {{a: {{lr: -1}}}}\n"
                                                   "arms: [{name: x, quant: none, adapter: a}]\n"), "absent", ["lr", "-1"]),
+    ("plan-train-data-hub-offline", lambda t, m: _plan(t, f"models: [{m}]\nformats: [none]\nadapters: {{a: {{train_data: org/some_dataset}}}}\n"
+                                                          "arms: [{name: x, quant: none, adapter: a}]\n"), "absent", ["org/some_dataset", "offline", "to_json"]),
+    ("plan-train-data-not-utf8", lambda t, m: _plan(t, f"models: [{m}]\nformats: [none]\nadapters: {{a: {{train_data: {latin1(t)}}}}}\n"
+                                                        "arms: [{name: x, quant: none, adapter: a}]\n"), "absent", ["d.jsonl:1", "UTF-8"]),
+    ("plan-peft-unknown-option", lambda t, m: _plan(t, f"models: [{m}]\nformats: [none]\nadapters: {{a: {{peft: {{use_dorra: true}}}}}}\n"
+                                                        "arms: [{name: x, quant: none, adapter: a}]\n"), "absent", ["use_dorra", "did you mean 'use_dora'"]),
+    ("plan-domain-task-unknown", lambda t, m: _plan(t, f"models: [{m}]\nformats: [none]\nadapters: {{a: {{domain_tasks: [qeval_lee_pl]}}}}\n"
+                                                        "arms: [{name: x, quant: none, adapter: a}]\n"), "absent", ["qeval_lee_pl", "did you mean 'qeval_lee_ppl'"]),
     ("plan-arm-unknown-adapter", lambda t, m: _plan(t, f"models: [{m}]\nformats: [none]\narms: [{{name: x, adapter: nope}}]\n"), "absent", ["nope", "adapters"]),
     ("plan-arm-bad-merge", lambda t, m: _plan(t, f"models: [{m}]\nformats: [none]\narms: [{{name: x, merge: sideways}}]\n"), "absent", ["sideways"]),
     ("plan-include-path-missing", lambda t, m: _plan(t, f"models: [{m}]\nformats: [none]\ninclude_path: nowhere\n"), "existing", ["nowhere", "folder"]),

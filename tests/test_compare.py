@@ -1,4 +1,5 @@
 """Comparison frames from records: recovery orientation, regained share, 'within noise'."""
+import json
 import math
 
 import pytest
@@ -10,7 +11,8 @@ def _rec(quant, task, metric, value, stderr, hib=True, adapter="", merge="none",
     fp = {"total_bytes": 100 if quant == "none" else 40, "quantized_weight_bytes": 0 if quant == "none" else 20,
           "quant_state_bytes": 0 if quant == "none" else 2, "unquantized_bytes": 100 if quant == "none" else 18,
           "theory_bytes": 100 if quant == "none" else 39, "quantized_params": 0 if quant == "none" else 40, "census": {}}
-    spec = {"method": "lora", "train_quant": quant, "train_data": "lee_background", "steps": 2}
+    spec = {"method": "lora", "train_quant": quant, "train_data": "lee_background", "steps": 2,
+            "domain_tasks": ["qeval_lee_ppl"]}
     return {"key": f"{quant}{adapter}{merge}{task}{created}", "variant": {"model": "m", "quant": quant, "adapter": adapter,
             "merge": merge, "arm": arm or (quant if not adapter else f"{quant}+{adapter}")},
             "model": {"fingerprint": "f"}, "task": {"name": task, "fingerprint": "t", "limit": 10, "num_fewshot": 0},
@@ -78,3 +80,53 @@ def test_memory_frame_ratios():
     assert mem.loc["bnb-nf4", "ratio_to_baseline"] == pytest.approx(0.4)
     assert mem.loc["bnb-nf4", "ratio_to_theory"] == pytest.approx(40 / 39)
     assert mem.loc["bnb-nf4", "measured_bits_per_weight"] == pytest.approx(22 * 8 / 40)
+
+
+def _seeded(quant, adapter, seed, value, peak, order="o"):
+    r = _rec(quant, "qeval_lee_ppl", "word_perplexity", value, 2, hib=False, adapter=f"{adapter}#s{seed}",
+             arm=f"{adapter}#s{seed}")
+    r["adapter"] = {**r["adapter"], "spec": {**r["adapter"]["spec"], "seed": seed}, "peak_train_bytes": peak,
+                    "order_hash": f"{order}{seed}", "tokens": 100,
+                    "memory": {"load_peak": 2 * peak, "train_peak": peak, "weights": peak // 2, "adapter_optimizer": 1,
+                               "gradients": 1, "activations": peak // 2 - 2, "predicted": {"total": peak},
+                               "prediction_error": 0.0}}
+    return r
+
+
+def test_seeds_spread_and_no_clear_winner(tmp_path):
+    from scipy import stats
+
+    from qeval.compare import decision
+
+    base = [_rec("none", "qeval_lee_ppl", "word_perplexity", 120, 2, hib=False),
+            _rec("bnb-nf4", "qeval_lee_ppl", "word_perplexity", 140, 2, hib=False),
+            _rec("none", "qeval_analogy", "acc", 0.8, 0.02)]  # an untouched task: the ppl one is the domain
+    lora = [_seeded("none", "lora", s, v, 2000) for s, v in ((1, 100), (2, 104), (3, 96))]
+    close = [_seeded("bnb-nf4", "qlora", s, v, 1000) for s, v in ((1, 101), (2, 99), (3, 103))]
+    recs = base + lora + close
+    samples = {r["key"]: _samples(r["primary_metric"], r["metrics"][r["primary_metric"]]["value"]) for r in recs}
+    frames = adapter_frames(recs, samples.get)
+    seeds = frames["seeds"].set_index("arm")
+    lo, hi = stats.t.interval(0.95, 2, loc=100, scale=stats.sem([100, 104, 96]))
+    assert seeds.loc["lora", "seeds"] == 3 and seeds.loc["lora", "value_mean"] == pytest.approx(100)
+    assert (seeds.loc["lora", "value_lo"], seeds.loc["lora", "value_hi"]) == (pytest.approx(lo), pytest.approx(hi))
+    assert seeds.loc["qlora", "regained_min"] == pytest.approx((140 - 103) / 20)  # the worst seed regains least
+    table, verdict = decision(frames, None)
+    assert len(table) == 6 and "No clear winner on qeval_lee_ppl" in verdict and "least training memory: qlora" in verdict
+    from qeval.report import adapter_section
+
+    (tmp_path / "config.json").write_text(json.dumps({"vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536,
+                                                      "num_hidden_layers": 30, "num_attention_heads": 9}))
+    for r in recs:
+        r["model"]["path"] = str(tmp_path)
+    section = adapter_section(adapter_frames(recs, samples.get), table, verdict, memory_frame(recs))
+    assert any("Projected to GPUs" in str(b) for b in section.blocks)
+    assert "adapter_seeds.csv" in section.files and any("spread across seeds" in str(b) for b in section.blocks)
+    assert any("measured and predicted" in str(b) for b in section.blocks)
+    far = [_seeded("bnb-nf4", "qlora", s, v, 1000) for s, v in ((1, 131), (2, 130), (3, 129))]
+    table, verdict = decision(adapter_frames(base + lora + far), None)
+    assert "No clear winner" not in verdict and verdict.startswith("Best on qeval_lee_ppl: lora (word_perplexity 100")
+    single = decision(adapter_frames(base + lora[:1] + far[:1]), None)[1]
+    assert "training noise is not measured" in single
+    unfair = decision(adapter_frames(base + lora[:1] + [_seeded("bnb-nf4", "qlora", 1, 130, 1000, order="x")]), None)[1]
+    assert "Not like for like" in unfair

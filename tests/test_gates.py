@@ -32,7 +32,8 @@ def record(arm, task, samples, primary, *, quant=None, adapter="", hib=True, ver
     quant = quant or arm
     _clock[0] += 1
     key = hashlib.sha256(json.dumps([arm, task, samples, version]).encode()).hexdigest()
-    spec = {"method": "lora", "train_quant": quant, "train_data": "lee_background", "steps": 2}
+    spec = {"method": "lora", "train_quant": quant, "train_data": "lee_background", "steps": 2,
+            "domain_tasks": ["qeval_lee_ppl"]}
     return {"key": key, "variant_id": f"m|{arm}", "created_at": f"2026-01-01T00:00:{_clock[0]:06d}",
             "variant": {"model": "m", "quant": quant, "adapter": adapter, "merge": "none", "arm": arm},
             "model": {"fingerprint": "f"}, "task": {"name": task, "fingerprint": "t", "limit": len(samples),

@@ -108,8 +108,10 @@ def test_key_changes_with_what_determines_the_numbers(plan, tiny_model_dir):
     assert len({c.key for c in cells}) == 2 and len({c.variant_id for c in cells}) == 1
 
 
-ADAPTERS = {"lora": {"train_quant": "none", "steps": 2, "batch_size": 2, "seq_len": 32, "eval_every": 1},
-            "qlora": {"train_quant": "bnb-nf4-dq", "steps": 2, "batch_size": 2, "seq_len": 32, "eval_every": 1}}
+ADAPTERS = {"lora": {"train_quant": "none", "steps": 2, "batch_size": 2, "seq_len": 32, "eval_every": 1,
+                     "domain_tasks": ["qeval_lee_ppl"]},
+            "qlora": {"train_quant": "bnb-nf4-dq", "steps": 2, "batch_size": 2, "seq_len": 32, "eval_every": 1,
+                      "domain_tasks": ["qeval_lee_ppl"]}}
 ARMS = ({"name": "lora", "quant": "none", "adapter": "lora"},
         {"name": "qlora", "quant": "bnb-nf4-dq", "adapter": "qlora"},
         {"name": "nf4+lora", "quant": "bnb-nf4-dq", "adapter": "lora"},

@@ -1,0 +1,76 @@
+"""Training memory on CUDA: LoRA vs QLoRA (vs full) per phase, by part, against the analytic model.
+
+Builds a Llama from a config on the spot (random weights: memory does not depend on them), with a
+byte-level BPE tokenizer trained on the given JSONL text, trains each arm a few steps through
+qeval.adapters.finetune (each in a fresh process: CUDA max allocated reset per phase), and prints
+measured peak, its parts and the prediction of qeval.memory.estimate with the error.
+`--cpu-dry-run` runs the same tiny on CPU to catch crashes before spending device time.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def build(folder: Path, texts: list[str], hidden: int, inter: int, layers: int, vocab: int) -> Path:
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<unk>", "<s>", "</s>"],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   pad_token="</s>")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=fast.vocab_size, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                      num_attention_heads=hidden // 64, num_key_value_heads=max(1, hidden // 256),
+                      max_position_embeddings=4096, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    fast.save_pretrained(folder)
+    return folder
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--data", required=True, help="a JSONL file with text rows")
+    ap.add_argument("--cpu-dry-run", action="store_true")
+    args = ap.parse_args()
+    from qeval.adapters import AdapterSpec, finetune
+    from qeval.models import resolve_model
+
+    texts = [json.loads(x)["text"] for x in Path(args.data).read_text().splitlines() if x.strip()]
+    dry = args.cpu_dry_run
+    device = "cpu" if dry else "cuda"
+    work = Path(tempfile.mkdtemp(prefix="qeval-memcheck-"))
+    os.environ.setdefault("QEVAL_CACHE", str(work / "cache"))
+    size = dict(hidden=64, inter=128, layers=2, vocab=512) if dry else dict(hidden=1024, inter=2816, layers=12, vocab=8000)
+    model = resolve_model(str(build(work / "model", texts, **size)))
+    seq, batch = (64, 2) if dry else (512, 8)
+    rows = []
+    for name, extra in (("lora", {}), ("qlora", {"train_quant": "bnb-nf4-dq"}), ("full", {"method": "full", "lr": 1e-5})):
+        spec = AdapterSpec(train_data=args.data, steps=3, batch_size=batch, seq_len=seq, eval_every=3, **extra)
+        art = finetune(model, spec, device)
+        m = art.memory
+        p = m.get("predicted", {})
+        rows.append((name, m["load_peak"], m["train_peak"], m["weights"], m["adapter_optimizer"], m["gradients"],
+                     m["activations"], p.get("total", float("nan")), m.get("prediction_error")))
+    mib = lambda x: f"{x / 2**20:9.1f}"
+    print(f"device {device}; model {size}; batch {batch} x seq_len {seq}; MiB")
+    print(f"{'arm':6} {'load pk':>9} {'train pk':>9} {'weights':>9} {'adapt+opt':>9} {'grads':>9} {'activ':>9} {'predicted':>9} error")
+    for r in rows:
+        print(f"{r[0]:6} " + " ".join(mib(x) for x in r[1:8]) + f" {r[8]:+.1%}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
