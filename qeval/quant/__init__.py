@@ -103,8 +103,7 @@ class Backend:
     option_help: str = ""
 
     def require(self, fmt_name: str, device: str) -> None:
-        missing = [m for m in self.modules if importlib.util.find_spec(m.split(".")[0]) is None
-                   or importlib.util.find_spec(m) is None]
+        missing = [m for m in self.modules if _find_spec(m.split(".")[0]) is None or _find_spec(m) is None]
         if missing:
             raise QevalError(f"quantization format {fmt_name}", "needs " + ", ".join(missing),
                              f"the {self.name} backend's packages installed",
@@ -115,6 +114,7 @@ class Backend:
 
 
 BACKENDS: Registry[Backend] = Registry("quantization backend")
+_find_spec = importlib.util.find_spec  # one seam for tests that simulate a missing package
 
 
 def bad_option(fmt: str, option: str, expected: str) -> QevalError:
