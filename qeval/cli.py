@@ -283,8 +283,12 @@ def cmd_report(args) -> int:
     table, verdict = decision(frames, args.memory_budget)
     # the nightly compares every cell and metric of the plan: that many tests share the FDR
     tests = sum(len(r["metrics"]) for r in latest(records))
-    written = render(with_paired(results_frame(records), pairs), memory, meta, out,
-                     extra=[significance_section(task_mde(pairs), th.fdr, tests),
+    from qeval import report_formats
+
+    results = with_paired(results_frame(records), pairs)
+    written = render(results, memory, meta, out,
+                     extra=[report_formats.section(records, pairs, memory, results),
+                            significance_section(task_mde(pairs), th.fdr, tests),
                             divergence_section(divergence_frame(records, pairs)),
                             adapter_section(frames, table, verdict, memory), history_section(history)])
     for p in written:

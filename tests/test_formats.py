@@ -208,3 +208,29 @@ def test_gguf_requantizing_is_exact(qtype):
     once, _ = roundtrip(torch.randn(8, 64) * 0.02, qtype)
     twice, _ = roundtrip(once, qtype)
     assert torch.equal(once, twice)
+
+
+# ----------------------------------------------------------------------------- pre-quantized baselines
+
+def test_grid_detector_flags_a_q4_0_rounded_model_and_not_a_float_one(tiny_model_dir, tmp_path):
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from qeval.quant.detect import banner, grid_census
+
+    float_census = grid_census(tiny_model_dir)
+    assert float_census["tensors"] == 14 and float_census["low_blocks"] == 0
+    assert banner(float_census) == ""
+
+    planted = tmp_path / "q4"
+    shutil.copytree(tiny_model_dir, planted)
+    model = AutoModelForCausalLM.from_pretrained(planted)
+    with torch.no_grad():
+        for _, m in quantizable_linears(model):
+            m.weight.copy_(roundtrip(m.weight, "q4_0")[0])
+    model.save_pretrained(planted)
+    census = grid_census(planted)
+    n_blocks = sum(m.weight.numel() // 32 for _, m in quantizable_linears(model))
+    assert census["blocks"] == n_blocks and census["low_blocks"] == n_blocks
+    assert "already quantized" in banner(census, "planted")
