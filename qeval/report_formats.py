@@ -142,21 +142,28 @@ def pareto_front(points: list[tuple[float, float, str]]) -> list[tuple[float, fl
 
 def _pareto_png(land: pd.DataFrame) -> bytes:
     fig, axes = plt.subplots(1, 2, figsize=(13, 5))
-    for ax, col, label in ((axes[0], "kl_mean", "KL(baseline || format), mean per token"),
-                           (axes[1], "mean_recovery", "mean recovery of the primary metrics")):
+    kls = [v for v in land["kl_mean"] if not _missing(v) and v > 0]
+    floor = min(kls) / 10 if kls else 1e-6  # KL exactly 0 is drawn here, labelled, on the log axis
+    for ax, col, label in ((axes[0], "kl_mean", "KL(baseline || format), mean per token (log)"),
+                           (axes[1], "mean_recovery", "mean recovery of the primary metrics (%)")):
         pts = []
         for r in land.to_dict("records"):
+            if r["quant"] == BASELINE and col == "kl_mean":
+                continue  # KL against itself: nothing to show
             x, y = r["theory_bits"], r[col]
             if r["quant"] == BASELINE:
                 x = r["measured_bits"] if not _missing(r["measured_bits"]) else 32.0
             if _missing(x) or _missing(y):
                 continue
+            name = r["quant"]
             if col == "mean_recovery":
                 y = 100 * y
+            elif y <= 0:
+                y, name = floor, f"{name} (KL 0)"
             color = BACKEND_COLORS.get(r["backend"], "gray")
             hollow = r["kernel"] == "simulated"
             ax.scatter([x], [y], s=45, marker="o", facecolors="none" if hollow else color, edgecolors=color, zorder=3)
-            ax.annotate(r["quant"], (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            ax.annotate(name, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
             pts.append((x, y if col == "kl_mean" else -y, r["quant"]))
         front = pareto_front(pts)
         if len(front) > 1:
@@ -164,14 +171,17 @@ def _pareto_png(land: pd.DataFrame) -> bytes:
                     lw=1, zorder=2, label="Pareto front")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("bits per quantized weight (theory; baseline: its storage)")
-        ax.set_ylabel(label + (" (%)" if col == "mean_recovery" else ""))
+        ax.set_ylabel(label)
         if col == "kl_mean":
-            ax.set_yscale("symlog", linthresh=1e-4)  # KL exactly 0 (a format on the baseline's own grid) stays visible
+            ax.set_yscale("log")
+        else:
+            ax.ticklabel_format(axis="y", useOffset=False, style="plain")
         ax.grid(alpha=0.3)
     for b, c in BACKEND_COLORS.items():
-        axes[1].scatter([], [], color=c, label=b)
+        if b in set(land["backend"]):
+            axes[1].scatter([], [], color=c, label=b)
     axes[1].legend(fontsize=8, loc="lower right")
-    fig.suptitle("Format landscape: memory vs quality (filled: real low-bit storage; hollow: simulated)")
+    fig.suptitle("Format landscape: memory vs quality (filled: real low-bit storage; hollow: simulated; dashed: Pareto front)")
     return _png(fig)
 
 

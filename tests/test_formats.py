@@ -11,6 +11,7 @@ from qeval.errors import QevalError
 from qeval.models import linear_in_features, load_model, resolve_model
 from qeval.quant import BACKENDS, FORMATS, quantizable_linears
 from qeval.quant.gguf_backend import roundtrip
+from qeval.report_formats import pareto_front
 
 LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -212,25 +213,71 @@ def test_gguf_requantizing_is_exact(qtype):
 
 # ----------------------------------------------------------------------------- pre-quantized baselines
 
-def test_grid_detector_flags_a_q4_0_rounded_model_and_not_a_float_one(tiny_model_dir, tmp_path):
+@pytest.fixture(scope="module")
+def planted_q4_1(tiny_model_dir, tmp_path_factory):
+    """The tiny model with every linear weight rounded to GGUF Q4_1 (as the embedded model's are),
+    and larger weights so that next-token distributions are peaked and KLs measurable."""
     import shutil
 
+    from conftest import build_tiny_model
     from transformers import AutoModelForCausalLM
 
+    planted = build_tiny_model(tmp_path_factory.mktemp("q4_1"), init_range=0.5)
+    model = AutoModelForCausalLM.from_pretrained(planted)
+    with torch.no_grad():
+        for _, m in quantizable_linears(model):
+            m.weight.copy_(roundtrip(m.weight, "q4_1")[0])
+    model.save_pretrained(planted)
+    return planted
+
+
+def test_grid_detector_flags_a_planted_model_and_not_a_float_one(tiny_model_dir, planted_q4_1):
     from qeval.quant.detect import banner, grid_census
 
     float_census = grid_census(tiny_model_dir)
     assert float_census["tensors"] == 14 and float_census["low_blocks"] == 0
     assert banner(float_census) == ""
+    census = grid_census(planted_q4_1)
+    from safetensors import safe_open
 
-    planted = tmp_path / "q4"
-    shutil.copytree(tiny_model_dir, planted)
-    model = AutoModelForCausalLM.from_pretrained(planted)
-    with torch.no_grad():
-        for _, m in quantizable_linears(model):
-            m.weight.copy_(roundtrip(m.weight, "q4_0")[0])
-    model.save_pretrained(planted)
-    census = grid_census(planted)
-    n_blocks = sum(m.weight.numel() // 32 for _, m in quantizable_linears(model))
+    with safe_open(str(planted_q4_1 / "model.safetensors"), "pt") as f:  # blocks counted independently
+        n_blocks = sum(f.get_slice(k).get_shape()[0] * f.get_slice(k).get_shape()[1] // 32
+                       for k in f.keys() if k.endswith("proj.weight"))
     assert census["blocks"] == n_blocks and census["low_blocks"] == n_blocks
     assert "already quantized" in banner(census, "planted")
+
+
+def test_report_shows_the_banner_and_q4_1_on_its_own_grid_gives_kl_0(planted_q4_1, tmp_path, capsys):
+    """End to end: run + report on a Q4_1-planted model. Re-quantizing to gguf:q4_1 changes no weight
+    (KL exactly 0, checked from the stored record), gguf:q4_0 does (KL > 0)."""
+    from qeval.cli import main
+    from qeval.store import Store
+
+    suite = tmp_path / "s.yaml"
+    suite.write_text("name: s\ntasks:\n  - {task: qeval_lee_ppl, limit: 2, batch_size: 1, divergence: true}\n")
+    store, out = tmp_path / "store.sqlite", tmp_path / "rep"
+    assert main(["run", "--model", str(planted_q4_1), "--formats", "none,gguf:q4_1,gguf:q4_0", "--suite", str(suite),
+                 "--store", str(store)]) == 0
+    assert main(["report", "--store", str(store), "--out", str(out)]) == 0
+    capsys.readouterr()
+    with Store(store, readonly=True) as st:
+        kl = {r["variant"]["quant"]: (r.get("divergence") or {}).get("kl_mean") for r in st.records()}
+    assert kl["gguf:q4_1"] == 0.0 and kl["gguf:q4_0"] > 0
+    md = (out / "report.md").read_text()
+    assert "Format landscape across backends" in md and "already quantized" in md
+    assert "Re-quantizing it to gguf:q4_1 gives KL 0" in md
+    assert (out / "formats_pareto.png").read_bytes()[:4] == b"\x89PNG"
+    land = (out / "formats.csv").read_text().splitlines()
+    assert len(land) == 4  # header + 3 formats
+
+
+def test_pareto_front_matches_brute_force():
+    import random
+
+    rng = random.Random(0)
+    pts = [(rng.choice([2, 4, 4.5, 5, 8, 16]), rng.random(), str(i)) for i in range(40)]
+    front = pareto_front(pts)
+    dominated = {p for p in pts for q in pts if q != p and q[0] <= p[0] and q[1] < p[1]}
+    # every non-dominated x keeps its best point; nothing on the front is dominated
+    assert not set(front) & dominated
+    assert {p[0] for p in front} <= {p[0] for p in pts if p not in dominated}
