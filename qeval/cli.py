@@ -373,7 +373,7 @@ def cmd_formats(args) -> int:
 
     for name, f in FORMATS.items():
         bits = f"{f.bits_per_weight(576):.3f} bits/weight" if f.bits_per_weight else "full precision"
-        print(f"{name:12s} {bits:20s} {f.description}")
+        print(f"{name:20s} {bits:20s} {f.kernel if f.bits_per_weight else '':9s} {f.description}")
     return 0
 
 
