@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.metadata
 import importlib.util
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -135,6 +135,10 @@ def group_option(fmt: str, options: tuple[str, ...], default: int | None) -> int
 class FormatRegistry(Registry[QuantFormat]):
     """Presets by name, plus `backend:scheme[:options]` parsed by the backend (and memoized)."""
 
+    def __init__(self, kind: str):
+        super().__init__(kind)
+        self._parsed: dict[str, QuantFormat] = {}
+
     def get(self, name: str) -> QuantFormat:
         if name in self._items:
             return self._items[name]
@@ -167,12 +171,6 @@ class FormatRegistry(Registry[QuantFormat]):
 
     def items(self) -> list[tuple[str, QuantFormat]]:
         return [(n, self.get(n)) for n in self]
-
-    @property
-    def _parsed(self) -> dict[str, QuantFormat]:
-        if not hasattr(self, "_parsed_store"):
-            self._parsed_store: dict[str, QuantFormat] = {}
-        return self._parsed_store
 
 
 _EXAMPLE = "backend:scheme[:options], e.g. torchao:int8-wo, quanto:int4:g64, gguf:q4_0"
