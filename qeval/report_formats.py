@@ -117,7 +117,7 @@ def formats_section(land: pd.DataFrame, banners: list[str]) -> Section | None:
                      "takes, as in a .gguf file. torchao's intN weight-only stores one code per int8 byte on this "
                      "CPU build (no packed kernel): 'in memory' is that, 'theory' what a packed kernel would hold.")
     if notes:
-        blocks.append(Bullets([f"**{n}**" if i < len(banners) else n for i, n in enumerate(notes)]))
+        blocks.append(Bullets(notes))  # plain text: the renderer escapes markup
     blocks += [
         Para("One row per format, no adapter. Bits per quantized linear weight: theory from the format's "
              "arithmetic, measured from the loaded model's storage (scales and zero points included). KL is "
