@@ -90,9 +90,10 @@ def _yes(v) -> str:
 
 
 def formats_section(land: pd.DataFrame, banners: list[str]) -> Section | None:
-    """The landscape table, the Pareto picture and the banners; None when there is one format or none."""
+    """The landscape table and the Pareto picture (when there are two formats or more), and the
+    banners the report opens with; None when there is nothing to show."""
     if land.empty or len(land) < 2:
-        return None
+        return Section([], banners=list(banners)) if banners else None
     tasks = sorted(c.split(":", 1)[1] for c in land.columns if c.startswith("delta:"))
     multi = land["model"].nunique() > 1
     header = (["model"] if multi else []) + [
@@ -109,7 +110,7 @@ def formats_section(land: pd.DataFrame, banners: list[str]) -> Section | None:
     numeric = ([False] if multi else []) + [False, False, False] + [True] * 10 + [False] * len(tasks) + [False, False]
     sim = land[land["kernel"] == "simulated"]["quant"].tolist()
     blocks = [Heading(2, "Format landscape across backends")]
-    notes = list(banners)
+    notes = []
     if sim:
         notes.append("Simulated compute (" + ", ".join(sim) + "): the numbers (KL, accuracy) are the format's, "
                      "the memory is not. GGUF types are quantized and dequantized with gguf.quants (exact "
@@ -127,7 +128,7 @@ def formats_section(land: pd.DataFrame, banners: list[str]) -> Section | None:
         Table(header, rows, numeric),
         Image("Bits per weight vs KL and vs mean recovery, per backend (hollow: simulated compute)", PARETO_PNG)]
     csv = land.to_csv(index=False).encode("utf-8")
-    return Section(blocks, {PARETO_PNG: _pareto_png(land)}, {LANDSCAPE_CSV: csv})
+    return Section(blocks, {PARETO_PNG: _pareto_png(land)}, {LANDSCAPE_CSV: csv}, banners=list(banners))
 
 
 def pareto_front(points: list[tuple[float, float, str]]) -> list[tuple[float, float, str]]:
