@@ -171,6 +171,8 @@ def _pareto_png(land: pd.DataFrame) -> bytes:
             ax.plot([p[0] for p in front], [p[1] if col == "kl_mean" else -p[1] for p in front], "--", color="gray",
                     lw=1, zorder=2, label="Pareto front")
         ax.set_xscale("log", base=2)
+        ax.set_xticks([2, 3, 4, 5, 6, 8, 12, 16, 32])
+        ax.set_xticklabels(["2", "3", "4", "5", "6", "8", "12", "16", "32"])
         ax.set_xlabel("bits per quantized weight (theory; baseline: its storage)")
         ax.set_ylabel(label)
         if col == "kl_mean":
