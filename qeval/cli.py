@@ -299,8 +299,12 @@ def cmd_report(args) -> int:
     table, verdict = decision(frames, args.memory_budget)
     # the nightly compares every cell and metric of the plan: that many tests share the FDR
     tests = sum(len(r["metrics"]) for r in latest(records))
-    written = render(with_paired(results_frame(records), pairs), memory, meta, out,
-                     extra=[significance_section(task_mde(pairs), th.fdr, tests),
+    from qeval import report_formats
+
+    results = with_paired(results_frame(records), pairs)
+    written = render(results, memory, meta, out,
+                     extra=[report_formats.section(records, pairs, memory, results),
+                            significance_section(task_mde(pairs), th.fdr, tests),
                             divergence_section(divergence_frame(records, pairs)),
                             adapter_section(frames, table, verdict, memory), history_section(history)])
     for p in written:
@@ -406,7 +410,7 @@ def cmd_formats(args) -> int:
 
     for name, f in FORMATS.items():
         bits = f"{f.bits_per_weight(576):.3f} bits/weight" if f.bits_per_weight else "full precision"
-        print(f"{name:12s} {bits:20s} {f.description}")
+        print(f"{name:20s} {bits:20s} {f.kernel if f.bits_per_weight else '':9s} {f.description}")
     return 0
 
 

@@ -239,6 +239,25 @@ def fingerprint(folder: Path) -> str:
     return fp
 
 
+def linear_in_features(folder: Path) -> dict[str, int]:
+    """Input width of each kind of linear layer a Llama-style config describes (q/k/v/gate/up read
+    the hidden state, o_proj the attention output, down_proj the MLP's); {} when the config says
+    nothing usable. Used to check group sizes before a model loads."""
+    try:
+        cfg = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+        hidden = int(cfg["hidden_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    out = {"q/k/v/gate/up_proj": hidden}
+    heads = cfg.get("num_attention_heads")
+    head_dim = cfg.get("head_dim") or (hidden // heads if heads else None)
+    if heads and head_dim:
+        out["o_proj"] = int(heads) * int(head_dim)
+    if cfg.get("intermediate_size"):
+        out["down_proj"] = int(cfg["intermediate_size"])
+    return out
+
+
 # The plan's `compute_dtype`: "auto" is float32 on CPU (portable: the same numbers on every x86 CPU;
 # bf16 matmuls are 8-20x slower on CPUs without bf16 units) and bfloat16 on CUDA.
 COMPUTE_DTYPES = {"auto": "auto", "float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}

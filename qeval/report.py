@@ -590,6 +590,7 @@ class Section:
     blocks: list
     images: dict[str, bytes] = field(default_factory=dict)
     files: dict[str, bytes] = field(default_factory=dict)
+    banners: list = field(default_factory=list)  # sentences the report opens with (e.g. a pre-quantized baseline)
 
 
 TRAINING_PNG, TRAIN_MEMORY_PNG = "training_curves.png", "train_memory_vs_score.png"
@@ -931,6 +932,9 @@ def render(results: pd.DataFrame, memory: pd.DataFrame, meta: dict, out_dir: Pat
 
     # Render everything in memory first: a failure below then writes nothing at all.
     blocks = _meta_blocks(meta, results, memory)
+    banners = [b for section in extras for b in section.banners]
+    if banners:
+        blocks += [Heading(2, "Read this first"), Bullets(banners)]
     if results.empty:
         blocks.append(Para("No results: the store holds no evaluated cells for this selection."))
         images = {RECOVERY_PNG: _placeholder_png("No results"), MEMORY_PNG: _placeholder_png("No results")}

@@ -25,8 +25,8 @@ from qeval.adapters import (MERGES, AdapterArtifact, AdapterSpec, adapter_key, a
 from qeval.divergence import Reference
 from qeval.errors import QevalError, unknown_name
 from qeval.evaluate import EvalOutcome, EvalSpec, evaluate
-from qeval.models import (DEFAULT_MODEL, LoadedModel, ResolvedModel, compute_dtype, compute_dtype_problem, load_model,
-                          resolve_model)
+from qeval.models import (DEFAULT_MODEL, LoadedModel, ResolvedModel, compute_dtype, compute_dtype_problem,
+                          linear_in_features, load_model, resolve_model)
 from qeval.quant import DEFAULT_FORMATS, FORMATS, QuantFormat
 from qeval.specs import from_mapping, load_yaml, raise_if
 from qeval.files import content_key, store_lock
@@ -118,8 +118,10 @@ def validate(plan: Plan, suite: Suite | None = None) -> Resolved:
         except QevalError as e:
             errors.extend(getattr(e, "errors", [e]))
 
+    # a format whose package (or CUDA) is missing fails here, in one line, before anything runs
+    device = env.resolve_device(plan.device) if plan.device in ("auto", "cpu", "cuda") else "cpu"
     for name in plan.formats:
-        check(lambda: FORMATS.get(name))
+        check(lambda: FORMATS.get(name).require(device))
     adapters: dict[str, AdapterSpec] = {}
     for name, raw in plan.adapters.items():
         spec = from_mapping(AdapterSpec, raw, f"adapters.{name}", errors)
@@ -134,6 +136,8 @@ def validate(plan: Plan, suite: Suite | None = None) -> Resolved:
         where = f"arms[{i}] ({arm.name})"
         if arm.quant not in FORMATS:
             errors.append(unknown_name(f"{where} quant", arm.quant, FORMATS))
+        else:
+            check(lambda: FORMATS.get(arm.quant).require(device))
         if arm.adapter is not None and arm.adapter not in plan.adapters:
             errors.append(unknown_name(f"{where} adapter", arm.adapter, plan.adapters, "define it under adapters:"))
         if arm.merge not in MERGES:
@@ -274,6 +278,10 @@ def expand(plan: Plan, rp: Resolved) -> list[tuple[ResolvedModel, Arm, list[Cell
     """The plan's matrix: per (model, arm), its cells and their keys. Nothing is loaded or stored;
     the suite data is built first because task fingerprints hash it."""
     models = [resolve_model(m) for m in plan.models]
+    # group / block sizes against each model's layer widths (config.json only: nothing loads)
+    shape_errors = {str(e): e for m in models for a in rp.arms
+                    for e in FORMATS.get(a.quant).check_shapes(linear_in_features(m.path), m.spec)}
+    raise_if(list(shape_errors.values()))
     ensure_built()
     eval_spec = EvalSpec(seed=plan.seed, bootstrap_iters=plan.bootstrap_iters)
     return [(m, a, make_cells(m, a, rp.suite, eval_spec, rp.device, rp.adapters.get(a.adapter) if a.adapter else None,

@@ -79,6 +79,10 @@ CASES = [
     # --- run: flags ---
     ("formats-empty", lambda t, m: ["run", "--model", m, "--formats", ""], "absent", ["--formats", "''"]),
     ("formats-typo", lambda t, m: ["run", "--model", m, "--formats", "bnb-nf44"], "existing", ["bnb-nf44", "bnb-nf4"]),
+    ("formats-backend-typo", lambda t, m: ["run", "--model", m, "--formats", "torchoa:int8-wo"], "existing", ["torchoa", "torchao"]),
+    ("formats-backend-option", lambda t, m: ["run", "--model", m, "--formats", "quanto:int4:64"], "absent", ["64", "gN"]),
+    ("formats-group-not-dividing", lambda t, m: ["run", "--model", m, "--formats", "none,gguf:q4_0,quanto:int4:g48"], "existing",
+     ["group/block size 48", "down_proj (128)"]),
     ("formats-duplicate", lambda t, m: ["run", "--model", m, "--formats", "none,none"], "absent", ["arm name", "none"]),
     ("suite-unknown", lambda t, m: ["run", "--model", m, "--suite", "smokey"], "existing", ["smokey", "smoke"]),
     ("suite-file-missing", lambda t, m: ["run", "--model", m, "--suite", str(t / "nope.yaml")], "absent", ["nope.yaml"]),

@@ -78,3 +78,28 @@ def _int8(compute_dtype: torch.dtype):
         llm_int8_has_fp16_weight=False,  # inference: keep only the int8 weights
         llm_int8_skip_modules=SKIP_MODULES,
     )
+
+
+def _parse(scheme: str, options: tuple[str, ...]):
+    """`bnb:nf4[:dq]`, `bnb:fp4[:dq]`, `bnb:int8`: the presets under backend:scheme names (the same
+    format objects, so the same record keys)."""
+    from qeval.quant import FORMATS, bad_option
+
+    if scheme == "int8":
+        if options:
+            raise bad_option("bnb:int8", options[0], "no options")
+        return FORMATS.get("bnb-int8")
+    if options and options != ("dq",):
+        raise bad_option(f"bnb:{scheme}", ":".join(options), "dq (double quantization) or nothing")
+    return FORMATS.get(f"bnb-{scheme}" + ("-dq" if options else ""))
+
+
+def _register_backend() -> None:
+    from qeval.quant import BACKENDS, Backend
+
+    BACKENDS.add("bnb", Backend("bnb", "bitsandbytes (LLM.int8, NF4, FP4; presets bnb-*)", _parse,
+                                ("int8", "nf4", "fp4"), modules=("bitsandbytes",), extra="bnb",
+                                option_help="bnb schemes: int8, nf4[:dq], fp4[:dq]"))
+
+
+_register_backend()

@@ -1,0 +1,75 @@
+"""torchao formats: `torchao:int8-wo`, `torchao:int8-dyn`, `torchao:int4-wo[:gN]`, `torchao:int2-wo[:gN]`.
+
+One verb over a config (`torchao.quantization.quantize_(model, config, filter_fn)`) applied to the
+loaded float model, every linear layer but the (tied) output head, as bitsandbytes does.
+
+- int8-wo: `Int8WeightOnlyConfig`, int8 per-row weights, activations stay float. Real storage.
+- int8-dyn: `Int8DynamicActivationInt8WeightConfig`, int8 weights and per-token dynamically
+  quantized int8 activations. Real storage.
+- intN-wo:gG: `IntxWeightOnlyConfig(weight_dtype=torch.intN, granularity=PerGroup(G))`, default g32.
+  torchao's x86 wheel has no packed CPU kernel: the codes are stored one per int8 byte
+  (`IntxUnpackedToInt8Tensor`), ~9 bits/weight measured against 4 + 32/G in theory, so it is marked
+  "simulated" with both numbers shown.
+
+Theory counts the symmetric format's fp32 scale per row (int8) or per group; torchao also stores an
+(all-zero) int8 zero point beside each scale, which the measured bytes include (0.2% for int8).
+"""
+from __future__ import annotations
+
+import torch
+
+from qeval.quant import BACKENDS, Backend, QuantFormat, group_option, quantizable_linears
+
+SCHEMES = ("int8-wo", "int8-dyn", "int4-wo", "int2-wo")
+
+
+def _config(scheme: str, group: int | None):
+    from torchao.quantization import (Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig,
+                                      IntxWeightOnlyConfig)
+    from torchao.quantization.granularity import PerGroup
+
+    if scheme == "int8-wo":
+        return Int8WeightOnlyConfig()
+    if scheme == "int8-dyn":
+        return Int8DynamicActivationInt8WeightConfig()
+    bits = int(scheme[3])
+    return IntxWeightOnlyConfig(weight_dtype=getattr(torch, f"int{bits}"), granularity=PerGroup(group))
+
+
+def _apply(scheme: str, group: int | None):
+    def after_load(model, device: str, compute_dtype: torch.dtype) -> None:
+        from torchao.quantization import quantize_
+
+        targets = {id(m) for _, m in quantizable_linears(model)}
+        quantize_(model, _config(scheme, group), filter_fn=lambda m, fqn: id(m) in targets)
+    return after_load
+
+
+def _parse(scheme: str, options: tuple[str, ...]) -> QuantFormat:
+    int8 = scheme.startswith("int8")
+    if int8 and options:
+        from qeval.quant import bad_option
+
+        raise bad_option(f"torchao:{scheme}", options[0], "no options (int8 uses one scale per row)")
+    group = None if int8 else group_option(f"torchao:{scheme}", options, 32)
+    name = f"torchao:{scheme}" + ("" if group is None else f":g{group}")
+    if int8:
+        bits = lambda in_features: 8 + 32 / in_features  # noqa: E731
+        desc = ("int8 weights, per-row fp32 scale, float activations" if scheme == "int8-wo" else
+                "int8 weights (per-row scale) x int8 activations quantized per token at run time")
+        kernel, storage = "real", "int8 codes + fp32 scale per row (Int8Tensor)"
+    else:
+        n = int(scheme[3])
+        bits = lambda in_features, n=n, g=group: n + 32 / g  # noqa: E731
+        desc = f"int{n} weights, fp32 scale per group of {group}, stored unpacked (one code per int8)"
+        kernel, storage = "simulated", f"one int{n} code per int8 byte (IntxUnpackedToInt8Tensor): no packed CPU kernel"
+    return QuantFormat(name, f"torchao {desc}", bits, lambda compute_dtype: None, backend="torchao",
+                       after_load=_apply(scheme, group), kernel=kernel, storage=storage, can_save=True,
+                       lora_trainable=int8, options=(("scheme", scheme), ("group", group)),
+                       packages=("torchao",), requires=BACKENDS.get("torchao"), divides=group or 0)
+
+
+BACKENDS.add("torchao", Backend(
+    "torchao", "PyTorch-native quantization (quantize_ over a config)", _parse, SCHEMES,
+    modules=("torchao.quantization",), extra="torchao",
+    option_help="torchao schemes: int8-wo, int8-dyn, int4-wo[:gN], int2-wo[:gN]"))
