@@ -1,0 +1,146 @@
+"""Jobs and executors: the DAG, retries, and the same plan on the local and the Ray executor.
+
+The Ray tests start a local Ray of 2 CPUs (seconds each), so there are two: same keys and
+bit-identical numbers as the local executor (artifacts travelling between Ray tasks), and a worker
+killed mid-job.
+"""
+import os
+import re
+import signal
+import sys
+
+import pytest
+
+from qeval import runner
+from qeval.runner import Plan, run_plan
+from qeval.store import Store
+
+SUITE = """name: tiny
+tasks:
+  - {task: qeval_analogy, limit: 8, batch_size: 8}
+  - {task: qeval_lee_ppl, limit: 2, divergence: true}
+"""
+
+
+@pytest.fixture
+def plan(tiny_model_dir, tmp_path):
+    (tmp_path / "tiny.yaml").write_text(SUITE)
+    return Plan(models=(str(tiny_model_dir),), formats=("none", "bnb-nf4"), suite=str(tmp_path / "tiny.yaml"),
+                device="cpu")
+
+
+def _records(path):
+    with Store(path, readonly=True) as s:
+        return {r["key"]: (r, s.samples(r["key"])) for r in s.records()}
+
+
+def test_dag_orders_references_and_adapters_before_their_users(plan):
+    from qeval.jobs import EvaluateArm, TrainAdapter, plan_jobs
+
+    arm_plan = Plan(**{**plan.__dict__, "formats": ("bnb-nf4", "none"),
+                       "adapters": {"a": {"steps": 1}}, "arms": ({"name": "lora", "quant": "none", "adapter": "a"},)})
+    rp = runner.validate(arm_plan)
+    todo = [(f"[{i}] {a.name}", m, a, rp.adapters.get(a.adapter) if a.adapter else None, cells)
+            for i, (m, a, cells) in enumerate(runner.expand(arm_plan, rp))]
+    dag = plan_jobs(todo, rp, arm_plan)
+    by_id = {j.id: j for j in dag.jobs}
+    kinds = [type(j).__name__ for j in dag.jobs]
+    assert kinds.count("TrainAdapter") == 1 and kinds.count("EvaluateArm") == 3 and "RecordReference" not in kinds
+    base = next(j for j in dag.jobs if isinstance(j, EvaluateArm) and j.arm.name == "none")
+    nf4 = next(j for j in dag.jobs if isinstance(j, EvaluateArm) and j.arm.name == "bnb-nf4")
+    lora = next(j for j in dag.jobs if isinstance(j, EvaluateArm) and j.arm.name == "lora")
+    train = next(j for j in dag.jobs if isinstance(j, TrainAdapter))
+    # the baseline records the reference as it evaluates; every variant waits for it
+    assert len(base.makes) == 1 and dag.deps(base) == set()
+    assert dag.deps(nf4) == {base.id} and dag.deps(lora) == {base.id, train.id}
+    assert set(by_id) == {j.id for j in dag.jobs}  # ids are unique
+
+
+def test_a_failed_job_is_retried_then_recorded(plan, tmp_path, monkeypatch):
+    real = runner.load_model
+    calls = []
+
+    def flaky(resolved, fmt, device):
+        calls.append(fmt.name)
+        if fmt.name == "bnb-nf4" and calls.count("bnb-nf4") == 1:
+            raise RuntimeError("lost the GPU (simulated)")
+        return real(resolved, fmt, device)
+
+    monkeypatch.setattr(runner, "load_model", flaky)
+    lines = []
+    summary = run_plan(plan, tmp_path / "s.sqlite", progress=lines.append)
+    assert not summary.failed and len(summary.computed) == 4 == len(set(summary.computed))
+    assert calls.count("bnb-nf4") == 2 and any("retrying (2 of 2 attempts)" in line for line in lines)
+    assert any(re.match(r"jobs: 2 done, 0 running, 0 pending", line) for line in lines)
+
+    # with retries: 0 the same failure is final: every cell of the arm is reported, nothing stored
+    calls.clear()
+    summary = run_plan(Plan(**{**plan.__dict__, "retries": 0}), tmp_path / "t.sqlite", progress=lambda s: None)
+    assert len(summary.computed) == 2 and len(summary.failed) == 2
+    assert all("@ bnb-nf4" in f and "RuntimeError: lost the GPU (simulated)" in f for f in summary.failed)
+
+
+def test_missing_ray_is_one_line(plan, tmp_path, monkeypatch, capsys):
+    from qeval.cli import main
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
+    code = main(["run", "--model", plan.models[0], "--formats", "none", "--suite", plan.suite, "--device", "cpu",
+                 "--executor", "ray", "--store", str(tmp_path / "s.sqlite")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "qeval[ray]" in err, err
+    assert not (tmp_path / "s.sqlite").exists()
+
+
+ray = pytest.importorskip("ray", reason="the optional extra qeval[ray] is not installed")
+RAY = {"num_cpus": 2}  # this machine's 2 cores: 2 jobs at a time
+
+
+def test_ray_gives_the_same_keys_and_bit_identical_numbers(plan, tmp_path, monkeypatch):
+    local = run_plan(plan, tmp_path / "local.sqlite", progress=lambda s: None)
+    assert not local.failed
+    # a fresh cache: the Ray run records its own reference and hands it from the baseline's task to
+    # the variant's as a Ray object
+    monkeypatch.setenv("QEVAL_CACHE", str(tmp_path / "cache-ray"))
+    lines = []
+    remote = run_plan(Plan(**{**plan.__dict__, "executor": "ray", "ray": RAY}), tmp_path / "ray.sqlite",
+                      progress=lines.append)
+    assert not remote.failed and sorted(remote.computed) == sorted(local.computed)
+    assert any("running on" in line and f"pid {os.getpid()}" not in line for line in lines)  # not in-process
+    a, b = _records(tmp_path / "local.sqlite"), _records(tmp_path / "ray.sqlite")
+    assert set(a) == set(b) and len(a) == 4
+    for key, (ra, sa) in a.items():
+        rb, sb = b[key]
+        assert ra["metrics"] == rb["metrics"], ra["variant"]  # bit-identical: floats compared with ==
+        numbers = lambda d: {k: v for k, v in (d or {}).items() if k != "seconds"}  # noqa: E731 (a timing)
+        assert numbers(ra["divergence"]) == numbers(rb["divergence"])  # KL, top-1 agreement, ppl ratio
+        assert sa == sb
+        assert ra["git_sha"] == rb["git_sha"]
+    nf4_ppl = next(r for r, _ in b.values() if r["variant"]["quant"] == "bnb-nf4" and r["divergence"])
+    assert nf4_ppl["divergence"]["tokens"] > 0  # the variant really compared with the Ray-made reference
+    assert (tmp_path / "cache-ray" / "references").is_dir()  # and the driver kept it in its own cache
+
+
+def test_killed_ray_worker_is_retried_and_every_cell_stored_once(plan, tmp_path):
+    three = Plan(**{**plan.__dict__, "formats": ("none", "bnb-nf4", "bnb-fp4"), "executor": "ray", "ray": RAY})
+    pids, killed, lines = {}, [], []
+
+    def progress(line: str) -> None:
+        lines.append(line)
+        m = re.match(r"(\[\d/3\] .*?): EvaluateArm running on .* pid (\d+)", line)
+        if m:
+            pids[m.group(1)] = int(m.group(2))
+        # the first cell of the bnb-nf4 arm is stored: kill its worker during the second
+        if not killed and "@ bnb-nf4: qeval_analogy acc=" in line:
+            tag = line.split(": qeval_analogy")[0]
+            os.kill(pids[tag], signal.SIGKILL)
+            killed.append(tag)
+
+    summary = run_plan(three, tmp_path / "s.sqlite", progress=progress)
+    text = "\n".join(lines)
+    assert killed and f"{killed[0]}: retrying (2 of 2 attempts)" in text, text
+    assert not summary.failed, summary.failed
+    assert len(summary.computed) == 6 == len(set(summary.computed))  # each cell stored exactly once
+    with Store(tmp_path / "s.sqlite", readonly=True) as s:
+        assert len(s) == 6 and s.integrity_ok()
+    # the retry computed only what the killed job had not delivered
+    assert text.count(f"{killed[0]}: evaluating qeval_analogy") == 1
