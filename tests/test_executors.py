@@ -95,7 +95,16 @@ ray = pytest.importorskip("ray", reason="the optional extra qeval[ray] is not in
 RAY = {"num_cpus": 2}  # this machine's 2 cores: 2 jobs at a time
 
 
-def test_ray_gives_the_same_keys_and_bit_identical_numbers(plan, tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def local_ray():
+    """One local Ray for both tests (its start-up costs seconds); the executor joins a Ray that is
+    already initialised and leaves it running."""
+    ray.init(num_cpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+def test_ray_gives_the_same_keys_and_bit_identical_numbers(plan, tmp_path, monkeypatch, local_ray):
     local = run_plan(plan, tmp_path / "local.sqlite", progress=lambda s: None)
     assert not local.failed
     # a fresh cache: the Ray run records its own reference and hands it from the baseline's task to
@@ -120,7 +129,7 @@ def test_ray_gives_the_same_keys_and_bit_identical_numbers(plan, tmp_path, monke
     assert (tmp_path / "cache-ray" / "references").is_dir()  # and the driver kept it in its own cache
 
 
-def test_killed_ray_worker_is_retried_and_every_cell_stored_once(plan, tmp_path):
+def test_killed_ray_worker_is_retried_and_every_cell_stored_once(plan, tmp_path, local_ray):
     three = Plan(**{**plan.__dict__, "formats": ("none", "bnb-nf4", "bnb-fp4"), "executor": "ray", "ray": RAY})
     pids, killed, lines = {}, [], []
 
