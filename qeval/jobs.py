@@ -60,12 +60,19 @@ class Job:
     num_cpus: float = 1.0
     pack: bool = False  # adapters as bytes: the worker may not share the driver's cache folder
 
+    def run(self, inputs: dict[str, Any]) -> Iterator[Any]:
+        """The work: yield Log, Artifact, CellDone and CellFailed pieces (see `run_job`)."""
+        raise NotImplementedError
+
 
 @dataclass(frozen=True, kw_only=True)
 class TrainAdapter(Job):
     adapter: str  # its name in the plan
     spec: Any  # qeval.adapters.AdapterSpec
     key: str  # adapter_key(model, spec, device)
+
+    def run(self, inputs: dict[str, Any]) -> Iterator[Any]:
+        return _train(self)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -77,6 +84,9 @@ class RecordReference(Job):
     eval_spec: Any
     paths: tuple[Path, ...] = ()
 
+    def run(self, inputs: dict[str, Any]) -> Iterator[Any]:
+        return _reference(self)
+
 
 @dataclass(frozen=True, kw_only=True)
 class EvaluateArm(Job):
@@ -86,6 +96,9 @@ class EvaluateArm(Job):
     eval_spec: Any
     paths: tuple[Path, ...] = ()
     adapter_key: str | None = None
+
+    def run(self, inputs: dict[str, Any]) -> Iterator[Any]:
+        return _evaluate(self, inputs)
 
     def only(self, keys: set[str]) -> "EvaluateArm":
         """The same job for the cells in `keys` only (a retry after some cells were stored)."""
@@ -98,6 +111,11 @@ class EvaluateArm(Job):
 class Started:
     host: str
     pid: int
+
+
+@dataclass(frozen=True)
+class Finished:
+    seconds: float  # inside the job, measured where it ran (the rest of its wall time is scheduling)
 
 
 @dataclass(frozen=True)
@@ -150,22 +168,19 @@ def error_line(what: str, e: BaseException) -> str:
 # -- running a job ---------------------------------------------------------------------------------
 
 def run_job(job: Job, inputs: dict[str, Any]) -> Iterator[Any]:
-    """Run `job` with its input artifacts (key -> value); yield Started, Log, Artifact, CellDone and
-    CellFailed pieces. Raises on what fails the whole job (a load, training); a failed cell is a
-    CellFailed and the job goes on. Touches no store."""
+    """Run `job` with its input artifacts (key -> value); yield Started, then Log, Artifact, CellDone
+    and CellFailed pieces, then Finished. Raises on what fails the whole job (a load, training); a
+    failed cell is a CellFailed and the job goes on. Touches no store."""
+    import time
+
+    t0 = time.perf_counter()
     # an artifact another job yielded arrives as that piece; one from the driver's cache as the value
     inputs = {k: v.value if isinstance(v, Artifact) else v for k, v in inputs.items()}
     yield Started(socket.gethostname(), os.getpid())
     if job.origin.pid != os.getpid():
         _check_worker(job)
-    if isinstance(job, TrainAdapter):
-        yield from _train(job)
-    elif isinstance(job, RecordReference):
-        yield from _reference(job)
-    elif isinstance(job, EvaluateArm):
-        yield from _evaluate(job, inputs)
-    else:
-        raise TypeError(f"unknown job type {type(job).__name__}")
+    yield from job.run(inputs)
+    yield Finished(time.perf_counter() - t0)
 
 
 def _check_worker(job: Job) -> None:

@@ -153,3 +153,33 @@ def test_killed_ray_worker_is_retried_and_every_cell_stored_once(plan, tmp_path,
         assert len(s) == 6 and s.integrity_ok()
     # the retry computed only what the killed job had not delivered
     assert text.count(f"{killed[0]}: evaluating qeval_analogy") == 1
+
+
+def test_ctrl_c_cancels_the_ray_jobs(plan, tmp_path, local_ray):
+    """^C in the driver: the running task's worker is stopped (not left computing), the error
+    reaches the caller, and what was stored stays stored."""
+    pids = []
+
+    def progress(line: str) -> None:
+        m = re.search(r"EvaluateArm running on .* pid (\d+)", line)
+        if m:
+            pids.append(int(m.group(1)))
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_plan(Plan(**{**plan.__dict__, "executor": "ray", "ray": RAY}), tmp_path / "s.sqlite", progress=progress)
+    assert pids
+
+    def alive(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+    import time
+
+    deadline = time.monotonic() + 20
+    while alive(pids[0]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not alive(pids[0]), "the cancelled job's worker is still running"
