@@ -42,6 +42,10 @@ class Origin:
     git_sha: str
     versions: tuple[tuple[str, str], ...]
 
+    def elsewhere(self) -> bool:
+        """True in a worker process (another process or machine than the driver's)."""
+        return (self.host, self.pid) != (socket.gethostname(), os.getpid())
+
     @classmethod
     def here(cls) -> "Origin":
         return cls(os.getpid(), socket.gethostname(), env.git_sha(), tuple(sorted(env.versions().items())))
@@ -177,7 +181,7 @@ def run_job(job: Job, inputs: dict[str, Any]) -> Iterator[Any]:
     # an artifact another job yielded arrives as that piece; one from the driver's cache as the value
     inputs = {k: v.value if isinstance(v, Artifact) else v for k, v in inputs.items()}
     yield Started(socket.gethostname(), os.getpid())
-    if job.origin.pid != os.getpid():
+    if job.origin.elsewhere():
         _check_worker(job)
     yield from job.run(inputs)
     yield Finished(time.perf_counter() - t0)
@@ -195,6 +199,17 @@ def _check_worker(job: Job) -> None:
     from qeval.suite_data import ensure_built
 
     ensure_built()  # the shipped tasks' data, built here if this worker never had it
+
+
+def _check_tasks(cells, paths) -> None:
+    """A worker evaluates the task the key names: same YAML, helper code and data (by hash)."""
+    from qeval.suites import task_fingerprint
+
+    for c in cells:
+        if task_fingerprint(c.task.task, paths) != c.key_material["task"]["fingerprint"]:
+            raise QevalError(f"task {c.task.task} on worker", f"{socket.gethostname()} pid {os.getpid()}",
+                             "the driver's task files and data (the task fingerprint is part of the key)",
+                             "give every worker the same qeval version and include_path folders (a shared path)")
 
 
 def _model_here(model):
@@ -223,6 +238,8 @@ def _reference(job: RecordReference) -> Iterator[Any]:
     from qeval.quant import FORMATS
 
     cell = job.cell
+    if job.origin.elsewhere():
+        _check_tasks([cell], job.paths)
     yield Log(f"  baseline reference for {cell.task.task} missing: loading the baseline to record it")
     base = runner.load_model(_model_here(job.model), FORMATS.get(runner.BASELINE), job.device)
     outcome = runner.evaluate(base, cell.task, job.eval_spec, "reference", job.paths)
@@ -247,6 +264,8 @@ def _evaluate(job: EvaluateArm, inputs: dict[str, Any]) -> Iterator[Any]:
                 yield CellFailed(cell.key, f"{tag} {cell.task.task}: {got.type_name}: {got.message}")
             return
         artifact = adapter_here(got)
+    if job.origin.elsewhere():
+        _check_tasks(job.cells, job.paths)
     yield Log(f"{tag}: loading + quantizing on {job.device}")
     torch.manual_seed(job.seed)
     loaded = runner._load_arm(_model_here(job.model), job.arm, artifact, job.device)
@@ -394,6 +413,8 @@ def plan_jobs(todo: list[tuple[str, Any, Any, Any, list]], rp: Any, plan: Any, p
                                                 eval_spec=eval_spec, paths=rp.suite.include_paths, makes=(ref,),
                                                 **common))
                 made.add(ref)
+        if makes:  # the cells that record a reference first: its variants start as soon as it exists
+            cells = sorted(cells, key=lambda c: c.key_material.get("divergence", {}).get("reference") not in makes)
         dag.jobs.append(EvaluateArm(id=tag, label=tag, model=model, arm=arm, cells=tuple(cells), seed=plan.seed,
                                     eval_spec=eval_spec, paths=rp.suite.include_paths, adapter_key=akey,
                                     needs=tuple(dict.fromkeys(needs)), makes=tuple(makes), **common))

@@ -308,12 +308,13 @@ def run_plan(plan: Plan, store_path: Path, suite: Suite | None = None,
 
 
 def _execute(dag, executor, store: Store, summary: RunSummary, retries: int, progress) -> None:
-    """The driver loop: submit each job once what it needs exists, write each record as it
+    """The driver loop: submit each job once the artifacts it needs exist (a variant starts as soon
+    as the baseline's reference arrives, not when the baseline's job ends), write each record as it
     arrives, retry a job that raised (or lost its worker) for the cells it has not delivered, and
     fail what depends on an artifact that could not be made."""
     from qeval.jobs import Artifact, CellDone, CellFailed, Log, Missing, Started, error_line
 
-    deps = {j.id: dag.deps(j) for j in dag.jobs}
+    made = dag.producers()
     pending = list(dag.jobs)
     attempts = {j.id: 0 for j in dag.jobs}
     final: dict[str, bool] = {}  # job id -> succeeded
@@ -349,8 +350,11 @@ def _execute(dag, executor, store: Store, summary: RunSummary, retries: int, pro
     def cells_left(job) -> set[str]:
         return {c.key for c in getattr(job, "cells", ())} - done_cells
 
+    def ready(job) -> bool:
+        return all(k in handles or k in dag.existing or k not in made or made[k] in final for k in job.needs)
+
     while pending or running:
-        for job in [j for j in pending if deps[j.id] <= set(final)]:
+        for job in [j for j in pending if ready(j)]:
             pending.remove(job)
             submit(job)
         if not running:  # cannot happen in a DAG; guard against a cycle hanging the run

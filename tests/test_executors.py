@@ -183,3 +183,19 @@ def test_ctrl_c_cancels_the_ray_jobs(plan, tmp_path, local_ray):
     while alive(pids[0]) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not alive(pids[0]), "the cancelled job's worker is still running"
+
+
+def test_a_worker_with_other_library_versions_refuses_the_job(plan):
+    """Versions are part of every key: a worker that differs must not compute under the driver's keys."""
+    from qeval.errors import QevalError
+    from qeval.jobs import Origin, RecordReference, run_job
+
+    here = Origin.here()
+    other = Origin(here.pid + 1, here.host, here.git_sha,
+                   tuple((k, "0.0.1" if k == "transformers" else v) for k, v in here.versions))
+    rp = runner.validate(plan)
+    (_, _, cells), = [x for x in runner.expand(plan, rp) if x[1].name == "bnb-nf4"]
+    job = RecordReference(id="r", label="r", model=cells[0].model, device="cpu", origin=other, cell=cells[1],
+                          eval_spec=runner.EvalSpec())
+    with pytest.raises(QevalError, match=r"transformers 0\.0\.1 \(driver\)"):
+        list(run_job(job, {}))
