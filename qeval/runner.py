@@ -322,6 +322,7 @@ def _execute(dag, executor, store: Store, summary: RunSummary, retries: int, pro
     failed_cells: dict[str, dict[str, CellFailed]] = {}  # job id -> cell key -> its last failure
     done_cells: set[str] = set()
     running: dict[str, Any] = {}  # job id -> the job (as submitted: a retry holds fewer cells)
+    started: set[str] = set()  # submitted jobs a worker has started (the rest wait in a queue)
 
     def inputs(job) -> dict[str, Any]:
         out = {}
@@ -335,6 +336,7 @@ def _execute(dag, executor, store: Store, summary: RunSummary, retries: int, pro
         return out
 
     def submit(job) -> None:
+        started.discard(job.id)
         attempts[job.id] += 1
         running[job.id] = job
         executor.submit(job, inputs(job))
@@ -345,7 +347,8 @@ def _execute(dag, executor, store: Store, summary: RunSummary, retries: int, pro
         for key in job.makes:
             if key not in handles:
                 handles[key] = executor.put(why or Missing("ArtifactMissing", f"{key[:12]} was not produced"))
-        progress(f"jobs: {len(final)} done, {len(running)} running, {len(pending)} pending")
+        started.discard(job.id)
+        progress(f"jobs: {len(final)} done, {len(started)} running, {len(dag.jobs) - len(final) - len(started)} pending")
 
     def cells_left(job) -> set[str]:
         return {c.key for c in getattr(job, "cells", ())} - done_cells
@@ -366,6 +369,7 @@ def _execute(dag, executor, store: Store, summary: RunSummary, retries: int, pro
             if isinstance(p, Log):
                 progress(p.text)
             elif isinstance(p, Started):
+                started.add(job.id)
                 if p.pid != os.getpid():
                     progress(f"{job.label}: {type(job).__name__} running on {p.host} pid {p.pid}")
             elif isinstance(p, Artifact):
