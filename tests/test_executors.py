@@ -80,6 +80,27 @@ def test_a_failed_job_is_retried_then_recorded(plan, tmp_path, monkeypatch):
     assert all("@ bnb-nf4" in f and "RuntimeError: lost the GPU (simulated)" in f for f in summary.failed)
 
 
+def test_reference_recorded_by_its_own_job_when_the_baseline_is_stored(plan, tmp_path, monkeypatch):
+    """The baseline's cells are stored but its reference is not in this cache (another machine's
+    cache, or `qeval gc`): a RecordReference job loads the baseline again, and the variant's
+    divergence equals the one measured against the reference the baseline's own evaluation made."""
+    base_only = Plan(**{**plan.__dict__, "formats": ("none",)})
+    run_plan(base_only, tmp_path / "s.sqlite", progress=lambda s: None)
+    monkeypatch.setenv("QEVAL_CACHE", str(tmp_path / "other-cache"))
+    lines = []
+    summary = run_plan(plan, tmp_path / "s.sqlite", progress=lines.append)
+    assert len(summary.computed) == 2 and len(summary.reused) == 2 and not summary.failed
+    assert any("baseline reference for qeval_lee_ppl missing" in line for line in lines)
+    monkeypatch.setenv("QEVAL_CACHE", str(tmp_path / "fresh-cache"))
+    run_plan(plan, tmp_path / "together.sqlite", progress=lambda s: None)
+    a, b = _records(tmp_path / "s.sqlite"), _records(tmp_path / "together.sqlite")
+    assert set(a) == set(b)
+    nf4 = [k for k, (r, _) in a.items() if r["variant"]["quant"] == "bnb-nf4" and r["divergence"]]
+    assert len(nf4) == 1
+    numbers = lambda d: {k: v for k, v in d.items() if k != "seconds"}  # noqa: E731
+    assert numbers(a[nf4[0]][0]["divergence"]) == numbers(b[nf4[0]][0]["divergence"])
+
+
 def test_missing_ray_is_one_line(plan, tmp_path, monkeypatch, capsys):
     from qeval.cli import main
 
