@@ -346,8 +346,8 @@ def adapter_here(bundle: AdapterBundle):
 
 @dataclass
 class Dag:
-    """Jobs in the order a one-at-a-time executor should run them (every job after what it needs),
-    and the input artifacts that already exist (key -> a function loading the value)."""
+    """Jobs in plan order (the driver starts each once what it needs exists), and the input
+    artifacts that already exist in the driver's cache (key -> a function loading the value)."""
 
     jobs: list[Job] = field(default_factory=list)
     existing: dict[str, Any] = field(default_factory=dict)
@@ -364,7 +364,7 @@ def plan_jobs(todo: list[tuple[str, Any, Any, Any, list]], rp: Any, plan: Any, p
               progress=lambda s: None) -> Dag:
     """The DAG for the missing cells: `todo` holds (tag, model, arm, adapter spec or None, missing
     cells) per (model, arm), in plan order, already pruned of stored cells."""
-    from qeval.adapters import adapter_key
+    from qeval.adapters import _load_artifact, adapter_key
     from qeval.divergence import Reference
 
     origin = Origin.here()
@@ -390,6 +390,9 @@ def plan_jobs(todo: list[tuple[str, Any, Any, Any, list]], rp: Any, plan: Any, p
                 meta = env.cache_dir() / "adapters" / akey[:32] / "qeval-artifact.json"
                 if meta.is_file():
                     dag.existing[akey] = _existing_adapter(meta, pack)
+                    art = _load_artifact(meta, reused=True)
+                    progress(f"{tag}: adapter {arm.adapter} reused ({art.trainable_params:,} trainable, "
+                             f"{art.train_s:.0f} s)")
                 else:
                     dag.jobs.append(TrainAdapter(id=f"train {akey[:12]}", label=tag, model=model, adapter=arm.adapter,
                                                  spec=spec, key=akey, makes=(akey,), **common))

@@ -294,7 +294,7 @@ def run_plan(plan: Plan, store_path: Path, suite: Suite | None = None,
                 continue
             todo.append((tag, model, arm, rp.adapters.get(arm.adapter) if arm.adapter else None, missing))
         if todo:
-            dag = plan_jobs(todo, rp, plan, pack=not executor.shares_cache)
+            dag = plan_jobs(todo, rp, plan, pack=not executor.shares_cache, progress=progress)
             progress(f"{len(dag.jobs)} jobs for {sum(len(t[4]) for t in todo)} cells on the {executor.name} executor")
             try:
                 executor.check_device(rp.device)
