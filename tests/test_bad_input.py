@@ -115,6 +115,7 @@ CASES = [
     ("plan-include-path-missing", lambda t, m: _plan(t, f"models: [{m}]\nformats: [none]\ninclude_path: nowhere\n"), "existing", ["nowhere", "folder"]),
     ("plan-device-unknown", lambda t, m: _plan(t, f"models: [{m}]\nformats: [none]\ndevice: tpu\n"), "absent", ["tpu", "auto, cpu or cuda"]),
     ("plan-ray-unknown-key", lambda t, m: _plan(t, f"models: [{m}]\nformats: [none]\nexecutor: ray\nray: {{adress: auto}}\n"), "absent", ["adress", "address"]),
+    ("plan-ray-negative-cpus", lambda t, m: _plan(t, f"models: [{m}]\nformats: [none]\nray: {{cpus_per_job: -1}}\n"), "absent", ["ray.cpus_per_job", "-1"]),
     ("plan-retries-negative", lambda t, m: _plan(t, f"models: [{m}]\nformats: [none]\nretries: -1\n"), "absent", ["retries", "-1", "0 or more"]),
     ("plan-seed-negative", lambda t, m: _plan(t, f"models: [{m}]\nformats: [none]\nseed: -5\n"), "absent", ["seed", "-5", "0 or more"]),
     # --- suite YAML ---
