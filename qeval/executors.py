@@ -29,6 +29,10 @@ class RaySettings:
     num_cpus: int | None = None  # CPUs of a Ray started here (default: all)
     cpus_per_job: float = 1.0  # what each job reserves: on a 2-core machine, 2 jobs at a time
     gpus_per_job: float = 1.0  # on CUDA; raise for a model that needs several GPUs
+    # torch CPU threads per job. Default: the driver's own count, so a job's numbers are
+    # bit-identical to a local run on the driver's machine (batched matmuls round differently with
+    # another thread count: ~1e-6 in log-likelihoods); 1 trades that for throughput on a busy machine
+    threads_per_job: int | None = None
     runtime_env: dict = dataclasses.field(default_factory=dict)  # Ray runtime_env: working_dir, pip, env_vars
 
 

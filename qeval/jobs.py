@@ -63,6 +63,7 @@ class Job:
     num_gpus: float = 0.0  # what a scheduler must reserve (Ray's resource request)
     num_cpus: float = 1.0
     pack: bool = False  # adapters as bytes: the worker may not share the driver's cache folder
+    threads: int = 0  # torch CPU threads in a worker (0: leave them); see RaySettings.threads_per_job
 
     def run(self, inputs: dict[str, Any]) -> Iterator[Any]:
         """The work: yield Log, Artifact, CellDone and CellFailed pieces (see `run_job`)."""
@@ -183,6 +184,10 @@ def run_job(job: Job, inputs: dict[str, Any]) -> Iterator[Any]:
     yield Started(socket.gethostname(), os.getpid())
     if job.origin.elsewhere():
         _check_worker(job)
+        if job.threads:
+            import torch
+
+            torch.set_num_threads(job.threads)  # Ray sets OMP_NUM_THREADS=num_cpus in its workers
     yield from job.run(inputs)
     yield Finished(time.perf_counter() - t0)
 
@@ -370,7 +375,10 @@ def plan_jobs(todo: list[tuple[str, Any, Any, Any, list]], rp: Any, plan: Any, p
     origin = Origin.here()
     eval_spec = runner.EvalSpec(seed=plan.seed, bootstrap_iters=plan.bootstrap_iters)
     gpus = plan_gpus(plan) if rp.device.startswith("cuda") else 0.0
-    common = dict(device=rp.device, origin=origin, num_gpus=gpus, pack=pack)
+    import torch
+
+    threads = getattr(rp.ray, "threads_per_job", None) or torch.get_num_threads()
+    common = dict(device=rp.device, origin=origin, num_gpus=gpus, pack=pack, threads=threads)
     dag = Dag()
     made: set[str] = set()
     # the baseline arms that will record references as they evaluate (no extra load)

@@ -163,7 +163,7 @@ def validate(plan: Plan, suite: Suite | None = None) -> Resolved:
     if plan.executor not in EXECUTORS:
         errors.append(unknown_name("executor", plan.executor, EXECUTORS))
     ray_settings = from_mapping(RaySettings, plan.ray, "ray", errors)
-    for name in ("num_cpus", "cpus_per_job", "gpus_per_job"):
+    for name in ("num_cpus", "cpus_per_job", "gpus_per_job", "threads_per_job"):
         value = getattr(ray_settings, name, None)
         if value is not None and not value >= 0:
             errors.append(QevalError(f"ray.{name}", value, "0 or more"))
