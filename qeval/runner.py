@@ -2,14 +2,14 @@
 
 An arm is a format, optionally with an adapter (and a merge mode): `baseline`, `nf4`, `qlora`
 (LoRA trained on NF4, evaluated on NF4), `qlora-merged-nf4`, ... `run_plan` reads top to bottom
-like a recipe: validate -> resolve models -> for each arm, skip it if every cell is stored, else
-fine-tune (or reuse) its adapter, load + quantize its base once, attach, evaluate each missing task,
-store each record the moment it is done.
+like a recipe: validate -> expand the matrix -> prune the stored cells -> plan the jobs (a DAG:
+an adapter before its arms, a baseline reference before its variants; `qeval.jobs`) -> run them on
+an executor (`local` in this process, or `ray`; `qeval.executors`) -> store each record the moment
+it comes back. Only this driver writes the store.
 """
 from __future__ import annotations
 
 import dataclasses
-import gc
 import os
 import sys
 import time
@@ -20,11 +20,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 from qeval import env
-from qeval.adapters import (MERGES, AdapterArtifact, AdapterSpec, adapter_key, attach, expand_seeds, finetune,
-                            load_finetuned)
-from qeval.divergence import Reference
+# finetune / evaluate / load_model are looked up here by the jobs (qeval.jobs), so tests can patch them
+from qeval.adapters import (MERGES, AdapterArtifact, AdapterSpec, adapter_key, attach, expand_seeds,  # noqa: F401
+                            finetune, load_finetuned)
 from qeval.errors import QevalError, unknown_name
-from qeval.evaluate import EvalOutcome, EvalSpec, evaluate
+from qeval.evaluate import EvalOutcome, EvalSpec, evaluate  # noqa: F401
 from qeval.models import (DEFAULT_MODEL, LoadedModel, ResolvedModel, compute_dtype, compute_dtype_problem,
                           linear_in_features, load_model, resolve_model)
 from qeval.quant import DEFAULT_FORMATS, FORMATS, QuantFormat
@@ -62,6 +62,9 @@ class Plan:
     arms: tuple[dict, ...] = ()  # Arm fields
     thresholds: dict = field(default_factory=dict)  # nightly gates (qeval.nightly.Thresholds)
     include_path: str | tuple[str, ...] = ()  # folders with the user's task YAML (relative: to the plan file)
+    executor: str = "local"  # local (this process) | ray (qeval.executors)
+    retries: int = 1  # a job that raises (or loses its worker) runs again up to this many times
+    ray: dict = field(default_factory=dict)  # qeval.executors.RaySettings: address, runtime_env, ...
 
 
 def load_plan(path: Path) -> Plan:
@@ -87,6 +90,16 @@ class Cell:
     key_material: dict
     head: str = ""  # the baseline output head's cache key (divergence); shared by all tasks of a model
 
+    def __reduce__(self):
+        # pickled (to a Ray worker) with its format's name: formats hold functions, and the
+        # registry's entry is the one source of truth for what a name means
+        return (_cell, (self.model, self.arm, self.fmt.name, self.task, self.key, self.variant_id,
+                        self.key_material, self.head))
+
+
+def _cell(model, arm, fmt_name, task, key, variant_id, key_material, head) -> Cell:
+    return Cell(model, arm, FORMATS.get(fmt_name), task, key, variant_id, key_material, head)
+
 
 @dataclass
 class RunSummary:
@@ -106,6 +119,7 @@ class Resolved:
     suite: Suite
     device: str
     dtype: Any = None  # the torch dtype every model of the plan is loaded and computed in
+    ray: Any = None  # qeval.executors.RaySettings
 
 
 def validate(plan: Plan, suite: Suite | None = None) -> Resolved:
@@ -118,8 +132,11 @@ def validate(plan: Plan, suite: Suite | None = None) -> Resolved:
         except QevalError as e:
             errors.extend(getattr(e, "errors", [e]))
 
+    # auto resolves on the driver (a CPU head node with GPU workers says `device: cuda`); a Ray
+    # cluster's GPUs are checked when it starts
+    device = ("cuda" if plan.device == "cuda" else env.resolve_device(plan.device)) \
+        if plan.device in ("auto", "cpu", "cuda") else "cpu"
     # a format whose package (or CUDA) is missing fails here, in one line, before anything runs
-    device = env.resolve_device(plan.device) if plan.device in ("auto", "cpu", "cuda") else "cpu"
     for name in plan.formats:
         check(lambda: FORMATS.get(name).require(device))
     adapters: dict[str, AdapterSpec] = {}
@@ -153,17 +170,25 @@ def validate(plan: Plan, suite: Suite | None = None) -> Resolved:
     names = [a.name for a in arms]
     for dup in sorted({n for n in names if names.count(n) > 1}):
         errors.append(QevalError("arm name", dup, "unique arm names (formats are arms too)", "rename one"))
-    for name in ("seed", "bootstrap_iters"):
+    from qeval.executors import EXECUTORS, RaySettings
+
+    if plan.executor not in EXECUTORS:
+        errors.append(unknown_name("executor", plan.executor, EXECUTORS))
+    ray_settings = from_mapping(RaySettings, plan.ray, "ray", errors)
+    for name in ("num_cpus", "cpus_per_job", "gpus_per_job", "threads_per_job"):
+        value = getattr(ray_settings, name, None)
+        if value is not None and not value >= 0:
+            errors.append(QevalError(f"ray.{name}", value, "0 or more"))
+    for name in ("seed", "bootstrap_iters", "retries"):
         if isinstance(getattr(plan, name), int) and getattr(plan, name) < 0:
             errors.append(QevalError(name, getattr(plan, name), "0 or more"))
     if plan.device not in ("auto", "cpu", "cuda"):
         errors.append(QevalError("device", plan.device, "auto, cpu or cuda"))
-    elif plan.device == "cuda":
+    elif plan.device == "cuda" and plan.executor == "local":  # a Ray cluster's GPUs: asked when it starts
         import torch
 
         if not torch.cuda.is_available():
             errors.append(QevalError("device", "cuda", "a machine with a CUDA GPU", "use --device cpu or auto"))
-    device = env.resolve_device(plan.device) if plan.device in ("auto", "cpu", "cuda") else "cpu"
     if isinstance(plan.compute_dtype, str):
         if problem := compute_dtype_problem(plan.compute_dtype, device):
             errors.append(problem)
@@ -185,7 +210,8 @@ def validate(plan: Plan, suite: Suite | None = None) -> Resolved:
             errors += spec.domain_problems(f"adapters.{name}", [t.task for t in suite.tasks] if suite else [])
     raise_if(errors)
     adapters, arms = expand_seeds(adapters, arms)  # `seeds: [..]`: one adapter and arm per seed
-    return Resolved(tuple(arms), adapters, suite, device, compute_dtype(device, plan.compute_dtype))
+    return Resolved(tuple(arms), adapters, suite, device, dtype=compute_dtype(device, plan.compute_dtype),
+                    ray=ray_settings)
 
 
 def make_cells(model: ResolvedModel, arm: Arm, suite: Suite, eval_spec: EvalSpec, device: str,
@@ -232,7 +258,15 @@ def _is_baseline(arm: Arm) -> bool:
 
 
 def _reference_path(cell: Cell) -> Path:
-    return env.cache_dir() / "references" / f"{cell.key_material['divergence']['reference'][:32]}.safetensors"
+    return _reference_file(cell.key_material['divergence']['reference'])
+
+
+def _reference_file(key: str) -> Path:
+    return env.cache_dir() / "references" / f"{key[:32]}.safetensors"
+
+
+def _head_file(key: str) -> Path:
+    return env.cache_dir() / "references" / "heads" / f"{key[:32]}.safetensors"
 
 
 def _reference_ready(path: Path, head: Path) -> bool:
@@ -249,29 +283,7 @@ def _reference_ready(path: Path, head: Path) -> bool:
 
 
 def _head_path(cell: Cell) -> Path:
-    return env.cache_dir() / "references" / "heads" / f"{cell.head[:32]}.safetensors"
-
-
-def _divergence_mode(cell: Cell, eval_spec: EvalSpec, device: str, progress,
-                     paths: tuple[Path, ...] = (), dtype=None) -> str | Reference | None:
-    """None (not asked), "reference" (this is the baseline and no reference exists yet), or the
-    baseline's Reference to compare with (built first, from a baseline load, when missing)."""
-    if "divergence" not in cell.key_material:
-        return None
-    path = _reference_path(cell)
-    if not _reference_ready(path, _head_path(cell)):
-        if _is_baseline(cell.arm):
-            return "reference"
-        progress(f"  baseline reference for {cell.task.task} missing: loading the baseline to record it")
-        base = load_model(cell.model, FORMATS.get(BASELINE), device, dtype)
-        outcome = evaluate(base, cell.task, eval_spec, "reference", paths)
-        if outcome.reference is None:
-            raise QevalError("divergence", cell.task.task, "a task whose forwards hold one sequence",
-                             outcome.divergence_note)
-        outcome.reference.save(path, _head_path(cell))
-        del base
-        gc.collect()
-    return Reference.load(path, _head_path(cell))
+    return _head_file(cell.head)
 
 
 def expand(plan: Plan, rp: Resolved) -> list[tuple[ResolvedModel, Arm, list[Cell]]]:
@@ -291,81 +303,172 @@ def expand(plan: Plan, rp: Resolved) -> list[tuple[ResolvedModel, Arm, list[Cell
 
 def run_plan(plan: Plan, store_path: Path, suite: Suite | None = None,
              progress: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)) -> RunSummary:
-    """Compute every missing cell of `plan` into the store at `store_path`."""
-    import torch
+    """Compute every missing cell of `plan` into the store at `store_path`, on the plan's executor."""
+    from qeval.executors import make_executor
+    from qeval.jobs import plan_jobs
 
     t_start = time.perf_counter()
     check_store_path(store_path, write=True)
     rp = validate(plan, suite)
-    jobs = expand(plan, rp)  # fails on a bad model before the store is touched
-    eval_spec = EvalSpec(seed=plan.seed, bootstrap_iters=plan.bootstrap_iters)
+    matrix = expand(plan, rp)  # fails on a bad model before the store is touched
+    executor = make_executor(plan.executor, rp.ray)  # a missing `ray` fails here, before the store
     summary = RunSummary()
-    paths = rp.suite.include_paths
     # One `qeval run` per store at a time: a second one waits, then finds the first one's cells
     # stored instead of computing (and writing references for) the same cells again.
     with store_lock(store_path, "run", progress), Store(store_path) as store:
-        for i, (model, arm, cells) in enumerate(jobs, 1):
-            adapter = rp.adapters.get(arm.adapter) if arm.adapter else None
+        todo = []
+        for i, (model, arm, cells) in enumerate(matrix, 1):  # prune: stored cells are never jobs
             missing = [c for c in cells if c.key not in store]
             summary.reused += [c.key for c in cells if c not in missing]
-            tag = f"[{i}/{len(jobs)}] {model.spec} @ {arm.name}"
+            tag = f"[{i}/{len(matrix)}] {model.spec} @ {arm.name}"
             if not missing:
                 progress(f"{tag}: all {len(cells)} tasks stored, nothing to compute")
                 continue
+            todo.append((tag, model, arm, rp.adapters.get(arm.adapter) if arm.adapter else None, missing))
+        if todo:
+            dag = plan_jobs(todo, rp, plan, pack=not executor.shares_cache, progress=progress)
+            progress(f"{len(dag.jobs)} jobs for {sum(len(t[4]) for t in todo)} cells on the {executor.name} executor")
             try:
-                artifact = None
-                if adapter is not None:
-                    artifact = finetune(model, adapter, rp.device, prefix=f"{tag}: ")
-                    if not artifact.reused:
-                        summary.trained.append(artifact.key)
-                    progress(f"{tag}: adapter {arm.adapter} {'reused' if artifact.reused else 'trained'} "
-                             f"({artifact.trainable_params:,} trainable, {artifact.train_s:.0f} s)")
-                progress(f"{tag}: loading + quantizing on {rp.device}")
-                torch.manual_seed(plan.seed)
-                loaded = _load_arm(model, arm, artifact, rp.device, rp.dtype)
-            except QevalError:
-                raise
-            except Exception as e:  # OOM, a training crash, an unsupported format: this arm's cells fail
-                for cell in missing:
-                    _failed(summary, progress, f"{tag} {cell.task.task}", e)
-                continue
-            progress(f"{tag}: {loaded.footprint.total_bytes / 2**20:.1f} MiB in {loaded.load_s:.1f} s")
-            for cell in missing:
-                progress(f"{tag}: evaluating {cell.task.task} (limit {cell.task.limit})")
-                try:
-                    mode = _divergence_mode(cell, eval_spec, rp.device, progress, paths, rp.dtype)
-                    outcome = evaluate(loaded, cell.task, eval_spec, mode, paths)
-                    if outcome.reference is not None:
-                        outcome.reference.save(_reference_path(cell), _head_path(cell))
-                except QevalError:
-                    raise  # user errors stop the run
-                except Exception as e:
-                    # A failed cell is reported and the run goes on; nothing is stored for it, so a
-                    # rerun retries it.
-                    _failed(summary, progress, f"{tag} {cell.task.task}", e)
-                    continue
-                store.put(build_record(cell, loaded, outcome, plan.seed, artifact), outcome.samples)
-                summary.computed.append(cell.key)
-                m = outcome.metrics[outcome.primary]
-                progress(f"{tag}: {cell.task.task} {outcome.primary}={m.value:.4g} "
-                         f"(n={outcome.n}, {outcome.eval_s:.1f} s)")
-            del loaded
-            gc.collect()
+                executor.check_device(rp.device)
+                _execute(dag, executor, store, summary, plan.retries, progress)
+            finally:
+                executor.close()  # Ctrl-C and user errors too: nothing keeps running
     summary.wall_s = time.perf_counter() - t_start
     progress(f"done: {len(summary.computed)} computed, {len(summary.reused)} reused, "
              f"{len(summary.failed)} failed, {len(summary.trained)} adapters trained in {summary.wall_s:.1f} s")
     return summary
 
 
-def _failed(summary: RunSummary, progress, what: str, e: BaseException) -> None:
-    name, msg = getattr(e, "type_name", type(e).__name__), getattr(e, "message", str(e))
-    line = f"{what}: {name}: {msg.splitlines()[0][:200] if msg else ''}"
-    summary.failed.append(line)
-    progress("FAILED " + line)
-    if os.environ.get("QEVAL_DEBUG"):
-        traceback.print_exc()
-        if getattr(e, "trace", ""):
-            print(e.trace, file=sys.stderr)
+def _execute(dag, executor, store: Store, summary: RunSummary, retries: int, progress) -> None:
+    """The driver loop: submit each job once the artifacts it needs exist (a variant starts as soon
+    as the baseline's reference arrives, not when the baseline's job ends), write each record as it
+    arrives, retry a job that raised (or lost its worker) for the cells it has not delivered, and
+    fail what depends on an artifact that could not be made."""
+    from qeval.jobs import Artifact, CellDone, CellFailed, Log, Missing, Started, error_line
+
+    made = dag.producers()
+    pending = list(dag.jobs)
+    attempts = {j.id: 0 for j in dag.jobs}
+    final: dict[str, bool] = {}  # job id -> succeeded
+    handles: dict[str, Any] = {}  # artifact key -> executor handle (or a Missing)
+    failed_cells: dict[str, dict[str, CellFailed]] = {}  # job id -> cell key -> its last failure
+    done_cells: set[str] = set()
+    running: dict[str, Any] = {}  # job id -> the job (as submitted: a retry holds fewer cells)
+    started: set[str] = set()  # submitted jobs a worker has started (the rest wait in a queue)
+
+    def inputs(job) -> dict[str, Any]:
+        out = {}
+        for key in job.needs:
+            if key not in handles:
+                if key in dag.existing:
+                    handles[key] = executor.put(dag.existing[key]())
+                else:  # its producer ended without making it
+                    handles[key] = executor.put(Missing("ArtifactMissing", f"{key[:12]} was not produced"))
+            out[key] = handles[key]
+        return out
+
+    def submit(job) -> None:
+        started.discard(job.id)
+        attempts[job.id] += 1
+        running[job.id] = job
+        executor.submit(job, inputs(job))
+
+    def finish(job, ok: bool, why: Missing | None = None) -> None:
+        final[job.id] = ok
+        running.pop(job.id, None)
+        for key in job.makes:
+            if key not in handles:
+                handles[key] = executor.put(why or Missing("ArtifactMissing", f"{key[:12]} was not produced"))
+        started.discard(job.id)
+        progress(f"jobs: {len(final)} done, {len(started)} running, {len(dag.jobs) - len(final) - len(started)} pending")
+
+    def cells_left(job) -> set[str]:
+        return {c.key for c in getattr(job, "cells", ())} - done_cells
+
+    def ready(job) -> bool:
+        return all(k in handles or k in dag.existing or k not in made or made[k] in final for k in job.needs)
+
+    while pending or running:
+        for job in [j for j in pending if ready(j)]:
+            pending.remove(job)
+            submit(job)
+        if not running:  # cannot happen in a DAG; guard against a cycle hanging the run
+            raise RuntimeError(f"jobs waiting on each other: {[j.id for j in pending]}")
+        ev = executor.next_event()
+        job = running.get(ev.job.id, ev.job)
+        if ev.kind == "piece":
+            p = ev.piece
+            if isinstance(p, Log):
+                progress(p.text)
+            elif isinstance(p, Started):
+                started.add(job.id)
+                if p.pid != os.getpid():
+                    progress(f"{job.label}: {type(job).__name__} running on {p.host} pid {p.pid}")
+            elif isinstance(p, Artifact):
+                handles[p.key] = ev.handle
+                _keep_artifact(p, summary)
+            elif isinstance(p, CellDone):
+                store.put(p.record, p.samples)
+                done_cells.add(p.key)
+                failed_cells.get(job.id, {}).pop(p.key, None)
+                summary.computed.append(p.key)
+                progress(p.line)
+            elif isinstance(p, CellFailed):
+                failed_cells.setdefault(job.id, {})[p.key] = p
+                progress("FAILED " + p.line)
+                if os.environ.get("QEVAL_DEBUG") and p.trace:
+                    print(p.trace, file=sys.stderr)
+            continue
+        if ev.kind == "error" and isinstance(ev.error, QevalError):
+            raise ev.error  # user errors stop the run (the executor is closed by the caller)
+        if ev.kind == "error":
+            line = error_line(job.label, ev.error)
+            progress("FAILED " + line)
+            if os.environ.get("QEVAL_DEBUG"):
+                traceback.print_exception(ev.error)
+            left = cells_left(job)
+            if hasattr(job, "cells") and not left:  # every cell delivered before it failed
+                finish(job, True)
+                continue
+            if attempts[job.id] <= retries and (left or not hasattr(job, "cells")):
+                progress(f"{job.label}: retrying ({attempts[job.id] + 1} of {retries + 1} attempts)")
+                submit(job.only(left) if hasattr(job, "cells") else job)
+                continue
+            name, msg = getattr(ev.error, "type_name", type(ev.error).__name__), getattr(ev.error, "message", str(ev.error))
+            why = Missing(name, msg.splitlines()[0][:200] if msg else "")
+            for c in getattr(job, "cells", ()):
+                if c.key in left:
+                    summary.failed.append(error_line(f"{job.label} {c.task.task}", ev.error))
+            failed_cells.pop(job.id, None)
+            finish(job, False, why)
+            continue
+        # done: cells that failed inside the job run again (a retry), or are final failures
+        failures = failed_cells.pop(job.id, {})
+        if failures and attempts[job.id] <= retries:
+            progress(f"{job.label}: retrying {len(failures)} failed cell(s) ({attempts[job.id] + 1} of "
+                     f"{retries + 1} attempts)")
+            submit(job.only(set(failures)))
+            continue
+        for f in failures.values():
+            summary.failed.append(f.line)
+        finish(job, True)
+
+
+def _keep_artifact(p, summary: RunSummary) -> None:
+    """The driver keeps what a job made in its own cache: a rerun (or a new arm) reuses it and
+    `qeval gc` sees it, wherever the job ran."""
+    if p.kind == "reference":
+        ref_path, head_path = _reference_file(p.key), _head_file(p.head)
+        if not _reference_ready(ref_path, head_path):
+            p.value.save(ref_path, head_path)
+    elif p.kind == "adapter":
+        from qeval.jobs import unpack_folder
+
+        bundle = p.value
+        if bundle.files is not None:
+            unpack_folder(bundle.files, env.cache_dir() / "adapters" / bundle.artifact.key[:32])
+        if not bundle.artifact.reused:
+            summary.trained.append(bundle.artifact.key)
 
 
 def _load_arm(model: ResolvedModel, arm: Arm, artifact: AdapterArtifact | None, device: str,
@@ -380,7 +483,7 @@ def _load_arm(model: ResolvedModel, arm: Arm, artifact: AdapterArtifact | None, 
 
 
 def build_record(cell: Cell, loaded: LoadedModel, outcome: EvalOutcome, seed: int,
-                 artifact: AdapterArtifact | None = None) -> dict:
+                 artifact: AdapterArtifact | None = None, git_sha: str | None = None) -> dict:
     """The immutable record of one cell: its spec, numbers, costs and provenance."""
     return {
         "key": cell.key,
@@ -407,7 +510,7 @@ def build_record(cell: Cell, loaded: LoadedModel, outcome: EvalOutcome, seed: in
         "footprint": loaded.footprint.as_dict(),
         "compute_dtype": loaded.dtype,
         "versions": cell.key_material["versions"],
-        "git_sha": env.git_sha(),
+        "git_sha": git_sha or env.git_sha(),  # the driver's (a worker may run a copy without .git)
         "device": loaded.device,
         "device_description": env.device_description(loaded.device),
         "seed": seed,

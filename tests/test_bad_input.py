@@ -94,6 +94,8 @@ CASES = [
     ("fewshot-negative", lambda t, m: ["run", "--model", m, "--tasks", "qeval_analogy", "--num-fewshot", "-1"], "absent", ["num_fewshot", "-1"]),
     ("limit-not-a-number", lambda t, m: ["run", "--model", m, "--tasks", "qeval_analogy", "--limit", "ten"], "absent", ["ten"]),
     ("device-unknown", lambda t, m: ["run", "--model", m, "--device", "tpu"], "absent", ["tpu"]),
+    ("executor-typo", lambda t, m: ["run", "--model", m, "--executor", "rey"], "existing", ["rey", "did you mean 'ray'"]),
+    ("address-without-ray", lambda t, m: ["run", "--model", m, "--address", "auto"], "absent", ["--address", "--executor ray"]),
     ("include-path-missing", lambda t, m: _run("--model", m, "--include-path", str(t / "none")), "existing", ["include", "none"]),
     # --- run: models ---
     ("model-path-missing", lambda t, m: _run("--model", str(t / "no-such-model")), "absent", ["no-such-model", "check the path"]),
@@ -129,6 +131,9 @@ CASES = [
     ("plan-arm-bad-merge", lambda t, m: _plan(t, f"models: [{m}]\nformats: [none]\narms: [{{name: x, merge: sideways}}]\n"), "absent", ["sideways"]),
     ("plan-include-path-missing", lambda t, m: _plan(t, f"models: [{m}]\nformats: [none]\ninclude_path: nowhere\n"), "existing", ["nowhere", "folder"]),
     ("plan-device-unknown", lambda t, m: _plan(t, f"models: [{m}]\nformats: [none]\ndevice: tpu\n"), "absent", ["tpu", "auto, cpu or cuda"]),
+    ("plan-ray-unknown-key", lambda t, m: _plan(t, f"models: [{m}]\nformats: [none]\nexecutor: ray\nray: {{adress: auto}}\n"), "absent", ["adress", "address"]),
+    ("plan-ray-negative-cpus", lambda t, m: _plan(t, f"models: [{m}]\nformats: [none]\nray: {{cpus_per_job: -1}}\n"), "absent", ["ray.cpus_per_job", "-1"]),
+    ("plan-retries-negative", lambda t, m: _plan(t, f"models: [{m}]\nformats: [none]\nretries: -1\n"), "absent", ["retries", "-1", "0 or more"]),
     ("plan-seed-negative", lambda t, m: _plan(t, f"models: [{m}]\nformats: [none]\nseed: -5\n"), "absent", ["seed", "-5", "0 or more"]),
     # --- suite YAML ---
     ("suite-no-tasks", lambda t, m: ["run", "--model", m, "--suite", write(t, "s.yaml", "name: s\ntasks: []\n")], "absent", ["at least one task"]),

@@ -12,8 +12,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-
 from qeval import env
 from qeval.files import atomic_write
 
