@@ -341,8 +341,8 @@ def _loglik_ratio(ref, var, *, metric, higher_is_better, min_effect, alpha, nois
         return _undefined(metric, "loglikelihood_ratio", test, 0, math.nan, math.nan, min_effect, alpha,
                           "no common documents")
     # "perplexity" aggregates one log-likelihood per document (exp(-mean)): a weight of 1 each
-    ref = [r if isinstance(r, (list, tuple)) else (r, 1.0) for r in ref]
-    var = [r if isinstance(r, (list, tuple)) else (r, 1.0) for r in var]
+    ref = [(r, 1.0) if np.ndim(r) == 0 else r for r in ref]
+    var = [(r, 1.0) if np.ndim(r) == 0 else r for r in var]
     bl = np.array([r[0] for r in ref], dtype=float)
     vl = np.array([r[0] for r in var], dtype=float)
     w = np.array([r[1] for r in ref], dtype=float)

@@ -119,3 +119,25 @@ def build_kit(root: Path) -> tuple[Path, Path]:
     _write(mirror / "nyu-mll__glue" / "mrpc", "train", mrpc[:10])
     _write(mirror / "nyu-mll__glue" / "mrpc", "validation", mrpc[10:])
     return tasks, mirror
+
+
+def build_builtin_mirror(root: Path, per_subject: int = 2) -> Path:
+    """A mirror for lm-eval's BUILT-IN gsm8k, mmlu (all its subjects, `per_subject` test rows each)
+    and lambada_openai, in their schemas, from the same real text: `qeval run --tasks
+    gsm8k,mmlu,lambada_openai` runs offline from it."""
+    from qeval.suite_data import ensure_built
+
+    ensure_built()
+    scratch, mirror = root / "scratch", root / "mirror"
+    _, kit_mirror = build_kit(scratch)
+    shutil.copytree(kit_mirror / "openai__gsm8k", mirror / "openai__gsm8k")
+    shutil.copytree(kit_mirror / "EleutherAI__lambada_openai", mirror / "EleutherAI__lambada_openai")
+    subjects = sorted(p.stem[len("mmlu_"):] for p in (LM_EVAL_TASKS / "mmlu" / "default").glob("mmlu_*.yaml"))
+    analogy = [r for r in _rows("analogy.jsonl") if r["split"] == "test"]
+    step = per_subject + 5
+    for i, subject in enumerate(subjects):
+        rows = [{"question": f"{r['a']} is to {r['b']} as {r['c']} is to", "subject": subject,
+                 "choices": r["choices"], "answer": r["gold"]} for r in analogy[i * step:(i + 1) * step]]
+        _write(mirror / "cais__mmlu" / subject, "dev", rows[:5])
+        _write(mirror / "cais__mmlu" / subject, "test", rows[5:])
+    return mirror

@@ -16,7 +16,7 @@ import pytest
 from qeval.compare import paired_frame, results_frame
 from qeval.runner import Plan, run_plan
 from qeval.store import Store
-from task_kit import KIT_TASKS, MMLU_SIZES, build_kit
+from task_kit import KIT_TASKS, MMLU_SIZES, build_builtin_mirror, build_kit
 
 LIMIT = 20  # the bootstrap kinds' minimum
 
@@ -115,6 +115,7 @@ def test_corpus_and_perplexity_values_from_samples(kit_run):
     assert cola["metrics"]["mcc"]["value"] == pytest.approx(matthews_corrcoef([g for g, _ in mcc], [p for _, p in mcc]))
 
 
+@pytest.mark.slow  # a second evaluation of four tasks through lm-eval alone
 def test_stored_values_equal_a_direct_simple_evaluate(kit, kit_run, tiny_model_dir):
     """The same model and tasks through lm-eval directly (its own HFLM, no qeval in the path but
     the mirror): every stored (task or subtask, filter, metric) value is lm-eval's."""
@@ -234,3 +235,35 @@ def test_mirror_fingerprint_follows_the_files(kit, tmp_path, monkeypatch):
     f = copy / "cais__mmlu" / "anatomy" / "test.jsonl"
     f.write_text(f.read_text().replace("is to", "is like", 1))
     assert task_fingerprint("mmlu_stem", (tasks,)) != before
+
+
+@pytest.mark.slow  # indexes lm-eval's ~12,000 built-in task names and runs mmlu's 57 subjects
+def test_builtin_benchmarks_offline_from_a_mirror(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """The issue's command: `qeval run --tasks gsm8k,mmlu,lambada_openai --formats none,bnb-nf4`
+    offline, lm-eval's built-in YAML served from a mirror -> a report with subtask tables,
+    per-filter rows and paired intervals."""
+    from qeval.cli import main
+
+    mirror = build_builtin_mirror(tmp_path / "m")
+    monkeypatch.setenv("QEVAL_DATA_MIRROR", str(mirror))
+    monkeypatch.chdir(tmp_path)
+    store = tmp_path / "s.sqlite"
+    assert main(["run", "--tasks", "gsm8k,mmlu,lambada_openai", "--model", str(tiny_model_dir), "--limit", "20",
+                 "--formats", "none,bnb-nf4", "--batch-size", "8", "--store", str(store)]) == 0
+    with Store(store) as st:
+        records = list(st.records())
+    mmlu = next(r for r in records if r["task"]["name"] == "mmlu")
+    assert len([s for s, v in mmlu["subtasks"].items() if not v["group"]]) == 57
+    assert {"mmlu_stem", "mmlu_humanities"} <= set(mmlu["subtasks"])
+    assert main(["report", "--store", str(store), "--out", str(tmp_path / "r")]) == 0
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "mmlu/mmlu_anatomy" in md and "exact_match,strict-match" in md and "exact_match,flexible-extract" in md
+    pairs = (tmp_path / "r" / "results.csv").read_text()
+    assert "delta_lo" in pairs.splitlines()[0]
+    # a dataset missing from the mirror: one line naming the folder it expected
+    (mirror / "EleutherAI__lambada_openai" / "default" / "test.jsonl").unlink()
+    capsys.readouterr()
+    assert main(["run", "--tasks", "lambada_openai", "--model", str(tiny_model_dir), "--formats", "none",
+                 "--store", str(store)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "EleutherAI__lambada_openai/default" in err[0]
