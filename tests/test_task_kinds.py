@@ -248,7 +248,7 @@ def test_builtin_benchmarks_offline_from_a_mirror(tiny_model_dir, tmp_path, monk
     monkeypatch.setenv("QEVAL_DATA_MIRROR", str(mirror))
     monkeypatch.chdir(tmp_path)
     store = tmp_path / "s.sqlite"
-    assert main(["run", "--tasks", "gsm8k,mmlu,lambada_openai", "--model", str(tiny_model_dir), "--limit", "20",
+    assert main(["run", "--tasks", "gsm8k,mmlu,lambada_openai", "--model", str(tiny_model_dir), "--limit", "10",
                  "--formats", "none,bnb-nf4", "--batch-size", "8", "--store", str(store)]) == 0
     with Store(store) as st:
         records = list(st.records())
