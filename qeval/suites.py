@@ -336,12 +336,14 @@ def task_datasets(name: str, paths: tuple[Path, ...] = ()) -> list[tuple[str, st
     from qeval.mirror import is_hub_dataset
 
     if name in find_tasks(paths):
-        configs = [cfg for _, _, cfg, _ in _members(name, paths)]
+        configs = [(cfg, yaml_path.parent) for _, yaml_path, cfg, _ in _members(name, paths)]
     else:
-        configs = _builtin_configs(name)
+        configs = [(cfg, None) for cfg in _builtin_configs(name)]
     out = []
-    for cfg in configs:
+    for cfg, folder in configs:
         path = cfg.get("dataset_path")
+        if folder is not None and isinstance(path, str) and (folder / path).exists():
+            continue  # a local dataset folder beside the YAML (lm-eval runs the task from there)
         if isinstance(path, str) and is_hub_dataset(path) and not cfg.get("custom_dataset"):
             ds = cfg.get("dataset_name")
             out.append((path, ds if isinstance(ds, str) else None))
