@@ -470,6 +470,9 @@ def _corpus(ref, var, *, metric, higher_is_better, min_effect, alpha, noise_rate
     if n < MIN_N_BOOTSTRAP:
         return _undefined(metric, kind, test, n, ref_value, value, min_effect, alpha,
                           f"fewer than {MIN_N_BOOTSTRAP} documents")
+    if items_r == items_v:  # the same outputs on every document: nothing to resample
+        return Comparison(metric, kind, test, n, ref_value, value, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, min_effect,
+                          0.0, alpha)
     rng = np.random.default_rng(1234)  # seeded: the same data gives the same verdict every time
     diffs = np.empty(CORPUS_RESAMPLES)
     for i in range(CORPUS_RESAMPLES):
