@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from qeval.compare import paired_frame, results_frame
+from qeval.mirror import set_plan_mirror
 from qeval.runner import Plan, run_plan
 from qeval.store import Store
 from task_kit import KIT_TASKS, MMLU_SIZES, build_builtin_mirror, build_kit
@@ -41,6 +42,7 @@ def kit_run(kit, tiny_model_dir, tmp_path_factory):
     try:
         summary = run_plan(plan, store_path, progress=lambda s: None)
     finally:
+        set_plan_mirror(None)  # the plan's mirror is process state: leave none behind for other tests
         if old is not None:
             os.environ["QEVAL_DATA_MIRROR"] = old
     with Store(store_path) as store:
@@ -169,8 +171,11 @@ def test_report_nightly_and_paired_statistics(kit, kit_run, tmp_path):
     plan_file = tmp_path / "plan.yaml"
     plan_file.write_text(json.dumps({"models": list(plan.models), "formats": list(plan.formats), "suite": plan.suite,
                                      "device": "cpu", "data_mirror": str(mirror)}))
-    for _ in range(2):
-        assert main(["nightly", str(plan_file), "--store", str(store_path)]) == 0
+    try:
+        for _ in range(2):
+            assert main(["nightly", str(plan_file), "--store", str(store_path)]) == 0
+    finally:
+        set_plan_mirror(None)
 
 
 CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
@@ -205,6 +210,7 @@ def test_chat_template_is_applied_and_keyed(kit, tiny_model_dir, tmp_path):
     for s in (suite, plain):
         plan = Plan(models=(str(model),), formats=("none",), suite=str(s), device="cpu", data_mirror=str(mirror))
         assert not run_plan(plan, store, progress=lambda x: None).failed
+    set_plan_mirror(None)
     with Store(store) as st:
         recs = list(st.records())
     chat = next(r for r in recs if r["task"].get("apply_chat_template"))
