@@ -253,6 +253,11 @@ def validate_tasks(suite: Suite) -> None:
                 check_task(t.task, shipped[t.task])
                 if env.is_offline():
                     check_mirrored(t.task)
+                if t.primary_metric is not None:
+                    known = metric_ids(t.task, suite.include_paths)
+                    if known and t.primary_metric not in known:
+                        errors.append(unknown_name(f"task {t.task} primary_metric", t.primary_metric, known,
+                                                   "filtered metrics read metric,filter"))
             except QevalError as e:
                 errors.extend(getattr(e, "errors", [e]))
             continue
@@ -327,6 +332,34 @@ def _members(name: str, paths: tuple[Path, ...]) -> list[tuple[str, Path, dict, 
 
     walk(name)
     return out
+
+
+def metric_ids(name: str, paths: tuple[Path, ...] = ()) -> list[str]:
+    """The metric ids a found task or group reports, from its YAML: each metric of its
+    metric_list under each filter of its filter_list (`metric` for lm-eval's filter "none",
+    `metric,filter` otherwise); a group: its aggregate_metric_list. Empty where the YAML does not
+    say (a Python task, metrics from process_results)."""
+    found = _members(name, paths)
+    if not found:
+        return []
+    _, path, cfg, _ = found[0]
+    if not cfg:  # a group or tag: its own aggregates, or (a tag) whatever its members report
+        doc = load_yaml(path, "task") if path is not None else {}
+        aggs = doc.get("aggregate_metric_list") if isinstance(doc, dict) and doc.get("group") == name else None
+        if isinstance(aggs, list):
+            out = []
+            for a in aggs:
+                if isinstance(a, dict) and isinstance(a.get("metric"), str):
+                    filters = a.get("filter_list") or ["none"]
+                    for f in [filters] if isinstance(filters, str) else filters:
+                        out.append(a["metric"] if f == "none" else f"{a['metric']},{f}")
+            return out
+        return []
+    metrics = [m.get("metric") for m in cfg.get("metric_list") or [] if isinstance(m, dict)]
+    if not metrics or not all(isinstance(m, str) for m in metrics):
+        return []
+    filters = [f.get("name") for f in cfg.get("filter_list") or [] if isinstance(f, dict)] or ["none"]
+    return [m if f == "none" else f"{m},{f}" for m in metrics for f in filters]
 
 
 def task_datasets(name: str, paths: tuple[Path, ...] = ()) -> list[tuple[str, str | None]]:

@@ -117,6 +117,9 @@ CASES = [
      ["someorg/somedata", "someorg__somedata/x", "mirror"]),
     ("mirror-folder-missing", lambda t, m: _plan(t, mirror_plan(t, m, "no-such-mirror")), "absent",
      ["data_mirror", "no-such-mirror", "existing folder"]),
+    ("primary-metric-unknown", lambda t, m: ["run", "--model", m, "--formats", "none", "--suite", write(
+        t, "s.yaml", "name: s\ntasks:\n  - {task: qeval_analogy, limit: 2, primary_metric: acc_nrom}\n")],
+     "existing", ["primary_metric", "acc_nrom", "acc_norm"]),
     ("multiturn-without-chat-template", lambda t, m: ["run", "--model", m, "--formats", "none", "--suite", write(
         t, "s.yaml", "name: s\ntasks:\n  - {task: qeval_analogy, limit: 2, fewshot_as_multiturn: true}\n")],
      "absent", ["fewshot_as_multiturn", "apply_chat_template"]),

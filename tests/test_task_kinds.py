@@ -34,6 +34,7 @@ def kit_run(kit, tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("kit-run")
     suite = root / "kinds.yaml"
     entries = [{"task": t, "limit": LIMIT, "batch_size": 8} for t in KIT_TASKS]
+    entries[KIT_TASKS.index("gsm8k")]["primary_metric"] = "exact_match,flexible-extract"  # the override
     suite.write_text(json.dumps({"name": "kinds", "tasks": entries, "include_path": str(tasks)}))
     plan = Plan(models=(str(tiny_model_dir),), formats=("none", "bnb-nf4"), suite=str(suite), device="cpu",
                 data_mirror=str(mirror))
@@ -61,7 +62,11 @@ def test_every_kind_runs_and_is_stored(kit_run):
     assert {r["task"]["name"] for r in records} == set(KIT_TASKS)
     gsm = _rec(records, "gsm8k")
     assert set(gsm["metrics"]) == {"exact_match,strict-match", "exact_match,flexible-extract"}
-    assert gsm["primary_metric"] == "exact_match,strict-match"
+    assert gsm["primary_metric"] == "exact_match,flexible-extract"  # the suite's override
+    assert gsm["task"]["primary_metric"] == "exact_match,flexible-extract"  # part of the cell key
+    # the default: the first metric of the metric_list (under the first filter)
+    assert _rec(records, "lambada_openai")["primary_metric"] == "perplexity"
+    assert _rec(records, "mrpc")["primary_metric"] == "acc" and _rec(records, "kit_bleu")["primary_metric"] == "bleu"
     group = _rec(records, "mmlu_stem")
     assert set(group["subtasks"]) == {f"mmlu_{s}" for s in MMLU_SIZES}
     assert {r["metrics"]["acc"]["aggregation"] for r in group["subtasks"].values()} == {"mean"}
