@@ -57,7 +57,10 @@ def _cells(records, samples):
             vals = [s[metric] for s in ss if metric in s]
             if not vals:
                 continue
-            kind = kind_of(metric, vals)
+            kind = kind_of(metric, vals, m.get("aggregation"))
+            if kind not in ("right_wrong", "loglikelihood_ratio", "mean") or \
+                    (kind == "loglikelihood_ratio" and not isinstance(vals[0], list)):
+                continue  # corpus metrics: no simulated nights for them (their kind resamples documents)
             arr = np.array(vals, dtype=float)
             out.append({"task": r["task"]["name"], "metric": metric, "kind": kind, "values": arr,
                         "hib": bool(m["higher_is_better"]), "primary": metric == r["primary_metric"],

@@ -54,31 +54,52 @@ def latest(records: list[dict]) -> list[dict]:
     return list(best.values())
 
 
+def task_views(rec: dict) -> list[tuple[str, str | None, dict, str, int]]:
+    """The (task, subtask, metrics, primary metric, n) views of a record: the task itself (a group:
+    lm-eval's aggregate) and each member of a group as `group/subtask`."""
+    out = [(rec["task"]["name"], None, rec["metrics"], rec["primary_metric"], rec["n"])]
+    for sub, s in (rec.get("subtasks") or {}).items():
+        out.append((f"{rec['task']['name']}/{sub}", sub, s["metrics"], s["primary_metric"], s["n"]))
+    return out
+
+
+def _metrics_of(rec: dict | None, subtask: str | None) -> dict:
+    if rec is None:
+        return {}
+    if subtask is None:
+        return rec["metrics"]
+    return ((rec.get("subtasks") or {}).get(subtask) or {}).get("metrics", {})
+
+
 def results_frame(records: list[dict]) -> pd.DataFrame:
+    """One row per (record, task or subtask, metric id): filtered metrics read `metric,filter`,
+    a group's members `group/subtask` in the task column."""
     recs = latest(records)
     baselines = {_group(r): r for r in recs if r["variant"]["quant"] == BASELINE and not adapter_label(r["variant"])}
     rows = []
     for r in recs:
         base = baselines.get(_group(r))
-        for metric, m in r["metrics"].items():
-            b = base["metrics"].get(metric) if base else None
-            bv = b["value"] if b else math.nan
-            v = m["value"]
-            hib = bool(m["higher_is_better"])
-            # 1.0 = nothing lost, < 1 = worse, any metric; a score of 0 recovers 0, a baseline of 0
-            # leaves recovery undefined (NaN with recovery_undefined set), which gates treat as failing
-            recovery = recovery_of(v, bv, hib)
-            ratio = v / bv if bv else math.nan
-            rows.append({
-                "model": r["variant"]["model"], "quant": r["variant"]["quant"], "adapter": adapter_label(r["variant"]),
-                "task": r["task"]["name"], "metric": metric, "higher_is_better": hib,
-                "primary": metric == r["primary_metric"], "value": v,
-                "stderr": math.nan if m["stderr"] is None else m["stderr"], "n": r["n"],
-                "baseline_value": bv, "baseline_stderr": (b["stderr"] if b and b["stderr"] is not None else math.nan),
-                "delta": v - bv, "recovery": recovery, "ratio": ratio,
-                "recovery_undefined": recovery_undefined(v, bv, hib),
-                "weight_bytes": r["footprint"]["total_bytes"], "device": r["device"], "key": r["key"],
-                "arm": r["variant"].get("arm", r["variant"]["quant"])})
+        for task, sub, metrics, primary, n in task_views(r):
+            base_metrics = _metrics_of(base, sub)
+            for metric, m in metrics.items():
+                b = base_metrics.get(metric)
+                bv = b["value"] if b else math.nan
+                v = m["value"]
+                hib = bool(m["higher_is_better"])
+                # 1.0 = nothing lost, < 1 = worse, any metric; a score of 0 recovers 0, a baseline of 0
+                # leaves recovery undefined (NaN with recovery_undefined set), which gates treat as failing
+                recovery = recovery_of(v, bv, hib)
+                ratio = v / bv if bv else math.nan
+                rows.append({
+                    "model": r["variant"]["model"], "quant": r["variant"]["quant"],
+                    "adapter": adapter_label(r["variant"]), "task": task, "metric": metric, "higher_is_better": hib,
+                    "primary": metric == primary, "value": v,
+                    "stderr": math.nan if m["stderr"] is None else m["stderr"], "n": n,
+                    "baseline_value": bv, "baseline_stderr": (b["stderr"] if b and b["stderr"] is not None else math.nan),
+                    "delta": v - bv, "recovery": recovery, "ratio": ratio,
+                    "recovery_undefined": recovery_undefined(v, bv, hib),
+                    "weight_bytes": r["footprint"]["total_bytes"], "device": r["device"], "key": r["key"],
+                    "arm": r["variant"].get("arm", r["variant"]["quant"])})
     frame = pd.DataFrame(rows, columns=RESULT_COLUMNS)
     return _sorted(frame, ["model", "task", "metric"])
 
@@ -136,14 +157,18 @@ def _good(value: float, hib: bool) -> float:
 MinEffect = Mapping[str, float]
 
 
-def compare_records(ref: dict, rec: dict, metric: str, samples, min_effect: MinEffect | None = None) -> Comparison | None:
-    """`compare_pair` of two stored records on `metric`, or None where either has no samples."""
+def compare_records(ref: dict, rec: dict, metric: str, samples, min_effect: MinEffect | None = None,
+                    subtask: str | None = None) -> Comparison | None:
+    """`compare_pair` of two stored records on `metric` (of one member of a group with `subtask`),
+    by the metric's stored aggregation; None where either has no samples."""
     if samples is None:
         return None
     rs, vs = samples(ref["key"]), samples(rec["key"])
     if not rs or not vs:
         return None
-    return compare_pair(rs, vs, metric, bool(rec["metrics"][metric]["higher_is_better"]), min_effect)
+    m = _metrics_of(rec, subtask)[metric]
+    return compare_pair(rs, vs, metric, bool(m["higher_is_better"]), min_effect,
+                        aggregation=m.get("aggregation"), task=subtask)
 
 
 def adapter_frames(records: list[dict], samples=None, min_effect: MinEffect | None = None,
@@ -357,13 +382,15 @@ def paired_frame(records: list[dict], samples, min_effect: MinEffect | None = No
         base = baselines.get(_group(r))
         if base is None or base is r:
             continue
-        metric = r["primary_metric"]
-        c = compare_records(base, r, metric, samples, min_effect)
-        if c is None:
-            continue
-        rows.append({"model": r["variant"]["model"], "quant": r["variant"]["quant"],
-                     "adapter": adapter_label(r["variant"]), "task": r["task"]["name"], "metric": metric,
-                     "delta": c.delta, "kind": c.kind, **c.as_row()})
+        for task, sub, metrics, metric, _ in task_views(r):
+            if sub is not None and (r["subtasks"][sub].get("group") or metric not in _metrics_of(base, sub)):
+                continue  # a nested group's documents are its leaves' (compared there and in the top group)
+            c = compare_records(base, r, metric, samples, min_effect, sub)
+            if c is None or (sub is not None and not c.n):
+                continue
+            rows.append({"model": r["variant"]["model"], "quant": r["variant"]["quant"],
+                         "adapter": adapter_label(r["variant"]), "task": task, "metric": metric,
+                         "delta": c.delta, "kind": c.kind, **c.as_row()})
     return pd.DataFrame(rows)
 
 

@@ -19,7 +19,9 @@ from pathlib import Path
 import numpy as np
 
 from qeval.divergence import Capture, Divergence, Reference
+from qeval.errors import QevalError
 from qeval.memory import PeakMemory
+from qeval.mirror import mirror_root, serving
 from qeval.models import LoadedModel
 from qeval.suites import TASKS_DIR, TaskSpec, find_tasks
 
@@ -44,6 +46,17 @@ class Metric:
     value: float
     stderr: float | None
     higher_is_better: bool
+    aggregation: str | None = None  # lm-eval's aggregation function (its registry name): picks the paired test
+
+
+@dataclass
+class SubtaskOutcome:
+    """One subtask (or nested group) of a group: its metrics, headline metric and document count."""
+
+    metrics: dict[str, Metric]
+    primary: str
+    n: int
+    group: bool = False
 
 
 @dataclass
@@ -59,6 +72,15 @@ class EvalOutcome:
     reference: Reference | None = None  # captured baseline hidden states (divergence="reference")
     divergence: Divergence | None = None  # comparison with a reference (divergence=Reference)
     divergence_note: str = ""
+    subtasks: dict[str, SubtaskOutcome] = field(default_factory=dict)  # a group's members, by name
+
+    def subtasks_record(self) -> dict:
+        """The subtasks as stored in a record (plain data)."""
+        import dataclasses
+
+        return {name: {"metrics": {k: dataclasses.asdict(v) for k, v in sub.metrics.items()},
+                       "primary_metric": sub.primary, "n": sub.n, "group": sub.group}
+                for name, sub in self.subtasks.items()}
 
 
 @functools.cache
@@ -180,15 +202,18 @@ def evaluate(loaded: LoadedModel, task: TaskSpec, spec: EvalSpec,
     else:
         capture_ctx = contextlib.nullcontext()
     folder = found[task.task].parent if task.task in found else None
-    with PeakMemory(loaded.device) as peak, capture_ctx, _lm_eval_fast_paths(), _quiet_lm_eval(), _in_folder(folder):
+    chat = {"apply_chat_template": task.apply_chat_template, "fewshot_as_multiturn": task.fewshot_as_multiturn,
+            "system_instruction": task.system_instruction}
+    with PeakMemory(loaded.device) as peak, capture_ctx, _lm_eval_fast_paths(), _quiet_lm_eval(), _in_folder(folder), \
+            serving(mirror_root(), task.task):
         t0 = time.perf_counter()
         res = simple_evaluate(
             model=lm, tasks=[task.task], task_manager=_task_manager(task.task not in found, tuple(paths)),
             limit=task.limit, num_fewshot=task.num_fewshot, log_samples=True,
             bootstrap_iters=spec.bootstrap_iters, random_seed=spec.seed, numpy_random_seed=spec.seed,
-            torch_random_seed=spec.seed, fewshot_random_seed=spec.seed)
+            torch_random_seed=spec.seed, fewshot_random_seed=spec.seed, **chat)
         eval_s = time.perf_counter() - t0
-    outcome = _outcome(task.task, res, spec, eval_s, peak.peak_bytes)
+    outcome = _outcome(task.task, res, spec, eval_s, peak.peak_bytes, task.primary_metric)
     if capture is not None:
         if capture.batched:
             outcome.divergence_note = (f"{capture.batched} forwards held several sequences: divergence needs "
@@ -202,30 +227,148 @@ def evaluate(loaded: LoadedModel, task: TaskSpec, spec: EvalSpec,
     return outcome
 
 
-def _outcome(task: str, res: dict, spec: EvalSpec, eval_s: float, peak_bytes: int) -> EvalOutcome:
-    from lm_eval.api.registry import get_aggregation, get_metric_aggregation
+def _num(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and not (isinstance(x, float) and math.isnan(x))
 
-    agg = res["results"][task]
-    hib = res.get("higher_is_better", {}).get(task, {})
-    config = res.get("configs", {}).get(task, {})
-    raw_samples = res["samples"][task]
-    metric_names = [m["metric"] for m in config.get("metric_list", []) if isinstance(m.get("metric"), str)]
-    metric_names = [m for m in metric_names if f"{m},none" in agg] or \
-        [k.split(",")[0] for k in agg if "," in k and "_stderr" not in k]
-    metrics: dict[str, Metric] = {}
-    for m in metric_names:
-        value = float(agg[f"{m},none"])
-        stderr = agg.get(f"{m}_stderr,none")
-        if not isinstance(stderr, (int, float)) or (isinstance(stderr, float) and math.isnan(stderr)):
-            entry = next((e for e in config.get("metric_list", []) if e.get("metric") == m), {})
-            fn = entry.get("aggregation")
-            fn = get_aggregation(fn) if isinstance(fn, str) else (fn if callable(fn) else get_metric_aggregation(m))
-            stderr = _bootstrap_stderr([s[m] for s in raw_samples], fn, spec) if fn else None
-        metrics[m] = Metric(value, None if stderr is None else float(stderr), bool(hib.get(m, True)))
-    samples = [_compact(s, metric_names) for s in raw_samples]
-    return EvalOutcome(task, metrics, metric_names[0], len(samples), samples, eval_s, peak_bytes,
+
+def _aggregations() -> tuple[dict, dict]:
+    """lm-eval's aggregation registry (name -> function) and its metric -> default aggregation map."""
+    import lm_eval.api.metrics  # noqa: F401  (registers them)
+    from lm_eval.api.registry import AGGREGATION_REGISTRY, METRIC_AGGREGATION_REGISTRY
+
+    return AGGREGATION_REGISTRY, METRIC_AGGREGATION_REGISTRY
+
+
+def _aggregation(config: dict, metric: str) -> tuple[str | None, object]:
+    """(registry name, function) of how lm-eval aggregates `metric` in a task: the metric_list's
+    `aggregation` (a name, or a function qeval can only name when lm-eval registers it), else the
+    metric's default."""
+    by_name, defaults = _aggregations()
+    entry = next((e for e in config.get("metric_list") or [] if e.get("metric") == metric), {})
+    fn = entry.get("aggregation")
+    if isinstance(fn, str) and fn in by_name:
+        return fn, by_name[fn]
+    if fn is None or isinstance(fn, str):
+        fn = defaults.get(metric)
+    if callable(fn):
+        name = next((k for k, f in by_name.items() if f is fn), None)
+        return name, fn
+    return None, None
+
+
+def metric_id(metric: str, filter_name: str) -> str:
+    """How qeval names a metric under a filter: `acc` (lm-eval's filter "none") or
+    `exact_match,strict-match` -- lm-eval's own result key, so it reads the same in both."""
+    return metric if filter_name == "none" else f"{metric},{filter_name}"
+
+
+def _metric_order(config: dict, ids: list[str]) -> list[str]:
+    """The metric ids in the task's metric_list order (then filter order as lm-eval reports them)."""
+    names = [e.get("metric") for e in config.get("metric_list") or [] if isinstance(e.get("metric"), str)]
+    rank = {n: i for i, n in enumerate(names)}
+    return sorted(ids, key=lambda k: (rank.get(k.split(",")[0], len(rank)), ids.index(k)))
+
+
+def _outcome(task: str, res: dict, spec: EvalSpec, eval_s: float, peak_bytes: int,
+             primary_metric: str | None = None) -> EvalOutcome:
+    """lm-eval's results -> metrics per (task or subtask, filter, metric), compact samples.
+
+    A group's own metrics are lm-eval's aggregate (size-weighted or not, as its
+    aggregate_metric_list says); each member is kept in `subtasks`. Samples are one entry per
+    document (per subtask for a group, tagged with it), with each metric's per-document value under
+    its metric id."""
+    results, configs = res["results"], res.get("configs", {})
+    hib_all = res.get("higher_is_better", {})
+    children = res.get("group_subtasks", {})
+
+    def leaves(name: str) -> list[str]:
+        if name in children:
+            return [x for c in children[name] for x in leaves(c)]
+        return [name]
+
+    members = []  # every group or task under `task`, depth first
+    def walk(name: str):
+        for c in children.get(name, []):
+            members.append(c)
+            walk(c)
+    walk(task)
+    is_group = task in children
+    # compact samples: one entry per (leaf task, document), every filter's metrics merged into it
+    samples: list[dict] = []
+    leaf_samples: dict[str, list[dict]] = {}
+    for leaf in leaves(task):
+        by_doc: dict[int, dict] = {}
+        for s in res["samples"].get(leaf, []):
+            entry = by_doc.get(int(s["doc_id"]))
+            if entry is None:
+                entry = by_doc[int(s["doc_id"])] = _compact(s, [])
+                if is_group:
+                    entry["task"] = leaf
+            for m in s.get("metrics") or []:
+                entry[metric_id(m, s.get("filter", "none"))] = _plain(s.get(m))
+        leaf_samples[leaf] = list(by_doc.values())
+        samples += leaf_samples[leaf]
+
+    def metrics_of(name: str) -> dict[str, Metric]:
+        agg = results.get(name, {})
+        config = configs.get(name) or configs.get(leaves(name)[0], {})
+        hib = hib_all.get(name, {})
+        out: dict[str, Metric] = {}
+        ids = []
+        for key, value in agg.items():
+            if "," not in key or "_stderr," in key or not _num(value):
+                continue
+            m, filt = key.split(",", 1)
+            ids.append((metric_id(m, filt), m, filt, value))
+        order = _metric_order(config, [i for i, *_ in ids])
+        for mid, m, filt, value in sorted(ids, key=lambda t: order.index(t[0])):
+            agg_name, fn = _aggregation(config, m)
+            stderr = agg.get(f"{m}_stderr,{filt}")
+            if not _num(stderr) and name not in children and fn is not None:
+                items = [s[mid] for s in leaf_samples.get(name, []) if mid in s]
+                stderr = _bootstrap_stderr([_tuple(x) for x in items], fn, spec)
+            out[mid] = Metric(float(value), float(stderr) if _num(stderr) else None, bool(hib.get(m, True)), agg_name)
+        return out
+
+    def primary_of(name: str, metrics: dict, override: str | None) -> str:
+        if override:
+            if override not in metrics:
+                raise QevalError(f"task {name} primary_metric", override, "one of " + ", ".join(metrics),
+                                 "name a metric the task reports (filtered metrics read metric,filter)")
+            return override
+        if not metrics:
+            raise QevalError(f"task {name}", "no numeric metric", "a task that reports at least one number",
+                             "check the task's metric_list")
+        return next(iter(metrics))
+
+    metrics = metrics_of(task)
+    primary = primary_of(task, metrics, primary_metric)
+    subtasks = {}
+    for name in members:
+        sub = metrics_of(name)
+        if sub:
+            n = sum(len(leaf_samples.get(x, [])) for x in leaves(name))
+            subtasks[name] = SubtaskOutcome(sub, primary if primary in sub else next(iter(sub)), n, name in children)
+    config = configs.get(task) or configs.get(leaves(task)[0], {})
+    return EvalOutcome(task, metrics, primary, len(samples), samples, eval_s, peak_bytes,
                        config={k: config.get(k) for k in ("output_type", "num_fewshot", "doc_to_text")
-                               if isinstance(config.get(k), (str, int, type(None)))})
+                               if isinstance(config.get(k), (str, int, type(None)))},
+                       subtasks=subtasks)
+
+
+def _plain(v):
+    """A per-document metric value as JSON data: numbers stay numbers, tuples become lists."""
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    if isinstance(v, (bool, np.bool_)):
+        return float(v)
+    if isinstance(v, (int, float, np.integer, np.floating)):
+        return float(v) if isinstance(v, (float, np.floating)) else int(v)
+    return v if v is None or isinstance(v, str) else str(v)
+
+
+def _tuple(x):
+    return tuple(_tuple(v) for v in x) if isinstance(x, list) else x
 
 
 def _bootstrap_stderr(items: list, aggregate, spec: EvalSpec) -> float | None:
@@ -250,6 +393,5 @@ def _compact(sample: dict, metric_names: list[str]) -> dict:
     out = {"doc_id": int(sample["doc_id"]), "doc_hash": sample.get("doc_hash"), "target": target,
            "resps": resps}
     for m in metric_names:
-        v = sample.get(m)
-        out[m] = [float(x) for x in v] if isinstance(v, (list, tuple)) else v
+        out[m] = _plain(sample.get(m))
     return out

@@ -251,7 +251,8 @@ def _compare(store: Store, run_id: int, keys: list[str], th: Thresholds, compare
             if ref is None or metric not in ref["metrics"] or _slot(ref) != _slot(rec) \
                     or ref["task"]["fingerprint"] != rec["task"]["fingerprint"]:
                 continue
-            c = _compare_samples(store.samples(ref_key), store.samples(key), metric, bool(m["higher_is_better"]), th)
+            c = _compare_samples(store.samples(ref_key), store.samples(key), metric, bool(m["higher_is_better"]), th,
+                                 m.get("aggregation"))
             if c is not None:
                 tests.append((ref, rec, metric, c))
     findings: list[Finding] = list(carried)
@@ -315,12 +316,13 @@ def _compare(store: Store, run_id: int, keys: list[str], th: Thresholds, compare
     return Gated(sorted(findings, key=lambda f: (order[f.kind], f.cell, f.metric)), still_open, len(tests), method)
 
 
-def _compare_samples(ref_samples, var_samples, metric: str, hib: bool, th: Thresholds) -> Comparison | None:
+def _compare_samples(ref_samples, var_samples, metric: str, hib: bool, th: Thresholds,
+                     aggregation: str | None = None) -> Comparison | None:
     if not ref_samples or not var_samples:
         return None
     if not any(metric in s for s in ref_samples):
         return None
-    return compare_pair(ref_samples, var_samples, metric, hib, th.min_effect)
+    return compare_pair(ref_samples, var_samples, metric, hib, th.min_effect, aggregation=aggregation)
 
 
 def _ref_key_of(tests, rec, metric) -> str:

@@ -14,6 +14,15 @@ Which test applies depends on how a metric aggregates its per-document values, n
 |                      | (perplexities, bpb)       | differences (`scipy.stats.ttest_1samp`)           |
 | `mean`               | any float                 | BCa bootstrap of the paired mean difference       |
 |                      |                           | (`scipy.stats.bootstrap(paired=True)`)            |
+| `corpus`,            | an item the corpus        | paired bootstrap over documents, each resample    |
+| `corpus_points`      | aggregation reads (f1,    | aggregated with lm-eval's own function            |
+|                      | mcc: (gold, pred); bleu,  | (percentile interval of the difference)           |
+|                      | ter, chrf: (ref, pred))   |                                                   |
+
+The kind is chosen by lm-eval's aggregation function of the metric (`AGGREGATION`, stored with
+every metric), never by the metric's name: `perplexity` (LAMBADA: one log-likelihood a document)
+and `weighted_perplexity` / `bits_per_byte` (rolling: (log-likelihood, count)) are log-likelihood
+ratios; `mean` is right/wrong when every value is 0 or 1, else a mean.
 
 Intervals are built by inverting the same test that gives the p-value, so "the 95% interval
 excludes 0" and "p < 0.05" are the same statement:
@@ -39,9 +48,9 @@ top of symmetric noise flips at the measured discordance rate psi (the discordan
 Binomial(n, psi + delta), its wrong->right share (psi/2) / (psi + delta)); for the t-test
 (z_{1-alpha/2} + z_power) sd(d_i) / sqrt(n), in the relative units of the min effect.
 
-Extending: register a `Kind` under a new aggregation name with `KINDS.add(name, Kind(...))` and map
-the lm-eval metric to it in `AGGREGATION` (e.g. corpus bleu / f1 / mcc aggregate a corpus, not a
-mean of documents: give them a kind whose `compare` resamples documents).
+Extending: register a `Kind` with `KINDS.add(name, Kind(...))` and map lm-eval's aggregation
+name to it in `AGGREGATION`. An aggregation qeval does not know is compared as `corpus` (its own
+function, resampled over documents).
 """
 from __future__ import annotations
 
@@ -151,18 +160,39 @@ class Kind:
 
 KINDS: Registry[Kind] = Registry("comparison kind")
 
-# lm-eval's aggregation of a metric, where it is not the mean of per-document values. Perplexities
-# and bits per byte aggregate (loglikelihood, count) pairs as a ratio of sums.
-AGGREGATION = {"word_perplexity": "loglikelihood_ratio", "byte_perplexity": "loglikelihood_ratio",
-               "bits_per_byte": "loglikelihood_ratio"}
+# lm-eval's aggregation function (the name it registers it under: `aggregation:` in a task's
+# metric_list, or the metric's default) -> qeval's comparison kind. "mean" (and None: an aggregation
+# qeval does not know, e.g. a task's own `!function`) decide between right_wrong and mean by the
+# per-document values (0/1 or not). Corpus aggregations compute one number from all documents at
+# once, so they are compared by a paired bootstrap over documents with that same aggregation.
+AGGREGATION = {
+    "mean": None, "nanmean": None,
+    "perplexity": "loglikelihood_ratio",  # per document: a log-likelihood; exp(-mean)
+    "weighted_perplexity": "loglikelihood_ratio",  # per document: (log-likelihood, words or bytes)
+    "bits_per_byte": "loglikelihood_ratio",
+    "f1": "corpus", "matthews_corrcoef": "corpus", "brier_score": "corpus", "median": "corpus",
+    "bleu": "corpus_points", "chrf": "corpus_points", "chrf++": "corpus_points", "ter": "corpus_points",
+}
+# Records written before the aggregation was stored name only the metric: lm-eval's own defaults
+# for the metrics qeval's shipped tasks used (lm_eval.api.registry's metric -> aggregation map).
+LEGACY_AGGREGATION = {"word_perplexity": "weighted_perplexity", "byte_perplexity": "weighted_perplexity",
+                      "bits_per_byte": "bits_per_byte", "perplexity": "perplexity"}
 _FROM_LOG = {"bits_per_byte": lambda x: x / math.log(2)}  # log-space aggregate -> metric value; default exp
 
 
-def kind_of(metric: str, values: list) -> str:
-    """The registry key for `metric` given its per-document values."""
-    agg = AGGREGATION.get(metric)
+def aggregation_of(metric: str, aggregation: str | None) -> str | None:
+    """The stored aggregation, or for an old record the default of its metric (by the part of a
+    metric id before the filter: `exact_match,strict-match` -> exact_match)."""
+    return aggregation or LEGACY_AGGREGATION.get(metric.split(",")[0].split("/")[-1])
+
+
+def kind_of(metric: str, values: list, aggregation: str | None = None) -> str:
+    """The registry key for `metric` (aggregated by lm-eval's `aggregation`) given its per-document values."""
+    agg = AGGREGATION.get(aggregation_of(metric, aggregation) or "")
     if agg:
         return agg
+    if aggregation and aggregation not in AGGREGATION:
+        return "corpus"  # an aggregation qeval does not know: resample documents, aggregate as lm-eval does
     if values and isinstance(values[0], (list, tuple)):
         return "loglikelihood_ratio"
     if all(float(v) in (0.0, 1.0) for v in values):
@@ -176,34 +206,45 @@ def default_min_effect(kind: str) -> float:
 
 def compare_pair(base_samples: list[dict], var_samples: list[dict], metric: str, higher_is_better: bool,
                  min_effect: float | Mapping[str, float] | None = None, alpha: float = ALPHA,
-                 noise_rate: float | None = None) -> Comparison:
-    """Compare `metric` of a variant with a reference on the documents both measured (by doc_id;
-    a document whose hash differs is an error, not a pair). `min_effect`: see `compare_values`.
-    `noise_rate`: the discordance rate the MDE assumes (default: the one measured here)."""
-    base = {s["doc_id"]: s for s in base_samples}
-    pairs = [(base[s["doc_id"]], s) for s in var_samples if s["doc_id"] in base and metric in s]
+                 noise_rate: float | None = None, aggregation: str | None = None,
+                 task: str | None = None) -> Comparison:
+    """Compare `metric` of a variant with a reference on the documents both measured (by task and
+    doc_id: a group's samples carry their subtask; a document whose hash differs is an error, not a
+    pair). `min_effect`: see `compare_values`. `noise_rate`: the discordance rate the MDE assumes
+    (default: the one measured here). `aggregation`: lm-eval's aggregation of the metric (stored
+    with it). `task`: only the samples of this subtask of a group (default: all)."""
+    def key(s):
+        return s.get("task"), s["doc_id"]
+
+    def mine(s):
+        return metric in s and (task is None or s.get("task") == task)
+
+    base = {key(s): s for s in base_samples if mine(s)}
+    pairs = [(base[key(s)], s) for s in var_samples if key(s) in base and mine(s)]
     for b, v in pairs:
         if b.get("doc_hash") != v.get("doc_hash"):
             raise ValueError(f"document {b['doc_id']} differs between baseline and variant")
     return compare_values([b[metric] for b, _ in pairs], [v[metric] for _, v in pairs], metric, higher_is_better,
-                          min_effect, alpha, noise_rate)
+                          min_effect, alpha, noise_rate, aggregation=aggregation)
 
 
 def compare_values(ref, var, metric: str, higher_is_better: bool,
                    min_effect: float | Mapping[str, float] | None = None, alpha: float = ALPHA,
-                   noise_rate: float | None = None, kind: str | None = None) -> Comparison:
+                   noise_rate: float | None = None, kind: str | None = None,
+                   aggregation: str | None = None) -> Comparison:
     """`compare_pair` on per-document values already aligned (ref[i] and var[i] are one document).
-    `kind`: the registry key when the caller knows it (default: `kind_of` the values).
+    `kind`: the registry key when the caller knows it (default: `kind_of` the values and aggregation).
     `min_effect`: a number; or a plan's `thresholds.min_effect` mapping (metric name or kind ->
     number; the metric's own entry wins), resolved here once the kind is known; None: the kind's
     default."""
-    name = kind or kind_of(metric, list(ref) + list(var))
+    aggregation = aggregation_of(metric, aggregation)
+    name = kind or kind_of(metric, list(ref) + list(var), aggregation)
     k = KINDS.get(name)
     if isinstance(min_effect, Mapping):
         min_effect = min_effect.get(metric, min_effect.get(name))
     me = k.default_min_effect if min_effect is None else float(min_effect)
     return k.compare(ref, var, metric=metric, higher_is_better=higher_is_better, min_effect=me, alpha=alpha,
-                     noise_rate=noise_rate)
+                     noise_rate=noise_rate, aggregation=aggregation)
 
 
 def _undefined(metric, kind, test, n, ref_value, value, min_effect, alpha, reason, **kw) -> Comparison:
@@ -214,7 +255,7 @@ def _undefined(metric, kind, test, n, ref_value, value, min_effect, alpha, reaso
 
 # ----------------------------------------------------------------------------- right / wrong: McNemar
 
-def _mcnemar(ref, var, *, metric, higher_is_better, min_effect, alpha, noise_rate) -> Comparison:
+def _mcnemar(ref, var, *, metric, higher_is_better, min_effect, alpha, noise_rate, **_) -> Comparison:
     b = np.asarray(ref, dtype=float)
     v = np.asarray(var, dtype=float)
     n = len(b)
@@ -293,17 +334,21 @@ def mcnemar_mde(n: int, psi: float, alpha: float = ALPHA, power: float = POWER) 
 
 # ----------------------------------------------------------------------------- log-likelihood ratios
 
-def _loglik_ratio(ref, var, *, metric, higher_is_better, min_effect, alpha, noise_rate) -> Comparison:
+def _loglik_ratio(ref, var, *, metric, higher_is_better, min_effect, alpha, noise_rate, aggregation=None) -> Comparison:
     test = "paired t on per-document log-likelihoods"
     n = len(ref)
     if n == 0:
         return _undefined(metric, "loglikelihood_ratio", test, 0, math.nan, math.nan, min_effect, alpha,
                           "no common documents")
+    # "perplexity" aggregates one log-likelihood per document (exp(-mean)): a weight of 1 each
+    ref = [(r, 1.0) if np.ndim(r) == 0 else r for r in ref]
+    var = [(r, 1.0) if np.ndim(r) == 0 else r for r in var]
     bl = np.array([r[0] for r in ref], dtype=float)
     vl = np.array([r[0] for r in var], dtype=float)
     w = np.array([r[1] for r in ref], dtype=float)
     W = w.sum()
-    to_value = _FROM_LOG.get(metric, math.exp)
+    log_kind = aggregation if aggregation in _FROM_LOG else metric
+    to_value = _FROM_LOG.get(log_kind, math.exp)
     log_ref, log_var = -bl.sum() / W, -vl.sum() / W
     ref_value, value = to_value(log_ref), to_value(log_var)
     if n < MIN_N_T:
@@ -323,14 +368,14 @@ def _loglik_ratio(ref, var, *, metric, higher_is_better, min_effect, alpha, nois
         p = float(2 * stats.t.sf(abs(t), n - 1))
         half = _t_quantile(n - 1, alpha) * se
         lo, hi = (float(d.mean()) - half) * scale, (float(d.mean()) + half) * scale
-    rel = _rel(log_var - log_ref, log_ref, metric)
-    rel_lo, rel_hi = _rel(lo, log_ref, metric), _rel(hi, log_ref, metric)
+    rel = _rel(log_var - log_ref, log_ref, log_kind)
+    rel_lo, rel_hi = _rel(lo, log_ref, log_kind), _rel(hi, log_ref, log_kind)
     sign = 1 if higher_is_better else -1
     e_lo, e_hi = (rel_lo, rel_hi) if sign > 0 else (-rel_hi, -rel_lo)
     dlo, dhi = _delta_from_log(lo, log_ref, to_value), _delta_from_log(hi, log_ref, to_value)
     sd_n = sd if noise_rate is None else noise_rate
     z = _z(alpha)
-    mde = abs(_rel(z * sd_n / math.sqrt(n) * scale, log_ref, metric))
+    mde = abs(_rel(z * sd_n / math.sqrt(n) * scale, log_ref, log_kind))
     return Comparison(metric, "loglikelihood_ratio", test, n, ref_value, value, value - ref_value, dlo, dhi,
                       sign * rel, e_lo, e_hi, p, min_effect, mde, alpha)
 
@@ -360,7 +405,7 @@ def _delta_from_log(log_change: float, log_ref: float, to_value) -> float:
 
 # ----------------------------------------------------------------------------- continuous means: BCa
 
-def _bca_mean(ref, var, *, metric, higher_is_better, min_effect, alpha, noise_rate) -> Comparison:
+def _bca_mean(ref, var, *, metric, higher_is_better, min_effect, alpha, noise_rate, **_) -> Comparison:
     test = "BCa bootstrap of the paired mean"
     b = np.asarray(ref, dtype=float)
     v = np.asarray(var, dtype=float)
@@ -392,9 +437,75 @@ def _bca_mean(ref, var, *, metric, higher_is_better, min_effect, alpha, noise_ra
                       e_lo, e_hi, p, min_effect, mde, alpha)
 
 
+# ----------------------------------------------------------------------------- corpus metrics: paired bootstrap
+
+CORPUS_RESAMPLES = 1000  # each resample aggregates the whole corpus twice (sacrebleu, sklearn)
+
+
+def corpus_aggregate(aggregation: str) -> Callable[[list], float]:
+    """lm-eval's own aggregation function registered under `aggregation` (bleu, f1, ...)."""
+    import lm_eval.api.metrics  # noqa: F401  (registers the aggregations)
+    from lm_eval.api.registry import get_aggregation
+
+    fn = get_aggregation(aggregation)
+    if fn is None:
+        raise KeyError(f"lm-eval has no aggregation {aggregation!r}")
+    return fn
+
+
+def _corpus(ref, var, *, metric, higher_is_better, min_effect, alpha, noise_rate, aggregation=None) -> Comparison:
+    """Paired bootstrap over documents: the same resampled documents for both models, each side
+    aggregated with the metric's own corpus aggregation; the interval is the percentile interval
+    of the difference, the p-value the smallest two-sided level at which it excludes 0."""
+    test = f"paired bootstrap over documents ({aggregation or 'corpus'})"
+    kind = "corpus_points" if aggregation in ("bleu", "chrf", "chrf++", "ter") else "corpus"
+    n = len(ref)
+    if aggregation is None:
+        return _undefined(metric, kind, test, n, math.nan, math.nan, min_effect, alpha,
+                          "the metric's aggregation is not recorded")
+    agg = corpus_aggregate(aggregation)
+    items_r, items_v = [_item(x) for x in ref], [_item(x) for x in var]
+    ref_value = float(agg(items_r)) if n else math.nan
+    value = float(agg(items_v)) if n else math.nan
+    if n < MIN_N_BOOTSTRAP:
+        return _undefined(metric, kind, test, n, ref_value, value, min_effect, alpha,
+                          f"fewer than {MIN_N_BOOTSTRAP} documents")
+    if items_r == items_v:  # the same outputs on every document: nothing to resample
+        return Comparison(metric, kind, test, n, ref_value, value, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, min_effect,
+                          0.0, alpha)
+    rng = np.random.default_rng(1234)  # seeded: the same data gives the same verdict every time
+    diffs = np.empty(CORPUS_RESAMPLES)
+    for i in range(CORPUS_RESAMPLES):
+        idx = rng.integers(0, n, n)
+        diffs[i] = float(agg([items_v[j] for j in idx])) - float(agg([items_r[j] for j in idx]))
+    diffs = diffs[~np.isnan(diffs)]
+    delta = value - ref_value
+    if len(diffs) == 0 or np.all(diffs == diffs[0]):
+        lo = hi = delta
+        p = 1.0 if delta == 0 else 0.0
+    else:
+        lo, hi = (float(x) for x in np.quantile(diffs, [alpha / 2, 1 - alpha / 2]))
+        p = float(min(1.0, 2 * min((diffs <= 0).mean(), (diffs >= 0).mean())))
+        p = min(p, alpha / 2) if (lo > 0 or hi < 0) else max(p, alpha)  # interval and p: one statement
+    sign = 1 if higher_is_better else -1
+    e_lo, e_hi = (lo, hi) if sign > 0 else (-hi, -lo)
+    sd = float(diffs.std(ddof=1)) if len(diffs) > 1 else 0.0
+    mde = _z(alpha) * (sd if noise_rate is None else noise_rate)
+    return Comparison(metric, kind, test, n, ref_value, value, delta, lo, hi, sign * delta, e_lo, e_hi, p,
+                      min_effect, mde, alpha)
+
+
+def _item(x):
+    """A stored per-document item (JSON turned tuples into lists) back into lm-eval's tuple."""
+    return tuple(_item(v) for v in x) if isinstance(x, list) else x
+
+
 KINDS.add("right_wrong", Kind(_mcnemar, 0.01, "absolute", "exact McNemar"))
 KINDS.add("loglikelihood_ratio", Kind(_loglik_ratio, 0.005, "relative", "paired t on per-document log-likelihoods"))
 KINDS.add("mean", Kind(_bca_mean, 0.01, "absolute", "BCa bootstrap of the paired mean"))
+# f1, mcc, brier: 0..1 like an accuracy; bleu, chrf, ter: sacrebleu's 0..100 points
+KINDS.add("corpus", Kind(_corpus, 0.01, "absolute", "paired bootstrap over documents"))
+KINDS.add("corpus_points", Kind(_corpus, 1.0, "absolute", "paired bootstrap over documents"))
 
 
 # ----------------------------------------------------------------------------- multiple testing

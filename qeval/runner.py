@@ -32,7 +32,8 @@ from qeval.specs import from_mapping, load_yaml, raise_if
 from qeval.files import content_key, store_lock
 from qeval.store import SCHEMA_VERSION, Store, check_store_path
 from qeval.suite_data import ensure_built
-from qeval.suites import Suite, TaskSpec, include_paths, load_suite, task_fingerprint
+from qeval.mirror import check_root, mirror_root, set_plan_mirror
+from qeval.suites import Suite, TaskSpec, include_paths, load_suite, task_fingerprint, with_chat_defaults
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,11 @@ class Plan:
     executor: str = "local"  # local (this process) | ray (qeval.executors)
     retries: int = 1  # a job that raises (or loses its worker) runs again up to this many times
     ray: dict = field(default_factory=dict)  # qeval.executors.RaySettings: address, runtime_env, ...
+    data_mirror: str | None = None  # offline hub datasets (qeval.mirror; $QEVAL_DATA_MIRROR wins); relative: to the plan
+    # chat settings for every task of the suite that does not set its own (qeval.suites.TaskSpec)
+    apply_chat_template: bool | str = False
+    fewshot_as_multiturn: bool = False
+    system_instruction: str | None = None
 
 
 def load_plan(path: Path) -> Plan:
@@ -74,6 +80,8 @@ def load_plan(path: Path) -> Plan:
     if plan.include_path:  # relative to the plan's folder, like a suite path would be to the user
         paths = include_paths(plan.include_path, path.parent, f"plan {path.name} include_path")
         plan = dataclasses.replace(plan, include_path=tuple(str(p) for p in paths))
+    if plan.data_mirror and not Path(plan.data_mirror).expanduser().is_absolute():
+        plan = dataclasses.replace(plan, data_mirror=str((path.parent / plan.data_mirror).resolve()))
     return plan
 
 
@@ -204,10 +212,14 @@ def validate(plan: Plan, suite: Suite | None = None) -> Resolved:
 
         from_mapping(Thresholds, plan.thresholds, "thresholds", errors)
     paths = check(lambda: include_paths(plan.include_path, None, "include_path")) or ()
+    set_plan_mirror(plan.data_mirror)
+    check(lambda: check_root(mirror_root(), "QEVAL_DATA_MIRROR" if os.environ.get("QEVAL_DATA_MIRROR") else "data_mirror"))
     if suite is None:
         suite = check(lambda: load_suite(plan.suite, paths))
         for name, spec in adapters.items():  # not against a --tasks override: it may leave them out
             errors += spec.domain_problems(f"adapters.{name}", [t.task for t in suite.tasks] if suite else [])
+    if suite is not None:
+        suite = with_chat_defaults(suite, plan)
     raise_if(errors)
     adapters, arms = expand_seeds(adapters, arms)  # `seeds: [..]`: one adapter and arm per seed
     return Resolved(tuple(arms), adapters, suite, device, dtype=compute_dtype(device, plan.compute_dtype),
@@ -238,7 +250,7 @@ def make_cells(model: ResolvedModel, arm: Arm, suite: Suite, eval_spec: EvalSpec
     cells = []
     for t in suite.tasks:
         task = {"name": t.task, "fingerprint": task_fingerprint(t.task, suite.include_paths), "limit": t.limit,
-                "num_fewshot": t.num_fewshot, "batch_size": t.batch_size}
+                "num_fewshot": t.num_fewshot, "batch_size": t.batch_size, **t.key_settings()}
         material = {"schema": SCHEMA_VERSION, "variant": variant, "format": fmt_spec, "adapter": adapter_id,
                     "task": task, "eval": dataclasses.asdict(eval_spec), "versions": env.versions()}
         if t.divergence:
@@ -499,6 +511,7 @@ def build_record(cell: Cell, loaded: LoadedModel, outcome: EvalOutcome, seed: in
         "eval": cell.key_material["eval"],
         "metrics": {k: dataclasses.asdict(v) for k, v in outcome.metrics.items()},
         "primary_metric": outcome.primary,
+        "subtasks": outcome.subtasks_record(),  # a group's members: metrics per (subtask, filter, metric)
         "n": outcome.n,
         "lm_eval_config": outcome.config,
         "divergence": _divergence_record(outcome),

@@ -69,6 +69,20 @@ def _run(*extra):
     return ["run", "--formats", "none", "--suite", "smoke", *extra]
 
 
+HUB_TASK = MC_TASK.replace("task: my_mc", "task: hub_mc").replace(
+    "dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: data.jsonl\n",
+    "dataset_path: someorg/somedata\ndataset_name: x\n")
+
+
+def mirror_plan(tmp: Path, model: str, mirror: str) -> str:
+    """A plan whose suite reads a hub dataset, with `data_mirror:` (an empty folder named `mirror`)."""
+    (tmp / "mirror").mkdir(exist_ok=True)
+    (tmp / "hub").mkdir(exist_ok=True)
+    (tmp / "hub" / "hub_mc.yaml").write_text(HUB_TASK)
+    write(tmp, "hub-suite.yaml", "name: s\ninclude_path: hub\ntasks:\n  - {task: hub_mc}\n")
+    return f"models: [{model}]\nformats: [none]\nsuite: {tmp / 'hub-suite.yaml'}\ndata_mirror: {tmp / mirror}\n"
+
+
 def _plan(tmp, text):
     return ["run", "--plan", write(tmp, "plan.yaml", text)]
 
@@ -109,6 +123,17 @@ CASES = [
     ("model-no-weights", lambda t, m: _run("--model", model_copy(t, m, lambda d: (d / "model.safetensors").unlink())), "absent", ["weight files"]),
     ("weights-truncated", lambda t, m: _run("--model", model_copy(t, m, truncate_weights)), "existing", ["model.safetensors", "truncated"]),
     ("weights-garbage", lambda t, m: _run("--model", model_copy(t, m, lambda d: (d / "model.safetensors").write_bytes(b"\xff" * 64))), "absent", ["model.safetensors", "safetensors"]),
+    # --- data mirror / chat settings ---
+    ("mirror-dataset-missing", lambda t, m: _plan(t, mirror_plan(t, m, "mirror")), "existing",
+     ["someorg/somedata", "someorg__somedata/x", "mirror"]),
+    ("mirror-folder-missing", lambda t, m: _plan(t, mirror_plan(t, m, "no-such-mirror")), "absent",
+     ["data_mirror", "no-such-mirror", "existing folder"]),
+    ("primary-metric-unknown", lambda t, m: ["run", "--model", m, "--formats", "none", "--suite", write(
+        t, "s.yaml", "name: s\ntasks:\n  - {task: qeval_analogy, limit: 2, primary_metric: acc_nrom}\n")],
+     "existing", ["primary_metric", "acc_nrom", "acc_norm"]),
+    ("multiturn-without-chat-template", lambda t, m: ["run", "--model", m, "--formats", "none", "--suite", write(
+        t, "s.yaml", "name: s\ntasks:\n  - {task: qeval_analogy, limit: 2, fewshot_as_multiturn: true}\n")],
+     "absent", ["fewshot_as_multiturn", "apply_chat_template"]),
     # --- plan YAML ---
     ("plan-missing", lambda t, m: ["run", "--plan", str(t / "plan.yaml")], "absent", ["plan.yaml", "existing YAML"]),
     ("plan-malformed", lambda t, m: _plan(t, "models: [a\n"), "absent", ["malformed plan YAML", "line"]),

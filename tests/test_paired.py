@@ -7,7 +7,7 @@ from scipy import stats
 
 from qeval.compare import results_frame
 from qeval.errors import QevalError
-from qeval.paired import (KINDS, compare_pair, fdr_adjust, fdr_verdicts, mcnemar_mde, mcnemar_power, recovery,
+from qeval.paired import (KINDS, compare_pair, kind_of, fdr_adjust, fdr_verdicts, mcnemar_mde, mcnemar_power, recovery,
                           recovery_fails)
 
 
@@ -188,3 +188,38 @@ def test_zero_score_recovers_zero_and_zero_baseline_is_undefined_and_fails():
     res = res.set_index(["quant", "task"])
     assert res.loc[("bnb-nf4", "cap"), "recovery"] == 0.0
     assert math.isnan(res.loc[("bnb-nf4", "zero"), "recovery"]) and res.loc[("bnb-nf4", "zero"), "recovery_undefined"]
+
+
+def test_corpus_kind_resamples_documents_with_lm_evals_own_aggregation():
+    """f1 (a tuple metric): the kind comes from the aggregation, not the name; both values equal
+    scikit-learn's f1 on the same items; the interval and the p-value are one statement."""
+    from sklearn.metrics import f1_score
+
+    rng = np.random.default_rng(3)
+    gold = rng.integers(0, 2, 120)
+    ref_pred = np.where(rng.uniform(size=120) < 0.85, gold, 1 - gold)
+    var_pred = np.where(rng.uniform(size=120) < 0.6, gold, 1 - gold)
+    base = [{"doc_id": i, "doc_hash": str(i), "f1": [int(g), int(p)]} for i, (g, p) in enumerate(zip(gold, ref_pred))]
+    var = [{"doc_id": i, "doc_hash": str(i), "f1": [int(g), int(p)]} for i, (g, p) in enumerate(zip(gold, var_pred))]
+    c = compare_pair(base, var, "f1", True, aggregation="f1")
+    assert c.kind == "corpus" and c.test.startswith("paired bootstrap")
+    assert c.ref_value == pytest.approx(f1_score(gold, ref_pred)) and c.value == pytest.approx(f1_score(gold, var_pred))
+    assert c.verdict == "worse" and c.ci_hi < 0 and c.p_value < 0.05
+    same = compare_pair(base, base, "f1", True, aggregation="f1")
+    assert same.delta == 0 and same.verdict == "within noise"
+    # the same values named "acc" but aggregated by lm-eval's f1 are still a corpus comparison
+    assert kind_of("acc", [s["f1"] for s in base], "f1") == "corpus"
+
+
+def test_perplexity_aggregation_is_a_loglikelihood_ratio():
+    """LAMBADA's perplexity (one log-likelihood per document, exp(-mean)): the paired t on the
+    per-document differences, values equal to exp(-mean ll) computed here."""
+    rng = np.random.default_rng(4)
+    ll = rng.normal(-3, 1, 60)
+    base = [{"doc_id": i, "doc_hash": str(i), "perplexity": float(x)} for i, x in enumerate(ll)]
+    var = [{**s, "perplexity": s["perplexity"] - 0.2 + rng.normal(0, 0.05)} for s in base]
+    c = compare_pair(base, var, "perplexity", False, aggregation="perplexity")
+    assert c.kind == "loglikelihood_ratio"
+    assert c.ref_value == pytest.approx(math.exp(-np.mean(ll)))
+    assert c.value == pytest.approx(math.exp(-np.mean([s["perplexity"] for s in var])))
+    assert c.verdict == "worse"
