@@ -27,13 +27,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def build_model(folder: Path, hidden: int, layers: int, vocab: int) -> Path:
-    """A Llama with a byte-level BPE tokenizer trained on the carried suite data (no gensim there)."""
+def build_llama(folder: Path, texts: list[str], hidden: int, inter: int, layers: int, vocab: int,
+                heads: int, kv_heads: int, max_positions: int = 2048, init_range: float = 0.02) -> Path:
+    """A Llama with a byte-level BPE tokenizer trained on `texts` (also scripts/gpu_memory_check.py)."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    texts = [json.loads(x)["text"] for x in (Path(os.environ["QEVAL_SUITE_DATA"]) / "lee_train.jsonl").read_text().splitlines()]
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -42,13 +42,19 @@ def build_model(folder: Path, hidden: int, layers: int, vocab: int) -> Path:
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
                                    pad_token="</s>")
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=fast.vocab_size, hidden_size=hidden, intermediate_size=hidden * 3,
-                      num_hidden_layers=layers, num_attention_heads=max(1, hidden // 64),
-                      num_key_value_heads=max(1, hidden // 128), max_position_embeddings=2048, bos_token_id=1,
-                      eos_token_id=2, pad_token_id=2, initializer_range=0.1)
+    cfg = LlamaConfig(vocab_size=fast.vocab_size, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=max_positions,
+                      bos_token_id=1, eos_token_id=2, pad_token_id=2, initializer_range=init_range)
     LlamaForCausalLM(cfg).save_pretrained(folder)
     fast.save_pretrained(folder)
     return folder
+
+
+def build_model(folder: Path, hidden: int, layers: int, vocab: int) -> Path:
+    """The check's model, its tokenizer trained on the carried suite data (no gensim there)."""
+    rows = (Path(os.environ["QEVAL_SUITE_DATA"]) / "lee_train.jsonl").read_text().splitlines()
+    return build_llama(folder, [json.loads(x)["text"] for x in rows], hidden, hidden * 3, layers, vocab,
+                       heads=max(1, hidden // 64), kv_heads=max(1, hidden // 128), init_range=0.1)
 
 
 def main() -> int:

@@ -60,11 +60,11 @@ def test_a_failed_job_is_retried_then_recorded(plan, tmp_path, monkeypatch):
     real = runner.load_model
     calls = []
 
-    def flaky(resolved, fmt, device):
+    def flaky(resolved, fmt, device, dtype=None):
         calls.append(fmt.name)
         if fmt.name == "bnb-nf4" and calls.count("bnb-nf4") == 1:
             raise RuntimeError("lost the GPU (simulated)")
-        return real(resolved, fmt, device)
+        return real(resolved, fmt, device, dtype)
 
     monkeypatch.setattr(runner, "load_model", flaky)
     lines = []

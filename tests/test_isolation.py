@@ -102,10 +102,10 @@ def test_load_failure_is_a_failed_cell(tiny_model_dir, tmp_path, monkeypatch, ca
 
     real = runner.load_model
 
-    def flaky(resolved, fmt, device):
+    def flaky(resolved, fmt, device, dtype=None):
         if fmt.name == "bnb-nf4":
             raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real(resolved, fmt, device)
+        return real(resolved, fmt, device, dtype)
 
     monkeypatch.setattr(runner, "load_model", flaky)
     suite = tmp_path / "s.yaml"
