@@ -119,6 +119,47 @@ def cpu_bf16_isa() -> str | None:
     return next((isa for isa in ("amx_bf16", "avx512_bf16") if isa in flags), None)
 
 
+@functools.cache
+def gpu_identity() -> dict[str, str] | None:
+    """What GPU numbers depend on beyond library versions: the GPU model and compute capability,
+    the CUDA runtime torch was built with, the driver, and the bitsandbytes kernel library that
+    loads (bitsandbytes picks libbitsandbytes_cuda<torch's CUDA>, or $BNB_CUDA_VERSION's); None
+    without a CUDA GPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    cuda = torch.version.cuda or "?"
+    return {"gpu": torch.cuda.get_device_name(0),
+            "capability": ".".join(map(str, torch.cuda.get_device_capability(0))),
+            "cuda": cuda, "driver": _nvidia_driver(),
+            "bnb_build": "cuda" + (os.environ.get("BNB_CUDA_VERSION") or cuda.replace(".", ""))}
+
+
+def _nvidia_driver() -> str:
+    try:
+        for line in Path("/proc/driver/nvidia/version").read_text().splitlines():
+            if "Kernel Module" in line:  # "NVRM version: NVIDIA UNIX x86_64 Kernel Module  580.159.04 ..."
+                return line.split("Kernel Module")[1].split()[0]
+    except (OSError, IndexError):
+        pass
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10).stdout.strip()
+        return out.splitlines()[0] if out else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def key_environment(device: str) -> dict[str, str]:
+    """The environment part of a result key: the library versions, and on CUDA the GPU identity
+    (a driver without a GPU, e.g. a Ray head node, keys "unknown" and its workers must agree)."""
+    if not device.startswith("cuda"):
+        return versions()  # CPU keys stay what they were
+    gpu = gpu_identity() or {"gpu": "unknown (the driver process has no GPU)"}
+    return {**versions(), **{f"gpu_{k}" if k != "gpu" else k: v for k, v in gpu.items()}}
+
+
 def device_description(device: str) -> str:
     import torch
 

@@ -41,6 +41,7 @@ class Origin:
     host: str
     git_sha: str
     versions: tuple[tuple[str, str], ...]
+    gpu: tuple[tuple[str, str], ...] | None = None  # env.gpu_identity() of the driver (keys of CUDA cells)
 
     def elsewhere(self) -> bool:
         """True in a worker process (another process or machine than the driver's)."""
@@ -48,7 +49,9 @@ class Origin:
 
     @classmethod
     def here(cls) -> "Origin":
-        return cls(os.getpid(), socket.gethostname(), env.git_sha(), tuple(sorted(env.versions().items())))
+        gpu = env.gpu_identity()
+        return cls(os.getpid(), socket.gethostname(), env.git_sha(), tuple(sorted(env.versions().items())),
+                   None if gpu is None else tuple(sorted(gpu.items())))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -202,6 +205,15 @@ def _check_worker(job: Job) -> None:
                          "the driver's library versions (they are part of every cell key)",
                          "differs in " + ", ".join(f"{k} {a} (driver) vs {b}" for k, (a, b) in sorted(drift.items()))
                          + "; install the same versions on every worker (runtime_env pip, or one image)")
+    if job.device.startswith("cuda") and job.origin.gpu is not None:
+        # the driver's GPU identity is in the CUDA cells' keys: a worker on another GPU, CUDA,
+        # driver or bitsandbytes build would store numbers under keys that do not describe them
+        here = tuple(sorted((env.gpu_identity() or {}).items()))
+        if here != job.origin.gpu:
+            raise QevalError("worker GPU", f"{socket.gethostname()} pid {os.getpid()}",
+                             f"the driver's GPU identity {dict(job.origin.gpu)} (part of every CUDA cell key)",
+                             f"this worker has {dict(here) or 'no GPU'}; run on one GPU type, or start the driver "
+                             "on a CPU node (its keys then say the GPU is unknown)")
     from qeval.suite_data import ensure_built
 
     ensure_built()  # the shipped tasks' data, built here if this worker never had it

@@ -245,18 +245,19 @@ def make_cells(model: ResolvedModel, arm: Arm, suite: Suite, eval_spec: EvalSpec
                "adapter": None if adapter is None else {"spec": adapter_id["spec"], "merge": arm.merge},
                "device": device_kind}
     variant_id = content_key(variant)
+    environment = env.key_environment(device)  # versions (+ GPU model, CUDA, driver, bnb build on CUDA)
     head = content_key({"model": model.fingerprint, "device": device_kind,
-                        "baseline": FORMATS.get(BASELINE).spec(dtype), "versions": env.versions()})
+                        "baseline": FORMATS.get(BASELINE).spec(dtype), "versions": environment})
     cells = []
     for t in suite.tasks:
         task = {"name": t.task, "fingerprint": task_fingerprint(t.task, suite.include_paths), "limit": t.limit,
                 "num_fewshot": t.num_fewshot, "batch_size": t.batch_size, **t.key_settings()}
         material = {"schema": SCHEMA_VERSION, "variant": variant, "format": fmt_spec, "adapter": adapter_id,
-                    "task": task, "eval": dataclasses.asdict(eval_spec), "versions": env.versions()}
+                    "task": task, "eval": dataclasses.asdict(eval_spec), "versions": environment}
         if t.divergence:
             # the baseline's hidden states on this task's forwards: a new baseline means new numbers
             material["divergence"] = {"reference": content_key(
-                {"model": model.fingerprint, "task": task, "device": device_kind, "versions": env.versions(),
+                {"model": model.fingerprint, "task": task, "device": device_kind, "versions": environment,
                  "baseline": FORMATS.get(BASELINE).spec(dtype)})}
         cells.append(Cell(model, arm, fmt, t, content_key(material), variant_id, material, head))
     return cells

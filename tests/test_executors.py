@@ -220,3 +220,45 @@ def test_a_worker_with_other_library_versions_refuses_the_job(plan):
                           eval_spec=runner.EvalSpec())
     with pytest.raises(QevalError, match=r"transformers 0\.0\.1 \(driver\)"):
         list(run_job(job, {}))
+
+
+def test_a_worker_on_another_gpu_refuses_cuda_jobs(plan, monkeypatch):
+    """On CUDA the GPU identity (model, capability, CUDA, driver, bitsandbytes build) is in the keys;
+    a worker whose identity differs from the driver's refuses, one without a GPU too."""
+    from qeval import env
+    from qeval.errors import QevalError
+    from qeval.jobs import Origin, RecordReference, run_job
+
+    h200 = {"gpu": "NVIDIA H200", "capability": "9.0", "cuda": "13.0", "driver": "580.159.04", "bnb_build": "cuda130"}
+    here = Origin.here()
+    driver = Origin(here.pid + 1, here.host, here.git_sha, here.versions, tuple(sorted(h200.items())))
+    rp = runner.validate(plan)
+    (_, _, cells), = [x for x in runner.expand(plan, rp) if x[1].name == "bnb-nf4"]
+    job = RecordReference(id="r", label="r", model=cells[0].model, device="cuda", origin=driver, cell=cells[1],
+                          eval_spec=runner.EvalSpec())
+    monkeypatch.setattr(env, "gpu_identity", lambda: {**h200, "gpu": "NVIDIA H100 80GB HBM3"})
+    with pytest.raises(QevalError, match="worker GPU.*H100"):
+        list(run_job(job, {}))
+    monkeypatch.setattr(env, "gpu_identity", lambda: None)
+    with pytest.raises(QevalError, match="no GPU"):
+        list(run_job(job, {}))
+
+
+def test_cuda_keys_carry_the_gpu_identity(plan, tiny_model_dir, monkeypatch):
+    from qeval import env
+    from qeval.evaluate import EvalSpec
+    from qeval.models import resolve_model
+    from qeval.suites import load_suite
+
+    model, suite = resolve_model(str(tiny_model_dir)), load_suite(plan.suite)
+    key = lambda dev: runner.make_cells(model, runner.Arm("none", "none"), suite, EvalSpec(), dev)[0]
+    cpu = key("cpu")
+    assert cpu.key_material["versions"] == env.versions()  # CPU keys as they were
+    ident = {"gpu": "NVIDIA H200", "capability": "9.0", "cuda": "13.0", "driver": "580.159.04", "bnb_build": "cuda130"}
+    monkeypatch.setattr(env, "gpu_identity", lambda: ident)
+    h200 = key("cuda")
+    assert h200.key_material["versions"]["gpu"] == "NVIDIA H200" and h200.key_material["versions"]["gpu_driver"] == "580.159.04"
+    monkeypatch.setattr(env, "gpu_identity", lambda: {**ident, "driver": "580.159.03"})
+    assert key("cuda").key != h200.key  # a driver update is a new key (and a version line in the nightly)
+    monkeypatch.setattr(env, "gpu_identity", lambda: None)  # a Ray head node without a GPU
+    assert key("cuda").key_material["versions"]["gpu"].startswith("unknown")
