@@ -90,6 +90,14 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
 
 
+@pytest.fixture(scope="session")
+def resolved(tiny_model_dir):
+    """The tiny model resolved as qeval resolves a user's folder (shared by the format tests)."""
+    from qeval.models import resolve_model
+
+    return resolve_model(str(tiny_model_dir))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def suite_data():
     ensure_built()

@@ -156,6 +156,11 @@ CASES = [
     ("plan-arm-bad-merge", lambda t, m: _plan(t, f"models: [{m}]\nformats: [none]\narms: [{{name: x, merge: sideways}}]\n"), "absent", ["sideways"]),
     ("plan-include-path-missing", lambda t, m: _plan(t, f"models: [{m}]\nformats: [none]\ninclude_path: nowhere\n"), "existing", ["nowhere", "folder"]),
     ("plan-device-unknown", lambda t, m: _plan(t, f"models: [{m}]\nformats: [none]\ndevice: tpu\n"), "absent", ["tpu", "auto, cpu or cuda"]),
+    ("plan-compute-dtype-typo", lambda t, m: _plan(t, f"models: [{m}]\nformats: [none]\ncompute_dtype: bf61\n"), "absent", ["bf61", "did you mean 'bf16'"]),
+    # refused for the adapters on a bf16 CPU, for the ISA elsewhere: one compute_dtype line either way
+    ("plan-bf16-with-adapters-on-cpu", lambda t, m: _plan(t, f"models: [{m}]\nformats: [none]\ndevice: cpu\n"
+     "compute_dtype: bf16\nadapters: {a: {}}\n"), "absent", ["compute_dtype", "bf16"]),
+    ("run-compute-dtype-choice", lambda t, m: ["run", "--model", m, "--compute-dtype", "fp8"], "absent", ["--compute-dtype", "fp8"]),
     ("plan-ray-unknown-key", lambda t, m: _plan(t, f"models: [{m}]\nformats: [none]\nexecutor: ray\nray: {{adress: auto}}\n"), "absent", ["adress", "address"]),
     ("plan-ray-negative-cpus", lambda t, m: _plan(t, f"models: [{m}]\nformats: [none]\nray: {{cpus_per_job: -1}}\n"), "absent", ["ray.cpus_per_job", "-1"]),
     ("plan-retries-negative", lambda t, m: _plan(t, f"models: [{m}]\nformats: [none]\nretries: -1\n"), "absent", ["retries", "-1", "0 or more"]),

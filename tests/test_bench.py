@@ -40,3 +40,19 @@ def test_efficiency_table(tiny_model_dir, tmp_path):
     text = write_efficiency(frame, noise, {"cells": 8, "fresh_process_s": 80.0, "qeval_s": 10.0, "speedup": 8.0},
                             tmp_path)
     assert "Harness efficiency" in text and "8.00x" in text and (tmp_path / "efficiency.csv").is_file()
+
+
+def test_dtype_floor(tiny_model_dir, tmp_path):
+    """bf16 against float32: a positive KL (bf16 rounds the logits), and bf16 against its own
+    reference exactly 0 (the reference's logits are recomputed in bf16)."""
+    import torch
+
+    from qeval.bench import dtype_floor, write_dtype_floor
+
+    suite = tmp_path / "s.yaml"
+    suite.write_text("name: s\ntasks:\n  - {task: qeval_lee_ppl, limit: 3, batch_size: 2}\n")
+    row = dtype_floor(str(tiny_model_dir), "cpu", torch.bfloat16, suite=str(suite))
+    assert row["dtype"] == "bfloat16" and row["reference_dtype"] == "float32" and row["n"] == 3
+    assert row["self_kl_max"] == 0.0 and row["kl_mean"] > 0 and 0 < row["top1_agree"] <= 1
+    assert row["kl_p99"] <= row["kl_max"]
+    assert "Compute-dtype noise floor" in write_dtype_floor(row)

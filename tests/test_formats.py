@@ -8,17 +8,12 @@ import torch
 
 import qeval.quant as quant
 from qeval.errors import QevalError
-from qeval.models import linear_in_features, load_model, resolve_model
+from qeval.models import linear_in_features, load_model
 from qeval.quant import BACKENDS, FORMATS, quantizable_linears
 from qeval.quant.gguf_backend import roundtrip
 from qeval.report_formats import pareto_front
 
 LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-@pytest.fixture(scope="module")
-def resolved(tiny_model_dir):
-    return resolve_model(str(tiny_model_dir))
 
 
 @pytest.fixture(scope="module")
@@ -217,8 +212,6 @@ def test_gguf_requantizing_is_exact(qtype):
 def planted_q4_1(tiny_model_dir, tmp_path_factory):
     """The tiny model with every linear weight rounded to GGUF Q4_1 (as the embedded model's are),
     and larger weights so that next-token distributions are peaked and KLs measurable."""
-    import shutil
-
     from conftest import build_tiny_model
     from transformers import AutoModelForCausalLM
 

@@ -2,17 +2,12 @@
 import pytest
 import torch
 
-from qeval.models import load_model, resolve_model
+from qeval.models import load_model
 from qeval.quant import DEFAULT_FORMATS, FORMATS
 
 LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 EXPECTED_QUANT_TYPE = {"bnb-int8": "Int8Params:int8", "bnb-nf4": "Params4bit:uint8", "bnb-nf4-dq": "Params4bit:uint8",
                        "bnb-fp4": "Params4bit:uint8", "bnb-fp4-dq": "Params4bit:uint8"}
-
-
-@pytest.fixture(scope="module")
-def resolved(tiny_model_dir):
-    return resolve_model(str(tiny_model_dir))
 
 
 @pytest.fixture(scope="module")
