@@ -97,8 +97,8 @@ def _replay(loaded, recorded: list) -> tuple[float, int]:
     with torch.no_grad():
         for item in recorded:
             if item[0] == "forward":
-                _, batch, inplens = item
-                F.log_softmax(model(batch).logits, dim=-1)
+                _, batch, inplens, *extra = item  # extra: the tree rows' mask and positions
+                F.log_softmax(model(batch, **(extra[0] if extra else {})).logits, dim=-1)
                 tokens += sum(inplens)
             else:
                 _, ctx, mask, max_length, stop = item

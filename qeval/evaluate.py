@@ -29,7 +29,8 @@ from qeval.suites import TASKS_DIR, TaskSpec, find_tasks
 # The scoring code path's version, part of every evaluation key (EvalSpec -> runner.make_cells).
 # 2: qeval.lm.QevalLM (head only on the positions read, longest-first rolling batches) rounds
 # differently from lm-eval's full-logits path at float tolerance, so records of the two don't mix.
-HARNESS_VERSION = 2
+# 3: the choices of one context scored in one row (tree mask), rounding differently again.
+HARNESS_VERSION = 3
 
 
 @dataclass(frozen=True)

@@ -131,3 +131,68 @@ def test_batch_size_auto_is_a_valid_choice_and_divergence_may_batch():
     assert TaskSpec("qeval_lee_ppl", batch_size=4, divergence=True).problems("t") == []
     assert [e.what for e in TaskSpec("qeval_analogy", batch_size="big").problems("t")] == ["t.batch_size"]
     assert len(TaskSpec("qeval_analogy", batch_size=0).problems("t")) == 1
+
+
+def _direct(model, ctx, cont):
+    """(log-likelihood, greedy) of `cont` after `ctx` from the model's own full forward, one sequence."""
+    import torch
+
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([ctx + cont])).logits[0].double(), -1)
+    rows = logp[len(ctx) - 1:len(ctx) - 1 + len(cont)]
+    return float(rows[range(len(cont)), cont].sum()), bool((rows.argmax(-1) == torch.tensor(cont)).all())
+
+
+def _choice_requests(max_len=None):
+    """Contexts with several continuations each: multi-token, one-token, repeated; plus one context
+    whose branches do not fit `max_len` (scored row by row)."""
+    ctxs = [[5, 9, 13], [7, 7, 8, 21, 30], [11], [3, 4, 5, 6, 7, 8]]
+    conts = [[[40], [41, 42], [43, 44, 45], [41, 42]], [[2], [3], [4]], [[50, 51], [52]],
+             [[60, 61, 62, 63], [64, 65, 66, 67]]]
+    return [((f"c{i}", f"x{j}"), c, x) for i, (c, xs) in enumerate(zip(ctxs, conts)) for j, x in enumerate(xs)]
+
+
+def test_choices_of_a_context_share_one_row(tiny_model_dir):
+    """QevalLM scores all continuations of a context in one row (tree mask): each request's
+    log-likelihood and greedy flag equal a direct forward of context + continuation, with fewer rows
+    than requests through the model; a context too long for one row is scored by rows."""
+    from qeval.lm import QevalLM
+
+    m = load_model(resolve_model(str(tiny_model_dir)), FORMATS.get("none"), "cpu")
+    rec: list = []
+    lm = QevalLM(pretrained=m.model, tokenizer=m.tokenizer, batch_size=2, device="cpu", recorder=rec,
+                 max_length=12)  # the last context + its branches (6 + 3 + 3) = 12 fits; 13 would not
+    reqs = _choice_requests()
+    out = lm._loglikelihood_tokens(reqs)
+    assert lm._tree is True
+    for (_, ctx, cont), (ll, greedy) in zip(reqs, out, strict=True):
+        want_ll, want_greedy = _direct(m.model, ctx, cont)
+        assert ll == pytest.approx(want_ll, rel=1e-5, abs=1e-4) and greedy == want_greedy
+    trees = [r for r in rec if r[0] == "forward" and len(r) == 4]
+    assert sum(r[1].shape[0] for r in trees) == 4 < len(reqs)  # one row per context
+    rec.clear()
+    lm._max_length = 11  # now the last context needs 12 positions: its requests go row by row
+    out2 = lm._loglikelihood_tokens(reqs)
+    assert [a for a, _ in out2] == pytest.approx([a for a, _ in out], rel=1e-5, abs=1e-4)
+    assert sum(r[1].shape[0] for r in rec if len(r) == 4) == 3
+    assert sum(r[1].shape[0] for r in rec if len(r) == 3) == 2  # the two 4-token choices, by rows
+
+
+def test_tree_rows_fall_back_when_the_model_ignores_the_mask(tiny_model_dir, caplog):
+    """A model whose attention ignores a custom 4-D mask (flash-attention does) fails the self-check
+    on the first group: QevalLM warns and scores row by row, with the right numbers."""
+    from qeval.lm import QevalLM
+
+    m = load_model(resolve_model(str(tiny_model_dir)), FORMATS.get("none"), "cpu")
+    lm = QevalLM(pretrained=m.model, tokenizer=m.tokenizer, batch_size=4, device="cpu")
+    body = lm._split[0]
+    plain = body.forward
+    body.forward = lambda *a, attention_mask=None, position_ids=None, **k: plain(*a, **k)
+    try:
+        with caplog.at_level("WARNING", logger="qeval"):
+            out = lm._loglikelihood_tokens(_choice_requests())
+    finally:
+        del body.forward
+    assert lm._tree is False and "row by row" in caplog.text
+    for (_, ctx, cont), (ll, greedy) in zip(_choice_requests(), out, strict=True):
+        assert ll == pytest.approx(_direct(m.model, ctx, cont)[0], rel=1e-5, abs=1e-4)
