@@ -196,3 +196,28 @@ def test_tree_rows_fall_back_when_the_model_ignores_the_mask(tiny_model_dir, cap
     assert lm._tree is False and "row by row" in caplog.text
     for (_, ctx, cont), (ll, greedy) in zip(_choice_requests(), out, strict=True):
         assert ll == pytest.approx(_direct(m.model, ctx, cont)[0], rel=1e-5, abs=1e-4)
+
+
+def test_reference_log_probs_cached_bit_identical(peaked_dir, monkeypatch):
+    """The baseline's log-probabilities are kept for the next variant on CPU (within
+    QEVAL_REFERENCE_CACHE_MB): the KL from the cache equals, bit for bit, the KL recomputed without
+    it; the cache never travels with a pickled reference (a Ray job)."""
+    import pickle
+
+    from qeval.evaluate import EvalSpec, evaluate
+    from qeval.suites import TaskSpec
+
+    r = resolve_model(str(peaked_dir))
+    base, var = load_model(r, FORMATS.get("none"), "cpu"), load_model(r, FORMATS.get("bnb-nf4"), "cpu")
+    task = TaskSpec("qeval_lee_ppl", limit=3, batch_size=2, divergence=True)
+    ref = evaluate(base, task, EvalSpec(bootstrap_iters=10), "reference").reference
+    monkeypatch.setenv("QEVAL_REFERENCE_CACHE_MB", "0")
+    cold = evaluate(var, task, EvalSpec(bootstrap_iters=10), ref).divergence
+    assert not ref.__dict__.get("_lp_cache")
+    monkeypatch.setenv("QEVAL_REFERENCE_CACHE_MB", "1024")
+    filled = evaluate(var, task, EvalSpec(bootstrap_iters=10), ref).divergence
+    assert len(ref._lp_cache) == len(ref.hidden) == 3
+    warm = evaluate(var, task, EvalSpec(bootstrap_iters=10), ref).divergence
+    for d in (filled, warm):
+        assert d.metrics() == cold.metrics()
+    assert "_lp_cache" not in pickle.loads(pickle.dumps(ref)).__dict__
