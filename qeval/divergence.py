@@ -72,12 +72,16 @@ class Reference:
         for i in range(0, baseline.shape[0], ROWS):
             lp[i:i + ROWS] = F.log_softmax(baseline[i:i + ROWS], dim=-1)
         out = (lp, lp.argmax(-1))
+        self.keep(key, *out)
+        return out
+
+    def keep(self, key: str, lp, top) -> None:
+        """Keep a window's log-probabilities for the next variant, on CPU and within the budget."""
         budget = int(os.environ.get("QEVAL_REFERENCE_CACHE_MB", "1024")) * 2**20
         used = self.__dict__.get("_lp_cache_bytes", 0)
-        if dev.type == "cpu" and used + lp.nbytes <= budget:
-            cache[key] = out
+        if lp.device.type == "cpu" and used + lp.nbytes <= budget:
+            self.__dict__.setdefault("_lp_cache", {})[key] = (lp, top)
             self._lp_cache_bytes = used + lp.nbytes
-        return out
 
     def __getstate__(self):  # caches stay in their process: a Ray worker gets hidden states + head
         return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
@@ -162,6 +166,7 @@ class Capture:
         self.logits_dtype = "float32"
         self._ids = None
         self._handles: list = []
+        self._own: dict = {}  # baseline only: window -> (log-probs, argmax), handed to the Reference
 
     def __enter__(self) -> "Capture":
         head = self.model.get_output_embeddings()
@@ -199,6 +204,10 @@ class Capture:
         if self.ref is None:
             self.hidden[key] = hidden.detach().float().cpu().clone()
             self.logits_dtype = str(logits.dtype).removeprefix("torch.")
+            if log_probs is not None and logits.dtype == torch.float32 and log_probs.device.type == "cpu":
+                # the baseline's own log-probs are what `Reference.log_probs` would recompute (same
+                # head op on the same shape; log-softmax is per row): the first variant skips that
+                self._own[key] = (log_probs[:-1].detach().clone(), log_probs[:-1].argmax(-1))
         elif key not in self.ref.hidden:
             self.unmatched += 1
         else:
@@ -232,9 +241,13 @@ class Capture:
     def reference(self) -> Reference:
         head = self.model.get_output_embeddings()
         bias = head.bias.detach().float().cpu() if getattr(head, "bias", None) is not None else None
-        return Reference(dict(self.hidden), head.weight.detach().float().cpu().clone(), bias,
-                         getattr(getattr(self.model, "config", None), "final_logit_softcapping", None),
-                         self.logits_dtype)
+        ref = Reference(dict(self.hidden), head.weight.detach().float().cpu().clone(), bias,
+                        getattr(getattr(self.model, "config", None), "final_logit_softcapping", None),
+                        self.logits_dtype)
+        for key, (lp, top) in self._own.items():
+            ref.keep(key, lp, top)
+        self._own = {}
+        return ref
 
     def result(self) -> Divergence | None:
         if not self.kls:

@@ -204,20 +204,32 @@ def test_reference_log_probs_cached_bit_identical(peaked_dir, monkeypatch):
     it; the cache never travels with a pickled reference (a Ray job)."""
     import pickle
 
+    import torch
+
+    from qeval.divergence import Reference
     from qeval.evaluate import EvalSpec, evaluate
     from qeval.suites import TaskSpec
 
     r = resolve_model(str(peaked_dir))
     base, var = load_model(r, FORMATS.get("none"), "cpu"), load_model(r, FORMATS.get("bnb-nf4"), "cpu")
     task = TaskSpec("qeval_lee_ppl", limit=3, batch_size=2, divergence=True)
-    ref = evaluate(base, task, EvalSpec(bootstrap_iters=10), "reference").reference
     monkeypatch.setenv("QEVAL_REFERENCE_CACHE_MB", "0")
+    ref = evaluate(base, task, EvalSpec(bootstrap_iters=10), "reference").reference
+    assert not ref.__dict__.get("_lp_cache")
     cold = evaluate(var, task, EvalSpec(bootstrap_iters=10), ref).divergence
     assert not ref.__dict__.get("_lp_cache")
     monkeypatch.setenv("QEVAL_REFERENCE_CACHE_MB", "1024")
-    filled = evaluate(var, task, EvalSpec(bootstrap_iters=10), ref).divergence
+    filled = evaluate(var, task, EvalSpec(bootstrap_iters=10), ref).divergence  # recomputed, then kept
     assert len(ref._lp_cache) == len(ref.hidden) == 3
     warm = evaluate(var, task, EvalSpec(bootstrap_iters=10), ref).divergence
-    for d in (filled, warm):
+    # kept from the baseline's own forwards while recording the reference
+    ref2 = evaluate(base, task, EvalSpec(bootstrap_iters=10), "reference").reference
+    assert len(ref2._lp_cache) == 3
+    own = evaluate(var, task, EvalSpec(bootstrap_iters=10), ref2).divergence
+    for d in (filled, warm, own):
         assert d.metrics() == cold.metrics()
+    recompute = Reference(ref.hidden, ref.weight, ref.bias, ref.softcap)  # nothing kept: computes
+    for key, (lp, top) in ref2._lp_cache.items():
+        want_lp, want_top = recompute.log_probs(key)
+        assert torch.equal(lp, want_lp) and torch.equal(top, want_top)
     assert "_lp_cache" not in pickle.loads(pickle.dumps(ref)).__dict__
