@@ -128,6 +128,7 @@ def efficiency(model_spec: str, formats: list[str], device: str, suite: str = "d
     batch size: how much batching moves the numbers (the batch-size noise floor)."""
     import dataclasses
 
+    import qeval.lm
     from qeval.evaluate import EvalSpec, evaluate
 
     resolved = resolve_model(model_spec)
@@ -152,8 +153,11 @@ def efficiency(model_spec: str, formats: list[str], device: str, suite: str = "d
                          "qeval_tok_s": tokens / out.eval_s, "bare_tok_s": tokens / bare_s,
                          "efficiency": bare_s / out.eval_s, "divergence": bool(t.divergence), "device": device,
                          "dtype": loaded.dtype})
-            if noise and name == formats[0] and t.batch_size != 1 and out.config.get("output_type") != "generate_until":
-                one = evaluate(loaded, dataclasses.replace(t, batch_size=1, divergence=False), spec)
+            if noise and name == formats[0] and out.config.get("output_type") != "generate_until":
+                # against lm-eval's layout: one request per row, one row per forward (no shared
+                # context rows, no padding)
+                with qeval.lm.rows_only():
+                    one = evaluate(loaded, dataclasses.replace(t, batch_size=1, divergence=False), spec)
                 noise_rows.append(_batch_noise(t, out, one))
         del loaded
     frame = pd.DataFrame(rows)
@@ -281,9 +285,10 @@ def write_efficiency(frame: pd.DataFrame, noise: pd.DataFrame, cells: dict | Non
                      f"{'met' if r.meets_target else 'MISSED'} |")
     if len(noise):
         lines += ["\n### Batch-size noise floor\n",
-                  "Each log-likelihood task at its batch size vs batch size 1 (padding changes GEMM shapes, so "
-                  "float rounding): largest per-sample log-likelihood difference and the metric change, beside "
-                  "the metric's own standard error.\n",
+                  "Each log-likelihood task as qeval scores it (its batch size; a multiple-choice question's "
+                  "choices in one row) vs lm-eval's layout (one request per row, batch size 1): padding and "
+                  "packing change GEMM shapes, so float rounding. Largest per-sample log-likelihood "
+                  "difference and the metric change, beside the metric's own standard error.\n",
                   "| task | batch | max abs d(loglik) | max rel d(loglik) | primary | d(primary) | stderr | max d(any metric) |",
                   "|---|---:|---:|---:|---|---:|---:|---:|"]
         for r in noise.itertuples(index=False):

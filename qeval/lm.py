@@ -31,6 +31,7 @@ Also here, because they ride on the same code path:
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 
 import torch
@@ -81,6 +82,19 @@ def head_logits(head, hidden, softcap):
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
     return logits
+
+
+_ROWS_ONLY = [False]
+
+
+@contextlib.contextmanager
+def rows_only():
+    """Within: every QevalLM scores one request per row (lm-eval's layout); the bench's noise floor."""
+    _ROWS_ONLY[0] = True
+    try:
+        yield
+    finally:
+        _ROWS_ONLY[0] = False
 
 
 class QevalLM(HFLM):
@@ -148,7 +162,7 @@ class QevalLM(HFLM):
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
         if self._split is None:
             return super()._loglikelihood_tokens(requests, disable_tqdm, override_bs)
-        if self._tree is not False and self.observer is None and self.batch_size != "auto" \
+        if self._tree is not False and not _ROWS_ONLY[0] and self.observer is None and self.batch_size != "auto" \
                 and requests and all(r[0] is not None for r in requests):  # rolling windows: rows
             out = self._tree_loglikelihood(requests)
             if out is not None:

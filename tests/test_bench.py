@@ -34,7 +34,8 @@ def test_efficiency_table(tiny_model_dir, tmp_path):
     assert list(frame.task) == ["qeval_analogy", "qeval_lee_ppl"]
     assert (frame.tokens > 0).all() and (frame.qeval_tok_s > 0).all() and (frame.bare_tok_s > 0).all()
     assert list(frame.meets_target) == list(frame.efficiency >= EFFICIENCY_TARGET)
-    # batch-size noise floor: each log-likelihood task at its batch size vs 1, float rounding only
+    # noise floor: each log-likelihood task as qeval scores it vs one request per row at batch 1,
+    # float rounding only
     assert list(noise.task) == ["qeval_analogy", "qeval_lee_ppl"]
     assert (noise.max_rel_dll < 1e-4).all()
     text = write_efficiency(frame, noise, {"cells": 8, "fresh_process_s": 80.0, "qeval_s": 10.0, "speedup": 8.0},
