@@ -132,7 +132,7 @@ def adapter_rows(frames: dict[str, pd.DataFrame]) -> list[dict]:
                 if n > 1 and s:
                     text += f" ({fmt_pct(s.get('regained_min'))} .. {fmt_pct(s.get('regained_max'))} over {n} seeds)"
                 else:
-                    text += f" (vs the 4-bit base: {t['regained_verdict'].iloc[0]})"
+                    text += f" (vs its quantized base: {t['regained_verdict'].iloc[0]})"
             elif bool(t["float_base"].all()):
                 text = f"{task}: {fmt_num(t['delta_vs_baseline'].mean(), signed=True)} vs baseline"
                 if n > 1 and s:

@@ -54,6 +54,35 @@ def _independent_merge(resolved, art) -> torch.nn.Module:
     return flat
 
 
+def test_lora_trains_on_torchao_int4_too(resolved):
+    """The simulated int4 (one code per int8 byte) trains as well: the registry says so because it does."""
+    assert FORMATS.get("torchao:int4-wo").lora_trainable
+    art = finetune(resolved, AdapterSpec(train_quant="torchao:int4-wo", **TINY), "cpu", isolate=False)
+    lora = load_file(str(art.path / "adapter_model.safetensors"))
+    assert all(v.abs().max() > 0 for k, v in lora.items() if "lora_B" in k)
+    assert art.heldout[-1][1] < art.heldout[0][1]
+
+
+def test_a_base_without_lora_support_is_one_exit_2_line(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    """A backend format that declares no LoRA training (none of the shipped ones today: a GPTQ kernel
+    without backward would be one) is refused for train_quant and for an adapter arm's quant."""
+    import dataclasses
+
+    from qeval.cli import main
+
+    name = "torchao:int2-wo:g32"
+    monkeypatch.setitem(FORMATS._parsed, name, dataclasses.replace(FORMATS.get(name), lora_trainable=False))
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(f"models: [{tiny_model_dir}]\nformats: [none]\nadapters: {{a: {{train_quant: '{name}'}}}}\n"
+                    "arms: [{name: x, quant: none, adapter: a}]\n")
+    store = tmp_path / "store.sqlite"
+    assert main(["run", "--plan", str(plan), "--store", str(store)]) == 2
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith("qeval: error: adapters.a.train_quant"), lines
+    assert name in lines[0] and "LoRA" in lines[0] and "torchao:int8-wo" in lines[0]
+    assert not store.exists()
+
+
 def test_lora_trains_on_a_torchao_int8_base(artifact):
     lora = load_file(str(artifact.path / "adapter_model.safetensors"))
     bs = [v for k, v in lora.items() if "lora_B" in k]
