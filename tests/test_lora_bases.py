@@ -154,3 +154,15 @@ def test_quanto_int4_base_runs_end_to_end(tiny_model_dir, tmp_path, monkeypatch)
     assert ppl["ql-float"] == pytest.approx(ppl["ql"], rel=1e-4)  # dequantize + merge keeps them
     merges = adapter_frames(records)["merge"].set_index("arm")
     assert merges.loc["ql-requant", "merged_bytes"] < merges.loc["ql-float", "merged_bytes"]  # int4 again
+
+
+def test_shipped_qlora_bases_plan_is_valid():
+    from pathlib import Path
+
+    from qeval.runner import load_plan, validate
+
+    rp = validate(load_plan(Path(__file__).parents[1] / "plans" / "qlora-bases.yaml"))
+    bases = {s.train_quant for s in rp.adapters.values()}
+    assert bases == {"none", "bnb-nf4-dq", "quanto:int4", "torchao:int4-wo", "gguf:q4_0"}
+    assert len({(s.lr, s.steps, s.batch_size, s.seq_len, s.r, s.train_data) for s in rp.adapters.values()}) == 1
+    assert sum(a.merge == "requantized" for a in rp.arms) == 4
