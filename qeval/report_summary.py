@@ -139,7 +139,7 @@ def adapter_rows(frames: dict[str, pd.DataFrame]) -> list[dict]:
                     text += f", mean {fmt_num(s.get('value_mean'))} [{fmt_num(s.get('value_lo'))}, {fmt_num(s.get('value_hi'))}] over {n} seeds"
                 text += f" ({_count(list(t['vs_baseline_verdict']), n)})"
             else:
-                text = f"{task}: nothing to regain (its base's loss: {t['lost_verdict'].iloc[0]})"
+                text = f"{task}: nothing to regain (its base against the baseline: {t['lost_verdict'].iloc[0]})"
             gained.append(text)
         out.append({"model": model, "arm": arm, "quant": g["quant"].iloc[0], "seeds": int(g.groupby("task").size().max()),
                     "gained": "; ".join(gained) or NA, "forgot": "; ".join(forgot) or "none detected"})

@@ -122,7 +122,7 @@ def resolved(tiny_model_dir):
 
 TINY_STORE_SUITE = """name: tiny-store
 tasks:
-  - {task: qeval_analogy, limit: 40, batch_size: 8}
+  - {task: qeval_analogy, limit: 24, batch_size: 8}
   - {task: qeval_lee_ppl, limit: 12, divergence: true}
 """
 TINY_STORE_ADAPTERS = {
@@ -135,9 +135,10 @@ TINY_STORE_ARMS = ({"name": "lora", "quant": "none", "adapter": "lora"},
 
 @pytest.fixture(scope="session")
 def tiny_store(tmp_path_factory):
-    """A store of one small plan on a briefly trained tiny model (so formats lose measurably): the baseline, int8, NF4, FP4 and gguf:q8_0 (simulated compute), LoRA on the
-    float base and QLoRA on NF4, on analogy (40 right/wrong documents) and Lee perplexity (12
-    documents, with KL). Read-only for the tests that share it: (store path, model folder)."""
+    """A store of one small plan on a briefly trained tiny model (so formats lose measurably): the
+    baseline, NF4 and gguf:q8_0 (simulated compute), LoRA on the float base and QLoRA on NF4, on
+    analogy (24 right/wrong documents) and Lee perplexity (12 documents, with KL). Read-only for the
+    tests that share it: (store path, model folder)."""
     from qeval import runner
     import qeval.adapters as adapters
 
@@ -145,7 +146,7 @@ def tiny_store(tmp_path_factory):
     model = build_trained_tiny_model(tmp / "model")
     (tmp / "suite.yaml").write_text(TINY_STORE_SUITE)
     plan = runner.Plan(models=(str(model),), suite=str(tmp / "suite.yaml"), device="cpu",
-                       formats=("none", "bnb-int8", "bnb-nf4", "bnb-fp4", "gguf:q8_0"),
+                       formats=("none", "bnb-nf4", "gguf:q8_0"),
                        adapters=TINY_STORE_ADAPTERS, arms=TINY_STORE_ARMS)
     real = adapters.finetune
     with pytest.MonkeyPatch.context() as mp:  # train in this process: a fresh one costs seconds of imports

@@ -14,7 +14,7 @@ from qeval.quant import FORMATS
 
 pytest.importorskip("torchao")
 
-TINY = dict(steps=6, batch_size=2, seq_len=32, eval_every=3, lr=1e-2, warmup_steps=1)
+TINY = dict(steps=4, batch_size=2, seq_len=32, eval_every=2, lr=1e-2, warmup_steps=1)
 BASE = "torchao:int8-wo"
 
 
