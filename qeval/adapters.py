@@ -5,8 +5,9 @@ result under the cache keyed by a content hash (model fingerprint + spec + train
 library versions), so one adapter is trained once and reused by every arm that evaluates it.
 `attach(loaded, artifact, merge)` puts an adapter on an already-loaded base, optionally merging it:
 `dequantized` merges into the dequantized float base (exactly the unmerged numbers), `requantized`
-then quantizes the merged weights back to the base's 4-bit format (the deploy path that can lose
-the fine-tune).
+then quantizes the merged weights back to the base's format with the same backend (the deploy path
+that can lose the fine-tune). A base qualifies when its backend declares LoRA support
+(`QuantFormat.lora_trainable`: bitsandbytes 4-bit, torchao int8, quanto, GGUF).
 """
 from __future__ import annotations
 
@@ -97,6 +98,8 @@ class AdapterSpec:
             out.append(QevalError(f"{where}.train_quant", self.train_quant,
                                   "'none' for a full fine-tune (quantized weights cannot be trained)",
                                   "use method: lora for a quantized base (QLoRA)"))
+        elif problem := lora_base_problem(self.train_quant, f"{where}.train_quant"):
+            out.append(problem)
         try:  # the data is read and checked now, before any model loads
             read_rows(resolve(self.train_data, f"{where}.train_data"))
         except QevalError as e:
@@ -266,9 +269,14 @@ def adapter_key(model: ResolvedModel, spec: AdapterSpec, device: str) -> str:
     src = resolve(spec.train_data)
     if not src.builtin:  # the same rows moved elsewhere are the same adapter
         recipe["train_data"] = "local"
-    return content_key({"schema": ADAPTER_SCHEMA, "model": model.fingerprint, "spec": recipe,
-                        "data": src.hash, "versions": versions,
-                        "device": "cuda" if device.startswith("cuda") else "cpu"})
+    material = {"schema": ADAPTER_SCHEMA, "model": model.fingerprint, "spec": recipe, "data": src.hash,
+                "versions": versions, "device": "cuda" if device.startswith("cuda") else "cpu"}
+    fmt = FORMATS.get(spec.train_quant)
+    if fmt.options or fmt.packages:  # a backend base (torchao, quanto, gguf): its options and package versions
+        from qeval.models import compute_dtype
+
+        material["base_format"] = fmt.spec(compute_dtype(device))  # (bnb presets: keys unchanged)
+    return content_key(material)
 
 
 def finetune(model: ResolvedModel, spec: AdapterSpec, device: str, prefix: str = "",
@@ -570,9 +578,9 @@ def attach(loaded: LoadedModel, artifact: AdapterArtifact, merge: str = "none") 
     model = loaded.model
     fmt = loaded.fmt
     if merge in ("dequantized", "requantized"):
-        if not _is_4bit(model):
-            raise QevalError("merge", merge, "a 4-bit base to dequantize", "merge only QLoRA arms on bnb 4-bit formats")
-        model = dequantize_4bit(model, getattr(torch, loaded.dtype))
+        if problem := merge_problem(loaded.fmt.name, "merge"):
+            raise problem
+        model = dequantize_base(model, getattr(torch, loaded.dtype))
         fmt = FORMATS.get("none")
     model = PeftModel.from_pretrained(model, str(artifact.path), is_trainable=False)
     if merge != "none":
@@ -586,7 +594,8 @@ def attach(loaded: LoadedModel, artifact: AdapterArtifact, merge: str = "none") 
 
 
 def _requantize(merged: LoadedModel, original: LoadedModel) -> LoadedModel:
-    """Save the merged float model and load it back at the original 4-bit format."""
+    """Save the merged float model and load it back at the original format (the same backend
+    quantizes it again: bitsandbytes at load, torchao / quanto / GGUF after it)."""
     with tempfile.TemporaryDirectory(prefix="qeval-merged-") as tmp:
         t0 = time.perf_counter()
         merged.model.save_pretrained(tmp)
@@ -604,8 +613,54 @@ def load_finetuned(model: ResolvedModel, artifact: AdapterArtifact, fmt_name: st
     return dataclasses.replace(loaded, resolved=model)
 
 
+def lora_base_problem(fmt_name: str, where: str) -> QevalError | None:
+    """Why a LoRA adapter can not train on (or be attached to) `fmt_name`; None when its backend
+    declares LoRA support (`QuantFormat.lora_trainable`)."""
+    fmt = FORMATS.get(fmt_name)
+    if fmt.lora_trainable:
+        return None
+    return QevalError(where, fmt_name, f"a base whose backend declares LoRA training ({fmt.backend} does not "
+                      f"for this format: {fmt.storage or fmt.description})",
+                      "use one that does, e.g. bnb-nf4-dq, torchao:int8-wo, quanto:int4, gguf:q4_0 (qeval formats)")
+
+
+def merge_problem(fmt_name: str, where: str) -> QevalError | None:
+    """Why a LoRA adapter on `fmt_name` can not be merged (dequantized or re-quantized); None when it
+    can: a quantized base with LoRA support, except bitsandbytes' LLM.int8 (no dequantize path here)."""
+    fmt = FORMATS.get(fmt_name)
+    if fmt.name != "none" and fmt.lora_trainable and not (fmt.backend == "bitsandbytes" and "int8" in fmt.name):
+        return None
+    return QevalError(where, fmt_name, "a quantized base with LoRA support to dequantize, merge into and re-quantize "
+                      "(bnb 4-bit, torchao int8, quanto, GGUF)", "merge paths exist for QLoRA-style arms on those bases")
+
+
 def _is_4bit(model) -> bool:
     return any(type(m).__name__ == "Linear4bit" for m in model.modules())
+
+
+def dequantize_base(model, dtype):
+    """Replace every quantized linear layer by a float Linear holding its dequantized weights:
+    bitsandbytes Linear4bit, torchao tensor-subclass weights (Int8Tensor, ...), quanto QLinear. GGUF's
+    simulated weights already are float and stay as they are. Returns the (same) model."""
+    import torch
+
+    from qeval.quant import _is_subclass_tensor
+
+    if _is_4bit(model):
+        model = dequantize_4bit(model, dtype)
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            w = getattr(child, "weight", None)
+            if not isinstance(child, torch.nn.Linear) or not _is_subclass_tensor(w):
+                continue
+            lin = torch.nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,
+                                  dtype=dtype, device=w.device)
+            with torch.no_grad():
+                lin.weight.copy_(w.dequantize().to(dtype))
+                if child.bias is not None:
+                    lin.bias.copy_(child.bias.detach().to(dtype))
+            setattr(parent, name, lin)
+    return model
 
 
 def dequantize_4bit(model, dtype):

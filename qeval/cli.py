@@ -309,12 +309,15 @@ def cmd_report(args) -> int:
     tests = sum(len(r["metrics"]) for r in latest(records))
     from qeval import report_formats
 
+    from qeval.report_summary import summary_section
+
     results = with_paired(results_frame(records), pairs)
-    written = render(results, memory, meta, out,
-                     extra=[report_formats.section(records, pairs, memory, results),
-                            significance_section(task_mde(pairs), th.fdr, tests),
-                            divergence_section(divergence_frame(records, pairs)),
-                            adapter_section(frames, table, verdict, memory), history_section(history)])
+    div = divergence_frame(records, pairs)
+    extra = [report_formats.section(records, pairs, memory, results),
+             significance_section(task_mde(pairs), th.fdr, tests), divergence_section(div),
+             adapter_section(frames, table, verdict, memory), history_section(history)]
+    summary = summary_section(results, memory, div, frames, verdict, [b for s in extra if s for b in s.banners])
+    written = render(results, memory, meta, out, extra=extra, summary=summary)
     for p in written:
         print(p)
     return 0

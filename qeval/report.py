@@ -16,14 +16,11 @@ leaves a half-written report behind.
 """
 from __future__ import annotations
 
-import base64
-import html
 import io
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Union
+from typing import Iterable
 
 from qeval.files import atomic_write
 
@@ -35,6 +32,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from qeval.quant import DEFAULT_FORMATS  # noqa: E402
+# the document model (blocks -> Markdown / HTML); re-exported for the sections and tests that import it here
+from qeval.report_doc import (Block, Bullets, Heading, Image, Para, Table,  # noqa: E402,F401
+                              to_html, to_markdown)
 
 BASELINE = "none"
 NA = "n/a"
@@ -148,122 +148,6 @@ def _tidy(df: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
     """The documented columns first, in order (missing ones as NaN), any extra columns after."""
     extra = [c for c in df.columns if c not in columns]
     return df.reindex(columns=columns + extra)
-
-
-# ----------------------------------------------------------------------------- document model
-
-@dataclass
-class Heading:
-    level: int
-    text: str
-
-
-@dataclass
-class Para:
-    text: str
-
-
-@dataclass
-class Bullets:
-    items: list[str]
-
-
-@dataclass
-class Table:
-    """One table, rendered to both Markdown and HTML; `numeric[i]` right-aligns column i."""
-    header: list[str]
-    rows: list[list[str]]
-    numeric: list[bool] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        if not self.numeric:
-            self.numeric = [False] * len(self.header)
-
-
-@dataclass
-class Image:
-    alt: str
-    filename: str
-
-
-Block = Union[Heading, Para, Bullets, Table, Image]
-
-
-_MD_ACTIVE = re.compile(r"([\\`*\[\]])|(?<![A-Za-z0-9])_|_(?![A-Za-z0-9])")
-
-
-def _md_text(text: str) -> str:
-    """Neutralise Markdown and HTML in text that may come from users (model paths, task and arm
-    names): a task called `<script>` or `**x**` or `[a](javascript:..)` reads as itself, not as markup,
-    and a newline cannot start a heading. Intra-word underscores (qeval_analogy) stay as they are:
-    they cannot start emphasis in GitHub-flavoured Markdown."""
-    text = str(text).replace("\r", " ").replace("\n", " ")
-    text = _MD_ACTIVE.sub(lambda m: "\\" + m.group(0), text)
-    text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-    return ("\\" + text) if text[:1] in ("#", "+", "-", "=") and not text[1:2].isdigit() else text
-
-
-def _md_cell(text: str) -> str:
-    return _md_text(text).replace("|", "\\|")
-
-
-def to_markdown(blocks: Iterable[Block]) -> str:
-    """Render blocks as GitHub-flavoured Markdown; images are relative links to sibling files."""
-    out: list[str] = []
-    for b in blocks:
-        if isinstance(b, Heading):
-            out.append(f"{'#' * b.level} {_md_text(b.text)}")
-        elif isinstance(b, Para):
-            out.append(_md_text(b.text))
-        elif isinstance(b, Bullets):
-            out.append("\n".join(f"- {_md_text(item)}" for item in b.items))
-        elif isinstance(b, Table):
-            lines = ["| " + " | ".join(_md_cell(h) for h in b.header) + " |",
-                     "|" + "|".join("---:" if num else "---" for num in b.numeric) + "|"]
-            lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in b.rows]
-            out.append("\n".join(lines))
-        elif isinstance(b, Image):
-            out.append(f"![{b.alt}]({b.filename})")
-        out.append("")
-    return "\n".join(out)
-
-
-_CSS = """
-body { font-family: system-ui, sans-serif; max-width: 72rem; margin: 2rem auto; padding: 0 1rem;
-       color: #222; line-height: 1.45; }
-table { border-collapse: collapse; margin: 0.5rem 0 1.25rem; font-size: 0.92rem; }
-th, td { border: 1px solid #ccc; padding: 0.25rem 0.6rem; }
-th { background: #f0f0f0; text-align: left; }
-td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
-tr:nth-child(even) td { background: #fafafa; }
-img { max-width: 100%; height: auto; }
-"""
-
-
-def to_html(blocks: Iterable[Block], images: dict[str, bytes], title: str) -> str:
-    """Render blocks as one self-contained HTML page: inline CSS, PNGs as base64 data URIs."""
-    e = html.escape
-    body: list[str] = []
-    for b in blocks:
-        if isinstance(b, Heading):
-            body.append(f"<h{b.level}>{e(b.text)}</h{b.level}>")
-        elif isinstance(b, Para):
-            body.append(f"<p>{e(b.text)}</p>")
-        elif isinstance(b, Bullets):
-            body.append("<ul>\n" + "\n".join(f"<li>{e(i)}</li>" for i in b.items) + "\n</ul>")
-        elif isinstance(b, Table):
-            def cls(num: bool) -> str:
-                return ' class="num"' if num else ""
-            head = "".join(f"<th{cls(n)}>{e(h)}</th>" for h, n in zip(b.header, b.numeric))
-            rows = "\n".join("<tr>" + "".join(f"<td{cls(n)}>{e(c)}</td>" for c, n in zip(row, b.numeric))
-                             + "</tr>" for row in b.rows)
-            body.append(f"<table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n{rows}\n</tbody>\n</table>")
-        elif isinstance(b, Image):
-            data = base64.b64encode(images[b.filename]).decode("ascii")
-            body.append(f'<p><img alt="{e(b.alt)}" src="data:image/png;base64,{data}"></p>')
-    return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
-            f"<title>{e(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
-            + "\n".join(body) + "\n</body>\n</html>\n")
 
 
 # ----------------------------------------------------------------------------- report sections
@@ -905,12 +789,14 @@ def _history_png(hist: pd.DataFrame) -> bytes:
 # ----------------------------------------------------------------------------- writing
 
 def render(results: pd.DataFrame, memory: pd.DataFrame, meta: dict, out_dir: Path,
-           extra: Iterable[Section | None] = ()) -> list[Path]:
+           extra: Iterable[Section | None] = (), summary: Section | None = None) -> list[Path]:
     """Render report files into out_dir (created if missing) and return the paths written.
 
     Writes results.csv, memory.csv, recovery.png, memory_vs_score.png, report.md and report.html.
     Only formats the frames (see the module docstring for their columns); NaN shows as 'n/a'. An
     empty `results` frame still yields every file, with a report that says there are no results.
+    `summary` (qeval.report_summary) opens the report, right under the title, and carries the
+    banners; without it the banners of `extra` open it under "Read this first".
     """
     out_dir = Path(out_dir)
     extras = [e for e in extra if e is not None]
@@ -933,7 +819,9 @@ def render(results: pd.DataFrame, memory: pd.DataFrame, meta: dict, out_dir: Pat
     # Render everything in memory first: a failure below then writes nothing at all.
     blocks = _meta_blocks(meta, results, memory)
     banners = [b for section in extras for b in section.banners]
-    if banners:
+    if summary is not None:  # the one screen a reader needs first; the run's provenance after it
+        blocks = blocks[:1] + summary.blocks + [Heading(2, "About this run")] + blocks[1:]
+    elif banners:
         blocks += [Heading(2, "Read this first"), Bullets(banners)]
     if results.empty:
         blocks.append(Para("No results: the store holds no evaluated cells for this selection."))

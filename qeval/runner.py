@@ -22,7 +22,7 @@ from typing import Any, Callable
 from qeval import env
 # finetune / evaluate / load_model are looked up here by the jobs (qeval.jobs), so tests can patch them
 from qeval.adapters import (MERGES, AdapterArtifact, AdapterSpec, adapter_key, attach, expand_seeds,  # noqa: F401
-                            finetune, load_finetuned)
+                            finetune, load_finetuned, lora_base_problem, merge_problem)
 from qeval.errors import QevalError, unknown_name
 from qeval.evaluate import EvalOutcome, EvalSpec, evaluate  # noqa: F401
 from qeval.models import (DEFAULT_MODEL, LoadedModel, ResolvedModel, compute_dtype, compute_dtype_problem,
@@ -169,11 +169,15 @@ def validate(plan: Plan, suite: Suite | None = None) -> Resolved:
             errors.append(unknown_name(f"{where} merge", arm.merge, MERGES))
         elif arm.merge != "none":
             spec = adapters.get(arm.adapter or "")
-            if spec is None or spec.method != "lora" or arm.quant not in FORMATS or \
-                    FORMATS.get(arm.quant).backend != "bitsandbytes" or "int8" in arm.quant:
-                errors.append(QevalError(f"{where} merge", arm.merge,
-                                         "a LoRA adapter on a bitsandbytes 4-bit quant",
-                                         "merge paths exist for QLoRA-style arms only"))
+            if spec is None or spec.method != "lora":
+                errors.append(QevalError(f"{where} merge", arm.merge, "a LoRA adapter on a quantized base "
+                                         "(bnb 4-bit, torchao int8, quanto, GGUF)", "merge paths exist for QLoRA-style arms only"))
+            elif arm.quant in FORMATS and (problem := merge_problem(arm.quant, f"{where} merge {arm.merge} on quant")):
+                errors.append(problem)
+        spec = adapters.get(arm.adapter or "")
+        if spec is not None and spec.method == "lora" and arm.quant in FORMATS and \
+                (problem := lora_base_problem(arm.quant, f"{where} quant")):
+            errors.append(problem)  # a LoRA adapter attached to a base whose backend has no LoRA support
         arms.append(arm)
     names = [a.name for a in arms]
     for dup in sorted({n for n in names if names.count(n) > 1}):

@@ -85,6 +85,28 @@ def build_tiny_model(folder: Path, tie_embeddings: bool = False, seed: int = 0, 
     return folder
 
 
+def build_trained_tiny_model(folder: Path, steps: int = 60, init_range: float = 0.2) -> Path:
+    """`build_tiny_model`, then `steps` AdamW steps (8 x 64 tokens, lr 1e-2; ~10 s on CPU) on the Lee
+    background news: a weak language model (loss ~6.3 -> ~5.3 nats) whose losses under quantization
+    are systematic, not the coin flips of random weights."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    build_tiny_model(folder, init_range=init_range)
+    tok, model = AutoTokenizer.from_pretrained(folder), AutoModelForCausalLM.from_pretrained(folder)
+    ids = torch.tensor(tok("\n".join(_lee_background()))["input_ids"])
+    gen = torch.Generator().manual_seed(0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(steps):
+        starts = torch.randint(0, len(ids) - 65, (8,), generator=gen)
+        x = torch.stack([ids[s:s + 64] for s in starts])
+        model(input_ids=x, labels=x).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
@@ -96,6 +118,42 @@ def resolved(tiny_model_dir):
     from qeval.models import resolve_model
 
     return resolve_model(str(tiny_model_dir))
+
+
+TINY_STORE_SUITE = """name: tiny-store
+tasks:
+  - {task: qeval_analogy, limit: 24, batch_size: 8}
+  - {task: qeval_lee_ppl, limit: 12, divergence: true}
+"""
+TINY_STORE_ADAPTERS = {
+    name: {"train_quant": quant, "steps": 3, "batch_size": 2, "seq_len": 32, "eval_every": 1,
+           "domain_tasks": ["qeval_lee_ppl"]}
+    for name, quant in (("lora", "none"), ("qlora", "bnb-nf4"))}
+TINY_STORE_ARMS = ({"name": "lora", "quant": "none", "adapter": "lora"},
+                   {"name": "qlora", "quant": "bnb-nf4", "adapter": "qlora"})
+
+
+@pytest.fixture(scope="session")
+def tiny_store(tmp_path_factory):
+    """A store of one small plan on a briefly trained tiny model (so formats lose measurably): the
+    baseline, NF4 and gguf:q8_0 (simulated compute), LoRA on the float base and QLoRA on NF4, on
+    analogy (24 right/wrong documents) and Lee perplexity (12 documents, with KL). Read-only for the
+    tests that share it: (store path, model folder)."""
+    from qeval import runner
+    import qeval.adapters as adapters
+
+    tmp = tmp_path_factory.mktemp("tiny-store")
+    model = build_trained_tiny_model(tmp / "model")
+    (tmp / "suite.yaml").write_text(TINY_STORE_SUITE)
+    plan = runner.Plan(models=(str(model),), suite=str(tmp / "suite.yaml"), device="cpu",
+                       formats=("none", "bnb-nf4", "gguf:q8_0"),
+                       adapters=TINY_STORE_ADAPTERS, arms=TINY_STORE_ARMS)
+    real = adapters.finetune
+    with pytest.MonkeyPatch.context() as mp:  # train in this process: a fresh one costs seconds of imports
+        mp.setattr(runner, "finetune", lambda *a, **k: real(*a, **{**k, "isolate": False}))
+        summary = runner.run_plan(plan, tmp / "store.sqlite", progress=lambda s: None)
+    assert not summary.failed, summary.failed
+    return tmp / "store.sqlite", model
 
 
 @pytest.fixture(scope="session", autouse=True)

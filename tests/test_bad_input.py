@@ -153,6 +153,8 @@ CASES = [
     ("plan-domain-task-unknown", lambda t, m: _plan(t, f"models: [{m}]\nformats: [none]\nadapters: {{a: {{domain_tasks: [qeval_lee_pl]}}}}\n"
                                                         "arms: [{name: x, quant: none, adapter: a}]\n"), "absent", ["qeval_lee_pl", "did you mean 'qeval_lee_ppl'"]),
     ("plan-arm-unknown-adapter", lambda t, m: _plan(t, f"models: [{m}]\nformats: [none]\narms: [{{name: x, adapter: nope}}]\n"), "absent", ["nope", "adapters"]),
+    ("plan-arm-merge-int8", lambda t, m: _plan(t, f"models: [{m}]\nformats: [none]\nadapters: {{a: {{train_quant: bnb-int8}}}}\n"
+                                                   "arms: [{name: x, quant: bnb-int8, adapter: a, merge: requantized}]\n"), "absent", ["merge", "bnb-int8", "dequantize"]),
     ("plan-arm-bad-merge", lambda t, m: _plan(t, f"models: [{m}]\nformats: [none]\narms: [{{name: x, merge: sideways}}]\n"), "absent", ["sideways"]),
     ("plan-include-path-missing", lambda t, m: _plan(t, f"models: [{m}]\nformats: [none]\ninclude_path: nowhere\n"), "existing", ["nowhere", "folder"]),
     ("plan-device-unknown", lambda t, m: _plan(t, f"models: [{m}]\nformats: [none]\ndevice: tpu\n"), "absent", ["tpu", "auto, cpu or cuda"]),

@@ -11,6 +11,9 @@ loaded float model, every linear layer but the (tied) output head, as bitsandbyt
   (`IntxUnpackedToInt8Tensor`), ~9 bits/weight measured against 4 + 32/G in theory, so it is marked
   "simulated" with both numbers shown.
 
+LoRA trains on every scheme here (peft's TorchaoLoraLinear; measured on the tiny model: the held-out
+loss falls, and both merge paths work, int4-wo included: tests/test_lora_bases.py).
+
 Theory counts the symmetric format's fp32 scale per row (int8) or per group; torchao also stores an
 (all-zero) int8 zero point beside each scale, which the measured bytes include (0.2% for int8).
 """
@@ -65,7 +68,7 @@ def _parse(scheme: str, options: tuple[str, ...]) -> QuantFormat:
         kernel, storage = "simulated", f"one int{n} code per int8 byte (IntxUnpackedToInt8Tensor): no packed CPU kernel"
     return QuantFormat(name, f"torchao {desc}", bits, lambda compute_dtype: None, backend="torchao",
                        after_load=_apply(scheme, group), kernel=kernel, storage=storage, can_save=True,
-                       lora_trainable=int8, options=(("scheme", scheme), ("group", group)),
+                       lora_trainable=True, options=(("scheme", scheme), ("group", group)),
                        packages=("torchao",), requires=BACKENDS.get("torchao"), divides=group or 0)
 
 
