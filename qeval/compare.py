@@ -319,9 +319,18 @@ def decision(frames: dict[str, pd.DataFrame], memory_budget: float | None) -> tu
         return (f"{r['arm']} ({metric} {r['mean']:.4g}{spread}, peak training memory "
                 f"{r['peak_train_bytes'] / 2**30:.2f} GiB)")
 
-    cheapest = by_arm.sort_values("peak_train_bytes").iloc[0]
+    by_memory = by_arm.sort_values("peak_train_bytes")
+    cheapest = by_memory.iloc[0]
     if memory_budget is None:
-        verdict = f"Best on {task}: {fmt(ranked.iloc[0])}; least training memory: {fmt(cheapest)}."
+        verdict = f"Best on {task}: {fmt(ranked.iloc[0])}; least training memory: {fmt(cheapest)}"
+        if len(by_memory) > 1:  # the same rule as the score's: intervals over seeds that overlap decide nothing
+            second = by_memory.iloc[1]
+            a, b = (seed_spread(list(table.loc[table.base_arm == r["arm"], "peak_train_bytes"].astype(float)))
+                    for r in (cheapest, second))
+            if a.n > 1 and b.n > 1 and intervals_overlap(a, b):
+                verdict += (f", but no clear winner on memory: {cheapest['arm']} and {second['arm']} overlap "
+                            "across seeds (95% t intervals of the mean peak)")
+        verdict += "."
     else:
         fits = ranked[ranked.peak_train_bytes <= memory_budget]
         budget = f"{memory_budget / 2**30:.2f} GiB"

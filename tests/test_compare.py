@@ -130,3 +130,23 @@ def test_seeds_spread_and_no_clear_winner(tmp_path):
     assert "training noise is not measured" in single
     unfair = decision(adapter_frames(base + lora[:1] + [_seeded("bnb-nf4", "qlora", 1, 130, 1000, order="x")]), None)[1]
     assert "Not like for like" in unfair
+
+
+def test_least_training_memory_says_no_clear_winner_when_seed_peaks_overlap():
+    """Memory goes through the same rule as scores (qeval.paired.seed_spread / intervals_overlap):
+    two arms whose peaks over seeds overlap have no memory winner; clearly apart, the cheaper wins."""
+    from qeval.compare import decision
+    from qeval.paired import intervals_overlap, seed_spread
+
+    base = [_rec("none", "qeval_lee_ppl", "word_perplexity", 120, 2, hib=False),
+            _rec("bnb-nf4", "qeval_lee_ppl", "word_perplexity", 140, 2, hib=False),
+            _rec("none", "qeval_analogy", "acc", 0.8, 0.02)]
+    a_peaks, b_peaks = (1000, 1040, 1010), (1030, 990, 1020)  # 3 MiB-ish apart in the mean, 40 MiB of noise
+    assert intervals_overlap(seed_spread(list(a_peaks)), seed_spread(list(b_peaks)))
+    a = [_seeded("none", "lora", s, 100 + s, p) for s, p in zip((1, 2, 3), a_peaks)]
+    b = [_seeded("bnb-nf4", "qlora", s, 110 + s, p) for s, p in zip((1, 2, 3), b_peaks)]
+    verdict = decision(adapter_frames(base + a + b), None)[1]
+    assert "no clear winner on memory: qlora and lora overlap" in verdict
+    b_far = [_seeded("bnb-nf4", "qlora", s, 110 + s, p - 400) for s, p in zip((1, 2, 3), b_peaks)]
+    verdict = decision(adapter_frames(base + a + b_far), None)[1]
+    assert "least training memory: qlora" in verdict and "no clear winner on memory" not in verdict
