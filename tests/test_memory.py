@@ -79,3 +79,62 @@ def test_plan_memory_command(capsys, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 8}))
     assert main(["plan-memory", "--config", str(tmp_path), "--gpu", "16"]) == 2
     assert "vocab_size" in capsys.readouterr().err
+
+
+def _mapped(path) -> bool:
+    from pathlib import Path
+
+    return str(Path(path).resolve()) in Path("/proc/self/maps").read_text()
+
+
+@pytest.mark.skipif(not __import__("pathlib").Path("/proc/self/maps").exists(), reason="Linux /proc")
+def test_quantized_cpu_load_keeps_no_view_of_the_weights_file(resolved, monkeypatch):
+    """A 4-bit load reads every float weight through a memory map of the safetensors file; the
+    float parameters that stay float (embeddings, norms) were views into it and kept all of it
+    resident. Loaded by qeval, the map is gone and the numbers are the same as with the views."""
+    import gc
+
+    import qeval.models
+    from qeval.models import load_model
+    from qeval.quant import FORMATS
+
+    weights = next(resolved.path.glob("*.safetensors"))
+    ids = torch.tensor([[1, 5, 9, 42, 7]])
+    own = load_model(resolved, FORMATS.get("bnb-nf4"), "cpu")
+    gc.collect()
+    assert not _mapped(weights)
+    with torch.no_grad():
+        got = own.model(ids).logits
+    del own
+    gc.collect()
+    monkeypatch.setattr(qeval.models, "own_weights", lambda model: 0)  # the views transformers leaves
+    views = load_model(resolved, FORMATS.get("bnb-nf4"), "cpu")
+    assert _mapped(weights)  # what the copy undoes
+    with torch.no_grad():
+        assert torch.equal(views.model(ids).logits, got)
+
+
+def _in_child(tune: bool):
+    import multiprocessing
+
+    from tests.alloc_child import freed_stays_resident
+
+    ctx = multiprocessing.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=freed_stays_resident, args=(tune, q))
+    p.start()
+    out = q.get(timeout=120)
+    p.join(30)
+    return out
+
+
+def test_the_training_childs_allocator_returns_freed_memory():
+    """glibc's default raises its mmap threshold after the first large free, so later large blocks
+    come from the heap and stay resident among small live ones; the training child's settings
+    (qeval.memory.ALLOCATOR) unmap every block of 1 MiB or more when it is freed."""
+    tuned = _in_child(True)
+    if tuned is None:
+        pytest.skip("not glibc: mallopt unavailable")
+    default = _in_child(False)
+    assert default > 200  # of 384 MiB freed: the scenario does pin heap under the default settings
+    assert tuned < 20
