@@ -418,9 +418,10 @@ def _train(model: ResolvedModel, spec: AdapterSpec, device: str, key: str, out: 
                  f"{steps} steps x {spec.batch_size} x {spec.seq_len} = {steps * spec.batch_size * spec.seq_len:,} tokens "
                  f"of {data['format']} data ({data['train_rows']} train / {data['heldout_rows']} held-out rows, "
                  f"{spec.packing}: {long_note})")
-    # Training's own peak, measured apart from the load: on CPU the load's freed float weights are
-    # handed back to the OS first (a 4-bit load keeps them in the heap otherwise, and QLoRA's
-    # "training" peak came out above LoRA's); on CUDA max allocated is reset here.
+    # Training's own peak, measured apart from the load (on CUDA max allocated is reset here). On
+    # CPU the base holds no view of the weights file (qeval.memory.own_weights: the views kept a
+    # 4-bit load's quantized-away float weights resident, and QLoRA's peak came out above LoRA's)
+    # and this process's allocator returns freed blocks (qeval.memory.tune_allocator).
     with phases.phase("train"):
         losses, heldout = [], [(0, heldout_loss())]
         progress(f"  held-out loss before training {heldout[0][1]:.4f}")
@@ -496,8 +497,9 @@ def _memory_breakdown(base, spec: AdapterSpec, phases, idle: int, heldout_batch:
     """Measured parts of the training peak and the analytic model's prediction (qeval.memory.estimate).
 
     weights = the loaded model's bytes; adapter_optimizer = trainable weights + AdamW states;
-    gradients = the trainable gradients; activations = what is left of the training peak (on CPU
-    also allocator slack and, for a 4-bit base, the dequantized weight of the layer in flight)."""
+    gradients = the trainable gradients; activations = what is left of the training peak (held-out
+    passes included; on CPU also what allocator slack remains, and for a 4-bit base the
+    dequantized weight of the layer in flight)."""
     from qeval.memory import Shape, estimate
 
     weights = int(base.footprint.total_bytes)

@@ -47,9 +47,9 @@ class PeakMemory:
 def release_freed_heap() -> None:
     """Hand memory that Python / torch already freed back to the OS (glibc `malloc_trim`).
 
-    Without it RSS never goes down on Linux: the float weights a 4-bit load quantizes and drops
-    stay in the heap, and a training peak sampled afterwards starts from the load's high-water
-    mark. That, not the training, is why QLoRA measured above LoRA on CPU (see README)."""
+    With glibc's default settings freed blocks below its (self-raising) mmap threshold stay in the
+    heap, so a peak sampled afterwards starts from an earlier high-water mark. The training child
+    also sets ALLOCATOR (`tune_allocator`), which makes this mostly a no-op there."""
     import ctypes
     import ctypes.util
 
