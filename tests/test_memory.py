@@ -173,3 +173,31 @@ def test_estimate_matches_a_measured_cpu_training(tiny_model_dir, tmp_path):
     assert pred["activations"] == pytest.approx(m["activations"], rel=0.25)
     assert pred["total"] == pytest.approx(m["train_peak"], rel=0.15)
     shutil.rmtree(folder)
+
+
+@pytest.mark.parametrize("quant", ["none", "bnb-nf4"])
+def test_how_training_is_measured_changes_no_trained_number(resolved, tmp_path, monkeypatch, quant):
+    """The measuring child (own copies of the weights, tuned allocator) trains bit-for-bit the same
+    adapter as training in this process on the file's views with glibc's defaults: memory is a
+    measurement, not part of what a key computes."""
+    from safetensors.torch import load_file
+
+    import qeval.adapters
+    import qeval.models
+    from qeval.adapters import AdapterSpec, finetune
+    from qeval.suite_data import suite_data_dir
+
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join((suite_data_dir() / "train_text.jsonl").read_text().splitlines()[:30]) + "\n")
+    spec = AdapterSpec(train_quant=quant, steps=3, batch_size=2, seq_len=64, eval_every=3, lr=1e-2, train_data=str(data))
+    monkeypatch.setenv("QEVAL_CACHE", str(tmp_path / "measured"))
+    measured = finetune(resolved, spec, "cpu")
+    monkeypatch.setenv("QEVAL_CACHE", str(tmp_path / "plain"))
+    for mod in (qeval.adapters, qeval.models):
+        monkeypatch.setattr(mod, "own_weights", lambda model: 0)
+    plain = finetune(resolved, spec, "cpu", isolate=False)
+    assert measured.key == plain.key and not plain.reused and measured.path != plain.path
+    assert measured.memory["allocator"] != plain.memory["allocator"] or not measured.memory["allocator"].startswith("glibc")
+    a, b = (load_file(str(x.path / "adapter_model.safetensors")) for x in (measured, plain))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert measured.losses == plain.losses and measured.heldout == plain.heldout
