@@ -503,6 +503,8 @@ def _memory_breakdown(base, spec: AdapterSpec, phases, idle: int, heldout_batch:
     from qeval.memory import Shape, estimate
 
     weights = int(base.footprint.total_bytes)
+    if spec.method == "full":
+        trainable_bytes = 0  # the trained weights are the model's: counted once, in `weights`
     peak = phases.peak["train"]
     measured = {"idle": idle, "load_peak": phases.peak["load"], "train_start": phases.start["train"], "train_peak": peak,
                 "weights": weights, "adapter_optimizer": trainable_bytes + opt_bytes, "gradients": grad_bytes,
