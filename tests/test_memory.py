@@ -201,3 +201,19 @@ def test_how_training_is_measured_changes_no_trained_number(resolved, tmp_path, 
     a, b = (load_file(str(x.path / "adapter_model.safetensors")) for x in (measured, plain))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert measured.losses == plain.losses and measured.heldout == plain.heldout
+
+
+def test_cpu_peak_is_exact_and_nested_blocks_keep_the_outer_peak():
+    """A 200 MiB buffer alive for no time at all (no sampler could see it) is in the peak, and an
+    inner block's reset of the high-water mark does not lose it for the outer block."""
+    from qeval.memory import PeakMemory, _high_water
+
+    if _high_water() is None:
+        pytest.skip("no /proc/self/status VmHWM")
+    size = 200 * 2**20
+    with PeakMemory("cpu", interval=3600) as outer:  # a sampler would not wake up inside
+        x = bytearray(size)
+        del x
+        with PeakMemory("cpu", interval=3600) as inner:
+            pass
+    assert outer.peak_bytes - inner.peak_bytes > 0.9 * size
