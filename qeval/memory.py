@@ -12,8 +12,8 @@ class PeakMemory:
     """Context manager; `.peak_bytes` after exit: CUDA max allocated on GPU; on CPU the exact peak
     RSS of the block where Linux lets a process reset its high-water mark (VmHWM, reset by writing
     5 to /proc/self/clear_refs), else RSS sampled every `interval` s by a thread (ru_maxrss is the
-    whole process's lifetime peak and cannot be reset per stage; sampling misses short peaks,
-    and on a loaded machine it missed some by ~30 MiB, enough to change a verdict)."""
+    whole process's lifetime peak and cannot be reset per stage; a sampler misses short peaks
+    and is starved on a loaded machine)."""
 
     def __init__(self, device: str = "cpu", interval: float = 0.05):
         self.device, self.interval, self.peak_bytes = device, interval, 0
