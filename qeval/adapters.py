@@ -11,7 +11,9 @@ that can lose the fine-tune). A base qualifies when its backend declares LoRA su
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import importlib
 import json
 import logging
 import os
@@ -24,7 +26,7 @@ from typing import Any, Callable
 
 from qeval import env
 from qeval.errors import ChildError, QevalError
-from qeval.memory import PhasePeaks
+from qeval.memory import ALLOCATOR, PhasePeaks, allocator_tuned, own_weights, tune_allocator
 from qeval.models import LoadedModel, ResolvedModel, fingerprint, load_model
 from qeval.quant import FORMATS, measure_footprint
 from qeval.files import atomic_write, content_key
@@ -43,6 +45,7 @@ PEFT_INTERNAL = ("task_type", "peft_type", "auto_mapping", "peft_version", "base
 # not converged: held-out loss still fell by more than CONVERGED_TOL (relative) over the last
 # CONVERGED_EVALS held-out evaluations
 CONVERGED_EVALS, CONVERGED_TOL = 3, 0.01
+HELDOUT_BATCH = 8  # sequences per held-out loss pass (no gradients; part of the training phase's peak)
 
 
 @dataclass(frozen=True)
@@ -339,6 +342,7 @@ def _child_main(send, fn: Callable, args: tuple, parent_pid: int) -> None:
     import traceback
 
     _exit_with_parent(parent_pid)
+    tune_allocator()  # freed memory goes back to the OS: RSS is what the child holds (qeval.memory)
     try:
         fn(*args)
         result = (True, None)
@@ -385,12 +389,15 @@ def _train(model: ResolvedModel, spec: AdapterSpec, device: str, key: str, out: 
     torch.manual_seed(spec.seed)
     phases = PhasePeaks(device)
     cuda = device.startswith("cuda")
+    _import_training_libraries(model)
     idle = 0 if cuda else psutil.Process().memory_info().rss  # Python + libraries, before the model
     with phases.phase("load"):
         # A full fine-tune trains fp32 weights even on a bf16 GPU: AdamW's updates (lr x ~1) on bf16
         # weights (8 bits of mantissa) round most of them away. LoRA keeps the base in compute dtype.
         base = load_model(model, FORMATS.get(spec.train_quant), device,
                           dtype=torch.float32 if spec.method == "full" else None)
+        if not cuda and base.fmt.name == "none":
+            own_weights(base.model)  # not a view of the file: held like the 4-bit base's (qeval.memory)
         net = _trainable(base.model, spec)
         params = [p for p in net.parameters() if p.requires_grad]
         trainable = sum(p.numel() for p in params)
@@ -419,9 +426,10 @@ def _train(model: ResolvedModel, spec: AdapterSpec, device: str, key: str, out: 
                  f"{steps} steps x {spec.batch_size} x {spec.seq_len} = {steps * spec.batch_size * spec.seq_len:,} tokens "
                  f"of {data['format']} data ({data['train_rows']} train / {data['heldout_rows']} held-out rows, "
                  f"{spec.packing}: {long_note})")
-    # Training's own peak, measured apart from the load: on CPU the load's freed float weights are
-    # handed back to the OS first (a 4-bit load keeps them in the heap otherwise, and QLoRA's
-    # "training" peak came out above LoRA's); on CUDA max allocated is reset here.
+    # Training's own peak, measured apart from the load (on CUDA max allocated is reset here). On
+    # CPU the base holds no view of the weights file (qeval.memory.own_weights: the views kept a
+    # 4-bit load's quantized-away float weights resident, and QLoRA's peak came out above LoRA's)
+    # and this process's allocator returns freed blocks (qeval.memory.tune_allocator).
     with phases.phase("train"):
         losses, heldout = [], [(0, heldout_loss())]
         progress(f"  held-out loss before training {heldout[0][1]:.4f}")
@@ -467,7 +475,7 @@ def _train(model: ResolvedModel, spec: AdapterSpec, device: str, key: str, out: 
     tokens = done * spec.batch_size * spec.seq_len
     opt_bytes = sum(t.numel() * t.element_size() for st in opt.state.values() for t in st.values()
                     if torch.is_tensor(t))
-    memory = _memory_breakdown(base, spec, phases, idle, trainable_bytes=sum(p.numel() * p.element_size() for p in params),
+    memory = _memory_breakdown(base, spec, phases, idle, min(HELDOUT_BATCH, len(held.ids)), trainable_bytes=sum(p.numel() * p.element_size() for p in params),
                                opt_bytes=opt_bytes, grad_bytes=grad_bytes, cuda=cuda)
     art = AdapterArtifact(key, out, spec, trainable, total, weights, train_s, train_s / done,
                           tokens / train_s, phases.peak["train"], idle,
@@ -478,31 +486,54 @@ def _train(model: ResolvedModel, spec: AdapterSpec, device: str, key: str, out: 
     tmp.rename(out)  # atomic: a crash mid-training leaves nothing that looks finished
 
 
-def _memory_breakdown(base, spec: AdapterSpec, phases, idle: int, trainable_bytes: int, opt_bytes: int,
+def _import_training_libraries(model: ResolvedModel) -> None:
+    """Import what training will (transformers' class for this architecture, peft, bitsandbytes),
+    so that the runtime's RSS measured before the load (`idle`) is the whole runtime's."""
+    import importlib.util
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with contextlib.suppress(Exception):  # an architecture transformers lacks fails in the load, clearly
+        AutoModelForCausalLM._model_mapping[type(AutoConfig.from_pretrained(model.path))]
+    for name in ("peft", "bitsandbytes"):
+        if importlib.util.find_spec(name) is not None:
+            importlib.import_module(name)
+
+
+def _memory_breakdown(base, spec: AdapterSpec, phases, idle: int, heldout_batch: int, trainable_bytes: int, opt_bytes: int,
                       grad_bytes: int, cuda: bool) -> dict:
     """Measured parts of the training peak and the analytic model's prediction (qeval.memory.estimate).
 
     weights = the loaded model's bytes; adapter_optimizer = trainable weights + AdamW states;
-    gradients = the trainable gradients; activations = what is left of the training peak (on CPU
-    also allocator slack and, for a 4-bit base, the dequantized weight of the layer in flight)."""
+    gradients = the trainable gradients; activations = what is left of the training peak (held-out
+    passes included; on CPU also what allocator slack remains, and for a 4-bit base the
+    dequantized weight of the layer in flight)."""
     from qeval.memory import Shape, estimate
 
     weights = int(base.footprint.total_bytes)
+    if spec.method == "full":
+        trainable_bytes = 0  # the trained weights are the model's: counted once, in `weights`
     peak = phases.peak["train"]
     measured = {"idle": idle, "load_peak": phases.peak["load"], "train_start": phases.start["train"], "train_peak": peak,
-                "weights": weights, "adapter_optimizer": trainable_bytes + opt_bytes, "gradients": grad_bytes}
-    # CPU: what the process holds besides the model when training starts (Python, libraries imported
-    # since `idle`, the tokenized data): measured, and the base the analytic model adds to
-    process = 0 if cuda else max(0, phases.start["train"] - weights - trainable_bytes)
-    measured["process"] = process
-    measured["activations"] = max(0, peak - weights - process - measured["adapter_optimizer"] - grad_bytes)
+                "weights": weights, "adapter_optimizer": trainable_bytes + opt_bytes, "gradients": grad_bytes,
+                "allocator": ("glibc mallopt " + ", ".join(f"{k} {v}" for k, v in ALLOCATOR.items())
+                              if allocator_tuned() else "default")}
+    # CPU, both measured in this process: `runtime` = RSS after importing the training libraries,
+    # before loading (Python, torch, transformers, peft, bitsandbytes); `process` = what the load
+    # left besides the model (tokenizer, tokenized data, lazily built library state). Their sum is
+    # the base the analytic model adds its parts to.
+    runtime = 0 if cuda else idle
+    process = 0 if cuda else max(0, phases.start["train"] - idle - weights - trainable_bytes)
+    measured["runtime"], measured["process"] = runtime, process
+    measured["activations"] = max(0, peak - weights - runtime - process - measured["adapter_optimizer"] - grad_bytes)
     method = "full" if spec.method == "full" else ("qlora" if spec.train_quant != "none" else "lora")
     try:
         shape = Shape.from_config(base.model.config.to_dict())
         dtype_bytes = 2 if cuda and str(base.dtype) in ("bfloat16", "float16") else 4
         e = estimate(shape, method, spec.batch_size, spec.seq_len, r=spec.r, dtype_bytes=dtype_bytes,
                      train_quant=spec.train_quant if method == "qlora" else "bnb-nf4-dq",
-                     checkpointing=spec.gradient_checkpointing, overhead=process)
+                     checkpointing=spec.gradient_checkpointing, overhead=runtime + process,
+                     heldout_batch=heldout_batch)
         measured["predicted"] = {**dataclasses.asdict(e), "total": e.total}
         measured["prediction_error"] = (e.total - peak) / peak if peak else None
     except Exception as exc:  # noqa: BLE001 -- a config the model does not cover: no prediction, say why
@@ -556,8 +587,8 @@ def _heldout_loss(model, blocks, device: str) -> float:
     model.eval()
     total, count = 0.0, 0
     with torch.no_grad():
-        for i in range(0, len(blocks.ids), 8):
-            ids, labels = blocks.ids[i:i + 8].to(device), blocks.labels[i:i + 8].to(device)
+        for i in range(0, len(blocks.ids), HELDOUT_BATCH):
+            ids, labels = blocks.ids[i:i + HELDOUT_BATCH].to(device), blocks.labels[i:i + HELDOUT_BATCH].to(device)
             n = int((labels[:, 1:] != IGNORE).sum())  # the model shifts labels by one
             if n:
                 total += float(model(input_ids=ids, labels=labels).loss) * n

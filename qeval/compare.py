@@ -13,7 +13,7 @@ from typing import Mapping
 import pandas as pd
 
 from qeval.adapters import not_converged, seed_base
-from qeval.paired import Comparison, compare_pair, intervals_overlap, recovery_undefined, seed_spread
+from qeval.paired import Comparison, compare_pair, recovery_undefined, seed_spread, seeds_differ
 from qeval.paired import recovery as recovery_of
 from qeval.quant import DEFAULT_FORMATS, FORMATS
 
@@ -319,9 +319,18 @@ def decision(frames: dict[str, pd.DataFrame], memory_budget: float | None) -> tu
         return (f"{r['arm']} ({metric} {r['mean']:.4g}{spread}, peak training memory "
                 f"{r['peak_train_bytes'] / 2**30:.2f} GiB)")
 
-    cheapest = by_arm.sort_values("peak_train_bytes").iloc[0]
+    by_memory = by_arm.sort_values("peak_train_bytes")
+    cheapest = by_memory.iloc[0]
     if memory_budget is None:
-        verdict = f"Best on {task}: {fmt(ranked.iloc[0])}; least training memory: {fmt(cheapest)}."
+        verdict = f"Best on {task}: {fmt(ranked.iloc[0])}; least training memory: {fmt(cheapest)}"
+        if len(by_memory) > 1:  # the same rule as the score's: intervals over seeds that overlap decide nothing
+            second = by_memory.iloc[1]
+            a, b = (list(table.loc[table.base_arm == r["arm"], "peak_train_bytes"].astype(float))
+                    for r in (cheapest, second))
+            if seeds_differ(a, b) is False:
+                verdict += (f", but no clear winner on memory: {cheapest['arm']} and {second['arm']} do not differ "
+                            "beyond their seed-to-seed noise (Welch t-test, 5%)")
+        verdict += "."
     else:
         fits = ranked[ranked.peak_train_bytes <= memory_budget]
         budget = f"{memory_budget / 2**30:.2f} GiB"
@@ -335,11 +344,12 @@ def decision(frames: dict[str, pd.DataFrame], memory_budget: float | None) -> tu
             verdict += "."
     if len(ranked) > 1:
         best, second = ranked.iloc[0], ranked.iloc[1]
-        a, b = (seed_spread(list(table.loc[table.base_arm == r["arm"], f"{task}:{metric}"])) for r in (best, second))
-        if a.n > 1 and b.n > 1 and intervals_overlap(a, b):
-            verdict += (f" No clear winner on {task}: {best['arm']} and {second['arm']} overlap across seeds "
-                        "(95% t intervals of the mean).")
-        elif a.n < 2 or b.n < 2:
+        a, b = (list(table.loc[table.base_arm == r["arm"], f"{task}:{metric}"]) for r in (best, second))
+        differ = seeds_differ(a, b)
+        if differ is False:
+            verdict += (f" No clear winner on {task}: {best['arm']} and {second['arm']} do not differ beyond "
+                        "their seed-to-seed noise (Welch t-test, 5%).")
+        elif differ is None:
             verdict += " One training per arm: training noise is not measured (set seeds: [...] to measure it)."
     unfair = [s for s, g in table.groupby("seed") if g["order_hash"].nunique() > 1 or g["tokens"].nunique() > 1]
     if unfair:

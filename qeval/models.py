@@ -24,7 +24,7 @@ from typing import Any, Callable
 from qeval import env
 from qeval.errors import QevalError, unknown_name
 from qeval.files import atomic_write, sha256_file
-from qeval.memory import PeakMemory
+from qeval.memory import PeakMemory, own_weights
 from qeval.quant import Footprint, QuantFormat, measure_footprint
 from qeval.registry import Registry
 
@@ -322,6 +322,8 @@ def load_model(resolved: ResolvedModel, fmt: QuantFormat, device: str, dtype=Non
             model.to(device)
         if fmt.after_load is not None:
             fmt.after_load(model, device, dtype)
+        if qcfg is not None and not device.startswith("cuda"):
+            own_weights(model)  # else the quantized-away float weights stay resident (qeval.memory)
         model.eval()
         if device.startswith("cuda"):
             torch.cuda.synchronize()

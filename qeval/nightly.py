@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Callable
 
 from qeval import env
+from qeval.adapters import seed_base
 from qeval.compare import BASELINE, adapter_label
 from qeval.errors import QevalError, did_you_mean, unknown_name
 from qeval.paired import (FDR_METHOD, KINDS, WORSE, Comparison, compare_pair, fdr_verdicts, recovery,
@@ -69,7 +70,10 @@ class Thresholds:
             return self.per_metric[metric]
         if not primary:
             return None
-        return self.per_arm.get(arm, self.min_recovery)
+        if arm in self.per_arm:
+            return self.per_arm[arm]
+        # an arm trained with several seeds runs as `name#s<seed>`: the plan's gate for `name` applies
+        return self.per_arm.get(seed_base(arm), self.min_recovery)
 
 
 @dataclass
@@ -127,9 +131,10 @@ def thresholds_of(plan: Plan, rp: Resolved | None = None) -> Thresholds:
         tasks = {t.task: task_metrics(t.task) for t in rp.suite.tasks}
         metrics = set().union(*[m for m in tasks.values() if m]) if tasks else set()
         open_world = any(m is None for m in tasks.values())  # an lm-eval task: its metrics are unknown here
+        names = list(dict.fromkeys(arms + [seed_base(a) for a in arms]))  # a seeded arm's plan name gates its seeds
         for arm in th.per_arm:
-            if arm not in arms:
-                errors.append(unknown_name("arm in thresholds.per_arm", arm, arms))
+            if arm not in names:
+                errors.append(unknown_name("arm in thresholds.per_arm", arm, names))
         for metric in th.per_metric:
             if metric not in metrics and not open_world:
                 errors.append(unknown_name("metric in thresholds.per_metric", metric, metrics))

@@ -590,20 +590,24 @@ def _train_memory_blocks(train: pd.DataFrame) -> list:
         pred = m.get("predicted") or {}
         err = m.get("prediction_error")
         rows.append([str(t.adapter), str(t.train_quant), fmt_mib(m.get("load_peak")), fmt_mib(m.get("train_peak")),
+                     fmt_mib(m.get("runtime")) if m.get("runtime") else NA,
+                     fmt_mib(m.get("process")) if m.get("process") else NA,
                      fmt_mib(m.get("weights")), fmt_mib(m.get("adapter_optimizer")), fmt_mib(m.get("gradients")),
-                     fmt_mib(m.get("activations")), fmt_mib(m.get("process")) if m.get("process") else NA,
-                     fmt_mib(pred.get("total")), NA if err is None else f"{err:+.0%}"])
+                     fmt_mib(m.get("activations")), fmt_mib(pred.get("activations")),
+                     fmt_mib(pred.get("total")), NA if err is None else f"{err:+.1%}"])
     out = [Heading(3, "Training memory by part, measured and predicted"),
-           Para("Load and training are measured apart: a 4-bit load on CPU materialises float weights before "
-                "quantizing them, and that high-water mark is not training memory. On CPU the heap freed by the "
-                "load is handed back (malloc_trim) before training; on CUDA max allocated is reset. weights = the "
+           Para("Each adapter trains in a fresh process; load and training are measured apart (a 4-bit load on "
+                "CPU reads the float weights to quantize them: that high-water mark is not training memory). On CPU "
+                "the peak is sampled RSS; the training process unmaps every freed block of 1 MiB or more (glibc "
+                "mallopt), so RSS follows what is live, and a quantized base keeps no view of the weights file. On "
+                "CUDA max allocated is reset per phase. runtime = RSS after importing the training libraries, "
+                "before the load; process = what the load left besides the model (tokenizer, data); weights = the "
                 "loaded model; adapter + optimizer = trainable weights + AdamW states; activations = the rest of "
-                "the training peak (CPU: also allocator slack and 4-bit dequantization buffers); process = CPU "
-                "memory besides the model at training start. Predicted: qeval.memory.estimate from the model's "
-                "config (error = predicted / measured - 1)."),
-           Table(["adapter", "trained on", "load peak MiB", "training peak MiB", "weights", "adapter + optimizer",
-                  "gradients", "activations", "process", "predicted MiB", "error"], rows,
-                 [False, False] + [True] * 9)]
+                "the training peak (held-out passes included). Predicted: qeval.memory.estimate from the model's "
+                "config plus the measured runtime and process (error = predicted / measured - 1)."),
+           Table(["adapter", "trained on", "load peak MiB", "training peak MiB", "runtime", "process", "weights",
+                  "adapter + optimizer", "gradients", "activations", "predicted activations", "predicted MiB", "error"],
+                 rows, [False, False] + [True] * 11)]
     t = train.iloc[0]
     cfg = Path(str(t.get("model_path", ""))) / "config.json"
     if cfg.is_file():

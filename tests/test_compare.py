@@ -130,3 +130,39 @@ def test_seeds_spread_and_no_clear_winner(tmp_path):
     assert "training noise is not measured" in single
     unfair = decision(adapter_frames(base + lora[:1] + [_seeded("bnb-nf4", "qlora", 1, 130, 1000, order="x")]), None)[1]
     assert "Not like for like" in unfair
+
+
+def test_least_training_memory_says_no_clear_winner_when_seed_peaks_overlap():
+    """Memory goes through the same rule as scores (qeval.paired.seeds_differ): two arms whose peaks
+    over seeds do not differ beyond their noise have no memory winner; clearly apart, the cheaper wins."""
+    from scipy import stats
+
+    from qeval.compare import decision
+    from qeval.paired import seeds_differ
+
+    base = [_rec("none", "qeval_lee_ppl", "word_perplexity", 120, 2, hib=False),
+            _rec("bnb-nf4", "qeval_lee_ppl", "word_perplexity", 140, 2, hib=False),
+            _rec("none", "qeval_analogy", "acc", 0.8, 0.02)]
+    a_peaks, b_peaks = (1000, 1040, 1010), (1030, 990, 1020)  # 3 MiB-ish apart in the mean, 40 MiB of noise
+    assert stats.ttest_ind(a_peaks, b_peaks, equal_var=False).pvalue > 0.05 and seeds_differ(a_peaks, b_peaks) is False
+    a = [_seeded("none", "lora", s, 100 + s, p) for s, p in zip((1, 2, 3), a_peaks)]
+    b = [_seeded("bnb-nf4", "qlora", s, 110 + s, p) for s, p in zip((1, 2, 3), b_peaks)]
+    verdict = decision(adapter_frames(base + a + b), None)[1]
+    assert "no clear winner on memory: qlora and lora do not differ" in verdict
+    b_far = [_seeded("bnb-nf4", "qlora", s, 110 + s, p - 400) for s, p in zip((1, 2, 3), b_peaks)]
+    verdict = decision(adapter_frames(base + a + b_far), None)[1]
+    assert "least training memory: qlora" in verdict and "no clear winner on memory" not in verdict
+    # two seeds, the cold runs' numbers (MiB): 330 apart with ~30 of noise is a winner in both runs,
+    # though the two 95% t intervals (mean +- 12.7 sd / sqrt 2) of the second run overlap
+    assert seeds_differ([1539, 1544], [1197, 1174]) and seeds_differ([1531, 1490], [1197, 1174])
+
+
+def test_seeds_differ_is_welch_and_says_when_noise_is_not_measured():
+    from scipy import stats
+
+    from qeval.paired import seeds_differ
+
+    a, b = [100.0, 104.0, 96.0], [110.0, 113.0, 108.0]
+    assert seeds_differ(a, b) == (stats.ttest_ind(a, b, equal_var=False).pvalue < 0.05)
+    assert seeds_differ([1.0], [2.0, 3.0]) is None and seeds_differ([1.0, 1.0], [1.0, 1.0]) is False
+    assert seeds_differ([1.0, 1.0], [2.0, 2.0]) is True

@@ -271,3 +271,40 @@ def test_a_candidate_run_is_compared_with_the_last_locked_run(tmp_path):
         gated, status = gate_run(store, run_id, [cand["key"]], Thresholds(), "nightly", info)
         assert status == "regression" and store.runs("candidate")[0]["status"] == "regression"
         assert [r["status"] for r in store.runs("nightly")] == ["ok"]  # the locked history is untouched
+
+
+def test_per_arm_gate_applies_to_the_seeded_arms_of_that_name(tmp_path):
+    """`seeds: [1, 2]` runs arm `qlora` as `qlora#s1`, `qlora#s2`: the plan's per_arm gate for
+    `qlora` is theirs (0.40 passes a 0.59 recovery that min_recovery 0.85 would fail)."""
+    n = 60
+    base_s = [{"doc_id": i, "doc_hash": str(i), "exact_match": float(i < 34)} for i in range(n)]  # 34 right
+    half_s = [{**s, "exact_match": float(i < 20)} for i, s in enumerate(base_s)]  # 20 right: recovery 0.588
+    th = Thresholds(min_recovery=0.85, per_arm={"qlora": 0.40})
+    for arm in ("qlora#s1", "qlora#s2"):
+        assert th.limit(arm, "exact_match", True) == 0.40
+    assert th.limit("lora#s1", "exact_match", True) == 0.85 and th.limit("qlora", "exact_match", True) == 0.40
+    assert Thresholds(per_arm={"qlora": 0.4, "qlora#s2": 0.7}).limit("qlora#s2", "acc", True) == 0.7  # exact name first
+    cells = [(record("none", "qeval_capitals", base_s, "exact_match"), base_s)]
+    cells += [(record(a, "qeval_capitals", half_s, "exact_match", quant="bnb-nf4-dq", adapter=a), half_s) for a in ("qlora#s1", "qlora#s2")]
+    with Store(tmp_path / "s.sqlite") as store:
+        gated, status = night(store, cells, th)
+    assert status == "ok" and not regressions(gated)
+    with Store(tmp_path / "t.sqlite") as store:  # without the per_arm entry min_recovery gates both seeds
+        gated, status = night(store, cells, Thresholds(min_recovery=0.85))
+    regs = regressions(gated)
+    assert status == "regression" and len(regs) == 2 and all("qlora#s" in f.cell for f in regs)
+
+
+def test_per_arm_names_a_seeded_arm_by_its_plan_name_in_validation():
+    from types import SimpleNamespace
+
+    from qeval.errors import QevalError
+    from qeval.nightly import thresholds_of
+
+    rp = SimpleNamespace(arms=[SimpleNamespace(name=n) for n in ("none", "qlora#s1", "qlora#s2")],
+                         suite=SimpleNamespace(tasks=[]))
+    ok = thresholds_of(SimpleNamespace(thresholds={"per_arm": {"qlora": 0.4}}), rp)
+    assert ok.per_arm == {"qlora": 0.4}
+    with pytest.raises(QevalError) as e:
+        thresholds_of(SimpleNamespace(thresholds={"per_arm": {"qlor": 0.4}}), rp)
+    assert "'qlora'" in str(e.value)  # did you mean the plan's name
