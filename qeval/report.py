@@ -598,7 +598,7 @@ def _train_memory_blocks(train: pd.DataFrame) -> list:
     out = [Heading(3, "Training memory by part, measured and predicted"),
            Para("Each adapter trains in a fresh process; load and training are measured apart (a 4-bit load on "
                 "CPU reads the float weights to quantize them: that high-water mark is not training memory). On CPU "
-                "the peak is sampled RSS; the training process unmaps every freed block of 1 MiB or more (glibc "
+                "the peak is the process's peak RSS (Linux VmHWM, reset per phase); the training process unmaps every freed block of 1 MiB or more (glibc "
                 "mallopt), so RSS follows what is live, and a quantized base keeps no view of the weights file. On "
                 "CUDA max allocated is reset per phase. runtime = RSS after importing the training libraries, "
                 "before the load; process = what the load left besides the model (tokenizer, data); weights = the "
