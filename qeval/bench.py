@@ -153,12 +153,14 @@ def efficiency(model_spec: str, formats: list[str], device: str, suite: str = "d
                          "qeval_tok_s": tokens / out.eval_s, "bare_tok_s": tokens / bare_s,
                          "efficiency": bare_s / out.eval_s, "divergence": bool(t.divergence), "device": device,
                          "dtype": loaded.dtype})
-            if noise and name == formats[0] and out.config.get("output_type") != "generate_until":
+            # every format: LLM.int8 picks its outlier columns per batch (padding included), so
+            # batching moves its numbers by more than float rounding
+            if noise and out.config.get("output_type") != "generate_until":
                 # against lm-eval's layout: one request per row, one row per forward (no shared
                 # context rows, no padding)
                 with qeval.lm.rows_only():
                     one = evaluate(loaded, dataclasses.replace(t, batch_size=1, divergence=False), spec)
-                noise_rows.append(_batch_noise(t, out, one))
+                noise_rows.append({"format": name, **_batch_noise(t, out, one)})
         del loaded
     frame = pd.DataFrame(rows)
     frame["meets_target"] = frame.efficiency >= EFFICIENCY_TARGET
@@ -287,12 +289,13 @@ def write_efficiency(frame: pd.DataFrame, noise: pd.DataFrame, cells: dict | Non
         lines += ["\n### Batch-size noise floor\n",
                   "Each log-likelihood task as qeval scores it (its batch size; a multiple-choice question's "
                   "choices in one row) vs lm-eval's layout (one request per row, batch size 1): padding and "
-                  "packing change GEMM shapes, so float rounding. Largest per-sample log-likelihood "
-                  "difference and the metric change, beside the metric's own standard error.\n",
-                  "| task | batch | max abs d(loglik) | max rel d(loglik) | primary | d(primary) | stderr | max d(any metric) |",
-                  "|---|---:|---:|---:|---|---:|---:|---:|"]
+                  "packing change GEMM shapes, so float rounding (and for LLM.int8 which columns count as "
+                  "outliers: it decides per batch). Largest per-sample log-likelihood difference and the metric change, beside the metric's own standard error.\n",
+                  "| task | format | batch | max abs d(loglik) | max rel d(loglik) | primary | d(primary) | stderr | "
+                  "max d(any metric) |",
+                  "|---|---|---:|---:|---:|---|---:|---:|---:|"]
         for r in noise.itertuples(index=False):
-            lines.append(f"| {r.task} | {r.batch_size} | {r.max_abs_dll:.2e} | {r.max_rel_dll:.2e} | {r.primary} | "
+            lines.append(f"| {r.task} | {r.format} | {r.batch_size} | {r.max_abs_dll:.2e} | {r.max_rel_dll:.2e} | {r.primary} | "
                          f"{r.primary_delta:.2e} | {r.primary_stderr or float('nan'):.3g} | {r.max_metric_delta:.2e} |")
     if cells:
         ok = cells["speedup"] >= PER_CELL_TARGET
