@@ -322,15 +322,17 @@ def decision(frames: dict[str, pd.DataFrame], memory_budget: float | None) -> tu
     by_memory = by_arm.sort_values("peak_train_bytes")
     cheapest = by_memory.iloc[0]
     if memory_budget is None:
-        verdict = f"Best on {task}: {fmt(ranked.iloc[0])}; least training memory: {fmt(cheapest)}"
-        if len(by_memory) > 1:  # the same rule as the score's: intervals over seeds that overlap decide nothing
+        tie = ""
+        if len(by_memory) > 1:  # the same rule as the score's: a difference within seed noise decides nothing
             second = by_memory.iloc[1]
             a, b = (list(table.loc[table.base_arm == r["arm"], "peak_train_bytes"].astype(float))
                     for r in (cheapest, second))
             if seeds_differ(a, b) is False:
-                verdict += (f", but no clear winner on memory: {cheapest['arm']} and {second['arm']} do not differ "
-                            "beyond their seed-to-seed noise (Welch t-test, 5%)")
-        verdict += "."
+                # a tie: named in a stable order, not by which measured a few MiB lower this time
+                cheapest, second = sorted((cheapest, second), key=lambda r: r["arm"])
+                tie = (f", but no clear winner on memory: {cheapest['arm']} and {second['arm']} do not differ "
+                       "beyond their seed-to-seed noise (Welch t-test, 5%)")
+        verdict = f"Best on {task}: {fmt(ranked.iloc[0])}; least training memory: {fmt(cheapest)}{tie}."
     else:
         fits = ranked[ranked.peak_train_bytes <= memory_budget]
         budget = f"{memory_budget / 2**30:.2f} GiB"
