@@ -18,6 +18,7 @@ from qeval.adapters import seed_base
 from qeval.paired import LOSS_VERDICTS, NOT_TESTED, LossVerdicts, recovery_interval
 from qeval.report import (BASELINE, NA, Bullets, Heading, Para, Section, Table, _missing, _primary_rows, _sorted,
                           fmt_mib, fmt_num, fmt_pct)
+from qeval.report_formats import _declared
 
 HEADING = "Summary"
 
@@ -68,12 +69,7 @@ def _mean(xs: list[float]) -> float:
 
 
 def _kernel(quant: str) -> str:
-    from qeval.quant import FORMATS
-
-    if quant not in FORMATS:
-        return NA
-    f = FORMATS.get(quant)
-    return "float" if f.bits_per_weight is None else f.kernel
+    return _declared(quant)["kernel"]  # the format landscape's reading of the registry
 
 
 def _size(r: dict) -> str:
