@@ -21,6 +21,25 @@ from pathlib import Path
 import numpy as np
 
 
+CACHE_ENV = "QEVAL_REFERENCE_CACHE_MB"
+
+
+def reference_cache_bytes() -> int:
+    """The budget for baseline log-probabilities kept per run (`Reference.log_probs`), from
+    $QEVAL_REFERENCE_CACHE_MB (default 1024; 0 turns it off). `qeval run` checks it up front."""
+    from qeval.errors import QevalError
+
+    raw = os.environ.get(CACHE_ENV, "1024")
+    try:
+        mb = int(raw)
+    except ValueError:
+        mb = -1
+    if mb < 0:
+        raise QevalError(CACHE_ENV, raw, "a whole number of MiB (0 turns the cache off)",
+                         f"e.g. export {CACHE_ENV}=1024, or unset it")
+    return mb * 2**20
+
+
 @dataclass
 class Reference:
     """The baseline's view of the token set: for each forward window (keyed by a hash of its
@@ -77,7 +96,7 @@ class Reference:
 
     def keep(self, key: str, lp, top) -> None:
         """Keep a window's log-probabilities for the next variant, on CPU and within the budget."""
-        budget = int(os.environ.get("QEVAL_REFERENCE_CACHE_MB", "1024")) * 2**20
+        budget = reference_cache_bytes()
         used = self.__dict__.get("_lp_cache_bytes", 0)
         if lp.device.type == "cpu" and used + lp.nbytes <= budget:
             self.__dict__.setdefault("_lp_cache", {})[key] = (lp, top)

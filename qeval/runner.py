@@ -24,6 +24,7 @@ from qeval import env
 from qeval.adapters import (MERGES, AdapterArtifact, AdapterSpec, adapter_key, attach, expand_seeds,  # noqa: F401
                             finetune, load_finetuned, lora_base_problem, merge_problem)
 from qeval.errors import QevalError, unknown_name
+from qeval.divergence import reference_cache_bytes
 from qeval.evaluate import EvalOutcome, EvalSpec, evaluate  # noqa: F401
 from qeval.models import (DEFAULT_MODEL, LoadedModel, ResolvedModel, compute_dtype, compute_dtype_problem,
                           linear_in_features, load_model, resolve_model)
@@ -218,6 +219,7 @@ def validate(plan: Plan, suite: Suite | None = None) -> Resolved:
     paths = check(lambda: include_paths(plan.include_path, None, "include_path")) or ()
     set_plan_mirror(plan.data_mirror)
     check(lambda: check_root(mirror_root(), "QEVAL_DATA_MIRROR" if os.environ.get("QEVAL_DATA_MIRROR") else "data_mirror"))
+    check(reference_cache_bytes)
     if suite is None:
         suite = check(lambda: load_suite(plan.suite, paths))
         for name, spec in adapters.items():  # not against a --tasks override: it may leave them out

@@ -314,3 +314,15 @@ def test_include_path_task_runs_and_is_fingerprinted(tmp_path, tiny_model_dir, c
     assert rec["task"]["fingerprint"] == before
     (tasks / "data.jsonl").write_text((tasks / "data.jsonl").read_text() + json.dumps(MC_ROWS[0]) + "\n")
     assert task_fingerprint("my_mc", (tasks.resolve(),)) != before
+
+
+@pytest.mark.parametrize("value", ["lots", "-5"])
+def test_bad_reference_cache_budget_is_one_line_before_the_store(value, tmp_path, tiny_model_dir, capsys, monkeypatch):
+    """$QEVAL_REFERENCE_CACHE_MB is checked with the plan, before any load or store write."""
+    monkeypatch.setenv("QEVAL_REFERENCE_CACHE_MB", value)
+    monkeypatch.chdir(tmp_path)
+    store = tmp_path / "store.sqlite"
+    code = main(["run", "--model", str(tiny_model_dir), "--formats", "none", "--suite", "smoke", "--store", str(store)])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and "QEVAL_REFERENCE_CACHE_MB" in lines[0] and value in lines[0]
+    assert "whole number of MiB" in lines[0] and not store.exists()
