@@ -15,7 +15,7 @@ import pandas as pd
 from qeval.adapters import not_converged, seed_base
 from qeval.paired import Comparison, compare_pair, recovery_undefined, seed_spread, seeds_differ
 from qeval.paired import recovery as recovery_of
-from qeval.quant import DEFAULT_FORMATS, FORMATS
+from qeval.quant import FORMATS, format_order
 
 BASELINE = "none"
 
@@ -137,11 +137,10 @@ def memory_frame(records: list[dict]) -> pd.DataFrame:
 
 
 def _sorted(frame: pd.DataFrame, by: list[str]) -> pd.DataFrame:
-    """Sort with the baseline first, then the formats in the default plan's order."""
+    """Sort with the baseline first, then the formats in `qeval.quant.format_order`."""
     if frame.empty:
         return frame.reset_index(drop=True)
-    order = {q: i for i, q in enumerate(DEFAULT_FORMATS)}
-    frame = frame.assign(_q=frame["quant"].map(lambda q: order.get(q, len(order))))
+    frame = frame.assign(_q=frame["quant"].map(format_order))
     return frame.sort_values(by + ["_q", "quant", "adapter"], kind="stable").drop(columns="_q").reset_index(drop=True)
 
 

@@ -219,8 +219,6 @@ GIB = 2**30
 # bytes per weight of each training base's quantized linear layers (blocks of 64 weights):
 # NF4 = 4 bits + an fp32 absmax per block; double quant = an 8-bit absmax per block + an fp32
 # scale per 256 blocks (QLoRA paper, section 3: 0.127 bits/param of constants)
-QUANT_BYTES = {"none": None, "bnb-nf4": 0.5 + 4 / 64, "bnb-nf4-dq": 0.5 + 1 / 64 + 4 / (64 * 256),
-               "bnb-fp4": 0.5 + 4 / 64, "bnb-fp4-dq": 0.5 + 1 / 64 + 4 / (64 * 256)}
 ADAM_BYTES = 8  # AdamW: two fp32 states per trainable parameter
 CUDA_CONTEXT = 0.5 * GIB  # CUDA context + cuBLAS workspace, outside max_memory_allocated: added for fit
 
@@ -291,10 +289,19 @@ class MemoryEstimate:
         return self.weights + self.adapter_optimizer + self.gradients + self.activations + self.overhead
 
 
+def _held_bytes(fmt: str, in_features: int, float_bytes: int) -> float:
+    """Bytes one linear weight of a `fmt` base takes in memory (the format registry's `memory_bits`:
+    packed formats at their theory, simulated ones at what they hold)."""
+    from qeval.quant import FORMATS  # imports torch: only when an estimate is made
+
+    return FORMATS.get(fmt).memory_bits(in_features, 8 * float_bytes) / 8
+
+
 def estimate(shape: Shape, method: str, batch: int, seq_len: int, *, r: int = 16, dtype_bytes: int = 2,
              train_quant: str = "bnb-nf4-dq", checkpointing: bool = True, overhead: int = 0,
              heldout_batch: int = 0) -> MemoryEstimate:
-    """Peak training memory of LoRA (on the `dtype_bytes` base), QLoRA (on `train_quant`) or a
+    """Peak training memory of LoRA (on the `dtype_bytes` base), QLoRA (on `train_quant`, any format of
+    the registry: bitsandbytes, torchao, quanto, simulated GGUF...) or a
     full fine-tune (fp32 master weights: AdamW on bf16 weights rounds most updates away).
 
     Activations, per token: with gradient checkpointing each block keeps its input (hidden) and one
@@ -314,8 +321,8 @@ def estimate(shape: Shape, method: str, batch: int, seq_len: int, *, r: int = 16
         trainable = shape.params
         opt, grads = trainable * ADAM_BYTES, trainable * 4
     else:
-        q = QUANT_BYTES[train_quant] if method == "qlora" else None
-        weights = int(shape.linear_params * (q if q else b) + shape.other_params * b)
+        weights = int(shape.layers * sum(x * y * _held_bytes(train_quant if method == "qlora" else "none", x, b)
+                                         for x, y in shape.linears()) + shape.other_params * b)
         trainable = shape.lora_params(r)
         opt, grads = trainable * (4 + ADAM_BYTES), trainable * 4  # peft keeps LoRA weights in fp32
     kv = shape.kv_heads * shape.head_dim
@@ -324,7 +331,8 @@ def estimate(shape: Shape, method: str, batch: int, seq_len: int, *, r: int = 16
         act = tokens * (shape.layers * shape.hidden + per_block) * b
     else:
         act = tokens * shape.layers * per_block * b
-    if method == "qlora":  # a 4-bit layer is dequantized for its matmul: the largest one, transient
+    if method == "qlora" and _held_bytes(train_quant, shape.hidden, b) < b:
+        # a low-bit layer is dequantized for its matmul: the largest one, transient
         act += max(x * y for x, y in shape.linears()) * b
     act += tokens * shape.vocab * (b + 4 + 4)
     if heldout_batch:

@@ -31,7 +31,7 @@ matplotlib.use("Agg")  # headless: the harness runs on servers and in CI; must p
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from qeval.quant import DEFAULT_FORMATS  # noqa: E402
+from qeval.quant import format_order  # noqa: E402
 # the document model (blocks -> Markdown / HTML); re-exported for the sections and tests that import it here
 from qeval.report_doc import (Block, Bullets, Heading, Image, Para, Table,  # noqa: E402,F401
                               to_html, to_markdown)
@@ -126,12 +126,11 @@ def _model_short(model: str) -> str:
 # ----------------------------------------------------------------------------- ordering
 
 def _sorted(df: pd.DataFrame, by: list[str]) -> pd.DataFrame:
-    """Sort by `by`; quants go baseline first, then in the default plan's order (int8, NF4, NF4-DQ,
-    FP4, FP4-DQ: decreasing bits), then any other format by name."""
+    """Sort by `by`; quants in `qeval.quant.format_order` (baseline first, bitsandbytes presets,
+    then the other backends' formats)."""
     if df.empty:
         return df
-    order = {q: i for i, q in enumerate(DEFAULT_FORMATS)}
-    tmp = df.assign(_not_base=df["quant"].map(lambda q: order.get(q, len(order))),
+    tmp = df.assign(_not_base=df["quant"].map(format_order),
                     _adapter=df["adapter"].map(_adapter))
     keys = []
     for col in by:

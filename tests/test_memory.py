@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from qeval.memory import GIB, QUANT_BYTES, PhasePeaks, Shape, estimate, fits_table
+from qeval.memory import GIB, PhasePeaks, Shape, estimate, fits_table
 
 
 def test_phase_peaks_see_a_phase_and_release_what_it_freed():
@@ -43,7 +43,7 @@ def test_nf4_bytes_match_bitsandbytes(tiny_model_dir):
     shape = Shape.from_config(cfg)
     # plus a fixed 64 bytes per tensor (its 16-entry NF4 code table): 2% on this toy, nothing on a real model
     assert fp.quantized_weight_bytes + fp.quant_state_bytes == pytest.approx(
-        shape.linear_params * QUANT_BYTES["bnb-nf4"] + 14 * 64, rel=0.001)
+        shape.linear_params * (0.5 + 4 / 64) + 14 * 64, rel=0.001)  # 4-bit codes + an fp32 absmax per 64
 
 
 def _shipped(name):
@@ -217,3 +217,23 @@ def test_cpu_peak_is_exact_and_nested_blocks_keep_the_outer_peak():
         with PeakMemory("cpu", interval=3600) as inner:
             pass
     assert outer.peak_bytes - inner.peak_bytes > 0.9 * size
+
+
+@pytest.mark.parametrize("base, bits", [
+    # bits per weight each base holds in memory, written out independently of the format registry
+    ("bnb-nf4-dq", lambda f: 4 + 8 / 64 + 32 / (64 * 256)),  # codes + int8 absmax + fp32 absmax of absmax
+    ("torchao:int8-wo", lambda f: 8 + 32 / f),               # int8 codes + an fp32 scale per row
+    ("torchao:int4-wo:g32", lambda f: 8 + 40 / 32),           # one code per int8 byte + fp32 scale + int8 zero
+    ("quanto:int4:g32", lambda f: 4 + 64 / 32),               # packed codes + fp32 scale and shift per group
+    ("gguf:q4_0", lambda f: 32),                              # simulated: float weights holding Q4_0 values
+])
+def test_estimate_holds_each_base_at_what_it_keeps_in_memory(base, bits):
+    shape = _shipped("llama-3.2-1b")
+    lora = estimate(shape, "lora", 4, 128, dtype_bytes=4)
+    qlora = estimate(shape, "qlora", 4, 128, dtype_bytes=4, train_quant=base)
+    expected = shape.layers * sum(x * y * bits(x) / 8 for x, y in shape.linears()) + shape.other_params * 4
+    assert qlora.weights == pytest.approx(expected, abs=1)
+    assert qlora.adapter_optimizer == lora.adapter_optimizer and qlora.gradients == lora.gradients
+    # a base held in float needs no transient dequantized copy of a layer; a low-bit one does
+    largest = max(x * y for x, y in shape.linears()) * 4
+    assert qlora.activations - lora.activations == (0 if base.startswith("gguf") else largest)

@@ -53,6 +53,18 @@ class QuantFormat:
     requires: "Backend | None" = None
     # the in_features every quantized layer's must be divisible by (a group / block size), or 0
     divides: int = 0
+    # Simulated formats: bits one quantized weight really takes in memory, from (in_features, the
+    # float compute dtype's bits); None: the theory (packed storage). The training-memory estimate
+    # uses it, so a QLoRA-style base is predicted at what it holds, not at what it promises.
+    held_bits: Callable[[int, int], float] | None = None
+
+    def memory_bits(self, in_features: int, float_bits: int) -> float:
+        """Bits per quantized weight held in memory while the model runs."""
+        if self.bits_per_weight is None:
+            return float(float_bits)
+        if self.held_bits is not None:
+            return float(self.held_bits(in_features, float_bits))
+        return float(self.bits_per_weight(in_features))
 
     def quantization_config(self, compute_dtype: torch.dtype) -> Any:
         return self.build(compute_dtype)
@@ -178,6 +190,17 @@ _EXAMPLE = "backend:scheme[:options], e.g. torchao:int8-wo, quanto:int4:g64, ggu
 FORMATS: FormatRegistry = FormatRegistry("quantization format")
 # The formats a default plan measures, in the order reports list them (baseline first).
 DEFAULT_FORMATS = ("none", "bnb-int8", "bnb-nf4", "bnb-nf4-dq", "bnb-fp4", "bnb-fp4-dq")
+
+
+def format_order(name: str) -> tuple:
+    """The order reports list formats in: the baseline, the bitsandbytes presets (decreasing bits),
+    then every other format grouped by backend (in registration order), by name. One key for every
+    table, so the same format sits on the same line everywhere."""
+    if name in DEFAULT_FORMATS:
+        return (DEFAULT_FORMATS.index(name), 0, str(name))
+    backend = str(name).split(":")[0]
+    known = list(BACKENDS)
+    return (len(DEFAULT_FORMATS), known.index(backend) if backend in known else len(known), str(name))
 
 
 def quant_format(name: str, description: str, bits_per_weight: Callable[[int], float] | None = None,

@@ -61,7 +61,8 @@ def _parse(scheme: str, options: tuple[str, ...]) -> QuantFormat:
         lambda in_features, b=bits: b, lambda compute_dtype: None, backend="gguf", after_load=_apply(scheme),
         kernel="simulated", storage="float weights holding the dequantized GGUF values",
         can_save=False, lora_trainable=True, options=(("type", scheme.upper()), ("block", BLOCK)),
-        packages=("gguf",), requires=BACKENDS.get("gguf"), divides=BLOCK)
+        packages=("gguf",), requires=BACKENDS.get("gguf"), divides=BLOCK,
+        held_bits=lambda in_features, float_bits: float_bits)  # float weights holding GGUF's values
 
 
 BACKENDS.add("gguf", Backend(

@@ -66,10 +66,13 @@ def _parse(scheme: str, options: tuple[str, ...]) -> QuantFormat:
         bits = lambda in_features, n=n, g=group: n + 32 / g  # noqa: E731
         desc = f"int{n} weights, fp32 scale per group of {group}, stored unpacked (one code per int8)"
         kernel, storage = "simulated", f"one int{n} code per int8 byte (IntxUnpackedToInt8Tensor): no packed CPU kernel"
+    # intN on CPU holds one code per int8 byte, an fp32 scale and an int8 zero point per group
+    held = None if int8 else (lambda in_features, float_bits, g=group: 8 + 40 / g)
     return QuantFormat(name, f"torchao {desc}", bits, lambda compute_dtype: None, backend="torchao",
                        after_load=_apply(scheme, group), kernel=kernel, storage=storage, can_save=True,
                        lora_trainable=True, options=(("scheme", scheme), ("group", group)),
-                       packages=("torchao",), requires=BACKENDS.get("torchao"), divides=group or 0)
+                       packages=("torchao",), requires=BACKENDS.get("torchao"), divides=group or 0,
+                       held_bits=held)
 
 
 BACKENDS.add("torchao", Backend(
