@@ -24,7 +24,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 
 .PHONY: setup report nightly nightly-upgrade lock bench bench-gates test test-fast clean-results help
 help:
-	@echo "make report   set up, run the default plan (6 formats x default suite), render reports/latest/"
+	@echo "make report   set up, run the default plan (baseline + 14 formats, adapter arms), render reports/latest/"
 	@echo "make test     set up and run the tests (fast tier + integration tier, CPU)"
 	@echo "make nightly  the default plan as a regression job: exit 1 on a regression beyond noise"
 	@echo "make nightly-upgrade  the nightly in a fresh venv with the newest releases (UPGRADE=...), vs the locked env"

@@ -21,7 +21,7 @@ from qeval import __version__, env
 from qeval.errors import QevalError
 
 EPILOG = """examples:
-  qeval run                                   # all six formats of the embedded model, default suite
+  qeval run                                   # the baseline + 5 bitsandbytes formats of the embedded model, default suite
   qeval run --formats none,bnb-nf4 --suite smoke
   qeval run --model ./my-hf-folder --tasks qeval_analogy --limit 100
   qeval run --model meta-llama/Llama-3.2-1B --tasks hellaswag   # online: any hub id, any lm-eval task
@@ -60,7 +60,7 @@ def _parser() -> argparse.ArgumentParser:
                      "bootstrap_iters); other flags override it")
     run.add_argument("--model", help="embedded name (smollm2-135m), HF folder, .gguf file, or hub id "
                      "(online only); default smollm2-135m")
-    run.add_argument("--formats", help="comma-separated format names (see `qeval formats`); default: all six")
+    run.add_argument("--formats", help="comma-separated format names (see `qeval formats`); default: none + the five bitsandbytes presets")
     run.add_argument("--suite", help="shipped suite name (see `qeval suites`) or suite YAML path; default: default")
     run.add_argument("--tasks", help="comma-separated lm-eval task names instead of a suite")
     run.add_argument("--include-path", action="append", type=Path, metavar="DIR", default=None,
@@ -243,7 +243,7 @@ def cmd_run(args) -> int:
         overrides["formats"] = tuple(f.strip() for f in args.formats.split(",") if f.strip())
         if not overrides["formats"]:
             raise QevalError("--formats", args.formats, "one or more comma-separated format names",
-                             "e.g. --formats none,bnb-nf4 (`qeval formats` lists them); leave it out for all six")
+                             "e.g. --formats none,bnb-nf4 (`qeval formats` lists them); leave it out for none + the five bitsandbytes presets")
     if args.include_path:
         overrides["include_path"] = tuple(str(p) for p in args.include_path) + tuple(
             [plan.include_path] if isinstance(plan.include_path, str) else plan.include_path)

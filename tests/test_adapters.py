@@ -355,3 +355,17 @@ def test_time_per_step_excludes_the_heldout_passes(resolved, monkeypatch):
     wall = _time.perf_counter() - t
     assert art.eval_s >= 3 * 0.4  # before training, after step 1 and step 2
     assert art.train_s < wall - 3 * 0.4 and art.s_per_step == pytest.approx(art.train_s / 2)
+
+
+def test_default_plan_and_the_full_ft_plan_share_the_lora_recipe():
+    """plans/full-ft.yaml says `lora` is reused from a `make report` cache: the recipes must be equal."""
+    from pathlib import Path
+
+    from qeval.runner import load_plan, validate
+
+    plans = Path(__file__).parents[1] / "plans"
+    default, full = (validate(load_plan(plans / f"{n}.yaml")) for n in ("default", "full-ft"))
+    assert default.adapters["lora"] == full.adapters["lora"]
+    assert full.adapters["full"].method == "full" and "full" not in default.adapters
+    formats = load_plan(plans / "default.yaml").formats  # the issue's bar: >= 14 formats, >= 4 backends
+    assert len(formats) - 1 >= 14 and len({FORMATS.get(f).backend for f in formats} - {"none"}) >= 4
