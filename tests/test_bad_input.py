@@ -326,3 +326,17 @@ def test_bad_reference_cache_budget_is_one_line_before_the_store(value, tmp_path
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert code == 2 and len(lines) == 1 and "QEVAL_REFERENCE_CACHE_MB" in lines[0] and value in lines[0]
     assert "whole number of MiB" in lines[0] and not store.exists()
+
+
+def test_gguf_k_quant_without_the_ggml_library(tmp_path, tiny_model_dir, capsys, monkeypatch):
+    """A K-quant format on a machine where llama.cpp's ggml is not built: one line naming the command
+    that builds it, exit 2, before any store is made."""
+    monkeypatch.setenv("QEVAL_GGML_LIB", str(tmp_path / "absent" / "libggml-base.so"))
+    store = tmp_path / "st" / "store.sqlite"
+    code = main(["run", "--model", str(tiny_model_dir), "--formats", "none,gguf:q4_k_m", "--suite", "smoke",
+                 "--store", str(store)])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("qeval: error: "), err
+    assert "gguf:q4_k_m" in err and "qeval setup --backend gguf-k" in err and "Traceback" not in err
+    assert not store.exists()
