@@ -183,3 +183,22 @@ def test_tiny_model_widths_fall_back_to_legacy_types(resolved):
     for name, m in quantizable_linears(lm.model):
         t = "q8_0" if name.endswith(more) else "q5_0"
         assert torch.equal(m.weight, gguf_python_roundtrip(ref[name].weight, t)[0]), name
+
+
+@pytest.mark.slow
+@needs_ggml
+def test_smollm2_q4_k_m_census_bytes_and_theory():
+    """The embedded SmolLM2-135M: the per-tensor census of Q4_K_M and its bytes, written out from the
+    shapes (per layer: q, o 576x576; k, v 192x576; gate, up 1536x576; down 576x1536; 30 layers)."""
+    from qeval.models import load_model, resolve_model
+
+    lm = load_model(resolve_model("smollm2-135m"), FORMATS.get("gguf:q4_k_m"), "cpu")
+    fp = lm.footprint
+    q, kv, ffn = 576 * 576, 192 * 576, 1536 * 576
+    more = 14  # use_more_bits layers of 30 (test_use_more_bits_layers_for_30_layers)
+    expected = {"Q4_K": (30 - more) * ffn, "Q6_K": more * ffn, "Q8_0": more * kv,
+                "Q5_0": 30 * (2 * q + kv + 2 * ffn) + (30 - more) * kv}
+    assert fp.packed_types == expected
+    packed = sum(n // LAYOUT[t][1] * LAYOUT[t][0] for t, n in expected.items())
+    assert fp.packed_bytes == packed and fp.theory_bytes - fp.unquantized_bytes == packed
+    assert packed * 8 / fp.quantized_params == pytest.approx(5.534, abs=0.001)  # not Q4_K's 4.5: mostly Q5_0
