@@ -202,3 +202,25 @@ def test_smollm2_q4_k_m_census_bytes_and_theory():
     packed = sum(n // LAYOUT[t][1] * LAYOUT[t][0] for t, n in expected.items())
     assert fp.packed_bytes == packed and fp.theory_bytes - fp.unquantized_bytes == packed
     assert packed * 8 / fp.quantized_params == pytest.approx(5.534, abs=0.001)  # not Q4_K's 4.5: mostly Q5_0
+
+
+@needs_ggml
+def test_run_and_report_show_the_type_census(tiny_model_dir, tmp_path, capsys):
+    """End to end on the tiny model: the record carries the per-tensor types, and the report's format
+    landscape names them (rows of 64/128: Q6_K falls back to Q8_0 everywhere)."""
+    from qeval.cli import main
+    from qeval.store import Store
+
+    suite = tmp_path / "s.yaml"
+    suite.write_text("name: s\ntasks:\n  - {task: qeval_lee_ppl, limit: 2, batch_size: 1, divergence: true}\n")
+    store, out = tmp_path / "store.sqlite", tmp_path / "rep"
+    assert main(["run", "--model", str(tiny_model_dir), "--formats", "none,gguf:q6_k", "--suite", str(suite),
+                 "--store", str(store)]) == 0
+    assert main(["report", "--store", str(store), "--out", str(out)]) == 0
+    capsys.readouterr()
+    with Store(store, readonly=True) as st:
+        rec = {r["variant"]["quant"]: r for r in st.records()}
+    n = rec["gguf:q6_k"]["footprint"]["quantized_params"]
+    assert rec["gguf:q6_k"]["footprint"]["packed_types"] == {"Q8_0": n}
+    assert rec["gguf:q6_k"]["footprint"]["packed_bytes"] == n // 32 * 34
+    assert "gguf:q6_k: Q8_0 100.0%" in (out / "report.md").read_text()
