@@ -221,6 +221,7 @@ CASES = [
     ("bench-formats-empty", lambda t, m: ["bench", "--model", m, "--formats", ""], "absent", ["--formats"]),
     ("bench-eval-formats-typo", lambda t, m: ["bench", "--model", m, "--formats", "none", "--eval-formats", "bnb-nf44"],
      "absent", ["bnb-nf44", "bnb-nf4"]),
+    ("setup-backend-unknown", lambda t, m: ["setup", "--backend", "gguf-q"], "absent", ["gguf-q", "gguf-k"]),
     # --- the command line itself ---
     ("unknown-command", lambda t, m: ["runn"], "absent", ["runn"]),
     ("unknown-flag", lambda t, m: ["run", "--modle", m], "absent", ["--modle"]),
@@ -276,7 +277,7 @@ def test_bad_input(case, tmp_path, tiny_model_dir, capsys, monkeypatch):
     _make_store(store_kind, store)
     before = _snapshot(store)
     argv = build(tmp_path, str(tiny_model_dir))
-    store_flag = [] if argv[0] in ("runn", "bench") else ["--store", str(store)]  # bench has no store
+    store_flag = [] if argv[0] in ("runn", "bench", "setup") else ["--store", str(store)]  # bench, setup: no store
     try:
         code = main(argv + store_flag)
     except SystemExit as e:  # argparse usage errors

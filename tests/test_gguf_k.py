@@ -224,3 +224,27 @@ def test_run_and_report_show_the_type_census(tiny_model_dir, tmp_path, capsys):
     assert rec["gguf:q6_k"]["footprint"]["packed_types"] == {"Q8_0": n}
     assert rec["gguf:q6_k"]["footprint"]["packed_bytes"] == n // 32 * 34
     assert "gguf:q6_k: Q8_0 100.0%" in (out / "report.md").read_text()
+
+
+def test_setup_command_reuses_a_built_library(monkeypatch, tmp_path, capsys):
+    from qeval.cli import main
+
+    lib = tmp_path / "libggml-base.so"
+    lib.write_bytes(b"")
+    monkeypatch.setenv("QEVAL_GGML_LIB", str(lib))
+    assert main(["setup", "--backend", "gguf-k"]) == 0
+    assert str(lib) in capsys.readouterr().out
+    monkeypatch.setenv("QEVAL_GGML_LIB", str(tmp_path / "gone.so"))
+    assert main(["setup", "--backend", "gguf-k"]) == 2
+    assert "gone.so" in capsys.readouterr().err
+
+
+def test_build_without_cmake_is_one_line(monkeypatch):
+    import shutil
+
+    monkeypatch.delenv("QEVAL_GGML_LIB", raising=False)  # the per-test cache holds no build
+    real = shutil.which
+    monkeypatch.setattr(shutil, "which", lambda name: None if name == "cmake" else real(name))
+    with pytest.raises(QevalError) as e:
+        ggml_lib.build(log=lambda s: None)
+    assert "cmake" in str(e.value) and "apt-get install cmake" in str(e.value) and "\n" not in str(e.value)

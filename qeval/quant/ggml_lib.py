@@ -113,6 +113,13 @@ def build(log=print) -> Path:
     """Download the pinned source with pip, build libggml-base with cmake into the cache; returns the
     library's path. Idempotent: an existing build is reused. Raises QevalError (one line) when a tool
     is missing."""
+    env = os.environ.get("QEVAL_GGML_LIB")
+    if env:  # a library built elsewhere: nothing to build, but it must exist
+        if not Path(env).expanduser().is_file():
+            raise QevalError("QEVAL_GGML_LIB", env, "the path of a built libggml-base.so",
+                             "unset it to build into the qeval cache")
+        log(f"ggml: {env} (QEVAL_GGML_LIB)")
+        return Path(env).expanduser()
     target = lib_dir()
     if (target / _LIBNAME).is_file():
         log(f"ggml: {target / _LIBNAME} (already built)")
