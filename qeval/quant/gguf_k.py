@@ -94,7 +94,9 @@ def mix_type(ftype: str, category: str, i_layer: int, n_layer: int, n_gqa: int) 
     """llama_tensor_get_type_impl for a llama-architecture model (no experts, not Falcon, not 70B, no
     importance matrix, embeddings not quantized): the type before the shape fallback."""
     t = FTYPES[ftype]
-    if category == "attn_v":  # i_attention_wv counts attn_v tensors in file order: the layer index
+    # i_attention_wv / i_ffn_down count tensors in llama-quantize's order, weights_map's: by layer number
+    # (llama-model-loader.h, weight_name_comparer), one of each per layer -- so the layer index
+    if category == "attn_v":
         if ftype == "q2_k":
             t = "Q4_K" if n_gqa >= 4 else "Q3_K"
         elif ftype == "q3_k_m":
