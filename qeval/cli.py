@@ -144,7 +144,10 @@ def _parser() -> argparse.ArgumentParser:
     pm.add_argument("--r", type=_positive_int, default=16, help="LoRA rank (all linear layers)")
     command("formats", help="list the quantization formats")
     command("suites", help="list the shipped suites and tasks")
-    command("setup", help="build the suite data and convert the embedded model (once)")
+    ps = command("setup", help="build the suite data and convert the embedded model (once)")
+    ps.add_argument("--backend", choices=["gguf-k"], action="append", default=[],
+                    help="build an optional backend's native part instead: gguf-k = llama.cpp's ggml library "
+                         "for the GGUF K-quants (pip download of the llama-cpp-python source + cmake, ~1 min)")
     return p
 
 
@@ -437,6 +440,11 @@ def cmd_suites(args) -> int:
 
 
 def cmd_setup(args) -> int:
+    if args.backend:  # only the named backends' native parts (today: gguf-k)
+        from qeval.quant import ggml_lib
+
+        ggml_lib.build()
+        return 0
     from qeval.models import DEFAULT_MODEL, resolve_model
     from qeval.suite_data import build_all
 

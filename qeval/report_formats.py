@@ -42,9 +42,14 @@ def landscape_frame(memory: pd.DataFrame, div: pd.DataFrame, results: pd.DataFra
         return pd.DataFrame()
     mem = memory[memory["adapter"].fillna("") == ""]
     packed: dict[tuple, int] = {}
+    types: dict[tuple, str] = {}  # GGUF: the share of quantized weights per ggml type (mixes, fallbacks)
     for r in records:
         if not r["variant"].get("adapter"):
             packed[(r["variant"]["model"], r["variant"]["quant"])] = r["footprint"].get("packed_bytes", 0)
+            census = r["footprint"].get("packed_types") or {}
+            total = sum(census.values())
+            types[(r["variant"]["model"], r["variant"]["quant"])] = ", ".join(
+                f"{t} {100 * n / total:.1f}%" for t, n in sorted(census.items(), key=lambda kv: -kv[1])) if total else ""
     prim = results[results["primary"].fillna(False).astype(bool) & (results["adapter"].fillna("") == "")] \
         if not results.empty else results
     rows = []
@@ -56,6 +61,7 @@ def landscape_frame(memory: pd.DataFrame, div: pd.DataFrame, results: pd.DataFra
         qp = (m.theory_bytes - m.unquantized_bytes) * 8 / m.theory_bits_per_weight \
             if not _missing(m.theory_bits_per_weight) and m.theory_bits_per_weight else math.nan
         row["packed_bits"] = pb * 8 / qp if pb and qp == qp and qp else math.nan
+        row["tensor_types"] = types.get((m.model, m.quant), "")
         d = div[(div["model"] == m.model) & (div["quant"] == m.quant) & (div["adapter"].fillna("") == "")] \
             if not div.empty else div
         # the baseline against itself: KL 0 and full agreement by definition
@@ -114,9 +120,14 @@ def formats_section(land: pd.DataFrame, banners: list[str]) -> Section | None:
     if sim:
         notes.append("Simulated compute (" + ", ".join(sim) + "): the numbers (KL, accuracy) are the format's, "
                      "the memory is not. GGUF types are quantized and dequantized with gguf.quants (exact "
-                     "llama.cpp numerics) and computed in float; 'bits/w packed' is what the quantizer's output "
+                     "llama.cpp numerics; the K-quants by llama.cpp's own ggml) and computed in float; 'bits/w packed' is what the quantizer's output "
                      "takes, as in a .gguf file. torchao's intN weight-only stores one code per int8 byte on this "
                      "CPU build (no packed kernel): 'in memory' is that, 'theory' what a packed kernel would hold.")
+    mixed = [f"{r['quant']}: {r['tensor_types']}" for r in land.to_dict("records") if r.get("tensor_types")]
+    if mixed:
+        notes.append("GGUF types per tensor (share of the quantized weights; llama.cpp's mixes, and rows whose "
+                     "length is not a multiple of a type's block falling back as llama-quantize does): "
+                     + "; ".join(mixed))
     if notes:
         blocks.append(Bullets(notes))  # plain text: the renderer escapes markup
     blocks += [

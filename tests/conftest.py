@@ -33,6 +33,11 @@ for _model in (_USER_CACHE / "models").glob("*"):
     if _model.is_dir() and (_model / "config.json").is_file():
         (SESSION_CACHE / "models" / _model.name).symlink_to(_model, target_is_directory=True)
 
+# llama.cpp's ggml library for the GGUF K-quants (`qeval setup --backend gguf-k`), used read-only from
+# the user's cache (every test's private cache would lack it)
+for _lib in sorted((_USER_CACHE / "ggml").glob("*/libggml-base.so")):
+    os.environ.setdefault("QEVAL_GGML_LIB", str(_lib))
+
 import importlib.util  # noqa: E402
 
 import pytest  # noqa: E402

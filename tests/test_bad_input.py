@@ -221,6 +221,7 @@ CASES = [
     ("bench-formats-empty", lambda t, m: ["bench", "--model", m, "--formats", ""], "absent", ["--formats"]),
     ("bench-eval-formats-typo", lambda t, m: ["bench", "--model", m, "--formats", "none", "--eval-formats", "bnb-nf44"],
      "absent", ["bnb-nf44", "bnb-nf4"]),
+    ("setup-backend-unknown", lambda t, m: ["setup", "--backend", "gguf-q"], "absent", ["gguf-q", "gguf-k"]),
     # --- the command line itself ---
     ("unknown-command", lambda t, m: ["runn"], "absent", ["runn"]),
     ("unknown-flag", lambda t, m: ["run", "--modle", m], "absent", ["--modle"]),
@@ -276,7 +277,7 @@ def test_bad_input(case, tmp_path, tiny_model_dir, capsys, monkeypatch):
     _make_store(store_kind, store)
     before = _snapshot(store)
     argv = build(tmp_path, str(tiny_model_dir))
-    store_flag = [] if argv[0] in ("runn", "bench") else ["--store", str(store)]  # bench has no store
+    store_flag = [] if argv[0] in ("runn", "bench", "setup") else ["--store", str(store)]  # bench, setup: no store
     try:
         code = main(argv + store_flag)
     except SystemExit as e:  # argparse usage errors
@@ -326,3 +327,17 @@ def test_bad_reference_cache_budget_is_one_line_before_the_store(value, tmp_path
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert code == 2 and len(lines) == 1 and "QEVAL_REFERENCE_CACHE_MB" in lines[0] and value in lines[0]
     assert "whole number of MiB" in lines[0] and not store.exists()
+
+
+def test_gguf_k_quant_without_the_ggml_library(tmp_path, tiny_model_dir, capsys, monkeypatch):
+    """A K-quant format on a machine where llama.cpp's ggml is not built: one line naming the command
+    that builds it, exit 2, before any store is made."""
+    monkeypatch.setenv("QEVAL_GGML_LIB", str(tmp_path / "absent" / "libggml-base.so"))
+    store = tmp_path / "st" / "store.sqlite"
+    code = main(["run", "--model", str(tiny_model_dir), "--formats", "none,gguf:q4_k_m", "--suite", "smoke",
+                 "--store", str(store)])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("qeval: error: "), err
+    assert "gguf:q4_k_m" in err and "qeval setup --backend gguf-k" in err and "Traceback" not in err
+    assert not store.exists()

@@ -49,7 +49,8 @@ def test_backend_spec_carries_options_and_package_version():
 
 @pytest.mark.parametrize("name,needles", [
     ("torchoa:int8-wo", ["torchoa", "did you mean 'torchao'"]),
-    ("gguf:q4_k", ["q4_k", "q4_0"]),
+    ("gguf:q4_2", ["q4_2", "q4_0", "q4_k_m"]),
+    ("gguf:q4_k_m:x", ["x", "pure"]),
     ("quanto:int4:64", ["64", "gN"]),
     ("torchao:int8-wo:g32", ["g32", "no options"]),
     ("bnb:nf4:dq:x", ["dq:x"]),

@@ -262,6 +262,8 @@ class Footprint:
     # Simulated formats only: the bytes the quantized weights take in the format's real packed
     # layout, measured from the backend's own packer (GGUF: the gguf.quants output); else 0.
     packed_bytes: int = 0
+    # Backends that pick a type per tensor (GGUF mixes): type -> number of quantized weights held in it
+    packed_types: dict[str, int] = dataclasses.field(default_factory=dict)
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -323,6 +325,7 @@ def measure_footprint(model: torch.nn.Module, fmt: QuantFormat) -> Footprint:
 
     qweights = qstate = unquant = qparams = theory = packed = 0
     census: dict[str, int] = {}
+    packed_types: dict[str, int] = {}
     for module in model.modules():
         simulated = getattr(module, "_qeval_packed_bytes", None)  # set by simulating backends (GGUF)
         for name, p in module.named_parameters(recurse=False):
@@ -342,10 +345,17 @@ def measure_footprint(model: torch.nn.Module, fmt: QuantFormat) -> Footprint:
                 qparams_here = module.in_features * module.out_features
                 qparams += qparams_here
                 qstate += b_state + sum(nbytes(t) for t in _quant_state_tensors(p))
-                if fmt.bits_per_weight is not None:
-                    theory += round(qparams_here * fmt.bits_per_weight(module.in_features) / 8)
+                # a backend that chose this tensor's type says its bits (GGUF mixes), else the format's
+                tensor_bits = getattr(module, "_qeval_theory_bits", None)
+                if tensor_bits is None and fmt.bits_per_weight is not None:
+                    tensor_bits = fmt.bits_per_weight(module.in_features)
+                if tensor_bits is not None:
+                    theory += round(qparams_here * tensor_bits / 8)
                 if simulated is not None and name == "weight":
                     packed += int(simulated)
+                    ptype = getattr(module, "_qeval_packed_type", None)
+                    if ptype is not None:
+                        packed_types[ptype] = packed_types.get(ptype, 0) + qparams_here
             else:
                 unquant += b
                 theory += b if b else 0
@@ -355,7 +365,8 @@ def measure_footprint(model: torch.nn.Module, fmt: QuantFormat) -> Footprint:
             theory += b
     return Footprint(total_bytes=qweights + qstate + unquant, quantized_weight_bytes=qweights,
                      quant_state_bytes=qstate, unquantized_bytes=unquant, theory_bytes=theory,
-                     quantized_params=qparams, census=dict(sorted(census.items())), packed_bytes=packed)
+                     quantized_params=qparams, census=dict(sorted(census.items())), packed_bytes=packed,
+                     packed_types=dict(sorted(packed_types.items())))
 
 
 from qeval.quant import bnb, gguf_backend, quanto_backend, torchao_backend  # noqa: E402,F401  (register backends)

@@ -7,16 +7,18 @@ So the numbers (KL, accuracy) are GGUF's, while the memory is float's: the forma
 "simulated", and the footprint records the packed bytes the quantizer produced (`packed_bytes`: the
 bytes those tensors take in a .gguf file), next to the float bytes the model really holds.
 
-Left out: the K-quants (Q2_K..Q6_K) and IQ types. Their Python classes only dequantize (llama.cpp's
-`llama-quantize` binary is needed to make them), and their 256-weight super-blocks do not divide
-SmolLM2-135M's hidden size 576 anyway.
+The K-quants and llama.cpp's mixes (`gguf:q4_k_m`, `gguf:q6_k`, ...) are in qeval.quant.gguf_k: gguf's
+Python classes only dequantize them, so they are packed by llama.cpp's own ggml library (built once
+with `qeval setup --backend gguf-k`). The IQ1/IQ2/IQ3 types are left out (importance matrix).
 """
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 import torch
 
-from qeval.quant import BACKENDS, Backend, QuantFormat, bad_option, quantizable_linears
+from qeval.quant import BACKENDS, Backend, QuantFormat, bad_option, gguf_k, quantizable_linears
 
 BLOCK = 32  # every legacy GGUF type quantizes blocks of 32 consecutive weights along a row
 # type -> (bits per weight: 32 codes + per-block fp16 scale [+ fp16 min] [+ 32 high bits]) / 32, words)
@@ -52,6 +54,8 @@ def _apply(qtype: str):
 
 
 def _parse(scheme: str, options: tuple[str, ...]) -> QuantFormat:
+    if scheme in gguf_k.SCHEMES:
+        return gguf_k.parse(scheme, options, _K_BACKEND)
     name = f"gguf:{scheme}"
     if options:
         raise bad_option(name, options[0], "no options (GGUF types have a fixed block of 32)")
@@ -65,7 +69,21 @@ def _parse(scheme: str, options: tuple[str, ...]) -> QuantFormat:
         held_bits=lambda in_features, float_bits: float_bits)  # float weights holding GGUF's values
 
 
+class _NeedsGgml(Backend):
+    """The gguf backend's K-quant formats need llama.cpp's ggml library too (one line naming the
+    command that builds it)."""
+
+    def require(self, fmt_name: str, device: str) -> None:
+        super().require(fmt_name, device)
+        from qeval.quant import ggml_lib
+
+        if not ggml_lib.available():
+            raise ggml_lib.missing_error(fmt_name)
+
+
 BACKENDS.add("gguf", Backend(
-    "gguf", "llama.cpp GGUF types (legacy 32-weight blocks), simulated with exact numerics",
-    _parse, tuple(TYPES), modules=("gguf.quants",), extra="gguf",
-    option_help="GGUF types: " + ", ".join(TYPES)))
+    "gguf", "llama.cpp GGUF types, simulated with exact numerics (K-quants through llama.cpp's ggml)",
+    _parse, tuple(TYPES) + gguf_k.SCHEMES, modules=("gguf.quants",), extra="gguf",
+    option_help="GGUF types: " + ", ".join(tuple(TYPES) + gguf_k.SCHEMES)))
+_K_BACKEND = _NeedsGgml(**{f.name: getattr(BACKENDS.get("gguf"), f.name)
+                           for f in dataclasses.fields(Backend)})
