@@ -144,7 +144,9 @@ def _parser() -> argparse.ArgumentParser:
     pm.add_argument("--r", type=_positive_int, default=16, help="LoRA rank (all linear layers)")
     command("formats", help="list the quantization formats")
     command("suites", help="list the shipped suites and tasks")
-    command("setup", help="build the suite data and convert the embedded model (once)")
+    setup = command("setup", help="build the suite data and convert the embedded model (once)")
+    setup.add_argument("--backend", choices=["gptq"], help="instead: create a backend's isolated environment "
+                       "(gptq: a venv under the cache with gptqmodel and torch pinned; minutes, needs the package index)")
     return p
 
 
@@ -437,6 +439,11 @@ def cmd_suites(args) -> int:
 
 
 def cmd_setup(args) -> int:
+    if getattr(args, "backend", None) == "gptq":
+        from qeval.quant.gptq_backend import setup_env
+
+        print(f"gptq env: {setup_env()}")
+        return 0
     from qeval.models import DEFAULT_MODEL, resolve_model
     from qeval.suite_data import build_all
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -218,6 +219,18 @@ def test_isolated_env_missing_is_one_line_with_the_command(monkeypatch, tmp_path
 
 # ----------------------------------------------------------------------------- the real thing
 
+KERNEL_WEIGHTS = """
+import json, sys, torch
+from gptqmodel import GPTQModel
+m = GPTQModel.load(sys.argv[1], device="cpu", dtype=torch.float32)
+out = {}
+for n, x in m.model.named_modules():
+    if hasattr(x, "qweight"):
+        with torch.no_grad():
+            out[n] = x(torch.eye(x.in_features, dtype=torch.float32)).t().tolist()
+json.dump(out, open(sys.argv[2], "w"))
+"""
+
 def _real_env() -> Path | None:
     p = Path(os.environ.get(gq.PYTHON_ENV) or Path.home() / ".cache" / "qeval" / "venvs" / "gptq" / "bin" / "python")
     return p if p.exists() else None
@@ -246,6 +259,24 @@ def test_real_gptqmodel_quantizes_tiny_model_and_caches(resolved, monkeypatch, t
         # GPTQ's error feedback moves weights by more than rounding would, but not by much
         assert (w - w0).abs().mean() < 0.5 * w0.abs().mean()
     assert lm.footprint.packed_bytes > 0
+    # independent check: gptqmodel's own CPU kernel, in the isolated env, applied to an identity
+    # matrix gives its weight; it computes bf16(bf16(scale) * (q - zero)), so our unpacking with
+    # the scales rounded the same way must give exactly those numbers (zero off by one: far off)
+    script = tmp_path / "kernel_weights.py"
+    script.write_text(KERNEL_WEIGHTS)
+    out = tmp_path / "kernel.json"
+    subprocess.run([str(_real_env()), str(script), str(ckpts[0].parent), str(out)], check=True, capture_output=True,
+                   env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"CUDA_VISIBLE_DEVICES": ""})
+    tensors, _ = gq.read_checkpoint(ckpts[0].parent)
+    kernel = json.loads(out.read_text())
+    assert len(kernel) == len(quantizable_linears(lm.model))
+    for name, w in kernel.items():
+        w = torch.tensor(w)
+        args = [tensors[f"{name}.{k}"] for k in ("qweight", "qzeros", "scales", "g_idx")]
+        args[2] = args[2].bfloat16()
+        assert torch.equal(gq.dequantize(*args, bits=4).bfloat16().float(), w), name
+        off = gq.dequantize(*args, bits=4, zero_offset=0).bfloat16().float()
+        assert (off - w).abs().max() > 10 * (gq.dequantize(*args, bits=4) - w).abs().max()
     t0 = ckpts[0].stat().st_mtime
     lm2 = load_model(resolved, fmt, "cpu")  # reused: no second quantization
     assert ckpts[0].stat().st_mtime == t0
