@@ -105,11 +105,19 @@ class Cell:
     def __reduce__(self):
         # pickled (to a Ray worker) with its format's name: formats hold functions, and the
         # registry's entry is the one source of truth for what a name means
+        # registry's entry is the one source of truth for what a name means; a calibration-based
+        # format (gptq) means it with the plan's calibration set, which travels with it
+        from qeval.quant.gptq_backend import calibration
+
         return (_cell, (self.model, self.arm, self.fmt.name, self.task, self.key, self.variant_id,
-                        self.key_material, self.head))
+                        self.key_material, self.head, calibration() if self.fmt.backend == "gptq" else None))
 
 
-def _cell(model, arm, fmt_name, task, key, variant_id, key_material, head) -> Cell:
+def _cell(model, arm, fmt_name, task, key, variant_id, key_material, head, cal=None) -> Cell:
+    if cal is not None:
+        from qeval.quant.gptq_backend import set_calibration
+
+        set_calibration(cal)
     return Cell(model, arm, FORMATS.get(fmt_name), task, key, variant_id, key_material, head)
 
 

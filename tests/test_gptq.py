@@ -282,3 +282,23 @@ def test_real_gptqmodel_quantizes_tiny_model_and_caches(resolved, monkeypatch, t
     assert ckpts[0].stat().st_mtime == t0
     for (_, a), (_, b) in zip(quantizable_linears(lm.model), quantizable_linears(lm2.model)):
         assert torch.equal(a.weight, b.weight)
+
+
+def test_a_cell_carries_its_calibration_to_another_process(tmp_path, resolved):
+    """Cells travel to Ray workers by format name: the plan's calibration set travels with them, so a
+    worker computes what the key says (not the default calibration)."""
+    import pickle
+
+    from qeval.evaluate import EvalSpec
+    from qeval.runner import Arm, make_cells
+    from qeval.suites import load_suite
+
+    texts = tmp_path / "cal.jsonl"
+    texts.write_text("".join(json.dumps({"text": f"row {i} of calibration text"}) + "\n" for i in range(20)))
+    gq.set_calibration(gq.CalibrationSpec(data=str(texts), samples=4, seq_len=16))
+    cell = make_cells(resolved, Arm("g", "gptq:w4:g16"), load_suite("default"), EvalSpec(), "cpu")[0]
+    blob = pickle.dumps(cell)
+    gq.set_calibration(None)  # a fresh worker knows only the default
+    back = pickle.loads(blob)
+    assert back.fmt.spec(torch.float32) == cell.key_material["format"]
+    assert back.fmt.spec(torch.float32)["options"]["calibration"]["samples"] == 4
