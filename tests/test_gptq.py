@@ -302,3 +302,74 @@ def test_a_cell_carries_its_calibration_to_another_process(tmp_path, resolved):
     back = pickle.loads(blob)
     assert back.fmt.spec(torch.float32) == cell.key_material["format"]
     assert back.fmt.spec(torch.float32)["options"]["calibration"]["samples"] == 4
+
+
+FAKE_GPTQMODEL = '''
+import json, os
+class QuantizeConfig:
+    def __init__(self, **kw):
+        self.kw = kw
+class _Model:
+    def __init__(self, path, qcfg):
+        self.path, self.qcfg = path, qcfg
+    def quantize(self, calibration, batch_size=1):
+        self.calibration = calibration
+    def save(self, out):
+        if os.environ.get("FAKE_GPTQ_FAIL"):
+            raise RuntimeError("out of patience")
+        os.makedirs(out)
+        json.dump({"model": self.path, "qcfg": self.qcfg.kw, "ids": [c["input_ids"] for c in self.calibration]},
+                  open(os.path.join(out, "seen.json"), "w"))
+        with open(os.environ["FAKE_GPTQ_COUNT"], "a") as f:
+            f.write("x")
+class GPTQModel:
+    @staticmethod
+    def load(path, qcfg, device="cpu"):
+        return _Model(path, qcfg)
+'''
+
+
+def _fake_env(root: Path) -> Path:
+    """A stand-in isolated env: a `python` that runs this interpreter with a fake gptqmodel that
+    records what the job handed it (the child protocol, without gptqmodel)."""
+    import sys
+
+    sp = root / "lib" / "python3.11" / "site-packages"
+    (sp / "gptqmodel").mkdir(parents=True)
+    (sp / "gptqmodel" / "__init__.py").write_text(FAKE_GPTQMODEL)
+    for dist in ("gptqmodel-7.6.0", "torch-2.13.0", "transformers-5.24.0"):
+        (sp / f"{dist}.dist-info").mkdir()
+        name, version = dist.rsplit("-", 1)
+        (sp / f"{dist}.dist-info" / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+    (root / "bin").mkdir()
+    py = root / "bin" / "python"
+    py.write_text(f"#!/bin/sh\nPYTHONPATH={sp} exec {sys.executable} \"$@\"\n")
+    py.chmod(0o755)
+    return py
+
+
+def test_child_job_protocol_cache_and_failure(resolved, tmp_path, monkeypatch):
+    from transformers import AutoTokenizer
+
+    from qeval.errors import ChildError
+
+    monkeypatch.setenv(gq.PYTHON_ENV, str(_fake_env(tmp_path / "venv")))
+    monkeypatch.setenv("FAKE_GPTQ_COUNT", str(tmp_path / "count"))
+    tok = AutoTokenizer.from_pretrained(resolved.path)
+    cal = gq.CalibrationSpec(samples=3, seq_len=16)
+    opts = {"bits": 4, "group_size": 16, "desc_act": False, "sym": True, "damp_percent": 0.01}
+    folder = gq.ensure_checkpoint(Path(resolved.path), tok, opts, cal, progress=lambda s: None)
+    seen = json.loads((folder / "seen.json").read_text())
+    assert seen["model"] == str(resolved.path) and seen["ids"] == gq.calibration_blocks(cal, tok)
+    assert seen["qcfg"] == {"bits": 4, "group_size": 16, "desc_act": False, "sym": True, "damp_percent": 0.01}
+    meta = json.loads((folder / "qeval-gptq.json").read_text())
+    assert meta["env_versions"] == {"gptqmodel": "7.6.0", "torch": "2.13.0", "transformers": "5.24.0"}
+    assert meta["calibration"] == cal.identity() and meta["samples_used"] == 3
+    assert gq.ensure_checkpoint(Path(resolved.path), tok, opts, cal, progress=lambda s: None) == folder
+    assert (tmp_path / "count").read_text() == "x"  # the second call reused the checkpoint
+    other = gq.ensure_checkpoint(Path(resolved.path), tok, {**opts, "group_size": 32}, cal, progress=lambda s: None)
+    assert other != folder and (tmp_path / "count").read_text() == "xx"
+    monkeypatch.setenv("FAKE_GPTQ_FAIL", "1")
+    with pytest.raises(ChildError, match="out of patience"):
+        gq.ensure_checkpoint(Path(resolved.path), tok, {**opts, "bits": 8}, cal, progress=lambda s: None)
+    assert not [p for p in (folder.parent).iterdir() if p.name.startswith(".") and p.is_dir()]  # no debris
