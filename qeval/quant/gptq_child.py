@@ -15,7 +15,23 @@ import sys
 import time
 
 
+def _exit_with_parent() -> None:
+    """A qeval run killed with -9 cannot stop this child: without this it would quantize on for
+    minutes (and write into the cache's work folder) after its run was gone."""
+    import threading
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def main(job_path: str) -> int:
+    _exit_with_parent()
     with open(job_path) as f:
         job = json.load(f)
     threads = int(job.get("threads") or 0)
