@@ -275,6 +275,8 @@ def ensure_checkpoint(model_dir: Path, tokenizer, options: dict, cal: Calibratio
     with FileLock(str(out) + ".lock"):  # two processes wanting the same checkpoint: one quantizes
         if meta.is_file():
             return out
+        for stale in out.parent.glob(f".{key[:12]}.*"):  # a killed run's work folder (we hold the lock)
+            shutil.rmtree(stale, ignore_errors=True)
         work = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{key[:12]}."))
         try:
             blocks = calibration_blocks(cal, tokenizer)
