@@ -22,7 +22,7 @@ export TRANSFORMERS_OFFLINE=1
 export HF_HUB_DISABLE_TELEMETRY=1
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
-.PHONY: setup report nightly nightly-upgrade lock bench bench-gates test test-fast clean-results help
+.PHONY: setup gptq-env report nightly nightly-upgrade lock bench bench-gates test test-fast clean-results help
 help:
 	@echo "make report   set up, run the default plan (baseline + 14 formats, adapter arms), render reports/latest/"
 	@echo "make test     set up and run the tests (fast tier + integration tier, CPU)"
@@ -47,6 +47,9 @@ $(STAMP): pyproject.toml $(LOCK) | $(BIN)/python
 
 setup: $(STAMP)
 	$(BIN)/qeval setup
+
+gptq-env: setup  # GPTQ's isolated venv (gptqmodel, torch pinned), for plans/formats-full.yaml
+	$(BIN)/qeval setup --backend gptq
 
 report: setup
 	$(BIN)/qeval run --plan plans/default.yaml

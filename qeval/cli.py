@@ -145,9 +145,11 @@ def _parser() -> argparse.ArgumentParser:
     command("formats", help="list the quantization formats")
     command("suites", help="list the shipped suites and tasks")
     ps = command("setup", help="build the suite data and convert the embedded model (once)")
-    ps.add_argument("--backend", choices=["gguf-k"], action="append", default=[],
-                    help="build an optional backend's native part instead: gguf-k = llama.cpp's ggml library "
-                         "for the GGUF K-quants (pip download of the llama-cpp-python source + cmake, ~1 min)")
+    ps.add_argument("--backend", choices=["gguf-k", "gptq"], action="append", default=[],
+                    help="instead: set up an optional backend (repeatable). gguf-k: llama.cpp's ggml library "
+                         "for the GGUF K-quants (pip download of the llama-cpp-python source + cmake, ~1 min); "
+                         "gptq: a venv under the cache with gptqmodel and torch pinned (minutes, needs the "
+                         "package index)")
     return p
 
 
@@ -440,10 +442,15 @@ def cmd_suites(args) -> int:
 
 
 def cmd_setup(args) -> int:
-    if args.backend:  # only the named backends' native parts (today: gguf-k)
-        from qeval.quant import ggml_lib
+    if args.backend:  # only the named backends' parts, not the suite data or the model
+        if "gguf-k" in args.backend:
+            from qeval.quant import ggml_lib
 
-        ggml_lib.build()
+            ggml_lib.build()
+        if "gptq" in args.backend:
+            from qeval.quant.gptq_backend import setup_env
+
+            print(f"gptq env: {setup_env()}")
         return 0
     from qeval.models import DEFAULT_MODEL, resolve_model
     from qeval.suite_data import build_all

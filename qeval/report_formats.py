@@ -23,6 +23,7 @@ PARETO_PNG = "formats_pareto.png"
 LANDSCAPE_CSV = "formats.csv"
 BACKEND_COLORS = {"none": "black", "bitsandbytes": "tab:blue", "torchao": "tab:orange", "quanto": "tab:green",
                   "gguf": "tab:red"}
+BACKEND_COLORS["gptq"] = "tab:purple"
 
 
 def _declared(quant: str) -> dict:
@@ -123,6 +124,10 @@ def formats_section(land: pd.DataFrame, banners: list[str]) -> Section | None:
                      "llama.cpp numerics; the K-quants by llama.cpp's own ggml) and computed in float; 'bits/w packed' is what the quantizer's output "
                      "takes, as in a .gguf file. torchao's intN weight-only stores one code per int8 byte on this "
                      "CPU build (no packed kernel): 'in memory' is that, 'theory' what a packed kernel would hold.")
+        if any(str(q).startswith("gptq:") for q in sim):
+            notes.append("GPTQ: quantized by gptqmodel (isolated venv) on the plan's calibration text; qeval "
+                         "dequantizes its packed checkpoint and computes in float; 'bits/w packed' is the "
+                         "checkpoint's qweight + qzeros + scales + g_idx.")
     mixed = [f"{r['quant']}: {r['tensor_types']}" for r in land.to_dict("records") if r.get("tensor_types")]
     if mixed:
         notes.append("GGUF types per tensor (share of the quantized weights; llama.cpp's mixes, and rows whose "

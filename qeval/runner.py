@@ -72,6 +72,9 @@ class Plan:
     apply_chat_template: bool | str = False
     fewshot_as_multiturn: bool = False
     system_instruction: str | None = None
+    # calibration text for calibration-based formats (gptq): qeval.quant.gptq_backend.CalibrationSpec
+    # fields (data, samples, seq_len); its content hash is in those formats' specs and so their keys
+    calibration: dict = field(default_factory=dict)
 
 
 def load_plan(path: Path) -> Plan:
@@ -102,11 +105,19 @@ class Cell:
     def __reduce__(self):
         # pickled (to a Ray worker) with its format's name: formats hold functions, and the
         # registry's entry is the one source of truth for what a name means
+        # registry's entry is the one source of truth for what a name means; a calibration-based
+        # format (gptq) means it with the plan's calibration set, which travels with it
+        from qeval.quant.gptq_backend import calibration
+
         return (_cell, (self.model, self.arm, self.fmt.name, self.task, self.key, self.variant_id,
-                        self.key_material, self.head))
+                        self.key_material, self.head, calibration() if self.fmt.backend == "gptq" else None))
 
 
-def _cell(model, arm, fmt_name, task, key, variant_id, key_material, head) -> Cell:
+def _cell(model, arm, fmt_name, task, key, variant_id, key_material, head, cal=None) -> Cell:
+    if cal is not None:
+        from qeval.quant.gptq_backend import set_calibration
+
+        set_calibration(cal)
     return Cell(model, arm, FORMATS.get(fmt_name), task, key, variant_id, key_material, head)
 
 
@@ -145,6 +156,15 @@ def validate(plan: Plan, suite: Suite | None = None) -> Resolved:
     # cluster's GPUs are checked when it starts
     device = ("cuda" if plan.device == "cuda" else env.resolve_device(plan.device)) \
         if plan.device in ("auto", "cpu", "cuda") else "cpu"
+    from qeval.quant.gptq_backend import CalibrationSpec, set_calibration
+
+    cal = from_mapping(CalibrationSpec, plan.calibration, "calibration", errors)
+    calibrated = plan.calibration or any(str(q).startswith("gptq:") for q in
+                                         list(plan.formats) + [a.get("quant", "") for a in plan.arms if isinstance(a, dict)])
+    cal_errors = cal.problems("calibration") if cal is not None and calibrated else []
+    if cal is not None and not cal_errors:
+        set_calibration(cal)  # before any gptq format is looked up: it binds the calibration hash
+    errors += cal_errors
     # a format whose package (or CUDA) is missing fails here, in one line, before anything runs
     for name in plan.formats:
         check(lambda: FORMATS.get(name).require(device))

@@ -97,6 +97,13 @@ CASES = [
     ("formats-backend-option", lambda t, m: ["run", "--model", m, "--formats", "quanto:int4:64"], "absent", ["64", "gN"]),
     ("formats-group-not-dividing", lambda t, m: ["run", "--model", m, "--formats", "none,gguf:q4_0,quanto:int4:g48"], "existing",
      ["group/block size 48", "down_proj (128)"]),
+    # GPTQ quantizes in an isolated venv: its absence is one line naming the command that creates it
+    ("gptq-env-missing", lambda t, m: ["run", "--model", m, "--formats", "none,gptq:w4:g16"], "existing",
+     ["gptq:w4:g16", "qeval setup --backend gptq"]),
+    ("calibration-unknown-key", lambda t, m: _plan(t, f"models: [{m}]\nformats: [none]\ncalibration: {{sampels: 8}}\n"),
+     "existing", ["sampels", "samples"]),
+    ("calibration-bad-values", lambda t, m: _plan(t, f"models: [{m}]\nformats: [none]\ncalibration: {{data: lee_backgrond, seq_len: 0}}\n"),
+     "absent", ["lee_backgrond", "lee_background", "calibration.seq_len", "positive"]),
     ("formats-duplicate", lambda t, m: ["run", "--model", m, "--formats", "none,none"], "absent", ["arm name", "none"]),
     ("suite-unknown", lambda t, m: ["run", "--model", m, "--suite", "smokey"], "existing", ["smokey", "smoke"]),
     ("suite-file-missing", lambda t, m: ["run", "--model", m, "--suite", str(t / "nope.yaml")], "absent", ["nope.yaml"]),

@@ -92,7 +92,7 @@ def test_missing_package_stops_run_before_the_store(monkeypatch, tmp_path, tiny_
 
 def test_every_backend_declares_its_needs():
     for name, b in BACKENDS.items():
-        assert b.extra and b.schemes and not b.calibration
+        assert b.extra and b.schemes and b.calibration == (name == "gptq")  # GPTQ alone needs calibration text
         for s in b.schemes:
             f = FORMATS.get(f"{name}:{s}")
             assert f.kernel in ("real", "simulated") and f.bits_per_weight is not None

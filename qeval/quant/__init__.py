@@ -111,8 +111,10 @@ class Backend:
     modules: tuple[str, ...] = ()  # import names that must be importable
     extra: str = ""  # the pip extra of qeval that installs them
     needs_cuda: bool = False
-    calibration: bool = False  # needs calibration text (none of today's backends do)
+    calibration: bool = False  # needs calibration text (the plan's `calibration:`; gptq)
     option_help: str = ""
+    # (format name) -> a QevalError when something outside this env is missing (gptq: its isolated venv)
+    check: Callable[[str], QevalError | None] | None = None
 
     def require(self, fmt_name: str, device: str) -> None:
         missing = [m for m in self.modules if _find_spec(m.split(".")[0]) is None or _find_spec(m) is None]
@@ -123,6 +125,8 @@ class Backend:
         if self.needs_cuda and not str(device).startswith("cuda"):
             raise QevalError(f"quantization format {fmt_name}", f"device {device}", "a CUDA GPU",
                              "this format needs CUDA; run it with --device cuda on a GPU machine")
+        if self.check is not None and (problem := self.check(fmt_name)) is not None:
+            raise problem
 
 
 BACKENDS: Registry[Backend] = Registry("quantization backend")
@@ -369,4 +373,4 @@ def measure_footprint(model: torch.nn.Module, fmt: QuantFormat) -> Footprint:
                      packed_types=dict(sorted(packed_types.items())))
 
 
-from qeval.quant import bnb, gguf_backend, quanto_backend, torchao_backend  # noqa: E402,F401  (register backends)
+from qeval.quant import bnb, gguf_backend, gptq_backend, quanto_backend, torchao_backend  # noqa: E402,F401  (register backends)
