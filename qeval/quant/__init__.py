@@ -260,6 +260,14 @@ def _quant_state_tensors(param: Any) -> list[torch.Tensor]:
     return out
 
 
+def _hqq_state(module: Any) -> list[torch.Tensor] | None:
+    """The scale / zero point tensors of an hqq HQQLinear (held in its `meta` dict, not as
+    parameters or buffers); None for any other module."""
+    if type(module).__name__ != "HQQLinear" or not isinstance(getattr(module, "meta", None), dict):
+        return None
+    return [t for t in module.meta.values() if torch.is_tensor(t)]
+
+
 def is_quantized_param(param: Any) -> bool:
     return type(param).__name__ in ("Params4bit", "Int8Params") or _is_subclass_tensor(param)
 
@@ -302,8 +310,11 @@ def measure_footprint(model: torch.nn.Module, fmt: QuantFormat) -> Footprint:
     census: dict[str, int] = {}
     for module in model.modules():
         simulated = getattr(module, "_qeval_packed_bytes", None)  # set by simulating backends (GGUF)
+        # hqq's HQQLinear: packed codes in the parameter W_q, scale/zero point in its `meta` dict
+        hqq_state = _hqq_state(module)
         for name, p in module.named_parameters(recurse=False):
-            quantized = is_quantized_param(p) or (simulated is not None and name == "weight")
+            quantized = is_quantized_param(p) or (simulated is not None and name == "weight") or \
+                (hqq_state is not None and name == "W_q")
             if _is_subclass_tensor(p):
                 parts = flatten_tensor(p)
                 b_data = sum(nbytes(t) for path, t in parts if path.split(".")[0] in _DATA_NAMES)
@@ -318,9 +329,12 @@ def measure_footprint(model: torch.nn.Module, fmt: QuantFormat) -> Footprint:
                 qweights += b_data
                 qparams_here = module.in_features * module.out_features
                 qparams += qparams_here
-                qstate += b_state + sum(nbytes(t) for t in _quant_state_tensors(p))
-                if fmt.bits_per_weight is not None:
-                    theory += round(qparams_here * fmt.bits_per_weight(module.in_features) / 8)
+                qstate += b_state + sum(nbytes(t) for t in _quant_state_tensors(p) + (hqq_state or []))
+                # a backend whose state dtype follows the compute dtype (hqq) sets the layer's own theory
+                bits = getattr(module, "_qeval_theory_bits", None) or \
+                    (fmt.bits_per_weight(module.in_features) if fmt.bits_per_weight is not None else None)
+                if bits is not None:
+                    theory += round(qparams_here * bits / 8)
                 if simulated is not None and name == "weight":
                     packed += int(simulated)
             else:
@@ -335,4 +349,4 @@ def measure_footprint(model: torch.nn.Module, fmt: QuantFormat) -> Footprint:
                      quantized_params=qparams, census=dict(sorted(census.items())), packed_bytes=packed)
 
 
-from qeval.quant import bnb, gguf_backend, quanto_backend, torchao_backend  # noqa: E402,F401  (register backends)
+from qeval.quant import bnb, gguf_backend, hqq_backend, quanto_backend, torchao_backend  # noqa: E402,F401  (register backends)
