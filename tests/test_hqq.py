@@ -228,3 +228,15 @@ def test_lora_trains_on_hqq_and_merges_like_an_independent_merge(resolved, basel
     assert requant.fmt.name == BASE and len(_hqq_layers(requant.model)) == 14
     FORMATS.get(BASE).after_load(flat, "cpu", torch.float32)  # hqq quantizes the independent merge
     torch.testing.assert_close(logits(requant.model), logits(flat), rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_layers_hold_16_bit_scales_and_the_theory_follows(resolved):
+    """On CUDA the model computes in bf16 and hqq keeps scale / zero in that dtype: the footprint's
+    theory is the layer's (4 + 2 * 16 / 64 bits), not the float32 CPU figure. Checked here on CPU in bf16."""
+    lm = load_model(resolved, FORMATS.get("hqq:4bit:g64"), "cpu", dtype=torch.bfloat16)
+    fp = lm.footprint
+    n = fp.quantized_params
+    assert {m.meta["scale"].dtype for _, m in _hqq_layers(lm.model)} == {torch.bfloat16}
+    assert (fp.quantized_weight_bytes, fp.quant_state_bytes) == (n // 2, n // 64 * 2 * 2)
+    assert fp.theory_bytes - fp.unquantized_bytes == pytest.approx(n * 4.5 / 8, abs=14)
+    assert FORMATS.get("hqq:4bit:g64").bits_per_weight(576) == 5.0  # the registry's figure: float32 (CPU)

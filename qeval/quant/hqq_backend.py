@@ -2,9 +2,10 @@
 
 Every linear layer but the (tied) output head is replaced by hqq's own `HQQLinear`, quantized with
 hqq's own settings (`BaseQuantizeConfig(nbits, group_size)`: asymmetric codes per group of N
-consecutive weights along a row, `axis=1`; a float scale and zero point per group, the zero point
-found by hqq's proximal optimizer, 20 iterations with early stop; the zero rounded for 4 bits, as
-hqq does). No calibration data. Default group 64 (hqq's default).
+consecutive weights along a row, `axis=1`; a float scale (min/max) and zero point per group, the
+zero point then refined by hqq's proximal optimizer, lp = 0.7, at most 20 iterations with early
+stop; for 4 bits the starting zero is rounded, as hqq does). No calibration data. Default group
+64 (hqq's default).
 
 Real packed storage: the codes are bit-packed by hqq (8 and 4 bits in uint8, 2 bits four per uint8,
 1 bit eight per uint8, 3 bits ten per int32, i.e. 3.2 bits each), the scale and zero point are held
