@@ -100,8 +100,8 @@ def _parse(scheme: str, options: tuple[str, ...]) -> QuantFormat:
     per, word = PACKING[nbits]
     packing = "one per uint8" if per == 1 else f"{per} per {'int32' if word == 32 else 'uint8'}"
     return QuantFormat(
-        name, f"HQQ {nbits}-bit codes ({packing}), scale + zero point per group of {group} "
-              "(zero point optimized, no calibration data)",
+        name, f"HQQ {nbits}-bit codes ({packing}), scale + zero point per group of {group} in the compute "
+              "dtype (fp32 on CPU, bf16 on CUDA); zero point optimized, no calibration data",
         lambda in_features, n=nbits, g=group: theory_bits(n, g), lambda compute_dtype: None, backend="hqq",
         after_load=_apply(nbits, group), kernel="real",
         storage=f"{nbits}-bit codes packed {packing} + scale/zero per group in the compute dtype (HQQLinear, "
