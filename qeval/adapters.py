@@ -670,7 +670,7 @@ def merge_problem(fmt_name: str, where: str) -> QevalError | None:
     if fmt.name != "none" and fmt.lora_trainable and not (fmt.backend == "bitsandbytes" and "int8" in fmt.name):
         return None
     return QevalError(where, fmt_name, "a quantized base with LoRA support to dequantize, merge into and re-quantize "
-                      "(bnb 4-bit, torchao int8, quanto, GGUF)", "merge paths exist for QLoRA-style arms on those bases")
+                      "(bnb 4-bit, torchao int8, quanto, GGUF, HQQ)", "merge paths exist for QLoRA-style arms on those bases")
 
 
 def _is_4bit(model) -> bool:
