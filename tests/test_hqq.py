@@ -240,3 +240,14 @@ def test_bf16_layers_hold_16_bit_scales_and_the_theory_follows(resolved):
     assert (fp.quantized_weight_bytes, fp.quant_state_bytes) == (n // 2, n // 64 * 2 * 2)
     assert fp.theory_bytes - fp.unquantized_bytes == pytest.approx(n * 4.5 / 8, abs=14)
     assert FORMATS.get("hqq:4bit:g64").bits_per_weight(576) == 5.0  # the registry's figure: float32 (CPU)
+
+
+def test_opt_in_plan_names_valid_hqq_formats_for_the_real_model():
+    from pathlib import Path
+
+    import yaml
+
+    plan = yaml.safe_load((Path(__file__).parents[1] / "plans" / "formats-full.yaml").read_text())
+    hqq = [f for f in plan["formats"] if str(f).startswith("hqq:")]
+    smol = {"q/k/v/gate/up_proj": 576, "o_proj": 576, "down_proj": 1536}
+    assert hqq and all(FORMATS.get(f).name == f and not FORMATS.get(f).check_shapes(smol, "smollm2") for f in hqq)
