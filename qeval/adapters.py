@@ -7,7 +7,7 @@ library versions), so one adapter is trained once and reused by every arm that e
 `dequantized` merges into the dequantized float base (exactly the unmerged numbers), `requantized`
 then quantizes the merged weights back to the base's format with the same backend (the deploy path
 that can lose the fine-tune). A base qualifies when its backend declares LoRA support
-(`QuantFormat.lora_trainable`: bitsandbytes 4-bit, torchao int8, quanto, GGUF).
+(`QuantFormat.lora_trainable`: bitsandbytes 4-bit, torchao int8, quanto, GGUF, HQQ).
 """
 from __future__ import annotations
 
@@ -574,7 +574,15 @@ def _trainable(model: Any, spec: AdapterSpec) -> Any:
         p.requires_grad_(False)
     if spec.gradient_checkpointing:
         model.enable_input_require_grads()
-    return get_peft_model(model, lora_config(spec))
+    config = lora_config(spec)
+    hqq = [n for n, m in model.named_modules() if type(m).__name__ == "HQQLinear"]
+    if hqq and config.target_modules == "all-linear":
+        # peft's "all-linear" finds nn.Linear subclasses only; hqq's layers (every linear but the
+        # head, see qeval.quant.quantizable_linears) are the same set, named explicitly
+        from qeval.quant import quantizable_linears
+
+        config.target_modules = set(hqq) | {n for n, _ in quantizable_linears(model)}
+    return get_peft_model(model, config)
 
 
 def _heldout_loss(model, blocks, device: str) -> float:
@@ -662,7 +670,7 @@ def merge_problem(fmt_name: str, where: str) -> QevalError | None:
     if fmt.name != "none" and fmt.lora_trainable and not (fmt.backend == "bitsandbytes" and "int8" in fmt.name):
         return None
     return QevalError(where, fmt_name, "a quantized base with LoRA support to dequantize, merge into and re-quantize "
-                      "(bnb 4-bit, torchao int8, quanto, GGUF)", "merge paths exist for QLoRA-style arms on those bases")
+                      "(bnb 4-bit, torchao int8, quanto, GGUF, HQQ)", "merge paths exist for QLoRA-style arms on those bases")
 
 
 def _is_4bit(model) -> bool:
@@ -671,7 +679,7 @@ def _is_4bit(model) -> bool:
 
 def dequantize_base(model, dtype):
     """Replace every quantized linear layer by a float Linear holding its dequantized weights:
-    bitsandbytes Linear4bit, torchao tensor-subclass weights (Int8Tensor, ...), quanto QLinear. GGUF's
+    bitsandbytes Linear4bit, torchao tensor-subclass weights (Int8Tensor, ...), quanto QLinear, hqq HQQLinear. GGUF's
     simulated weights already are float and stay as they are. Returns the (same) model."""
     import torch
 
@@ -681,6 +689,9 @@ def dequantize_base(model, dtype):
         model = dequantize_4bit(model, dtype)
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
+            if type(child).__name__ == "HQQLinear":  # hqq: packed codes + scale/zero in its meta
+                setattr(parent, name, _hqq_to_linear(child, dtype))
+                continue
             w = getattr(child, "weight", None)
             if not isinstance(child, torch.nn.Linear) or not _is_subclass_tensor(w):
                 continue
@@ -692,6 +703,20 @@ def dequantize_base(model, dtype):
                     lin.bias.copy_(child.bias.detach().to(dtype))
             setattr(parent, name, lin)
     return model
+
+
+def _hqq_to_linear(layer, dtype):
+    """A float Linear holding an hqq HQQLinear's dequantized weight (hqq's own dequantize)."""
+    import torch
+
+    w = layer.dequantize()
+    lin = torch.nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, dtype=dtype,
+                          device=w.device)
+    with torch.no_grad():
+        lin.weight.copy_(w.to(dtype))
+        if layer.bias is not None:
+            lin.bias.copy_(layer.bias.detach().to(dtype))
+    return lin
 
 
 def dequantize_4bit(model, dtype):

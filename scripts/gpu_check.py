@@ -79,6 +79,15 @@ def main() -> int:
             bnb = False
     # the baseline first: it records the divergence reference the other arms compare with
     formats = ["none"] + [n for n, f in FORMATS.items() if n != "none" and (bnb or f.backend != "bitsandbytes")]
+    unavailable = []  # a backend whose package did not travel (see prepare-gpu-wheels.sh) is named, not run
+    for n in list(formats):
+        try:
+            FORMATS.get(n).require(device)
+        except Exception as e:
+            formats.remove(n)
+            unavailable.append(f"{n} ({str(e).split(';')[-1].strip()})")
+    if unavailable:
+        print("gpu_check: formats left out here: " + ", ".join(unavailable), flush=True)
     if args.cpu_dry_run:  # exercise every code path, not every format: the dry run must stay short
         formats = [f for f in formats if f in ("none", "bnb-nf4-dq")]
     rows: list[tuple[str, str, str]] = []  # (step, result, detail)

@@ -22,8 +22,11 @@ PLATFORM_ARGS=(--python-version 3.12 --implementation cp --only-binary=:all: --n
 CORE=(lm-eval==0.4.13 "datasets>=4,<6" "evaluate==0.4.6" more-itertools
       "dill<0.4.2" "multiprocess<0.70.20" xxhash pytablewriter DataProperty mbstrdecoder pathvalidate
       tabledata tcolorpy typepy chardet "sacrebleu==2.6.0" portalocker tabulate colorama
-      "pyarrow>=24" pandas python-dateutil tzdata pytest pluggy iniconfig)
-PURE_SDIST=(sqlitedict word2number)  # no wheels on PyPI: built here (pure Python, py3-none-any)
+      "pyarrow>=24" pandas python-dateutil tzdata pytest pluggy iniconfig
+      # the CUDA formats of tests/test_gpu_formats.py: torchao (int4 tinygemm; 3.4 MiB, its C++
+      # extras are optional), hqq's own dependencies
+      torchao==0.18.0 einops termcolor)
+PURE_SDIST=(sqlitedict word2number hqq==0.2.8.post1)  # no wheels on PyPI: built here (pure Python, py3-none-any)
 OPTIONAL=("bitsandbytes==0.50.2")
 rm -rf "$OUT"; mkdir -p "$OUT"
 $PIP download -q -d "$OUT" "${PLATFORM_ARGS[@]}" "${CORE[@]}"

@@ -289,6 +289,14 @@ def _quant_state_tensors(param: Any) -> list[torch.Tensor]:
     return out
 
 
+def _hqq_state(module: Any) -> list[torch.Tensor] | None:
+    """The scale / zero point tensors of an hqq HQQLinear (held in its `meta` dict, not as
+    parameters or buffers); None for any other module."""
+    if type(module).__name__ != "HQQLinear" or not isinstance(getattr(module, "meta", None), dict):
+        return None
+    return [t for t in module.meta.values() if torch.is_tensor(t)]
+
+
 def is_quantized_param(param: Any) -> bool:
     return type(param).__name__ in ("Params4bit", "Int8Params") or _is_subclass_tensor(param)
 
@@ -332,8 +340,11 @@ def measure_footprint(model: torch.nn.Module, fmt: QuantFormat) -> Footprint:
     packed_types: dict[str, int] = {}
     for module in model.modules():
         simulated = getattr(module, "_qeval_packed_bytes", None)  # set by simulating backends (GGUF)
+        # hqq's HQQLinear: packed codes in the parameter W_q, scale/zero point in its `meta` dict
+        hqq_state = _hqq_state(module)
         for name, p in module.named_parameters(recurse=False):
-            quantized = is_quantized_param(p) or (simulated is not None and name == "weight")
+            quantized = is_quantized_param(p) or (simulated is not None and name == "weight") or \
+                (hqq_state is not None and name == "W_q")
             if _is_subclass_tensor(p):
                 parts = flatten_tensor(p)
                 b_data = sum(nbytes(t) for path, t in parts if path.split(".")[0] in _DATA_NAMES)
@@ -348,8 +359,9 @@ def measure_footprint(model: torch.nn.Module, fmt: QuantFormat) -> Footprint:
                 qweights += b_data
                 qparams_here = module.in_features * module.out_features
                 qparams += qparams_here
-                qstate += b_state + sum(nbytes(t) for t in _quant_state_tensors(p))
-                # a backend that chose this tensor's type says its bits (GGUF mixes), else the format's
+                qstate += b_state + sum(nbytes(t) for t in _quant_state_tensors(p) + (hqq_state or []))
+                # a backend that chose this tensor's type (GGUF mixes) or whose state dtype follows the
+                # compute dtype (hqq) says its bits, else the format's
                 tensor_bits = getattr(module, "_qeval_theory_bits", None)
                 if tensor_bits is None and fmt.bits_per_weight is not None:
                     tensor_bits = fmt.bits_per_weight(module.in_features)
@@ -373,4 +385,4 @@ def measure_footprint(model: torch.nn.Module, fmt: QuantFormat) -> Footprint:
                      packed_types=dict(sorted(packed_types.items())))
 
 
-from qeval.quant import bnb, gguf_backend, gptq_backend, quanto_backend, torchao_backend  # noqa: E402,F401  (register backends)
+from qeval.quant import bnb, gguf_backend, gptq_backend, hqq_backend, quanto_backend, torchao_backend  # noqa: E402,F401  (register backends)
