@@ -12,6 +12,7 @@ from qeval.models import linear_in_features, load_model
 from qeval.quant import BACKENDS, FORMATS, quantizable_linears
 from qeval.quant.gguf_backend import roundtrip
 from qeval.report_formats import pareto_front
+from kl_run import run_kl_and_report
 
 LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -244,20 +245,9 @@ def test_grid_detector_flags_a_planted_model_and_not_a_float_one(tiny_model_dir,
 def test_report_shows_the_banner_and_q4_1_on_its_own_grid_gives_kl_0(planted_q4_1, tmp_path, capsys):
     """End to end: run + report on a Q4_1-planted model. Re-quantizing to gguf:q4_1 changes no weight
     (KL exactly 0, checked from the stored record), gguf:q4_0 does (KL > 0)."""
-    from qeval.cli import main
-    from qeval.store import Store
-
-    suite = tmp_path / "s.yaml"
-    suite.write_text("name: s\ntasks:\n  - {task: qeval_lee_ppl, limit: 2, batch_size: 1, divergence: true}\n")
-    store, out = tmp_path / "store.sqlite", tmp_path / "rep"
-    assert main(["run", "--model", str(planted_q4_1), "--formats", "none,gguf:q4_1,gguf:q4_0", "--suite", str(suite),
-                 "--store", str(store)]) == 0
-    assert main(["report", "--store", str(store), "--out", str(out)]) == 0
-    capsys.readouterr()
-    with Store(store, readonly=True) as st:
-        kl = {r["variant"]["quant"]: (r.get("divergence") or {}).get("kl_mean") for r in st.records()}
+    records, md, out = run_kl_and_report(planted_q4_1, "none,gguf:q4_1,gguf:q4_0", tmp_path, capsys)
+    kl = {q: (r.get("divergence") or {}).get("kl_mean") for q, r in records.items()}
     assert kl["gguf:q4_1"] == 0.0 and kl["gguf:q4_0"] > 0
-    md = (out / "report.md").read_text()
     assert "Format landscape across backends" in md and "already quantized" in md
     assert "Re-quantizing it to gguf:q4_1 gives KL 0" in md
     # the banner opens the report, in the summary before the long tables

@@ -13,6 +13,7 @@ import torch
 from qeval.errors import QevalError
 from qeval.quant import FORMATS, ggml_lib, measure_footprint, quantizable_linears
 from qeval.quant.gguf_k import fallback, tensor_types, use_more_bits
+from kl_run import run_kl_and_report
 
 needs_ggml = pytest.mark.skipif(not ggml_lib.available(),
                                 reason="llama.cpp's ggml library is not built: run `qeval setup --backend gguf-k`")
@@ -208,22 +209,11 @@ def test_smollm2_q4_k_m_census_bytes_and_theory():
 def test_run_and_report_show_the_type_census(tiny_model_dir, tmp_path, capsys):
     """End to end on the tiny model: the record carries the per-tensor types, and the report's format
     landscape names them (rows of 64/128: Q6_K falls back to Q8_0 everywhere)."""
-    from qeval.cli import main
-    from qeval.store import Store
-
-    suite = tmp_path / "s.yaml"
-    suite.write_text("name: s\ntasks:\n  - {task: qeval_lee_ppl, limit: 2, batch_size: 1, divergence: true}\n")
-    store, out = tmp_path / "store.sqlite", tmp_path / "rep"
-    assert main(["run", "--model", str(tiny_model_dir), "--formats", "none,gguf:q6_k", "--suite", str(suite),
-                 "--store", str(store)]) == 0
-    assert main(["report", "--store", str(store), "--out", str(out)]) == 0
-    capsys.readouterr()
-    with Store(store, readonly=True) as st:
-        rec = {r["variant"]["quant"]: r for r in st.records()}
+    rec, md, _ = run_kl_and_report(tiny_model_dir, "none,gguf:q6_k", tmp_path, capsys)
     n = rec["gguf:q6_k"]["footprint"]["quantized_params"]
     assert rec["gguf:q6_k"]["footprint"]["packed_types"] == {"Q8_0": n}
     assert rec["gguf:q6_k"]["footprint"]["packed_bytes"] == n // 32 * 34
-    assert "gguf:q6_k: Q8_0 100.0%" in (out / "report.md").read_text()
+    assert "gguf:q6_k: Q8_0 100.0%" in md
 
 
 def test_setup_command_reuses_a_built_library(monkeypatch, tmp_path, capsys):
