@@ -222,7 +222,8 @@ class QevalLM(HFLM):
 
             logging.getLogger("qeval").warning(
                 "scoring a context's choices in one row disagrees with one row per choice on this model "
-                "(attention ignores a custom mask?): scoring row by row")
+                "(attention that ignores a custom mask, or a format whose numerics depend on the batch's "
+                "shape, e.g. LLM.int8's outlier columns or int8 activations): scoring row by row")
         return ok
 
     def _tree_batch(self, chunk):
