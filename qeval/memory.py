@@ -216,9 +216,8 @@ class _Phase:
 # ----------------------------------------------------------------------------- analytic model
 
 GIB = 2**30
-# bytes per weight of each training base's quantized linear layers (blocks of 64 weights):
-# NF4 = 4 bits + an fp32 absmax per block; double quant = an 8-bit absmax per block + an fp32
-# scale per 256 blocks (QLoRA paper, section 3: 0.127 bits/param of constants)
+# Bytes per weight of a training base's quantized linear layers come from the format registry
+# (`QuantFormat.memory_bits`; NF4's block constants, QLoRA paper section 3, are in qeval/quant/bnb.py).
 ADAM_BYTES = 8  # AdamW: two fp32 states per trainable parameter
 CUDA_CONTEXT = 0.5 * GIB  # CUDA context + cuBLAS workspace, outside max_memory_allocated: added for fit
 
