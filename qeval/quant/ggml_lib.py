@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import json
 import os
 import shutil
@@ -31,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from qeval.errors import QevalError
+from qeval.files import sha256_file
 
 SOURCE_DIST = "llama-cpp-python"
 SOURCE_VERSION = "0.3.36"  # vendors llama.cpp with ggml 0.25.3; part of every K-quant format's key
@@ -138,7 +138,7 @@ def build(log=print) -> Path:
         _run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
               f"{SOURCE_DIST}=={SOURCE_VERSION}", "-d", str(tmp / "dl")], "pip download")
         (sdist,) = list((tmp / "dl").glob("*.tar.gz"))
-        digest = hashlib.sha256(sdist.read_bytes()).hexdigest()
+        digest = sha256_file(sdist)
         t_download = time.perf_counter() - t0
         prefix = f"{sdist.name[:-len('.tar.gz')]}/vendor/llama.cpp/"
         with tarfile.open(sdist) as tar:  # only the ggml tree and llama-quant.cpp (the rules ported here)
