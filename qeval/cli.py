@@ -17,8 +17,9 @@ import traceback
 from datetime import datetime
 from pathlib import Path
 
-from qeval import __version__, env
-from qeval.errors import QevalError
+from qeval import __version__
+from qeval.core import env
+from qeval.core.errors import QevalError
 
 EPILOG = """examples:
   qeval run                                   # the baseline + 5 bitsandbytes formats of the embedded model, default suite
@@ -117,7 +118,7 @@ def _parser() -> argparse.ArgumentParser:
     ben.add_argument("--formats", help="comma-separated format names; default: the default plan's six")
     ben.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     ben.add_argument("--out", type=Path, default=None, help="default ./reports/bench (or $QEVAL_HOME/reports/bench)")
-    # harness efficiency + one qeval run vs one lm-eval process per cell (qeval.bench.efficiency)
+    # harness efficiency + one qeval run vs one lm-eval process per cell (qeval.bench.speed.efficiency)
     ben.add_argument("--eval-formats", default="none,bnb-nf4", help="formats for the efficiency table ('' skips it)")
     ben.add_argument("--eval-scale", type=_fraction, default=0.25, help="fraction of each default-suite task's limit")
     ben.add_argument("--compute-dtype", choices=["auto", "float32", "bf16"], default="auto",
@@ -132,7 +133,7 @@ def _parser() -> argparse.ArgumentParser:
     gcp.add_argument("--dry-run", action="store_true", help="only list what would be deleted")
 
     pm = command("plan-memory", help="which of LoRA / QLoRA / full fine-tune fits a GPU, from a model's config.json",
-                 description="Predict peak training memory (qeval.memory.estimate: weights, adapter + AdamW, "
+                 description="Predict peak training memory (qeval.models.memory.estimate: weights, adapter + AdamW, "
                              "gradients, activations with gradient checkpointing, bf16 compute) for a model "
                              "config and say what fits a GPU of --gpu GiB.")
     pm.add_argument("--config", required=True,
@@ -237,8 +238,8 @@ def _store_path(args) -> Path:
 
 
 def cmd_run(args) -> int:
-    from qeval.runner import Plan, load_plan, run_plan
-    from qeval.suites import suite_from_tasks
+    from qeval.run.runner import Plan, load_plan, run_plan
+    from qeval.eval.suites import suite_from_tasks
 
     plan = load_plan(args.plan) if args.plan else Plan()
     overrides = {}
@@ -267,7 +268,7 @@ def cmd_run(args) -> int:
     plan = Plan(**{**plan.__dict__, **overrides})
     suite = None
     if args.tasks is not None:
-        from qeval.suites import include_paths
+        from qeval.eval.suites import include_paths
 
         paths = include_paths(plan.include_path, None, "--include-path")
         suite = suite_from_tasks([t.strip() for t in args.tasks.split(",") if t.strip()], args.limit,
@@ -279,12 +280,12 @@ def cmd_run(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from qeval.compare import (adapter_frames, decision, divergence_frame, history_frame, latest, memory_frame,
+    from qeval.stats.compare import (adapter_frames, decision, divergence_frame, history_frame, latest, memory_frame,
                                paired_frame, results_frame, task_mde, with_paired)
-    from qeval.nightly import Thresholds, thresholds_of
-    from qeval.runner import load_plan
-    from qeval.report import adapter_section, divergence_section, history_section, render, significance_section
-    from qeval.store import Store
+    from qeval.gates.nightly import Thresholds, thresholds_of
+    from qeval.run.runner import load_plan
+    from qeval.report.render import adapter_section, divergence_section, history_section, render, significance_section
+    from qeval.store.store import Store
 
     path = _store_path(args)
     out = args.out or env.default_report_dir()
@@ -312,9 +313,9 @@ def cmd_report(args) -> int:
     table, verdict = decision(frames, args.memory_budget)
     # the nightly compares every cell and metric of the plan: that many tests share the FDR
     tests = sum(len(r["metrics"]) for r in latest(records))
-    from qeval import report_formats
+    from qeval.report import formats as report_formats
 
-    from qeval.report_summary import summary_section
+    from qeval.report.summary import summary_section
 
     results = with_paired(results_frame(records), pairs)
     div = divergence_frame(records, pairs)
@@ -332,7 +333,7 @@ def _domain_tasks(plan_path) -> dict | None:
     """adapter name -> domain_tasks as the plan says now (stored records keep the run's)."""
     if not plan_path:
         return None
-    from qeval.runner import load_plan
+    from qeval.run.runner import load_plan
 
     return {name: tuple(raw.get("domain_tasks") or ()) for name, raw in load_plan(plan_path).adapters.items()
             if isinstance(raw, dict)}
@@ -342,8 +343,8 @@ LOCK_FILE = "requirements-lock.txt"  # the known-good environment `make` install
 
 
 def cmd_nightly(args) -> int:
-    from qeval.nightly import acknowledge, nightly
-    from qeval.store import check_store_path
+    from qeval.gates.nightly import acknowledge, nightly
+    from qeval.store.store import check_store_path
 
     if args.reason and not args.ack:
         raise QevalError("--reason", args.reason, "--ack CELL beside it", "add --ack with the cell to acknowledge")
@@ -372,7 +373,7 @@ def cmd_nightly(args) -> int:
 
 
 def cmd_bench_gates(args) -> int:
-    from qeval.bench_gates import run
+    from qeval.gates.bench_gates import run
 
     text = run(args.store or env.default_store_path(), args.out or env.home() / "reports" / "bench",
                nights=args.nights, plan_path=args.plan)
@@ -381,11 +382,11 @@ def cmd_bench_gates(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from qeval.bench import bench, write
-    from qeval.quant import FORMATS
+    from qeval.bench.speed import bench, write
+    from qeval.quant.formats import FORMATS
 
     out = args.out or env.home() / "reports" / "bench"
-    from qeval.quant import DEFAULT_FORMATS  # resolved here, not at --help time: qeval.quant imports torch
+    from qeval.quant.formats import DEFAULT_FORMATS # resolved here, not at --help time: qeval.quant imports torch
 
     formats = list(DEFAULT_FORMATS) if args.formats is None else [f.strip() for f in args.formats.split(",") if f.strip()]
     eval_formats = [f.strip() for f in args.eval_formats.split(",") if f.strip()]
@@ -394,7 +395,7 @@ def cmd_bench(args) -> int:
     for f in formats + eval_formats:
         FORMATS.get(f)  # unknown names fail here, before any measurement, with the known ones listed
     device = env.resolve_device(args.device)
-    from qeval.models import compute_dtype, compute_dtype_problem
+    from qeval.models.load import compute_dtype, compute_dtype_problem
 
     if problem := compute_dtype_problem(args.compute_dtype, device):
         raise problem
@@ -405,7 +406,7 @@ def cmd_bench(args) -> int:
     for p in write(frame, out, meta):
         print(p)
     if eval_formats:
-        from qeval.bench import efficiency, per_cell, write_efficiency
+        from qeval.bench.speed import efficiency, per_cell, write_efficiency
 
         eff, noise = efficiency(args.model, eval_formats, device, scale=args.eval_scale, dtype=dtype)
         cells = per_cell(args.model, eval_formats, scale=args.eval_scale) \
@@ -413,7 +414,7 @@ def cmd_bench(args) -> int:
         with (out / "bench.md").open("a") as fh:
             fh.write(write_efficiency(eff, noise, cells, out))
     if dtype != compute_dtype("cpu"):  # bf16 (CPU or CUDA): what it moves against float32
-        from qeval.bench import dtype_floor, write_dtype_floor
+        from qeval.bench.speed import dtype_floor, write_dtype_floor
 
         with (out / "bench.md").open("a") as fh:
             fh.write(write_dtype_floor(dtype_floor(args.model, device, dtype)))
@@ -422,7 +423,7 @@ def cmd_bench(args) -> int:
 
 
 def cmd_formats(args) -> int:
-    from qeval.quant import FORMATS
+    from qeval.quant.formats import FORMATS
 
     for name, f in FORMATS.items():
         bits = f"{f.bits_per_weight(576):.3f} bits/weight" if f.bits_per_weight else "full precision"
@@ -431,7 +432,7 @@ def cmd_formats(args) -> int:
 
 
 def cmd_suites(args) -> int:
-    from qeval.suites import load_suite, shipped_suites, shipped_tasks
+    from qeval.eval.suites import load_suite, shipped_suites, shipped_tasks
 
     for name in shipped_suites():
         s = load_suite(name)
@@ -444,16 +445,16 @@ def cmd_suites(args) -> int:
 def cmd_setup(args) -> int:
     if args.backend:  # only the named backends' parts, not the suite data or the model
         if "gguf-k" in args.backend:
-            from qeval.quant import ggml_lib
+            from qeval.quant.backends import ggml_lib
 
             ggml_lib.build()
         if "gptq" in args.backend:
-            from qeval.quant.gptq_backend import setup_env
+            from qeval.quant.backends.gptq import setup_env
 
             print(f"gptq env: {setup_env()}")
         return 0
-    from qeval.models import DEFAULT_MODEL, resolve_model
-    from qeval.suite_data import build_all
+    from qeval.models.load import DEFAULT_MODEL, resolve_model
+    from qeval.data.suite_data import build_all
 
     for name, entry in build_all().items():
         print(f"suite data {name}: {entry['rows']} rows (sha256 {entry['sha256'][:12]})")
@@ -463,21 +464,21 @@ def cmd_setup(args) -> int:
 
 
 def _shipped_configs() -> list[str]:
-    return sorted(p.stem for p in (Path(__file__).parent / "data" / "configs").glob("*.json"))
+    return sorted(p.stem for p in (env.PACKAGE_DATA / "configs").glob("*.json"))
 
 
 def cmd_plan_memory(args) -> int:
     import json as _json
 
-    from qeval.memory import Shape, fits_table
+    from qeval.models.memory import Shape, fits_table
 
     path = Path(args.config).expanduser()
     if path.is_dir():
         path = path / "config.json"
     if not path.is_file() and args.config in _shipped_configs():
-        path = Path(__file__).parent / "data" / "configs" / f"{args.config}.json"
+        path = env.PACKAGE_DATA / "configs" / f"{args.config}.json"
     if not path.is_file():
-        from qeval.errors import unknown_name
+        from qeval.core.errors import unknown_name
 
         raise unknown_name("--config", args.config, _shipped_configs(), "or the path of a config.json")
     try:
@@ -499,7 +500,7 @@ def cmd_plan_memory(args) -> int:
 
 
 def cmd_gc(args) -> int:
-    from qeval.gc import collect
+    from qeval.store.gc import collect
 
     return collect(_store_path(args), dry_run=args.dry_run)
 

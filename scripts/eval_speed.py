@@ -2,7 +2,7 @@
 
 `old`: lm-eval's stock HFLM (full logits at every position, divergence by module hooks, documents
 tokenized per arm, data files parsed per evaluation, lm-eval's environment report and template
-compilation on every call) with the batch sizes of the suite as it was (OLD_BATCH); `new`: qeval.lm.QevalLM
+compilation on every call) with the batch sizes of the suite as it was (OLD_BATCH); `new`: qeval.eval.lm.QevalLM
 with the suite's batch sizes. Per format the model is loaded once; every task runs old and new in
 alternating order, `--repeats` times; medians are printed. The first arm of each pair pays the
 tokenization for both in `old` (stock HFLM caches nothing), so `new` runs are measured on a warm
@@ -58,15 +58,15 @@ def main() -> int:
 
         torch.set_num_threads(args.threads)
 
-    import qeval.evaluate
-    import qeval.lm
-    from qeval.divergence import Reference
-    from qeval.evaluate import EvalSpec, evaluate
-    from qeval.models import load_model, resolve_model
-    from qeval.quant import FORMATS
-    from qeval.suites import load_suite
+    import qeval.eval.evaluate
+    import qeval.eval.lm
+    from qeval.eval.divergence import Reference
+    from qeval.eval.evaluate import EvalSpec, evaluate
+    from qeval.models.load import load_model, resolve_model
+    from qeval.quant.formats import FORMATS
+    from qeval.eval.suites import load_suite
 
-    New, Old = qeval.lm.QevalLM, stock_lm()
+    New, Old = qeval.eval.lm.QevalLM, stock_lm()
     suite = load_suite(args.suite)
     tasks = [dataclasses.replace(t, limit=max(1, int((t.limit or 50) * args.limit_scale))) for t in suite.tasks]
     r = resolve_model(args.model)
@@ -79,12 +79,12 @@ def main() -> int:
             for t in tasks:
                 order = ("old", "new") if rep % 2 == 0 else ("new", "old")
                 for mode in order:
-                    qeval.lm.QevalLM = Old if mode == "old" else New
+                    qeval.eval.lm.QevalLM = Old if mode == "old" else New
                     task = t if mode == "new" else dataclasses.replace(t, batch_size=OLD_BATCH.get(t.task, t.batch_size))
                     div = None
                     if t.divergence:
                         div = refs.get((mode, t.task), "reference")
-                    qeval.evaluate._FAST_PATHS = mode == "new"
+                    qeval.eval.evaluate._FAST_PATHS = mode == "new"
                     if mode == "old":
                         clear_data_cache()  # the old helper read the data file on every evaluation
                     clock = time.process_time if args.clock == "cpu" else time.perf_counter
@@ -102,7 +102,7 @@ def main() -> int:
                           f"{out.primary}={out.metrics[out.primary].value:.6g}"
                           + (f" kl={out.divergence.kl_mean:.3e}" if out.divergence else ""), flush=True)
         del loaded
-    qeval.lm.QevalLM = New
+    qeval.eval.lm.QevalLM = New
     print("\n| format | task | old s (median) | new s (median) | speedup | old value | new value |")
     print("|---|---|---:|---:|---:|---:|---:|")
     tot = {"old": 0.0, "new": 0.0}

@@ -12,8 +12,8 @@ import statistics
 import sys
 import time
 
-from qeval.executors import RaySettings, make_executor
-from qeval.jobs import Job, Log, Origin, run_job  # noqa: F401 (run_job: what each executor calls)
+from qeval.run.executors import RaySettings, make_executor
+from qeval.run.jobs import Job, Log, Origin, run_job  # noqa: F401 (run_job: what each executor calls)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -8,8 +8,8 @@ import time
 
 import torch
 
-from qeval.models import load_model, resolve_model
-from qeval.quant import FORMATS
+from qeval.models.load import load_model, resolve_model
+from qeval.quant.formats import FORMATS
 
 
 def main(names: list[str], model: str = "smollm2-135m") -> None:

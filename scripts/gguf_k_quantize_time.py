@@ -9,8 +9,8 @@ import time
 
 import torch
 
-from qeval.models import load_model, resolve_model
-from qeval.quant import FORMATS, measure_footprint
+from qeval.models.load import load_model, resolve_model
+from qeval.quant.formats import FORMATS, measure_footprint
 
 FORMATS_TIMED = ["gguf:q2_k", "gguf:q3_k_s", "gguf:q3_k_m", "gguf:q3_k_l", "gguf:q4_k_s", "gguf:q4_k_m", "gguf:q5_k_s",
                  "gguf:q5_k_m", "gguf:q6_k", "gguf:iq4_nl", "gguf:iq4_xs", "gguf:q4_k_m:pure", "gguf:q4_0"]

@@ -8,7 +8,7 @@ carried suite data), then
      merge paths (dequantized into the float base, requantized to NF4) as arms of the same plan;
   3. the divergence self-check: the bf16 baseline against its own reference (must be 0), and the
      bf16-vs-float32 baseline KL (the precision's noise floor) beside NF4's KL for scale;
-  4. the harness-efficiency table on CUDA (qeval.bench.efficiency) for none + one 4-bit format;
+  4. the harness-efficiency table on CUDA (qeval.bench.speed.efficiency) for none + one 4-bit format;
 and prints one summary table. `--cpu-dry-run` runs the same on CPU (tiny sizes) to catch crashes.
 Exit 0 when every step passed.
 """
@@ -69,7 +69,7 @@ def main() -> int:
     if device == "cuda" and not torch.cuda.is_available():
         print("gpu_check: no CUDA device (use --cpu-dry-run to exercise the script on CPU)", file=sys.stderr)
         return 2
-    from qeval.quant import FORMATS
+    from qeval.quant.formats import FORMATS
 
     bnb = not args.skip_bnb
     if bnb:
@@ -116,8 +116,8 @@ def main() -> int:
                      f"  - {{task: qeval_lee_ppl, limit: {3 * scale}, batch_size: {bs}, divergence: true}}\n"
                      f"  - {{task: qeval_capitals, limit: {4 * scale}, num_fewshot: 3, batch_size: {bs}}}\n"
                      f"  - {{task: qeval_similarity, limit: {10 * scale}, batch_size: {bs}}}\n")
-    from qeval.runner import Plan, run_plan
-    from qeval.store import Store
+    from qeval.run.runner import Plan, run_plan
+    from qeval.store.store import Store
 
     adapters, arms = {}, []
     if bnb:
@@ -165,10 +165,10 @@ def main() -> int:
     def self_kl():
         """The baseline against its own reference (must be exactly 0: the reference's logits are
         recomputed in the baseline's dtype on its device), and the noise floor of the compute dtype
-        (qeval.bench.dtype_floor: the bf16 baseline against a float32 one), beside NF4's KL from the
+        (qeval.bench.speed.dtype_floor: the bf16 baseline against a float32 one), beside NF4's KL from the
         smoke plan for scale."""
-        from qeval.bench import dtype_floor
-        from qeval.models import compute_dtype
+        from qeval.bench.speed import dtype_floor
+        from qeval.models.load import compute_dtype
 
         f = dtype_floor(str(model_dir), device, compute_dtype(device), suite=str(suite))
         nf4 = [r["divergence"]["kl_mean"] for r in records()
@@ -181,7 +181,7 @@ def main() -> int:
     step("divergence self-check (KL floor)", self_kl)
 
     def eff():
-        from qeval.bench import efficiency
+        from qeval.bench.speed import efficiency
 
         eformats = ["none"] + (["bnb-nf4"] if bnb else [])
         # on a GPU the default suite at full size (the smoke suite's few documents measure mostly

@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 model_dir, fmt, task, limit, shots, bs = sys.argv[1:7]
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
-from qeval.quant import FORMATS  # noqa: E402  (only the format's quantization config: same settings)
+from qeval.quant.formats import FORMATS # noqa: E402  (only the format's quantization config: same settings)
 
 fmt_obj = FORMATS.get(fmt)
 qcfg = fmt_obj.quantization_config(torch.float32)

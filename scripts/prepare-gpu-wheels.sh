@@ -64,5 +64,5 @@ echo "shared/wheels: $(size_mib) MiB (budget ${BUDGET_MIB} MiB; tree limit 64 Mi
 # The suite data, built here by `make setup` from the gensim wheel (absent on the GPU image).
 QEVAL_PY=${QEVAL_PY:-.venv/bin/python}
 rm -rf shared/suite-data
-cp -r "$($QEVAL_PY -c 'from qeval.suite_data import ensure_built, suite_data_dir; ensure_built(); print(suite_data_dir())')" shared/suite-data
+cp -r "$($QEVAL_PY -c 'from qeval.data.suite_data import ensure_built, suite_data_dir; ensure_built(); print(suite_data_dir())')" shared/suite-data
 echo "suite data: $(du -sh shared/suite-data | cut -f1) in shared/suite-data"

@@ -32,10 +32,10 @@ def main() -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from qeval.bench import scaled_tasks
-    from qeval.evaluate import EvalSpec, _task_manager, evaluate
-    from qeval.models import load_model, resolve_model
-    from qeval.quant import FORMATS
+    from qeval.bench.speed import scaled_tasks
+    from qeval.eval.evaluate import EvalSpec, _task_manager, evaluate
+    from qeval.models.load import load_model, resolve_model
+    from qeval.quant.formats import FORMATS
 
     loaded = load_model(resolve_model(args.model), FORMATS.get(args.format), args.device)
     spec = EvalSpec(bootstrap_iters=10)

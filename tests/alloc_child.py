@@ -7,7 +7,7 @@ def freed_stays_resident(tune: bool, q) -> None:
     back (MiB) on `q` (None: not glibc)."""
     import psutil
 
-    from qeval.memory import tune_allocator
+    from qeval.models.memory import tune_allocator
 
     if tune and not tune_allocator():
         q.put(None)

@@ -42,7 +42,7 @@ import importlib.util  # noqa: E402
 
 import pytest  # noqa: E402
 
-from qeval.suite_data import ensure_built  # noqa: E402
+from qeval.data.suite_data import ensure_built  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
@@ -120,7 +120,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def resolved(tiny_model_dir):
     """The tiny model resolved as qeval resolves a user's folder (shared by the format tests)."""
-    from qeval.models import resolve_model
+    from qeval.models.load import resolve_model
 
     return resolve_model(str(tiny_model_dir))
 
@@ -144,8 +144,8 @@ def tiny_store(tmp_path_factory):
     baseline, NF4 and gguf:q8_0 (simulated compute), LoRA on the float base and QLoRA on NF4, on
     analogy (24 right/wrong documents) and Lee perplexity (12 documents, with KL). Read-only for the
     tests that share it: (store path, model folder)."""
-    from qeval import runner
-    import qeval.adapters as adapters
+    from qeval.run import runner
+    import qeval.train.adapters as adapters
 
     tmp = tmp_path_factory.mktemp("tiny-store")
     model = build_trained_tiny_model(tmp / "model")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 def run_kl_and_report(model_dir: Path, formats: str, tmp_path: Path, capsys) -> tuple[dict, str, Path]:
     from qeval.cli import main
-    from qeval.store import Store
+    from qeval.store.store import Store
 
     suite = tmp_path / "s.yaml"
     suite.write_text("name: s\ntasks:\n  - {task: qeval_lee_ppl, limit: 2, batch_size: 1, divergence: true}\n")

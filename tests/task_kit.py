@@ -23,7 +23,7 @@ from pathlib import Path
 
 import lm_eval
 
-from qeval.suite_data import suite_data_dir
+from qeval.data.suite_data import suite_data_dir
 
 LM_EVAL_TASKS = Path(lm_eval.__file__).parent / "tasks"
 MMLU_SUBJECTS = {"abstract_algebra": "capital-common-countries", "anatomy": "currency", "astronomy": "family"}
@@ -54,7 +54,7 @@ def _sentences(n: int, lo: int = 8, hi: int = 30) -> list[str]:
 
 def build_kit(root: Path) -> tuple[Path, Path]:
     """Write the task YAML folder and the mirror under `root`; return (tasks_dir, mirror_dir)."""
-    from qeval.suite_data import ensure_built
+    from qeval.data.suite_data import ensure_built
 
     ensure_built()
     tasks, mirror = root / "tasks", root / "mirror"
@@ -125,7 +125,7 @@ def build_builtin_mirror(root: Path, per_subject: int = 2) -> Path:
     """A mirror for lm-eval's BUILT-IN gsm8k, mmlu (all its subjects, `per_subject` test rows each)
     and lambada_openai, in their schemas, from the same real text: `qeval run --tasks
     gsm8k,mmlu,lambada_openai` runs offline from it."""
-    from qeval.suite_data import ensure_built
+    from qeval.data.suite_data import ensure_built
 
     ensure_built()
     scratch, mirror = root / "scratch", root / "mirror"

@@ -5,10 +5,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from qeval.adapters import AdapterSpec, attach, finetune, load_finetuned
-from qeval.errors import QevalError
-from qeval.models import load_model, resolve_model
-from qeval.quant import FORMATS
+from qeval.train.adapters import AdapterSpec, attach, finetune, load_finetuned
+from qeval.core.errors import QevalError
+from qeval.models.load import load_model, resolve_model
+from qeval.quant.formats import FORMATS
 
 TINY = dict(steps=4, batch_size=2, seq_len=64, eval_every=2, lr=1e-2)  # a large lr: visible change in 4 steps
 
@@ -49,7 +49,7 @@ def test_lora_trains_only_lora_tensors_and_saves_only_them(resolved):
 
 
 def test_qlora_base_is_really_4bit_during_training(resolved, monkeypatch):
-    import qeval.adapters as adapters
+    import qeval.train.adapters as adapters
 
     seen = {}
     real = adapters._trainable
@@ -76,7 +76,7 @@ def test_qlora_base_is_really_4bit_during_training(resolved, monkeypatch):
 def test_second_finetune_reuses_the_artifact(resolved, monkeypatch):
     spec = AdapterSpec(**TINY)
     first = finetune(resolved, spec, "cpu", isolate=False)
-    import qeval.adapters as adapters
+    import qeval.train.adapters as adapters
 
     monkeypatch.setattr(adapters, "load_model", lambda *a, **k: pytest.fail("retrained instead of reusing"))
     again = finetune(resolved, spec, "cpu")
@@ -124,10 +124,10 @@ def test_impossible_combinations_are_one_line_errors():
 # ----------------------------------------------------------------------------- user training data
 from pathlib import Path  # noqa: E402
 
-from qeval import train_data as td  # noqa: E402
-from qeval.adapters import adapter_key, not_converged  # noqa: E402
-from qeval.errors import QevalErrors  # noqa: E402
-from qeval.suite_data import suite_data_dir  # noqa: E402
+from qeval.data import train_data as td # noqa: E402
+from qeval.train.adapters import adapter_key, not_converged  # noqa: E402
+from qeval.core.errors import QevalErrors  # noqa: E402
+from qeval.data.suite_data import suite_data_dir  # noqa: E402
 
 CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
           "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
@@ -281,7 +281,7 @@ def test_hub_names_and_unknown_names():
 def test_budget_in_tokens_and_early_stopping(resolved, monkeypatch):
     spec = AdapterSpec(**{**TINY, "steps": 99, "budget_tokens": 1000})
     assert spec.train_steps == 8  # ceil(1000 / (2 x 64))
-    import qeval.adapters as adapters
+    import qeval.train.adapters as adapters
 
     rising = iter([3.0, 2.0, 2.5, 2.6, 2.7, 2.8])  # best at the first evaluation, then worse
     monkeypatch.setattr(adapters, "_heldout_loss", lambda *a: next(rising))
@@ -310,7 +310,7 @@ def test_peft_passthrough_is_checked_against_loraconfig(resolved):
 
 
 def test_seeds_expand_into_one_adapter_and_arm_per_seed():
-    from qeval.runner import Plan, validate
+    from qeval.run.runner import Plan, validate
 
     plan = Plan(models=("m",), formats=("none",), adapters={"lora": {"seeds": [3, 5], "domain_tasks": ["qeval_lee_ppl"]}},
                 arms=({"name": "l", "quant": "none", "adapter": "lora"},))
@@ -324,7 +324,7 @@ def test_seeds_expand_into_one_adapter_and_arm_per_seed():
 def test_shipped_adapter_plan_is_valid():
     from pathlib import Path
 
-    from qeval.runner import load_plan, validate
+    from qeval.run.runner import load_plan, validate
 
     rp = validate(load_plan(Path(__file__).parents[1] / "plans" / "adapters.yaml"))
     specs = rp.adapters
@@ -343,7 +343,7 @@ def test_loftq_on_cpu_is_one_clear_error(resolved):
 def test_time_per_step_excludes_the_heldout_passes(resolved, monkeypatch):
     import time as _time
 
-    import qeval.adapters as adapters
+    import qeval.train.adapters as adapters
 
     def slow(*a):
         _time.sleep(0.4)
@@ -361,7 +361,7 @@ def test_default_plan_and_the_full_ft_plan_share_the_lora_recipe():
     """plans/full-ft.yaml says `lora` is reused from a `make report` cache: the recipes must be equal."""
     from pathlib import Path
 
-    from qeval.runner import load_plan, validate
+    from qeval.run.runner import load_plan, validate
 
     plans = Path(__file__).parents[1] / "plans"
     default, full = (validate(load_plan(plans / f"{n}.yaml")) for n in ("default", "full-ft"))

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from qeval.cli import main
-from qeval.store import Store
+from qeval.store.store import Store
 
 MC_TASK = """task: my_mc
 dataset_path: json
@@ -319,7 +319,7 @@ def test_case_count():
 def test_include_path_task_runs_and_is_fingerprinted(tmp_path, tiny_model_dir, capsys, monkeypatch):
     """A user's own task in their own folder: runs offline, from any working directory; its key
     follows the task's data."""
-    from qeval.suites import task_fingerprint
+    from qeval.eval.suites import task_fingerprint
 
     tasks = user_task(tmp_path)
     monkeypatch.chdir(tmp_path)

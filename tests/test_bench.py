@@ -1,5 +1,5 @@
 """The benchmark table: every format measured, targets judged, files written (no timing asserts)."""
-from qeval.bench import TARGETS, bench, write
+from qeval.bench.speed import TARGETS, bench, write
 
 
 def test_bench_table(tiny_model_dir, tmp_path):
@@ -25,7 +25,7 @@ def test_bench_gates_without_a_store_says_what_to_run(tmp_path, capsys):
 
 
 def test_efficiency_table(tiny_model_dir, tmp_path):
-    from qeval.bench import EFFICIENCY_TARGET, efficiency, write_efficiency
+    from qeval.bench.speed import EFFICIENCY_TARGET, efficiency, write_efficiency
 
     suite = tmp_path / "s.yaml"
     suite.write_text("name: s\ntasks:\n  - {task: qeval_analogy, limit: 6, batch_size: 4}\n"
@@ -48,7 +48,7 @@ def test_dtype_floor(tiny_model_dir, tmp_path):
     reference exactly 0 (the reference's logits are recomputed in bf16)."""
     import torch
 
-    from qeval.bench import dtype_floor, write_dtype_floor
+    from qeval.bench.speed import dtype_floor, write_dtype_floor
 
     suite = tmp_path / "s.yaml"
     suite.write_text("name: s\ntasks:\n  - {task: qeval_lee_ppl, limit: 3, batch_size: 2}\n")

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from qeval.compare import adapter_frames, memory_frame, results_frame
+from qeval.stats.compare import adapter_frames, memory_frame, results_frame
 
 
 def _rec(quant, task, metric, value, stderr, hib=True, adapter="", merge="none", arm=None, created="2026-01-01"):
@@ -96,7 +96,7 @@ def _seeded(quant, adapter, seed, value, peak, order="o"):
 def test_seeds_spread_and_no_clear_winner(tmp_path):
     from scipy import stats
 
-    from qeval.compare import decision
+    from qeval.stats.compare import decision
 
     base = [_rec("none", "qeval_lee_ppl", "word_perplexity", 120, 2, hib=False),
             _rec("bnb-nf4", "qeval_lee_ppl", "word_perplexity", 140, 2, hib=False),
@@ -113,7 +113,7 @@ def test_seeds_spread_and_no_clear_winner(tmp_path):
     assert seeds.loc["qlora", "regained_min"] == pytest.approx((140 - 103) / 20)  # the worst seed regains least
     table, verdict = decision(frames, None)
     assert len(table) == 6 and "No clear winner on qeval_lee_ppl" in verdict and "least training memory: qlora" in verdict
-    from qeval.report import adapter_section
+    from qeval.report.render import adapter_section
 
     (tmp_path / "config.json").write_text(json.dumps({"vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536,
                                                       "num_hidden_layers": 30, "num_attention_heads": 9}))
@@ -133,12 +133,12 @@ def test_seeds_spread_and_no_clear_winner(tmp_path):
 
 
 def test_least_training_memory_says_no_clear_winner_when_seed_peaks_overlap():
-    """Memory goes through the same rule as scores (qeval.paired.seeds_differ): two arms whose peaks
+    """Memory goes through the same rule as scores (qeval.stats.paired.seeds_differ): two arms whose peaks
     over seeds do not differ beyond their noise have no memory winner; clearly apart, the cheaper wins."""
     from scipy import stats
 
-    from qeval.compare import decision
-    from qeval.paired import seeds_differ
+    from qeval.stats.compare import decision
+    from qeval.stats.paired import seeds_differ
 
     base = [_rec("none", "qeval_lee_ppl", "word_perplexity", 120, 2, hib=False),
             _rec("bnb-nf4", "qeval_lee_ppl", "word_perplexity", 140, 2, hib=False),
@@ -166,7 +166,7 @@ def test_least_training_memory_says_no_clear_winner_when_seed_peaks_overlap():
 def test_seeds_differ_is_welch_and_says_when_noise_is_not_measured():
     from scipy import stats
 
-    from qeval.paired import seeds_differ
+    from qeval.stats.paired import seeds_differ
 
     a, b = [100.0, 104.0, 96.0], [110.0, 113.0, 108.0]
     assert seeds_differ(a, b) == (stats.ttest_ind(a, b, equal_var=False).pvalue < 0.05)

@@ -5,11 +5,11 @@ import json
 import numpy as np
 import pytest
 
-from qeval.paired import compare_pair
-from qeval.divergence import Capture, Reference, exact_kl
-from qeval.models import load_model, resolve_model
-from qeval.quant import FORMATS
-from qeval.suites import DATA_DIR
+from qeval.stats.paired import compare_pair
+from qeval.eval.divergence import Capture, Reference, exact_kl
+from qeval.models.load import load_model, resolve_model
+from qeval.quant.formats import FORMATS
+from qeval.eval.suites import DATA_DIR
 
 
 @pytest.fixture(scope="module")

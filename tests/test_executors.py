@@ -11,9 +11,9 @@ import sys
 
 import pytest
 
-from qeval import runner
-from qeval.runner import Plan, run_plan
-from qeval.store import Store
+from qeval.run import runner
+from qeval.run.runner import Plan, run_plan
+from qeval.store.store import Store
 
 SUITE = """name: tiny
 tasks:
@@ -35,7 +35,7 @@ def _records(path):
 
 
 def test_dag_orders_references_and_adapters_before_their_users(plan):
-    from qeval.jobs import EvaluateArm, TrainAdapter, plan_jobs
+    from qeval.run.jobs import EvaluateArm, TrainAdapter, plan_jobs
 
     arm_plan = Plan(**{**plan.__dict__, "formats": ("bnb-nf4", "none"),
                        "adapters": {"a": {"steps": 1}}, "arms": ({"name": "lora", "quant": "none", "adapter": "a"},)})
@@ -208,8 +208,8 @@ def test_ctrl_c_cancels_the_ray_jobs(plan, tmp_path, local_ray):
 
 def test_a_worker_with_other_library_versions_refuses_the_job(plan):
     """Versions are part of every key: a worker that differs must not compute under the driver's keys."""
-    from qeval.errors import QevalError
-    from qeval.jobs import Origin, RecordReference, run_job
+    from qeval.core.errors import QevalError
+    from qeval.run.jobs import Origin, RecordReference, run_job
 
     here = Origin.here()
     other = Origin(here.pid + 1, here.host, here.git_sha,
@@ -225,9 +225,9 @@ def test_a_worker_with_other_library_versions_refuses_the_job(plan):
 def test_a_worker_on_another_gpu_refuses_cuda_jobs(plan, monkeypatch):
     """On CUDA the GPU identity (model, capability, CUDA, driver, bitsandbytes build) is in the keys;
     a worker whose identity differs from the driver's refuses, one without a GPU too."""
-    from qeval import env
-    from qeval.errors import QevalError
-    from qeval.jobs import Origin, RecordReference, run_job
+    from qeval.core import env
+    from qeval.core.errors import QevalError
+    from qeval.run.jobs import Origin, RecordReference, run_job
 
     h200 = {"gpu": "NVIDIA H200", "capability": "9.0", "cuda": "13.0", "driver": "580.159.04", "bnb_build": "cuda130"}
     here = Origin.here()
@@ -245,10 +245,10 @@ def test_a_worker_on_another_gpu_refuses_cuda_jobs(plan, monkeypatch):
 
 
 def test_cuda_keys_carry_the_gpu_identity(plan, tiny_model_dir, monkeypatch):
-    from qeval import env
-    from qeval.evaluate import EvalSpec
-    from qeval.models import resolve_model
-    from qeval.suites import load_suite
+    from qeval.core import env
+    from qeval.eval.evaluate import EvalSpec
+    from qeval.models.load import resolve_model
+    from qeval.eval.suites import load_suite
 
     model, suite = resolve_model(str(tiny_model_dir)), load_suite(plan.suite)
     key = lambda dev: runner.make_cells(model, runner.Arm("none", "none"), suite, EvalSpec(), dev)[0]

@@ -1,4 +1,4 @@
-"""Format backends (qeval.quant): names, requirements, bytes against first-principles counts, GGUF
+"""Format backends (qeval.quant.formats): names, requirements, bytes against first-principles counts, GGUF
 numerics against an independent implementation, shape validation. Tiny model, CPU."""
 from __future__ import annotations
 
@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-import qeval.quant as quant
-from qeval.errors import QevalError
-from qeval.models import linear_in_features, load_model
-from qeval.quant import BACKENDS, FORMATS, quantizable_linears
-from qeval.quant.gguf_backend import roundtrip
-from qeval.report_formats import pareto_front
+import qeval.quant.formats as quant
+from qeval.core.errors import QevalError
+from qeval.models.load import linear_in_features, load_model
+from qeval.quant.formats import BACKENDS, FORMATS, quantizable_linears
+from qeval.quant.backends.gguf import roundtrip
+from qeval.report.formats import pareto_front
 from kl_run import run_kl_and_report
 
 LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

@@ -6,7 +6,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from qeval.errors import QevalError
+from qeval.core.errors import QevalError
 
 PLAN_KEYS = ["models", "formats", "suite", "device", "seed", "bootstrap_iters", "adapters", "arms", "thresholds",
              "include_path"]
@@ -49,7 +49,7 @@ def _validates_or_refuses(data, tmp_path_factory, load) -> None:
 @FUZZ
 @given(data=mapping(PLAN_KEYS))
 def test_plan_yaml_validates_or_refuses(data, tmp_path_factory):
-    from qeval.runner import load_plan, validate
+    from qeval.run.runner import load_plan, validate
 
     _validates_or_refuses(data, tmp_path_factory, lambda p: validate(load_plan(p)))
 
@@ -57,6 +57,6 @@ def test_plan_yaml_validates_or_refuses(data, tmp_path_factory):
 @FUZZ
 @given(data=mapping(SUITE_KEYS, {"tasks": st.lists(task_entries, max_size=3) | values}))
 def test_suite_yaml_validates_or_refuses(data, tmp_path_factory):
-    from qeval.suites import load_suite
+    from qeval.eval.suites import load_suite
 
     _validates_or_refuses(data, tmp_path_factory, lambda p: load_suite(str(p)))

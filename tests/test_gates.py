@@ -6,9 +6,9 @@ import math
 
 import pytest
 
-from qeval.compare import adapter_frames, divergence_frame, paired_frame, results_frame, with_paired
-from qeval.nightly import Thresholds, acknowledge, gate_run
-from qeval.store import Store
+from qeval.stats.compare import adapter_frames, divergence_frame, paired_frame, results_frame, with_paired
+from qeval.gates.nightly import Thresholds, acknowledge, gate_run
+from qeval.store.store import Store
 from tests.test_paired import loglik, mcnemar_p, right_wrong
 
 _clock = [0]
@@ -95,8 +95,8 @@ def test_one_verdict_for_one_pair_in_every_table_and_the_nightly(tmp_path):
     # and the rendered tables say it in words
     import pandas as pd
 
-    from qeval.compare import memory_frame
-    from qeval.report import adapter_section, divergence_section, render
+    from qeval.stats.compare import memory_frame
+    from qeval.report.render import adapter_section, divergence_section, render
 
     memory = memory_frame(records)
     render(table, memory, {}, tmp_path / "report",
@@ -236,7 +236,7 @@ def test_float_base_arm_shows_its_gain_against_the_baseline():
     reg = adapter_frames([base, lora], samples.get)["regained"].iloc[0]
     assert reg.float_base and reg.lost_verdict == "within noise"  # nothing lost, nothing to regain
     assert reg.vs_baseline_verdict == "better"  # but its gain is shown, not "within noise"
-    from qeval.report import adapter_section, to_markdown
+    from qeval.report.render import adapter_section, to_markdown
     import pandas as pd
 
     md = to_markdown(adapter_section({"regained": pd.DataFrame([reg]), "merge": pd.DataFrame(),
@@ -245,7 +245,7 @@ def test_float_base_arm_shows_its_gain_against_the_baseline():
 
 
 def test_bench_gates_runs_on_a_small_store(tmp_path):
-    from qeval.bench_gates import run
+    from qeval.gates.bench_gates import run
 
     base_s, int8_s = right_wrong(300, rw=6, wr=5, right=200)
     cells = [(record("none", "qeval_analogy", base_s, "acc"), base_s),
@@ -298,8 +298,8 @@ def test_per_arm_gate_applies_to_the_seeded_arms_of_that_name(tmp_path):
 def test_per_arm_names_a_seeded_arm_by_its_plan_name_in_validation():
     from types import SimpleNamespace
 
-    from qeval.errors import QevalError
-    from qeval.nightly import thresholds_of
+    from qeval.core.errors import QevalError
+    from qeval.gates.nightly import thresholds_of
 
     rp = SimpleNamespace(arms=[SimpleNamespace(name=n) for n in ("none", "qlora#s1", "qlora#s2")],
                          suite=SimpleNamespace(tasks=[]))

@@ -1,7 +1,7 @@
 """`qeval gc`: cached references, shared heads and adapters no record uses are deleted, with sizes."""
-from qeval import env
+from qeval.core import env
 from qeval.cli import main
-from qeval.store import Store
+from qeval.store.store import Store
 
 
 def _rec(key, ref=None, head=None, adapter=None):
@@ -38,7 +38,7 @@ def test_reference_head_stored_once(tmp_path):
     """Per-task references hold only hidden states; the (V, H) head is one file per model."""
     import torch
 
-    from qeval.divergence import Reference
+    from qeval.eval.divergence import Reference
 
     head = tmp_path / "heads" / "m.safetensors"
     w = torch.randn(300, 16)

@@ -1,4 +1,4 @@
-"""GGUF K-quants (qeval.quant.gguf_k): llama.cpp's per-tensor type rules and shape fallback, written
+"""GGUF K-quants (qeval.quant.backends.gguf_k): llama.cpp's per-tensor type rules and shape fallback, written
 out by hand here; llama.cpp's quantizer (ggml through ctypes) against gguf's independent Python code
 and a naive quantizer; bytes against the block layouts of ggml-common.h. Tiny models, CPU.
 
@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from qeval.errors import QevalError
-from qeval.quant import FORMATS, ggml_lib, measure_footprint, quantizable_linears
-from qeval.quant.gguf_k import fallback, tensor_types, use_more_bits
+from qeval.core.errors import QevalError
+from qeval.quant.formats import FORMATS, measure_footprint, quantizable_linears
+from qeval.quant.backends import ggml_lib
+from qeval.quant.backends.gguf_k import fallback, tensor_types, use_more_bits
 from kl_run import run_kl_and_report
 
 needs_ggml = pytest.mark.skipif(not ggml_lib.available(),
@@ -125,7 +126,7 @@ NAIVE = {"Q2_K": (16, 2, False), "Q3_K": (16, 3, True), "Q4_K": (32, 4, False), 
 @needs_ggml
 @pytest.mark.parametrize("qtype", sorted(NAIVE))
 def test_k_quant_roundtrip_bytes_grid_and_error(qtype):
-    from qeval.quant.gguf_k import roundtrip
+    from qeval.quant.backends.gguf_k import roundtrip
 
     w = torch.from_numpy(np.random.default_rng(2).standard_normal((32, 512)).astype(np.float32) * 0.02)
     back, nbytes = roundtrip(w, qtype)
@@ -156,7 +157,7 @@ def test_widths_multiple_of_256_hold_k_quants():
         i = int(n.split(".")[2])
         t = "Q6_K" if n.endswith(("v_proj", "down_proj")) and i in more else "Q4_K"
         expected[t] = expected.get(t, 0) + m.weight.numel()
-        from qeval.quant.gguf_k import roundtrip
+        from qeval.quant.backends.gguf_k import roundtrip
 
         assert torch.equal(m.weight, roundtrip(before[n], t)[0])  # the tensor holds that type's values
     assert fp.packed_types == expected
@@ -170,8 +171,8 @@ def test_widths_multiple_of_256_hold_k_quants():
 def test_tiny_model_widths_fall_back_to_legacy_types(resolved):
     """The shared tiny model (rows of 64 and 128): every K type falls back; the weights are exactly
     gguf's own Python Q5_0 / Q8_0 round trip of the float weights."""
-    from qeval.models import load_model
-    from qeval.quant.gguf_backend import roundtrip as gguf_python_roundtrip
+    from qeval.models.load import load_model
+    from qeval.quant.backends.gguf import roundtrip as gguf_python_roundtrip
 
     base = load_model(resolved, FORMATS.get("none"), "cpu").model
     lm = load_model(resolved, FORMATS.get("gguf:q4_k_m"), "cpu")
@@ -191,7 +192,7 @@ def test_tiny_model_widths_fall_back_to_legacy_types(resolved):
 def test_smollm2_q4_k_m_census_bytes_and_theory():
     """The embedded SmolLM2-135M: the per-tensor census of Q4_K_M and its bytes, written out from the
     shapes (per layer: q, o 576x576; k, v 192x576; gate, up 1536x576; down 576x1536; 30 layers)."""
-    from qeval.models import load_model, resolve_model
+    from qeval.models.load import load_model, resolve_model
 
     lm = load_model(resolve_model("smollm2-135m"), FORMATS.get("gguf:q4_k_m"), "cpu")
     fp = lm.footprint

@@ -1,4 +1,4 @@
-"""GPTQ backend (qeval.quant.gptq_backend): unpacking against hand-packed tensors, the checkpoint
+"""GPTQ backend (qeval.quant.backends.gptq): unpacking against hand-packed tensors, the checkpoint
 applied to the tiny model (weights and packed bytes), calibration in the key, the isolated-env
 requirement. The real quantization (gptqmodel in its own venv) is the slow test at the end."""
 from __future__ import annotations
@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from qeval.errors import QevalError
-from qeval.models import load_model
-from qeval.quant import FORMATS, quantizable_linears
-from qeval.quant import gptq_backend as gq
+from qeval.core.errors import QevalError
+from qeval.models.load import load_model
+from qeval.quant.formats import FORMATS, quantizable_linears
+from qeval.quant.backends import gptq as gq
 
 
 @pytest.fixture(autouse=True)
@@ -154,7 +154,7 @@ def test_names_options_and_bad_options():
 
 
 def test_group_size_checked_against_the_model(tiny_model_dir):
-    from qeval.models import linear_in_features
+    from qeval.models.load import linear_in_features
 
     problems = FORMATS.get("gptq:w4:g128").check_shapes(linear_in_features(tiny_model_dir), "tiny")
     assert problems and "128" in str(problems[0])
@@ -162,9 +162,9 @@ def test_group_size_checked_against_the_model(tiny_model_dir):
 
 
 def test_calibration_hash_is_in_the_format_spec_and_the_cell_key(tmp_path, resolved):
-    from qeval.evaluate import EvalSpec
-    from qeval.runner import Arm, make_cells
-    from qeval.suites import load_suite
+    from qeval.eval.evaluate import EvalSpec
+    from qeval.run.runner import Arm, make_cells
+    from qeval.eval.suites import load_suite
 
     suite = load_suite("default")
 
@@ -289,9 +289,9 @@ def test_a_cell_carries_its_calibration_to_another_process(tmp_path, resolved):
     worker computes what the key says (not the default calibration)."""
     import pickle
 
-    from qeval.evaluate import EvalSpec
-    from qeval.runner import Arm, make_cells
-    from qeval.suites import load_suite
+    from qeval.eval.evaluate import EvalSpec
+    from qeval.run.runner import Arm, make_cells
+    from qeval.eval.suites import load_suite
 
     texts = tmp_path / "cal.jsonl"
     texts.write_text("".join(json.dumps({"text": f"row {i} of calibration text"}) + "\n" for i in range(20)))
@@ -351,7 +351,7 @@ def _fake_env(root: Path) -> Path:
 def test_child_job_protocol_cache_and_failure(resolved, tmp_path, monkeypatch):
     from transformers import AutoTokenizer
 
-    from qeval.errors import ChildError
+    from qeval.core.errors import ChildError
 
     monkeypatch.setenv(gq.PYTHON_ENV, str(_fake_env(tmp_path / "venv")))
     monkeypatch.setenv("FAKE_GPTQ_COUNT", str(tmp_path / "count"))

@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qeval.models import ResolvedModel, fingerprint, load_model
-from qeval.quant import FORMATS
+from qeval.models.load import ResolvedModel, fingerprint, load_model
+from qeval.quant.formats import FORMATS
 
 LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 TEXT = "The Australian bushfires forced residents to leave their homes near Sydney on Sunday."
@@ -122,7 +122,7 @@ def test_hqq_4bit_on_cuda_bytes_and_kl(peaked, reference):
 
 def test_cuda_only_formats_say_so_on_cpu():
     """The registry side, on any machine (the exit-2 line of `qeval run` is in tests/test_bad_input.py)."""
-    from qeval.errors import QevalError
+    from qeval.core.errors import QevalError
 
     for name in ("torchao:int4-tinygemm", "torchao:int4-hqq"):
         fmt = FORMATS.get(name)

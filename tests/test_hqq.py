@@ -1,4 +1,4 @@
-"""HQQ formats (qeval.quant.hqq_backend) on the tiny model, CPU: names and group checks, bytes against
+"""HQQ formats (qeval.quant.backends.hqq) on the tiny model, CPU: names and group checks, bytes against
 first-principles counts, the stored codes / scales / zero points against an independent numpy
 implementation of HQQ's algorithm, LoRA on an HQQ base and its merges."""
 from __future__ import annotations
@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from qeval.errors import QevalError
-from qeval.models import load_model
-from qeval.quant import FORMATS
-from qeval.quant.hqq_backend import PACKING
+from qeval.core.errors import QevalError
+from qeval.models.load import load_model
+from qeval.quant.formats import FORMATS
+from qeval.quant.backends.hqq import PACKING
 
 pytest.importorskip("hqq")
 
@@ -163,7 +163,7 @@ def test_one_quantizing_thread_gives_the_same_weights(resolved):
     """CPU quantization runs on one thread (fast under load); the result is that of any thread count."""
     from hqq.core.quantize import HQQLinear
 
-    from qeval.quant.hqq_backend import quant_config
+    from qeval.quant.backends.hqq import quant_config
 
     torch.manual_seed(0)
     lin = torch.nn.Linear(256, 96, bias=False)
@@ -191,7 +191,7 @@ BASE = "hqq:4bit:g32"
 def test_lora_trains_on_hqq_and_merges_like_an_independent_merge(resolved, baseline):
     from safetensors.torch import load_file
 
-    from qeval.adapters import AdapterSpec, attach, finetune
+    from qeval.train.adapters import AdapterSpec, attach, finetune
 
     ids, _, _ = baseline
     assert FORMATS.get(BASE).lora_trainable

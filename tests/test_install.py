@@ -43,7 +43,7 @@ def test_pip_install_then_run_and_report_from_an_empty_folder(tmp_path):
     work = tmp_path / "empty"
     work.mkdir()
     env = _clean_env()
-    where = subprocess.run([str(venv / "bin" / "python"), "-c", "import qeval, qeval.suites as s; "
+    where = subprocess.run([str(venv / "bin" / "python"), "-c", "import qeval, qeval.eval.suites as s; "
                             "print(qeval.__file__); print(s.SUITES_DIR)"], check=True, capture_output=True,
                            text=True, env=env, cwd=work).stdout.split()
     assert all(p.startswith(str(venv)) for p in where), where  # the installed copy, not the checkout

@@ -1,12 +1,12 @@
 """Integration tier: the real embedded SmolLM2-135M through every format, real bitsandbytes and lm-eval."""
 import pytest
 
-from qeval.compare import memory_frame, results_frame
-from qeval.models import resolve_model
-from qeval.quant import DEFAULT_FORMATS
-from qeval.report import render
-from qeval.runner import Plan, run_plan
-from qeval.store import Store
+from qeval.stats.compare import memory_frame, results_frame
+from qeval.models.load import resolve_model
+from qeval.quant.formats import DEFAULT_FORMATS
+from qeval.report.render import render
+from qeval.run.runner import Plan, run_plan
+from qeval.store.store import Store
 
 pytestmark = pytest.mark.slow
 

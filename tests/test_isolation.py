@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from qeval.errors import ChildError, CouldNotFinish, QevalError, QevalErrors
+from qeval.core.errors import ChildError, CouldNotFinish, QevalError, QevalErrors
 
 
 def test_qeval_errors_pickle():
@@ -47,7 +47,7 @@ def _ok():
 
 
 def test_child_errors_cross_the_boundary():
-    from qeval.adapters import run_in_child
+    from qeval.train.adapters import run_in_child
 
     run_in_child(_ok, ())
     with pytest.raises(QevalError, match="seq_len 4096"):
@@ -57,7 +57,7 @@ def test_child_errors_cross_the_boundary():
 
 
 def test_killed_child_does_not_hang_the_parent():
-    from qeval.adapters import run_in_child
+    from qeval.train.adapters import run_in_child
 
     t0 = time.perf_counter()
     with pytest.raises(ChildError, match="exited with code -9"):
@@ -68,7 +68,7 @@ def test_killed_child_does_not_hang_the_parent():
 def test_lock_times_out_with_exit_3(tmp_path, capsys):
     import multiprocessing
 
-    from qeval.files import store_lock
+    from qeval.core.files import store_lock
 
     store = tmp_path / "s.sqlite"
     with store_lock(store, "nightly"):
@@ -85,7 +85,7 @@ def test_lock_times_out_with_exit_3(tmp_path, capsys):
 def _try_lock(store, q):
     from pathlib import Path
 
-    from qeval.files import store_lock
+    from qeval.core.files import store_lock
 
     try:
         with store_lock(Path(store), "nightly", timeout=1):
@@ -96,9 +96,9 @@ def _try_lock(store, q):
 
 def test_load_failure_is_a_failed_cell(tiny_model_dir, tmp_path, monkeypatch, capsys):
     """An OOM while loading one arm fails that arm's cells (exit 1); the other arm is stored."""
-    from qeval import runner
+    from qeval.run import runner
     from qeval.cli import main
-    from qeval.store import Store
+    from qeval.store.store import Store
 
     real = runner.load_model
 
@@ -121,7 +121,7 @@ def test_load_failure_is_a_failed_cell(tiny_model_dir, tmp_path, monkeypatch, ca
 
 
 def test_training_failure_is_a_failed_cell(tiny_model_dir, tmp_path, monkeypatch, capsys):
-    from qeval import runner
+    from qeval.run import runner
     from qeval.cli import main
 
     def crash(*a, **k):
@@ -140,7 +140,7 @@ def test_training_failure_is_a_failed_cell(tiny_model_dir, tmp_path, monkeypatch
 
 def test_full_disk_is_one_line(tmp_path, monkeypatch):
     """SQLite's 'database or disk is full' becomes a QevalError naming the store."""
-    from qeval.store import Store
+    from qeval.store.store import Store
 
     with Store(tmp_path / "s.sqlite") as s:
         s._db.execute("PRAGMA max_page_count=8")  # a tiny quota: SQLITE_FULL, as on a full disk
@@ -156,7 +156,7 @@ def test_internal_error_in_nightly_exits_3(tmp_path, monkeypatch, capsys):
     def boom(*a, **k):
         raise KeyError("unexpected")
 
-    monkeypatch.setattr("qeval.nightly.nightly", boom)
+    monkeypatch.setattr("qeval.gates.nightly.nightly", boom)
     plan = tmp_path / "p.yaml"
     plan.write_text("formats: [none]\n")
     assert cli.main(["nightly", str(plan), "--store", str(tmp_path / "s.sqlite")]) == 3
@@ -192,7 +192,7 @@ def test_second_run_on_a_busy_store_waits_then_gives_up_with_exit_3(tiny_model_d
 def _hold_run_lock(store, ready, release):
     from pathlib import Path
 
-    from qeval.files import store_lock
+    from qeval.core.files import store_lock
 
     with store_lock(Path(store), "run"):
         ready.set()
@@ -207,7 +207,7 @@ def _sleep_forever(pidfile):
 
 
 def _run_sleeper(pidfile):
-    from qeval.adapters import run_in_child
+    from qeval.train.adapters import run_in_child
 
     run_in_child(_sleep_forever, (pidfile,))
 

@@ -1,12 +1,12 @@
-"""Head-only scoring (qeval.lm.QevalLM) against lm-eval's stock HFLM: per-request log-likelihoods
+"""Head-only scoring (qeval.eval.lm.QevalLM) against lm-eval's stock HFLM: per-request log-likelihoods
 within float tolerance, accuracy and generations identical, for every task type qeval ships;
 on the float model, a bitsandbytes model and a PEFT-wrapped one."""
 import numpy as np
 import pytest
 
-from qeval.evaluate import _quiet_lm_eval, _task_manager
-from qeval.models import load_model, resolve_model
-from qeval.quant import FORMATS
+from qeval.eval.evaluate import _quiet_lm_eval, _task_manager
+from qeval.models.load import load_model, resolve_model
+from qeval.quant.formats import FORMATS
 
 TASKS = {"qeval_analogy": (8, 0), "qeval_similarity": (8, 0), "qeval_lee_ppl": (3, 0), "qeval_capitals": (4, 3)}
 
@@ -27,7 +27,7 @@ def _resps(res, task):
 def _compare(model, tok, batch_size, tasks=TASKS):
     from lm_eval.models.huggingface import HFLM
 
-    from qeval.lm import QevalLM
+    from qeval.eval.lm import QevalLM
 
     _quiet_lm_eval()
     for task in tasks:
@@ -63,7 +63,7 @@ def test_head_only_through_peft_and_softcap(tiny_model_dir):
     peft = get_peft_model(lm.model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
     _compare(peft, lm.tokenizer, 4, ["qeval_analogy"])
     # a soft-capped head (Gemma 2 style) is applied on the positions read, as in the model's forward
-    from qeval.lm import head_logits, split_model
+    from qeval.eval.lm import head_logits, split_model
 
     body, head, softcap = split_model(peft)
     assert softcap is None and head is lm.model.lm_head
@@ -75,7 +75,7 @@ def test_head_only_through_peft_and_softcap(tiny_model_dir):
 
 
 def test_tokenization_is_reused_across_loads(tiny_model_dir):
-    from qeval import lm as qlm
+    from qeval.eval import lm as qlm
 
     r = resolve_model(str(tiny_model_dir))
     a, b = (load_model(r, FORMATS.get(f), "cpu") for f in ("none", "bnb-nf4"))
@@ -100,8 +100,8 @@ def test_divergence_through_batched_forwards(peaked_dir):
     batch 4 as at batch 1, and a variant's KL at batch 4 equals its KL at batch 1 (float tolerance)."""
     import dataclasses
 
-    from qeval.evaluate import EvalSpec, evaluate
-    from qeval.suites import TaskSpec
+    from qeval.eval.evaluate import EvalSpec, evaluate
+    from qeval.eval.suites import TaskSpec
 
     r = resolve_model(str(peaked_dir))
     base, var = load_model(r, FORMATS.get("none"), "cpu"), load_model(r, FORMATS.get("bnb-nf4"), "cpu")
@@ -125,7 +125,7 @@ def peaked_dir(tmp_path_factory):
 
 
 def test_batch_size_auto_is_a_valid_choice_and_divergence_may_batch():
-    from qeval.suites import TaskSpec
+    from qeval.eval.suites import TaskSpec
 
     assert TaskSpec("qeval_analogy", batch_size="auto").problems("t") == []
     assert TaskSpec("qeval_lee_ppl", batch_size=4, divergence=True).problems("t") == []
@@ -156,7 +156,7 @@ def test_choices_of_a_context_share_one_row(tiny_model_dir):
     """QevalLM scores all continuations of a context in one row (tree mask): each request's
     log-likelihood and greedy flag equal a direct forward of context + continuation, with fewer rows
     than requests through the model; a context too long for one row is scored by rows."""
-    from qeval.lm import QevalLM
+    from qeval.eval.lm import QevalLM
 
     m = load_model(resolve_model(str(tiny_model_dir)), FORMATS.get("none"), "cpu")
     rec: list = []
@@ -181,7 +181,7 @@ def test_choices_of_a_context_share_one_row(tiny_model_dir):
 def test_tree_rows_fall_back_when_the_model_ignores_the_mask(tiny_model_dir, caplog):
     """A model whose attention ignores a custom 4-D mask (flash-attention does) fails the self-check
     on the first group: QevalLM warns and scores row by row, with the right numbers."""
-    from qeval.lm import QevalLM
+    from qeval.eval.lm import QevalLM
 
     m = load_model(resolve_model(str(tiny_model_dir)), FORMATS.get("none"), "cpu")
     lm = QevalLM(pretrained=m.model, tokenizer=m.tokenizer, batch_size=4, device="cpu")
@@ -206,9 +206,9 @@ def test_reference_log_probs_cached_bit_identical(peaked_dir, monkeypatch):
 
     import torch
 
-    from qeval.divergence import Reference
-    from qeval.evaluate import EvalSpec, evaluate
-    from qeval.suites import TaskSpec
+    from qeval.eval.divergence import Reference
+    from qeval.eval.evaluate import EvalSpec, evaluate
+    from qeval.eval.suites import TaskSpec
 
     r = resolve_model(str(peaked_dir))
     base, var = load_model(r, FORMATS.get("none"), "cpu"), load_model(r, FORMATS.get("bnb-nf4"), "cpu")

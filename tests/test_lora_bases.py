@@ -7,10 +7,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from qeval import quant
-from qeval.adapters import AdapterSpec, adapter_key, attach, finetune
-from qeval.models import load_model
-from qeval.quant import FORMATS
+from qeval.quant import formats as quant
+from qeval.train.adapters import AdapterSpec, adapter_key, attach, finetune
+from qeval.models.load import load_model
+from qeval.quant.formats import FORMATS
 
 pytest.importorskip("torchao")
 
@@ -129,12 +129,12 @@ def test_the_adapter_key_holds_the_base_format_spec(resolved, monkeypatch):
 def test_quanto_int4_base_runs_end_to_end(tiny_model_dir, tmp_path, monkeypatch):
     """Train on quanto int4, evaluate unmerged, merged into float and re-quantized, through run_plan."""
     pytest.importorskip("optimum.quanto")
-    from qeval import runner
-    from qeval.compare import adapter_frames
-    from qeval.runner import Plan, run_plan
-    from qeval.store import Store
+    from qeval.run import runner
+    from qeval.stats.compare import adapter_frames
+    from qeval.run.runner import Plan, run_plan
+    from qeval.store.store import Store
 
-    import qeval.adapters as adapters
+    import qeval.train.adapters as adapters
 
     real = adapters.finetune
     monkeypatch.setattr(runner, "finetune", lambda *a, **k: real(*a, **{**k, "isolate": False}))
@@ -159,7 +159,7 @@ def test_quanto_int4_base_runs_end_to_end(tiny_model_dir, tmp_path, monkeypatch)
 def test_shipped_qlora_bases_plan_is_valid():
     from pathlib import Path
 
-    from qeval.runner import load_plan, validate
+    from qeval.run.runner import load_plan, validate
 
     rp = validate(load_plan(Path(__file__).parents[1] / "plans" / "qlora-bases.yaml"))
     bases = {s.train_quant for s in rp.adapters.values()}

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from qeval.memory import GIB, PhasePeaks, Shape, estimate, fits_table
+from qeval.models.memory import GIB, PhasePeaks, Shape, estimate, fits_table
 
 
 def test_phase_peaks_see_a_phase_and_release_what_it_freed():
@@ -35,8 +35,8 @@ def test_shape_counts_parameters_like_the_model(tiny_model_dir):
 
 
 def test_nf4_bytes_match_bitsandbytes(tiny_model_dir):
-    from qeval.models import load_model, resolve_model
-    from qeval.quant import FORMATS
+    from qeval.models.load import load_model, resolve_model
+    from qeval.quant.formats import FORMATS
 
     cfg = json.loads((tiny_model_dir / "config.json").read_text())
     fp = load_model(resolve_model(str(tiny_model_dir)), FORMATS.get("bnb-nf4"), "cpu").footprint
@@ -94,9 +94,9 @@ def test_quantized_cpu_load_keeps_no_view_of_the_weights_file(resolved, monkeypa
     resident. Loaded by qeval, the map is gone and the numbers are the same as with the views."""
     import gc
 
-    import qeval.models
-    from qeval.models import load_model
-    from qeval.quant import FORMATS
+    import qeval.models.load
+    from qeval.models.load import load_model
+    from qeval.quant.formats import FORMATS
 
     weights = next(resolved.path.glob("*.safetensors"))
     ids = torch.tensor([[1, 5, 9, 42, 7]])
@@ -107,7 +107,7 @@ def test_quantized_cpu_load_keeps_no_view_of_the_weights_file(resolved, monkeypa
         got = own.model(ids).logits
     del own
     gc.collect()
-    monkeypatch.setattr(qeval.models, "own_weights", lambda model: 0)  # the views transformers leaves
+    monkeypatch.setattr(qeval.models.load, "own_weights", lambda model: 0)  # the views transformers leaves
     views = load_model(resolved, FORMATS.get("bnb-nf4"), "cpu")
     assert _mapped(weights)  # what the copy undoes
     with torch.no_grad():
@@ -131,7 +131,7 @@ def _in_child(tune: bool):
 def test_the_training_childs_allocator_returns_freed_memory():
     """glibc's default raises its mmap threshold after the first large free, so later large blocks
     come from the heap and stay resident among small live ones; the training child's settings
-    (qeval.memory.ALLOCATOR) unmap every block of 1 MiB or more when it is freed."""
+    (qeval.models.memory.ALLOCATOR) unmap every block of 1 MiB or more when it is freed."""
     tuned = _in_child(True)
     if tuned is None:
         pytest.skip("not glibc: mallopt unavailable")
@@ -150,9 +150,9 @@ def test_estimate_matches_a_measured_cpu_training(tiny_model_dir, tmp_path):
 
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from qeval.adapters import AdapterSpec, finetune
-    from qeval.models import resolve_model
-    from qeval.suite_data import suite_data_dir
+    from qeval.train.adapters import AdapterSpec, finetune
+    from qeval.models.load import resolve_model
+    from qeval.data.suite_data import suite_data_dir
 
     folder = tmp_path / "wide-vocab"
     torch.manual_seed(0)
@@ -182,10 +182,10 @@ def test_how_training_is_measured_changes_no_trained_number(resolved, tmp_path, 
     measurement, not part of what a key computes."""
     from safetensors.torch import load_file
 
-    import qeval.adapters
-    import qeval.models
-    from qeval.adapters import AdapterSpec, finetune
-    from qeval.suite_data import suite_data_dir
+    import qeval.train.adapters
+    import qeval.models.load
+    from qeval.train.adapters import AdapterSpec, finetune
+    from qeval.data.suite_data import suite_data_dir
 
     data = tmp_path / "data.jsonl"
     data.write_text("\n".join((suite_data_dir() / "train_text.jsonl").read_text().splitlines()[:30]) + "\n")
@@ -193,7 +193,7 @@ def test_how_training_is_measured_changes_no_trained_number(resolved, tmp_path, 
     monkeypatch.setenv("QEVAL_CACHE", str(tmp_path / "measured"))
     measured = finetune(resolved, spec, "cpu")
     monkeypatch.setenv("QEVAL_CACHE", str(tmp_path / "plain"))
-    for mod in (qeval.adapters, qeval.models):
+    for mod in (qeval.train.adapters, qeval.models.load):
         monkeypatch.setattr(mod, "own_weights", lambda model: 0)
     plain = finetune(resolved, spec, "cpu", isolate=False)
     assert measured.key == plain.key and not plain.reused and measured.path != plain.path
@@ -206,7 +206,7 @@ def test_how_training_is_measured_changes_no_trained_number(resolved, tmp_path, 
 def test_cpu_peak_is_exact_and_nested_blocks_keep_the_outer_peak():
     """A 200 MiB buffer alive for no time at all (no sampler could see it) is in the peak, and an
     inner block's reset of the high-water mark does not lose it for the outer block."""
-    from qeval.memory import PeakMemory, _high_water
+    from qeval.models.memory import PeakMemory, _high_water
 
     if _high_water() is None:
         pytest.skip("no /proc/self/status VmHWM")

@@ -9,11 +9,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import qeval.models as models
-from qeval import env
-from qeval.errors import QevalError
-from qeval.models import fingerprint, load_model, resolve_model
-from qeval.quant import FORMATS
+import qeval.models.load as models
+from qeval.core import env
+from qeval.core.errors import QevalError
+from qeval.models.load import fingerprint, load_model, resolve_model
+from qeval.quant.formats import FORMATS
 
 HEX64 = re.compile(r"^[0-9a-f]{64}$")
 

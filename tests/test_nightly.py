@@ -4,10 +4,11 @@ import multiprocessing
 
 import pytest
 
-from qeval import env, runner
+from qeval.core import env
+from qeval.run import runner
 from qeval.cli import main
-from qeval.nightly import EXIT_COULD_NOT_RUN, EXIT_OK, EXIT_REGRESSION, nightly
-from qeval.store import Store
+from qeval.gates.nightly import EXIT_COULD_NOT_RUN, EXIT_OK, EXIT_REGRESSION, nightly
+from qeval.store.store import Store
 
 PLAN = """models: [{model}]
 formats: [none, bnb-nf4]
@@ -129,7 +130,7 @@ def _child(plan_path, store, cache, q):
     import os
 
     os.environ["QEVAL_CACHE"] = cache
-    from qeval.nightly import nightly as run
+    from qeval.gates.nightly import nightly as run
 
     q.put(run(plan_path, store, progress=lambda s: None).exit_code)
 
@@ -165,7 +166,7 @@ def test_typos_in_thresholds_are_bad_input_reported_together(plan_path, tmp_path
 
 
 def test_unexpected_error_exits_3_and_marks_the_run_failed(plan_path, tmp_path, monkeypatch, capsys):
-    import qeval.nightly as nightly_mod
+    import qeval.gates.nightly as nightly_mod
 
     def bug(*a, **k):
         raise RuntimeError("a bug, not a regression")

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from qeval.compare import results_frame
-from qeval.errors import QevalError
-from qeval.paired import (KINDS, compare_pair, kind_of, fdr_adjust, fdr_verdicts, mcnemar_mde, mcnemar_power, recovery,
+from qeval.stats.compare import results_frame
+from qeval.core.errors import QevalError
+from qeval.stats.paired import (KINDS, compare_pair, kind_of, fdr_adjust, fdr_verdicts, mcnemar_mde, mcnemar_power, recovery,
                           recovery_fails)
 
 

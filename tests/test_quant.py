@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from qeval.models import load_model
-from qeval.quant import DEFAULT_FORMATS, FORMATS
+from qeval.models.load import load_model
+from qeval.quant.formats import DEFAULT_FORMATS, FORMATS
 
 LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 EXPECTED_QUANT_TYPE = {"bnb-int8": "Int8Params:int8", "bnb-nf4": "Params4bit:uint8", "bnb-nf4-dq": "Params4bit:uint8",
@@ -101,7 +101,7 @@ def test_every_bnb_option_is_explicit():
 
 
 def test_unknown_format_suggests():
-    from qeval.errors import QevalError
+    from qeval.core.errors import QevalError
 
     with pytest.raises(QevalError, match=r"did you mean 'bnb-nf4'"):
         FORMATS.get("bnb-nf5")

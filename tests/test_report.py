@@ -1,4 +1,4 @@
-"""Tests for qeval.report: every file is written, tables show the frame's numbers, edge cases render."""
+"""Tests for qeval.report.render: every file is written, tables show the frame's numbers, edge cases render."""
 from __future__ import annotations
 
 import math
@@ -6,7 +6,7 @@ import math
 import pandas as pd
 import pytest
 
-from qeval import report
+from qeval.report import render as report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 FILES = ["results.csv", "memory.csv", "recovery.png", "memory_vs_score.png", "report.md", "report.html"]
@@ -197,7 +197,7 @@ def test_formatters():
 
 def test_markdown_escapes_user_text():
     """Task names and model paths come from users: Markdown shows them as text, as HTML does."""
-    from qeval.report import Bullets, Heading, Para, Table, to_markdown
+    from qeval.report.render import Bullets, Heading, Para, Table, to_markdown
 
     evil = "<img src=x onerror=alert(1)> **b** [l](javascript:x) _e_ |"
     md = to_markdown([Heading(3, evil + "\n# injected"), Para(evil), Bullets([evil]),
@@ -213,7 +213,7 @@ def test_every_variant_of_a_large_plan_gets_its_own_colour():
     """The default plan has 12 arms; tab10 gave two of them the same colour in recovery.png."""
     import pandas as pd
 
-    from qeval.report import _variant_colors
+    from qeval.report.render import _variant_colors
 
     quants = ["none", "bnb-int8", "bnb-nf4", "bnb-nf4-dq", "bnb-fp4", "bnb-fp4-dq"]
     rows = [{"model": "m", "quant": q, "adapter": a} for q in quants for a in ("", "lora")]

@@ -11,8 +11,8 @@ import pytest
 from scipy import stats
 
 from qeval.cli import main
-from qeval.paired import LOSS_VERDICTS, LossVerdicts, recovery_interval
-from qeval.store import Store
+from qeval.stats.paired import LOSS_VERDICTS, LossVerdicts, recovery_interval
+from qeval.store.store import Store
 
 
 @pytest.fixture(scope="module")

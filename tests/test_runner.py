@@ -1,10 +1,10 @@
 """The orchestration: every format end to end on the tiny model, rerun computes nothing, crash safety."""
 import pytest
 
-from qeval import runner
-from qeval.runner import Plan, run_plan
-from qeval.store import Store
-from qeval.quant import DEFAULT_FORMATS
+from qeval.run import runner
+from qeval.run.runner import Plan, run_plan
+from qeval.store.store import Store
+from qeval.quant.formats import DEFAULT_FORMATS
 
 SUITE = """name: tiny
 tasks:
@@ -92,9 +92,9 @@ def test_failed_cell_is_reported_and_run_continues(plan, tmp_path, monkeypatch):
 
 
 def test_key_changes_with_what_determines_the_numbers(plan, tiny_model_dir):
-    from qeval.evaluate import EvalSpec
-    from qeval.models import resolve_model
-    from qeval.suites import load_suite
+    from qeval.eval.evaluate import EvalSpec
+    from qeval.models.load import resolve_model
+    from qeval.eval.suites import load_suite
 
     model = resolve_model(str(tiny_model_dir))
     suite = load_suite(plan.suite)
@@ -120,9 +120,9 @@ ARMS = ({"name": "lora", "quant": "none", "adapter": "lora"},
 
 
 def test_adapter_arms_train_once_and_report(plan, tmp_path, monkeypatch):
-    from qeval.compare import adapter_frames, decision, results_frame
+    from qeval.stats.compare import adapter_frames, decision, results_frame
 
-    import qeval.adapters as adapters
+    import qeval.train.adapters as adapters
 
     real_finetune = adapters.finetune
     monkeypatch.setattr(runner, "finetune", lambda *a, **k: real_finetune(*a, **{**k, "isolate": False}))
@@ -157,7 +157,7 @@ def test_adapter_arms_train_once_and_report(plan, tmp_path, monkeypatch):
 
 
 def test_arm_validation_reports_everything(plan):
-    from qeval.errors import QevalErrors
+    from qeval.core.errors import QevalErrors
 
     bad = Plan(**{**plan.__dict__, "adapters": {"q": {"train_quant": "bnb-nf5", "method": "full"}},
                   "arms": ({"name": "a", "quant": "bnb-nf4", "adapter": "nope"},
@@ -177,11 +177,11 @@ def test_arm_validation_reports_everything(plan):
 def test_compute_dtype_is_an_explicit_checked_choice(plan, tiny_model_dir, monkeypatch):
     import torch
 
-    from qeval import env
-    from qeval.errors import QevalError, QevalErrors
-    from qeval.evaluate import EvalSpec
-    from qeval.models import resolve_model
-    from qeval.suites import load_suite
+    from qeval.core import env
+    from qeval.core.errors import QevalError, QevalErrors
+    from qeval.eval.evaluate import EvalSpec
+    from qeval.models.load import resolve_model
+    from qeval.eval.suites import load_suite
 
     with pytest.raises(QevalError, match="did you mean 'bf16'"):
         runner.validate(Plan(**{**plan.__dict__, "compute_dtype": "bf61"}))
@@ -205,7 +205,7 @@ def test_compute_dtype_is_an_explicit_checked_choice(plan, tiny_model_dir, monke
 
 
 def test_bf16_plan_runs_with_its_own_bf16_baseline(plan, tmp_path, monkeypatch):
-    from qeval import env
+    from qeval.core import env
 
     real = env.cpu_bf16_isa()  # where the CPU lacks bf16 the test runs it emulated: numbers, not speed
     monkeypatch.setattr(env, "cpu_bf16_isa", lambda: real or "avx512_bf16")

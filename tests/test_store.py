@@ -3,8 +3,8 @@ import zlib
 
 import pytest
 
-import qeval.store as store_mod
-from qeval.store import Store, canonical_json, content_key
+import qeval.store.store as store_mod
+from qeval.store.store import Store, canonical_json, content_key
 
 _REAL_COMPRESS = zlib.compress
 

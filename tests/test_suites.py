@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
-import qeval.suites as suites
-from qeval import env
-from qeval.errors import QevalError, QevalErrors
-from qeval.specs import load_yaml
-from qeval.suite_data import BUILDERS, FEWSHOT_POOL, build_all
-from qeval.suites import (DATA_DIR, SUITES_DIR, TASKS_DIR, Suite, TaskSpec, load_suite, shipped_suites,
+import qeval.eval.suites as suites
+from qeval.core import env
+from qeval.core.errors import QevalError, QevalErrors
+from qeval.core.config import load_yaml
+from qeval.data.suite_data import BUILDERS, FEWSHOT_POOL, build_all
+from qeval.eval.suites import (DATA_DIR, SUITES_DIR, TASKS_DIR, Suite, TaskSpec, load_suite, shipped_suites,
                           shipped_tasks, suite_from_tasks, task_fingerprint)
 
 HEX64 = re.compile(r"^[0-9a-f]{64}$")

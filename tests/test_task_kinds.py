@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from qeval.compare import paired_frame, results_frame
-from qeval.mirror import set_plan_mirror
-from qeval.runner import Plan, run_plan
-from qeval.store import Store
+from qeval.stats.compare import paired_frame, results_frame
+from qeval.data.mirror import set_plan_mirror
+from qeval.run.runner import Plan, run_plan
+from qeval.store.store import Store
 from task_kit import KIT_TASKS, MMLU_SIZES, build_builtin_mirror, build_kit
 
 LIMIT = 20  # the bootstrap kinds' minimum
@@ -130,7 +130,7 @@ def test_stored_values_equal_a_direct_simple_evaluate(kit, kit_run, tiny_model_d
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    from qeval.mirror import serving
+    from qeval.data.mirror import serving
 
     tasks, mirror = kit
     _, records, *_ = kit_run
@@ -197,7 +197,7 @@ def test_chat_template_is_applied_and_keyed(kit, tiny_model_dir, tmp_path):
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    from qeval.mirror import serving
+    from qeval.data.mirror import serving
 
     tasks, mirror = kit
     model = tmp_path / "chat-model"
@@ -235,7 +235,7 @@ def test_mirror_fingerprint_follows_the_files(kit, tmp_path, monkeypatch):
     """The mirrored files' content is the task's data fingerprint: a changed row, a new key."""
     import shutil
 
-    from qeval.suites import task_fingerprint
+    from qeval.eval.suites import task_fingerprint
 
     tasks, mirror = kit
     copy = tmp_path / "mirror"

@@ -2,10 +2,10 @@
 and two CPU runs of the same cell are bit-identical."""
 import pytest
 
-from qeval.paired import compare_pair
-from qeval.runner import Plan, run_plan
-from qeval.store import Store
-from qeval.suites import TASKS_DIR
+from qeval.stats.paired import compare_pair
+from qeval.run.runner import Plan, run_plan
+from qeval.store.store import Store
+from qeval.eval.suites import TASKS_DIR
 
 SUITE = """name: truth
 tasks:

@@ -12,8 +12,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from qeval import env
-from qeval.files import atomic_write
+from qeval.core import env
+from qeval.core.files import atomic_write
 
 # names of 2-D weights that are not linear layers a backend quantizes
 _SKIP = ("embed", "norm", "lm_head", "wte", "wpe")

@@ -1,0 +1,1 @@
+"""Evaluate a loaded model: suites and tasks, the lm-eval model, divergence from the baseline."""

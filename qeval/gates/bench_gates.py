@@ -1,0 +1,189 @@
+"""`qeval bench-gates`: how often the nightly cries wolf, and what it catches, on the default plan.
+
+Replays the stored per-document outputs of every cell of the store (the default plan: 48 cells) as
+simulated nights and gates each one exactly as `qeval nightly` does: every cell and metric compared
+with the stored outputs (`qeval.stats.paired`), Benjamini-Hochberg over the night, the plan's minimum
+meaningful effects.
+
+- No-change nights: right/wrong outputs flip symmetrically (as many right->wrong as wrong->right
+  expected) at the task's measured flip rate -- the lowest rate any variant flips against the float
+  baseline, the noise of a numerically different but equivalent computation, the same rate the
+  report's MDE assumes; every log-likelihood is jittered by a relative 1e-4. A night with any
+  regression is a false alarm.
+- Planted accuracy drops: on top of that noise, one cell (a random arm) of each right/wrong task
+  loses twice the MDE the report prints for the task ("MDE (alpha 0.05)"), in right->wrong flips.
+- Planted perplexity rise: one perplexity cell rises by 3% (per-document log-likelihood changes
+  drawn from a Gamma(2) around that mean, so documents disagree as they do in reality).
+
+Seeded; runs in well under a minute.
+"""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+
+from qeval.stats.compare import BASELINE, adapter_label, latest, paired_frame, task_mde
+from qeval.core.errors import QevalError
+from qeval.stats.paired import FDR_METHOD, WORSE, compare_values, fdr_verdicts, kind_of
+
+SEED = 20260101
+PPL_JITTER = 1e-4
+PPL_RISE = 0.03
+
+
+def _load(store_path: Path):
+    from qeval.store.store import Store
+
+    if not Path(store_path).is_file():
+        raise QevalError("default-plan store", str(store_path), "a store holding the default plan's results",
+                         "run `make report` first (or pass --store PATH)")
+    with Store(store_path, readonly=True) as store:
+        records = latest(list(store.records()))
+        samples = {r["key"]: store.samples(r["key"]) for r in records}
+    if not records:
+        raise QevalError("default-plan store", str(store_path), "stored cells", "run `make report` first")
+    return records, samples
+
+
+def _cells(records, samples):
+    """One entry per cell and metric the nightly would compare: aligned per-document values."""
+    out = []
+    for r in records:
+        ss = samples.get(r["key"]) or []
+        for metric, m in r["metrics"].items():
+            vals = [s[metric] for s in ss if metric in s]
+            if not vals:
+                continue
+            kind = kind_of(metric, vals, m.get("aggregation"))
+            if kind not in ("right_wrong", "loglikelihood_ratio", "mean") or \
+                    (kind == "loglikelihood_ratio" and not isinstance(vals[0], list)):
+                continue  # corpus metrics: no simulated nights for them (their kind resamples documents)
+            arr = np.array(vals, dtype=float)
+            out.append({"task": r["task"]["name"], "metric": metric, "kind": kind, "values": arr,
+                        "hib": bool(m["higher_is_better"]), "primary": metric == r["primary_metric"],
+                        "arm": r["variant"].get("arm", r["variant"]["quant"]),
+                        "is_baseline": r["variant"]["quant"] == BASELINE and not adapter_label(r["variant"])})
+    return out
+
+
+def _flip_rates(mde) -> dict[tuple[str, str], float]:
+    """Per right/wrong (task, metric): the flip rate the report's MDE assumes (the lowest any
+    variant shows against the baseline), used as the night-to-night noise."""
+    if mde is None:
+        return {}
+    return {k: float(r.flip_rate) for k, r in mde.iterrows() if r.kind == "right_wrong"}
+
+
+def _noisy(c, rate, rng):
+    v = c["values"]
+    if c["kind"] == "right_wrong":
+        n = len(v)
+        right, wrong = np.flatnonzero(v == 1), np.flatnonzero(v == 0)
+        out = v.copy()
+        # symmetric: rate*n/2 expected flips each way, whatever the accuracy
+        if len(right):
+            out[right[rng.random(len(right)) < min(1.0, rate * n / 2 / len(right))]] = 0
+        if len(wrong):
+            out[wrong[rng.random(len(wrong)) < min(1.0, rate * n / 2 / len(wrong))]] = 1
+        return out
+    if c["kind"] == "loglikelihood_ratio":
+        out = v.copy()
+        out[:, 0] *= 1 + rng.normal(0, PPL_JITTER, len(v))
+        return out
+    return v + rng.normal(0, 1e-4, v.shape)
+
+
+def _compare(c, ref, var, th):
+    """The nightly's comparison of one cell and metric, on aligned per-document arrays."""
+    return compare_values(ref, var, c["metric"], c["hib"], th.min_effect, kind=c["kind"])
+
+
+def _night(cells, rates, th, rng, plant=None):
+    """Gate one simulated night; `plant` = (cell index, planted values). Returns the verdicts."""
+    comps = []
+    for i, c in enumerate(cells):
+        var = plant[1] if plant and plant[0] == i else _noisy(c, rates.get((c["task"], c["metric"]), 0.0), rng)
+        comps.append(_compare(c, c["values"], var, th))
+    return [v for _, v in fdr_verdicts(comps, th.fdr)]
+
+
+def run(store_path: Path, out_dir: Path, nights: int = 1000, plan_path: Path | None = None,
+        detect_nights: int | None = None) -> str:
+    from qeval.gates.nightly import thresholds_of
+    from qeval.run.runner import load_plan
+    from qeval.store.store import Store
+
+    t0 = time.perf_counter()
+    plan_path = plan_path or Path("plans") / "default.yaml"
+    th = thresholds_of(load_plan(plan_path))
+    records, samples = _load(store_path)
+    cells = _cells(records, samples)
+    with Store(store_path, readonly=True) as store:
+        pairs = paired_frame(records, store.samples, th.min_effect)
+    mde = task_mde(pairs).set_index(["task", "metric"]) if not pairs.empty else None
+    rates = _flip_rates(mde)
+    rng = np.random.default_rng(SEED)
+
+    alarms = 0
+    for _ in range(nights):
+        alarms += any(v == WORSE for v in _night(cells, rates, th, rng))
+
+    detect_nights = detect_nights or max(100, nights // 5)
+    rows = []
+    for (task, metric), rate in sorted(rates.items()):
+        idx = [i for i, c in enumerate(cells) if c["task"] == task and c["metric"] == metric and c["primary"]
+               and not c["is_baseline"]]
+        if not idx or mde is None or (task, metric) not in mde.index:
+            continue
+        drop = 2 * float(mde.loc[(task, metric), "mde"])
+        n_docs = len(cells[idx[0]]["values"])
+        k = int(round(drop * n_docs))
+        # a drop of k documents needs k right answers to lose: plant it where the arm has them
+        idx = [i for i in idx if cells[i]["values"].sum() >= k + n_docs * rate]
+        if not idx:
+            rows.append((f"{task} {metric}: drop of 2 x MDE = {drop * 100:.1f} pts: no arm has {k} right answers "
+                         "to lose", math.nan))
+            continue
+        hits = 0
+        for _ in range(detect_nights):
+            i = int(rng.choice(idx))
+            c = cells[i]
+            var = _noisy(c, rate, rng)
+            right = np.flatnonzero(var == 1)
+            var[rng.choice(right, min(k, len(right)), replace=False)] = 0
+            hits += _night(cells, rates, th, rng, plant=(i, var))[i] == WORSE
+        rows.append((f"{task} {metric}: drop of 2 x MDE = {drop * 100:.1f} pts ({k} of {n_docs} documents; "
+                     f"noise flip rate {rate:.1%}; planted in {len(idx)} arms)", hits / detect_nights))
+    ppl_idx = [i for i, c in enumerate(cells) if c["kind"] == "loglikelihood_ratio" and c["primary"]]
+    if ppl_idx:
+        hits = 0
+        for _ in range(detect_nights):
+            i = int(rng.choice(ppl_idx))
+            c = cells[i]
+            var = _noisy(c, 0, rng)
+            g = rng.gamma(2.0, 0.5, len(var))
+            g *= var[:, 1].sum() / (g * var[:, 1]).sum()  # the aggregate rises by exactly 3%
+            var[:, 0] -= var[:, 1] * math.log1p(PPL_RISE) * g
+            hits += _night(cells, rates, th, rng, plant=(i, var))[i] == WORSE
+        rows.append((f"{cells[ppl_idx[0]]['task']} {cells[ppl_idx[0]]['metric']}: a {PPL_RISE:.0%} rise", hits / detect_nights))
+
+    tests = len(cells)
+    lines = ["# Nightly gates: false alarms and detection (simulated on the stored default plan)", "",
+             f"Store: {store_path}; plan thresholds: {plan_path.name}; {len(records)} cells, {tests} comparisons per "
+             f"night (every cell and metric, as `qeval nightly` does); {FDR_METHOD} at q = {th.fdr:g}; minimum "
+             f"meaningful effects: {th.min_effect or 'defaults'} (defaults: 1 accuracy point, 0.5% perplexity); "
+             f"seed {SEED}.", "",
+             "| measure | rate | target |", "|---|---:|---|",
+             f"| false alarm per no-change night ({nights} nights: symmetric flips at the measured rates, "
+             f"log-likelihood jitter {PPL_JITTER:g}) | {alarms / nights:.1%} | <= 2% |"]
+    lines += [f"| detection: {name} ({detect_nights} nights) | {'n/a' if rate != rate else f'{rate:.1%}'} | >= 90% |"
+              for name, rate in rows]
+    lines += ["", f"Computed in {time.perf_counter() - t0:.1f} s."]
+    text = "\n".join(lines) + "\n"
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "gates.md").write_text(text, encoding="utf-8")
+    return text

@@ -1,0 +1,77 @@
+"""optimum-quanto formats: `quanto:int8`, `quanto:int4[:gN]`, `quanto:int2[:gN]`.
+
+`optimum.quanto.quantize(model, weights=qintN, exclude=[output head])` then `freeze(model)`: the
+weights become `WeightQBytesTensor` (int8, fp scale per row) or `WeightQBitsTensor` (4/2-bit codes
+packed into uint8, with a float scale and a float shift per group). Real packed storage.
+
+Group size: quanto picks one per layer (128 when it divides the layer's input width, else 96, 64
+or 32: 96 for SmolLM2's 576-wide layers, 128 for the 1536-wide down projection); `:gN` sets one
+size for every layer and is validated against the model's shapes before anything runs. Theory
+counts the fp32 scale and shift per group on CPU (on CUDA they are bf16: half that overhead).
+Left out: saving (quanto's tensors are not serializable through save_pretrained here).
+"""
+from __future__ import annotations
+
+import torch
+
+from qeval.quant.formats import BACKENDS, Backend, QuantFormat, bad_option, group_option, quantizable_linears
+
+SCHEMES = ("int8", "int4", "int2")
+
+
+def quanto_default_group(in_features: int) -> int | None:
+    """quanto's own per-layer choice (optimum/quanto/nn/qmodule.py, QModuleMixin.__init__)."""
+    group = 128
+    if in_features > group:
+        while in_features % group != 0 and group > 32:
+            group -= 32
+        if in_features % group == 0:
+            return group
+    return None
+
+
+def _bits(n: int, group: int | None):
+    def bits(in_features: int) -> float:
+        g = group or quanto_default_group(in_features) or in_features  # None: one group per row
+        return n + 64 / g  # fp32 scale + fp32 shift per group
+    return bits
+
+
+def _apply(n: int, group: int | None):
+    def after_load(model, device: str, compute_dtype: torch.dtype) -> None:
+        from optimum.quanto import freeze, qint2, qint4, qint8, quantize
+
+        targets = {name for name, _ in quantizable_linears(model)}
+        exclude = [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and name not in targets]
+        quantize(model, weights={8: qint8, 4: qint4, 2: qint2}[n], exclude=exclude or None)
+        if group is not None:
+            for name, m in model.named_modules():
+                if name in targets and hasattr(m, "weight_group_size"):
+                    m.weight_group_size = group  # read when freeze() quantizes the weight
+        freeze(model)
+    return after_load
+
+
+def _parse(scheme: str, options: tuple[str, ...]) -> QuantFormat:
+    n = int(scheme[3:])
+    if n == 8 and options:
+        raise bad_option("quanto:int8", options[0], "no options (int8 uses one scale per row)")
+    group = None if n == 8 else group_option(f"quanto:{scheme}", options, None)
+    name = f"quanto:{scheme}" + ("" if group is None else f":g{group}")
+    if n == 8:
+        bits = lambda in_features: 8 + 32 / in_features  # noqa: E731
+        desc, storage = "int8 weights, fp scale per row", "int8 codes + scale per row (WeightQBytesTensor)"
+    else:
+        bits = _bits(n, group)
+        gdesc = f"group {group}" if group else "quanto's per-layer group (128, else 96/64/32)"
+        desc = f"int{n} weights packed in uint8, fp scale + shift per {gdesc}"
+        storage = f"{n}-bit codes packed into uint8 + scale/shift per group (WeightQBitsTensor)"
+    return QuantFormat(name, f"optimum-quanto {desc}", bits, lambda compute_dtype: None, backend="quanto",
+                       after_load=_apply(n, group), kernel="real", storage=storage, can_save=False,
+                       lora_trainable=True, options=(("bits", n), ("group", group)),
+                       packages=("optimum-quanto",), requires=BACKENDS.get("quanto"), divides=group or 0)
+
+
+BACKENDS.add("quanto", Backend(
+    "quanto", "optimum-quanto (Hugging Face's PyTorch quantization toolkit)", _parse, SCHEMES,
+    modules=("optimum.quanto",), extra="quanto", option_help="quanto schemes: int8, int4[:gN], int2[:gN]"))

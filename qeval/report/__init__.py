@@ -1,0 +1,1 @@
+"""Render stored records into report files (Markdown, HTML, plots)."""

@@ -1,0 +1,1 @@
+"""Run a plan: its schema, cells, jobs, executors and the driver that writes records."""

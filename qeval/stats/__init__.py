@@ -1,0 +1,1 @@
+"""Statistics over stored records: the paired comparison and the comparison frames."""

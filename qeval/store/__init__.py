@@ -1,0 +1,1 @@
+"""The result store: immutable records keyed by a content hash, and garbage collection of cached artifacts."""

@@ -1,0 +1,1 @@
+"""Fine-tune adapters (LoRA / QLoRA), attach or merge them."""
