@@ -22,10 +22,11 @@ export TRANSFORMERS_OFFLINE=1
 export HF_HUB_DISABLE_TELEMETRY=1
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
-.PHONY: setup gptq-env report nightly nightly-upgrade lock bench bench-gates test test-fast clean-results help
+.PHONY: setup gptq-env report nightly nightly-upgrade lock bench bench-gates test test-fast test-unit clean-results help
 help:
 	@echo "make report   set up, run the default plan (baseline + 14 formats, adapter arms), render reports/latest/"
-	@echo "make test     set up and run the tests (fast tier + integration tier, CPU)"
+	@echo "make test     set up and run the tests: unit, tiny-model and real-model tiers (CPU)"
+	@echo "make test-unit  the unit tier alone (no torch; under a minute)"
 	@echo "make nightly  the default plan as a regression job: exit 1 on a regression beyond noise"
 	@echo "make nightly-upgrade  the nightly in a fresh venv with the newest releases (UPGRADE=...), vs the locked env"
 	@echo "make lock     rewrite requirements-lock.txt from the current venv (after a deliberate upgrade)"
@@ -86,6 +87,9 @@ test: setup
 
 test-fast: setup
 	$(BIN)/python -m pytest -m "not slow"
+
+test-unit: setup  # imports neither torch nor transformers (checked); well under a minute
+	$(BIN)/python -m pytest -m unit
 
 clean-results:
 	rm -rf results reports/latest

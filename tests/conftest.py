@@ -45,7 +45,29 @@ import pytest  # noqa: E402
 from qeval.data.suite_data import ensure_built  # noqa: E402
 
 
+TIERS = ("unit", "tiny", "real")
+UNIT_FILE = "pytestmark = pytest.mark.unit"
+
+
+def pytest_ignore_collect(collection_path, config):
+    # `-m unit` must not even import the other test files: importing them imports torch
+    if config.getoption("markexpr") == "unit" and collection_path.suffix == ".py" \
+            and collection_path.name.startswith("test_"):
+        return UNIT_FILE not in collection_path.read_text(encoding="utf-8")
+    return None
+
+
 def pytest_collection_modifyitems(config, items):
+    """Every test gets exactly one tier: `real` (marked slow: the embedded model), `unit` (its file
+    says `pytestmark = pytest.mark.unit`: no torch, no transformers) or `tiny` (everything else: the
+    tiny model built from a config). `make test-unit` is `-m unit`, checked torch-free at the end."""
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(pytest.mark.real)
+        elif "unit" not in item.keywords:
+            item.add_marker(pytest.mark.tiny)
+    if not any("gpu" in item.keywords for item in items):
+        return  # no torch import for a selection without GPU tests (the unit tier stays torch-free)
     import torch
 
     if torch.cuda.is_available():
@@ -176,3 +198,11 @@ def isolated_cache(request, tmp_path, monkeypatch):
 
 def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(SESSION_ROOT, ignore_errors=True)
+    import sys
+
+    items = getattr(session, "items", [])
+    heavy = sorted(m for m in ("torch", "transformers") if m in sys.modules)
+    if items and all("unit" in item.keywords for item in items) and heavy:
+        # the unit tier's promise: it imports neither (so it runs in seconds, anywhere)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        print(f"\nunit tier imported {', '.join(heavy)}: a unit test (or what it imports) is not torch-free")

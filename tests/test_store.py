@@ -3,6 +3,8 @@ import zlib
 
 import pytest
 
+pytestmark = pytest.mark.unit
+
 import qeval.store.store as store_mod
 from qeval.store.store import Store, canonical_json, content_key
 

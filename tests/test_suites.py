@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.unit
+
 import qeval.eval.suites as suites
 from qeval.core import env
 from qeval.core.errors import QevalError, QevalErrors
