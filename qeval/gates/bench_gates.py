@@ -25,13 +25,13 @@ from pathlib import Path
 
 import numpy as np
 
-from qeval.stats.compare import BASELINE, adapter_label, latest, paired_frame, task_mde
 from qeval.core.errors import QevalError
-from qeval.stats.paired import FDR_METHOD, WORSE, compare_values, fdr_verdicts, kind_of
+from qeval.stats.compare import BASELINE, adapter_label, latest, paired_frame, task_mde
+from qeval.stats.kinds.loglikelihood_ratio import JITTER as PPL_JITTER
+from qeval.stats.paired import FDR_METHOD, KINDS, WORSE, compare_values, fdr_verdicts, kind_of
 
 SEED = 20260101
-PPL_JITTER = 1e-4
-PPL_RISE = 0.03
+PPL_RISE = 0.03  # the planted rise of a kind that plants "rise" (perplexity)
 
 
 def _load(store_path: Path):
@@ -58,9 +58,8 @@ def _cells(records, samples):
             if not vals:
                 continue
             kind = kind_of(metric, vals, m.get("aggregation"))
-            if kind not in ("right_wrong", "loglikelihood_ratio", "mean") or \
-                    (kind == "loglikelihood_ratio" and not isinstance(vals[0], list)):
-                continue  # corpus metrics: no simulated nights for them (their kind resamples documents)
+            if not KINDS.get(kind).simulates(vals):
+                continue  # e.g. corpus metrics: no simulated nights for them (their kind resamples documents)
             arr = np.array(vals, dtype=float)
             out.append({"task": r["task"]["name"], "metric": metric, "kind": kind, "values": arr,
                         "hib": bool(m["higher_is_better"]), "primary": metric == r["primary_metric"],
@@ -70,30 +69,18 @@ def _cells(records, samples):
 
 
 def _flip_rates(mde) -> dict[tuple[str, str], float]:
-    """Per right/wrong (task, metric): the flip rate the report's MDE assumes (the lowest any
-    variant shows against the baseline), used as the night-to-night noise."""
+    """Per (task, metric) whose kind draws its night at a measured rate (right/wrong: the flip rate
+    the report's MDE assumes, the lowest any variant shows against the baseline): that rate, used
+    as the night-to-night noise."""
     if mde is None:
         return {}
-    return {k: float(r.flip_rate) for k, r in mde.iterrows() if r.kind == "right_wrong"}
+    rates = {k: KINDS.get(r.kind).night_rate(r.flip_rate) for k, r in mde.iterrows()}
+    return {k: rate for k, rate in rates.items() if rate is not None}
 
 
 def _noisy(c, rate, rng):
-    v = c["values"]
-    if c["kind"] == "right_wrong":
-        n = len(v)
-        right, wrong = np.flatnonzero(v == 1), np.flatnonzero(v == 0)
-        out = v.copy()
-        # symmetric: rate*n/2 expected flips each way, whatever the accuracy
-        if len(right):
-            out[right[rng.random(len(right)) < min(1.0, rate * n / 2 / len(right))]] = 0
-        if len(wrong):
-            out[wrong[rng.random(len(wrong)) < min(1.0, rate * n / 2 / len(wrong))]] = 1
-        return out
-    if c["kind"] == "loglikelihood_ratio":
-        out = v.copy()
-        out[:, 0] *= 1 + rng.normal(0, PPL_JITTER, len(v))
-        return out
-    return v + rng.normal(0, 1e-4, v.shape)
+    """A no-change night of one cell: the noise its kind simulates."""
+    return KINDS.get(c["kind"]).night_noise(c["values"], rate, rng)
 
 
 def _compare(c, ref, var, th):
@@ -151,22 +138,17 @@ def run(store_path: Path, out_dir: Path, nights: int = 1000, plan_path: Path | N
         for _ in range(detect_nights):
             i = int(rng.choice(idx))
             c = cells[i]
-            var = _noisy(c, rate, rng)
-            right = np.flatnonzero(var == 1)
-            var[rng.choice(right, min(k, len(right)), replace=False)] = 0
+            var = KINDS.get(c["kind"]).plant_regression(_noisy(c, rate, rng), k, rng)
             hits += _night(cells, rates, th, rng, plant=(i, var))[i] == WORSE
         rows.append((f"{task} {metric}: drop of 2 x MDE = {drop * 100:.1f} pts ({k} of {n_docs} documents; "
                      f"noise flip rate {rate:.1%}; planted in {len(idx)} arms)", hits / detect_nights))
-    ppl_idx = [i for i, c in enumerate(cells) if c["kind"] == "loglikelihood_ratio" and c["primary"]]
+    ppl_idx = [i for i, c in enumerate(cells) if KINDS.get(c["kind"]).plant == "rise" and c["primary"]]
     if ppl_idx:
         hits = 0
         for _ in range(detect_nights):
             i = int(rng.choice(ppl_idx))
             c = cells[i]
-            var = _noisy(c, 0, rng)
-            g = rng.gamma(2.0, 0.5, len(var))
-            g *= var[:, 1].sum() / (g * var[:, 1]).sum()  # the aggregate rises by exactly 3%
-            var[:, 0] -= var[:, 1] * math.log1p(PPL_RISE) * g
+            var = KINDS.get(c["kind"]).plant_regression(_noisy(c, 0, rng), PPL_RISE, rng)
             hits += _night(cells, rates, th, rng, plant=(i, var))[i] == WORSE
         rows.append((f"{cells[ppl_idx[0]]['task']} {cells[ppl_idx[0]]['metric']}: a {PPL_RISE:.0%} rise", hits / detect_nights))
 

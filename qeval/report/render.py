@@ -31,7 +31,8 @@ matplotlib.use("Agg")  # headless: the harness runs on servers and in CI; must p
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from qeval.quant.formats import format_order # noqa: E402
+from qeval.stats.compare import sort_frame as _sorted  # noqa: E402  (the one frame order)
+from qeval.store.columns import MEMORY_COLUMNS, RESULT_COLUMNS  # noqa: E402,F401
 # the document model (blocks -> Markdown / HTML); re-exported for the sections and tests that import it here
 from qeval.report.doc import (Block, Bullets, Heading, Image, Para, Table,  # noqa: E402,F401
                               to_html, to_markdown)
@@ -40,13 +41,6 @@ BASELINE = "none"
 NA = "n/a"
 MIB = 2 ** 20
 
-RESULT_COLUMNS = ["model", "quant", "adapter", "task", "metric", "higher_is_better", "primary", "value",
-                  "stderr", "n", "baseline_value", "baseline_stderr", "delta", "recovery", "ratio",
-                  "weight_bytes", "device", "key"]
-MEMORY_COLUMNS = ["model", "quant", "adapter", "total_bytes", "quantized_weight_bytes", "quant_state_bytes",
-                  "unquantized_bytes", "theory_bytes", "baseline_bytes", "ratio_to_baseline",
-                  "ratio_to_theory", "measured_bits_per_weight", "theory_bits_per_weight", "load_s",
-                  "eval_s", "peak_bytes", "device"]
 # Without these a results row cannot even be placed in a table; anything else missing shows as n/a.
 _IDENTITY = ["model", "quant", "adapter", "task", "metric"]
 _VARIANT = ["model", "quant", "adapter"]
@@ -124,24 +118,6 @@ def _model_short(model: str) -> str:
 
 
 # ----------------------------------------------------------------------------- ordering
-
-def _sorted(df: pd.DataFrame, by: list[str]) -> pd.DataFrame:
-    """Sort by `by`; quants in `qeval.quant.format_order` (baseline first, bitsandbytes presets,
-    then the other backends' formats)."""
-    if df.empty:
-        return df
-    tmp = df.assign(_not_base=df["quant"].map(format_order),
-                    _adapter=df["adapter"].map(_adapter))
-    keys = []
-    for col in by:
-        if col == "quant":
-            keys += ["_not_base", "quant"]
-        elif col == "adapter":
-            keys.append("_adapter")
-        else:
-            keys.append(col)
-    return tmp.sort_values(keys, kind="stable").drop(columns=["_not_base", "_adapter"]).reset_index(drop=True)
-
 
 def _tidy(df: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
     """The documented columns first, in order (missing ones as NaN), any extra columns after."""
@@ -269,14 +245,14 @@ def significance_section(mde: pd.DataFrame, fdr: float, tests: int) -> "Section 
     """Per task: n, the test, its minimum detectable effect, the minimum meaningful effect, and what
     the nightly can detect with `tests` comparisons under Benjamini-Hochberg at level `fdr` (a
     single real regression among them must reach p < fdr / tests)."""
-    from qeval.stats.paired import mde_at
+    from qeval.stats.paired import KINDS, mde_at
 
     if mde.empty:
         return None
     strict = fdr / max(tests, 1)
     rows, sentences = [], []
     for r in mde.itertuples(index=False):
-        relative = r.kind == "loglikelihood_ratio"
+        relative = KINDS.get(str(r.kind)).relative
         rate = round(float(r.flip_rate), 6) if not _missing(r.flip_rate) else 0.0
         nightly = mde_at(str(r.kind), int(r.n), rate, float(r.mde), strict)
         rows.append([str(r.task), str(r.metric), fmt_int(r.n), str(r.test), fmt_pct(r.flip_rate),

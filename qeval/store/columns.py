@@ -1,0 +1,14 @@
+"""The one list of report columns: what `qeval.stats.compare` builds and `qeval.report` reads and
+writes (results.csv, memory.csv), in that order. Plain lists, no pandas: the store layer defines the
+shape of what is derived from its records, every stage above reads it from here."""
+from __future__ import annotations
+
+# One row per (model, quant, adapter, task, metric): the value beside the baseline's, and what
+# derives from the two. `arm` (the plan's arm name) and `recovery_undefined` (baseline 0) last.
+RESULT_COLUMNS = ["model", "quant", "adapter", "task", "metric", "higher_is_better", "primary", "value",
+                  "stderr", "n", "baseline_value", "baseline_stderr", "delta", "recovery", "ratio",
+                  "weight_bytes", "device", "key", "arm", "recovery_undefined"]
+# One row per variant: measured bytes split by kind, theory, ratios, and time costs.
+MEMORY_COLUMNS = ["model", "quant", "adapter", "total_bytes", "quantized_weight_bytes", "quant_state_bytes",
+                  "unquantized_bytes", "theory_bytes", "baseline_bytes", "ratio_to_baseline", "ratio_to_theory",
+                  "measured_bits_per_weight", "theory_bits_per_weight", "load_s", "eval_s", "peak_bytes", "device"]
