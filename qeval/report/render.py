@@ -36,7 +36,7 @@ from qeval.quant.formats import format_order # noqa: E402
 from qeval.report.doc import (Block, Bullets, Heading, Image, Para, Table,  # noqa: E402,F401
                               to_html, to_markdown)
 
-BASELINE = "none"
+from qeval.core.names import BASELINE  # noqa: E402,F401  (one definition, shared by every stage)
 NA = "n/a"
 MIB = 2 ** 20
 

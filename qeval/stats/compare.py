@@ -17,7 +17,7 @@ from qeval.stats.paired import Comparison, compare_pair, recovery_undefined, see
 from qeval.stats.paired import recovery as recovery_of
 from qeval.quant.formats import FORMATS, format_order
 
-BASELINE = "none"
+from qeval.core.names import BASELINE  # noqa: F401  (one definition, shared by every stage; re-exported)
 
 RESULT_COLUMNS = ["model", "quant", "adapter", "task", "metric", "higher_is_better", "primary", "value",
                   "stderr", "n", "baseline_value", "baseline_stderr", "delta", "recovery", "ratio",
