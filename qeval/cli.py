@@ -10,6 +10,7 @@ Heavy libraries (torch, transformers, lm-eval) are imported inside the commands 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -21,6 +22,7 @@ from qeval import __version__
 from qeval.core import env
 from qeval.core.errors import QevalError
 from qeval.core.names import EXIT_BAD_INPUT, EXIT_COULD_NOT_RUN, EXIT_OK, EXIT_REGRESSION
+from qeval.run.plan import plan_keys  # the plan's schema (no torch): `run --help` lists its keys from it
 
 EPILOG = """examples:
   qeval run                                   # the baseline + 5 bitsandbytes formats of the embedded model, default suite
@@ -58,8 +60,6 @@ def _parser() -> argparse.ArgumentParser:
 
     run = command("run", help="evaluate a model at several formats (only missing cells)",
                          formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
-    from qeval.run.plan import plan_keys  # the schema itself (no torch): the keys never go stale here
-
     run.add_argument("--plan", type=Path, help=f"plan YAML (keys: {', '.join(plan_keys())}; see "
                      "docs/plan-reference.md); other flags override it")
     run.add_argument("--model", help="embedded name (smollm2-135m), HF folder, .gguf file, or hub id "
@@ -241,8 +241,6 @@ def _store_path(args) -> Path:
 
 
 def cmd_run(args) -> int:
-    import dataclasses
-
     from qeval.eval.suites import suite_from_tasks
     from qeval.run.driver import run_plan
     from qeval.run.plan import Plan, load_plan

@@ -160,10 +160,6 @@ class Resolved:
     dtype: Any = None  # the torch dtype every model of the plan is loaded and computed in
     calibration: CalibrationSpec | None = None  # what calibration-based formats calibrate on (the default if unset)
 
-    @property
-    def ray(self) -> RaySettings:
-        return self.plan.ray
-
 
 def validate(plan: Plan, suite: Suite | None = None) -> Resolved:
     """Check formats, adapters, arms, suite and device together before anything loads or writes."""

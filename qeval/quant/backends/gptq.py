@@ -88,7 +88,7 @@ class CalibrationSpec:
 def calibrated(name: str, spec: CalibrationSpec) -> QuantFormat:
     """The gptq format `name` calibrated on `spec` (parsed again: the spec's data is hashed now, so
     a calibration file that changed gives a new spec, and so new keys)."""
-    backend, scheme, *opts = FORMATS.get(name).name.split(":")
+    _, scheme, *opts = FORMATS.get(name).name.split(":")  # the canonical name: defaults spelled out
     return _parse(scheme, tuple(opts), spec)
 
 
