@@ -10,6 +10,7 @@ Heavy libraries (torch, transformers, lm-eval) are imported inside the commands 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -20,6 +21,8 @@ from pathlib import Path
 from qeval import __version__
 from qeval.core import env
 from qeval.core.errors import QevalError
+from qeval.core.names import EXIT_BAD_INPUT, EXIT_COULD_NOT_RUN, EXIT_OK, EXIT_REGRESSION
+from qeval.run.plan import plan_keys  # the plan's schema (no torch): `run --help` lists its keys from it
 
 EPILOG = """examples:
   qeval run                                   # the baseline + 5 bitsandbytes formats of the embedded model, default suite
@@ -35,7 +38,7 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         print(f"qeval: error: {message}; see `{self.prog} --help`", file=sys.stderr)
-        raise SystemExit(2)
+        raise SystemExit(EXIT_BAD_INPUT)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -57,8 +60,8 @@ def _parser() -> argparse.ArgumentParser:
 
     run = command("run", help="evaluate a model at several formats (only missing cells)",
                          formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
-    run.add_argument("--plan", type=Path, help="plan YAML (keys: models, formats, suite, device, seed, "
-                     "bootstrap_iters); other flags override it")
+    run.add_argument("--plan", type=Path, help=f"plan YAML (keys: {', '.join(plan_keys())}; see "
+                     "docs/plan-reference.md); other flags override it")
     run.add_argument("--model", help="embedded name (smollm2-135m), HF folder, .gguf file, or hub id "
                      "(online only); default smollm2-135m")
     run.add_argument("--formats", help="comma-separated format names (see `qeval formats`); default: none + the five bitsandbytes presets")
@@ -189,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"qeval: error: {line}", file=sys.stderr)
         if debug:
             traceback.print_exc()
-        return getattr(e, "exit_code", 2)
+        return getattr(e, "exit_code", EXIT_BAD_INPUT)
     except KeyboardInterrupt:
         print("qeval: interrupted; finished cells are stored, rerun to continue", file=sys.stderr)
         return 130
@@ -200,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"qeval: could not finish: internal error: {type(e).__name__}: {msg}; "
               "rerun with -v/QEVAL_DEBUG=1 for the traceback",
               file=sys.stderr)
-        return 3
+        return EXIT_COULD_NOT_RUN
 
 
 class _StderrHandler(logging.StreamHandler):
@@ -238,8 +241,9 @@ def _store_path(args) -> Path:
 
 
 def cmd_run(args) -> int:
-    from qeval.run.runner import Plan, load_plan, run_plan
     from qeval.eval.suites import suite_from_tasks
+    from qeval.run.driver import run_plan
+    from qeval.run.plan import Plan, load_plan
 
     plan = load_plan(args.plan) if args.plan else Plan()
     overrides = {}
@@ -259,13 +263,13 @@ def cmd_run(args) -> int:
     if args.address is not None:
         if (overrides.get("executor") or plan.executor) != "ray":
             raise QevalError("--address", args.address, "--executor ray beside it", "add --executor ray")
-        overrides["ray"] = {**plan.ray, "address": args.address}
+        overrides["ray"] = dataclasses.replace(plan.ray, address=args.address)
     if args.tasks and args.suite:
         raise QevalError("--tasks", args.tasks, "either --tasks or --suite, not both", "drop one of them")
     if args.limit is not None and not args.tasks:
         raise QevalError("--limit", args.limit, "--tasks beside it (suites set their own limits)",
                          "add --tasks, or edit the suite's limit")
-    plan = Plan(**{**plan.__dict__, **overrides})
+    plan = dataclasses.replace(plan, **overrides)
     suite = None
     if args.tasks is not None:
         from qeval.eval.suites import include_paths
@@ -276,14 +280,14 @@ def cmd_run(args) -> int:
     summary = run_plan(plan, _store_path(args), suite=suite)
     for line in summary.failed:
         print(f"qeval: failed: {line}", file=sys.stderr)
-    return 1 if summary.failed else 0
+    return EXIT_REGRESSION if summary.failed else EXIT_OK  # 1: some cells failed
 
 
 def cmd_report(args) -> int:
     from qeval.stats.compare import (adapter_frames, decision, divergence_frame, history_frame, latest, memory_frame,
                                paired_frame, results_frame, task_mde, with_paired)
-    from qeval.gates.nightly import Thresholds, thresholds_of
-    from qeval.run.runner import load_plan
+    from qeval.gates.nightly import thresholds_of
+    from qeval.run.plan import Thresholds, load_plan
     from qeval.report.render import adapter_section, divergence_section, history_section, render, significance_section
     from qeval.store.store import Store
 
@@ -333,10 +337,9 @@ def _domain_tasks(plan_path) -> dict | None:
     """adapter name -> domain_tasks as the plan says now (stored records keep the run's)."""
     if not plan_path:
         return None
-    from qeval.run.runner import load_plan
+    from qeval.run.plan import load_plan
 
-    return {name: tuple(raw.get("domain_tasks") or ()) for name, raw in load_plan(plan_path).adapters.items()
-            if isinstance(raw, dict)}
+    return {name: tuple(spec.domain_tasks) for name, spec in load_plan(plan_path).adapters.items()}
 
 
 LOCK_FILE = "requirements-lock.txt"  # the known-good environment `make` installs (Makefile LOCK)

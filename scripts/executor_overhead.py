@@ -13,7 +13,7 @@ import sys
 import time
 
 from qeval.run.executors import RaySettings, make_executor
-from qeval.run.jobs import Job, Log, Origin, run_job  # noqa: F401 (run_job: what each executor calls)
+from qeval.run.jobs import Job, Log, Origin  # an executor runs a job with job.pieces(inputs) (run_job)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

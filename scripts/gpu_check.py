@@ -116,7 +116,8 @@ def main() -> int:
                      f"  - {{task: qeval_lee_ppl, limit: {3 * scale}, batch_size: {bs}, divergence: true}}\n"
                      f"  - {{task: qeval_capitals, limit: {4 * scale}, num_fewshot: 3, batch_size: {bs}}}\n"
                      f"  - {{task: qeval_similarity, limit: {10 * scale}, batch_size: {bs}}}\n")
-    from qeval.run.runner import Plan, run_plan
+    from qeval.run.driver import run_plan
+    from qeval.run.plan import plan_from
     from qeval.store.store import Store
 
     adapters, arms = {}, []
@@ -126,8 +127,8 @@ def main() -> int:
         arms = [{"name": "qlora", "quant": "bnb-nf4-dq", "adapter": "qlora"},
                 {"name": "qlora-merged-float", "quant": "bnb-nf4-dq", "adapter": "qlora", "merge": "dequantized"},
                 {"name": "qlora-merged-nf4", "quant": "bnb-nf4-dq", "adapter": "qlora", "merge": "requantized"}]
-    plan = Plan(models=(str(model_dir),), formats=tuple(formats), suite=str(suite), device=device,
-                adapters=adapters, arms=tuple(arms), bootstrap_iters=100)
+    plan = plan_from(dict(models=(str(model_dir),), formats=tuple(formats), suite=str(suite), device=device,
+                          adapters=adapters, arms=tuple(arms), bootstrap_iters=100))
     store_path = work / "store.sqlite"
 
     def smoke():

@@ -166,18 +166,18 @@ def tiny_store(tmp_path_factory):
     baseline, NF4 and gguf:q8_0 (simulated compute), LoRA on the float base and QLoRA on NF4, on
     analogy (24 right/wrong documents) and Lee perplexity (12 documents, with KL). Read-only for the
     tests that share it: (store path, model folder)."""
-    from qeval.run import runner
+    from qeval.run import jobs, runner
     import qeval.train.adapters as adapters
 
     tmp = tmp_path_factory.mktemp("tiny-store")
     model = build_trained_tiny_model(tmp / "model")
     (tmp / "suite.yaml").write_text(TINY_STORE_SUITE)
-    plan = runner.Plan(models=(str(model),), suite=str(tmp / "suite.yaml"), device="cpu",
-                       formats=("none", "bnb-nf4", "gguf:q8_0"),
-                       adapters=TINY_STORE_ADAPTERS, arms=TINY_STORE_ARMS)
+    plan = runner.plan_from(dict(models=(str(model),), suite=str(tmp / "suite.yaml"), device="cpu",
+                                 formats=("none", "bnb-nf4", "gguf:q8_0"),
+                                 adapters=TINY_STORE_ADAPTERS, arms=TINY_STORE_ARMS))
     real = adapters.finetune
     with pytest.MonkeyPatch.context() as mp:  # train in this process: a fresh one costs seconds of imports
-        mp.setattr(runner, "finetune", lambda *a, **k: real(*a, **{**k, "isolate": False}))
+        mp.setattr(jobs, "finetune", lambda *a, **k: real(*a, **{**k, "isolate": False}))
         summary = runner.run_plan(plan, tmp / "store.sqlite", progress=lambda s: None)
     assert not summary.failed, summary.failed
     return tmp / "store.sqlite", model

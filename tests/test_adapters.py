@@ -310,10 +310,10 @@ def test_peft_passthrough_is_checked_against_loraconfig(resolved):
 
 
 def test_seeds_expand_into_one_adapter_and_arm_per_seed():
-    from qeval.run.runner import Plan, validate
+    from qeval.run.plan import plan_from, validate
 
-    plan = Plan(models=("m",), formats=("none",), adapters={"lora": {"seeds": [3, 5], "domain_tasks": ["qeval_lee_ppl"]}},
-                arms=({"name": "l", "quant": "none", "adapter": "lora"},))
+    plan = plan_from(dict(models=("m",), formats=("none",), adapters={"lora": {"seeds": [3, 5], "domain_tasks": ["qeval_lee_ppl"]}},
+                          arms=({"name": "l", "quant": "none", "adapter": "lora"},)))
     rp = validate(plan)
     assert [a.name for a in rp.arms] == ["none", "l#s3", "l#s5"]
     assert {k: v.seed for k, v in rp.adapters.items()} == {"lora#s3": 3, "lora#s5": 5}

@@ -11,8 +11,9 @@ import sys
 
 import pytest
 
-from qeval.run import runner
-from qeval.run.runner import Plan, run_plan
+from qeval.eval.evaluate import EvalSpec
+from qeval.run import jobs, runner
+from qeval.run.runner import Plan, plan_from, run_plan
 from qeval.store.store import Store
 
 SUITE = """name: tiny
@@ -35,14 +36,15 @@ def _records(path):
 
 
 def test_dag_orders_references_and_adapters_before_their_users(plan):
-    from qeval.run.jobs import EvaluateArm, TrainAdapter, plan_jobs
+    from qeval.run.dag import plan_jobs
+    from qeval.run.jobs import EvaluateArm, TrainAdapter
 
-    arm_plan = Plan(**{**plan.__dict__, "formats": ("bnb-nf4", "none"),
-                       "adapters": {"a": {"steps": 1}}, "arms": ({"name": "lora", "quant": "none", "adapter": "a"},)})
+    arm_plan = plan_from({**plan.__dict__, "formats": ("bnb-nf4", "none"),
+                          "adapters": {"a": {"steps": 1}}, "arms": ({"name": "lora", "quant": "none", "adapter": "a"},)})
     rp = runner.validate(arm_plan)
     todo = [(f"[{i}] {a.name}", m, a, rp.adapters.get(a.adapter) if a.adapter else None, cells)
             for i, (m, a, cells) in enumerate(runner.expand(arm_plan, rp))]
-    dag = plan_jobs(todo, rp, arm_plan)
+    dag = plan_jobs(todo, rp)
     by_id = {j.id: j for j in dag.jobs}
     kinds = [type(j).__name__ for j in dag.jobs]
     assert kinds.count("TrainAdapter") == 1 and kinds.count("EvaluateArm") == 3 and "RecordReference" not in kinds
@@ -57,7 +59,7 @@ def test_dag_orders_references_and_adapters_before_their_users(plan):
 
 
 def test_a_failed_job_is_retried_then_recorded(plan, tmp_path, monkeypatch):
-    real = runner.load_model
+    real = jobs.load_model
     calls = []
 
     def flaky(resolved, fmt, device, dtype=None):
@@ -66,7 +68,7 @@ def test_a_failed_job_is_retried_then_recorded(plan, tmp_path, monkeypatch):
             raise RuntimeError("lost the GPU (simulated)")
         return real(resolved, fmt, device, dtype)
 
-    monkeypatch.setattr(runner, "load_model", flaky)
+    monkeypatch.setattr(jobs, "load_model", flaky)
     lines = []
     summary = run_plan(plan, tmp_path / "s.sqlite", progress=lines.append)
     assert not summary.failed and len(summary.computed) == 4 == len(set(summary.computed))
@@ -132,7 +134,7 @@ def test_ray_gives_the_same_keys_and_bit_identical_numbers(plan, tmp_path, monke
     # the variant's as a Ray object
     monkeypatch.setenv("QEVAL_CACHE", str(tmp_path / "cache-ray"))
     lines = []
-    remote = run_plan(Plan(**{**plan.__dict__, "executor": "ray", "ray": RAY}), tmp_path / "ray.sqlite",
+    remote = run_plan(plan_from({**plan.__dict__, "executor": "ray", "ray": RAY}), tmp_path / "ray.sqlite",
                       progress=lines.append)
     assert not remote.failed and sorted(remote.computed) == sorted(local.computed)
     assert any("running on" in line and f"pid {os.getpid()}" not in line for line in lines)  # not in-process
@@ -151,7 +153,7 @@ def test_ray_gives_the_same_keys_and_bit_identical_numbers(plan, tmp_path, monke
 
 
 def test_killed_ray_worker_is_retried_and_every_cell_stored_once(plan, tmp_path, local_ray):
-    three = Plan(**{**plan.__dict__, "formats": ("none", "bnb-nf4", "bnb-fp4"), "executor": "ray", "ray": RAY})
+    three = plan_from({**plan.__dict__, "formats": ("none", "bnb-nf4", "bnb-fp4"), "executor": "ray", "ray": RAY})
     pids, killed, lines = {}, [], []
 
     def progress(line: str) -> None:
@@ -188,7 +190,7 @@ def test_ctrl_c_cancels_the_ray_jobs(plan, tmp_path, local_ray):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        run_plan(Plan(**{**plan.__dict__, "executor": "ray", "ray": RAY}), tmp_path / "s.sqlite", progress=progress)
+        run_plan(plan_from({**plan.__dict__, "executor": "ray", "ray": RAY}), tmp_path / "s.sqlite", progress=progress)
     assert pids
 
     def alive(pid: int) -> bool:
@@ -217,7 +219,7 @@ def test_a_worker_with_other_library_versions_refuses_the_job(plan):
     rp = runner.validate(plan)
     (_, _, cells), = [x for x in runner.expand(plan, rp) if x[1].name == "bnb-nf4"]
     job = RecordReference(id="r", label="r", model=cells[0].model, device="cpu", origin=other, cell=cells[1],
-                          eval_spec=runner.EvalSpec())
+                          eval_spec=EvalSpec())
     with pytest.raises(QevalError, match=r"transformers 0\.0\.1 \(driver\)"):
         list(run_job(job, {}))
 
@@ -235,7 +237,7 @@ def test_a_worker_on_another_gpu_refuses_cuda_jobs(plan, monkeypatch):
     rp = runner.validate(plan)
     (_, _, cells), = [x for x in runner.expand(plan, rp) if x[1].name == "bnb-nf4"]
     job = RecordReference(id="r", label="r", model=cells[0].model, device="cuda", origin=driver, cell=cells[1],
-                          eval_spec=runner.EvalSpec())
+                          eval_spec=EvalSpec())
     monkeypatch.setattr(env, "gpu_identity", lambda: {**h200, "gpu": "NVIDIA H100 80GB HBM3"})
     with pytest.raises(QevalError, match="worker GPU.*H100"):
         list(run_job(job, {}))

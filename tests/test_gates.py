@@ -303,8 +303,8 @@ def test_per_arm_names_a_seeded_arm_by_its_plan_name_in_validation():
 
     rp = SimpleNamespace(arms=[SimpleNamespace(name=n) for n in ("none", "qlora#s1", "qlora#s2")],
                          suite=SimpleNamespace(tasks=[]))
-    ok = thresholds_of(SimpleNamespace(thresholds={"per_arm": {"qlora": 0.4}}), rp)
+    ok = thresholds_of(SimpleNamespace(thresholds=Thresholds(per_arm={"qlora": 0.4})), rp)
     assert ok.per_arm == {"qlora": 0.4}
     with pytest.raises(QevalError) as e:
-        thresholds_of(SimpleNamespace(thresholds={"per_arm": {"qlor": 0.4}}), rp)
+        thresholds_of(SimpleNamespace(thresholds=Thresholds(per_arm={"qlor": 0.4})), rp)
     assert "'qlora'" in str(e.value)  # did you mean the plan's name

@@ -17,13 +17,6 @@ from qeval.quant.formats import FORMATS, quantizable_linears
 from qeval.quant.backends import gptq as gq
 
 
-@pytest.fixture(autouse=True)
-def default_calibration():
-    gq.set_calibration(None)
-    yield
-    gq.set_calibration(None)
-
-
 def _pack_rows(codes: list[list[int]], bits: int) -> torch.Tensor:
     """Hand packing, word by word with Python ints: codes [in][out] -> int32 [in*bits/32][out]."""
     per = 32 // bits
@@ -168,26 +161,24 @@ def test_calibration_hash_is_in_the_format_spec_and_the_cell_key(tmp_path, resol
 
     suite = load_suite("default")
 
-    def key(fmt_name):
-        return make_cells(resolved, Arm(fmt_name, fmt_name), suite, EvalSpec(), "cpu")[0].key
+    def key(fmt_name, cal=None):
+        return make_cells(resolved, Arm(fmt_name, fmt_name), suite, EvalSpec(), "cpu", calibration=cal)[0].key
 
     default_key, default_spec = key("gptq:w4:g16"), FORMATS.get("gptq:w4:g16").spec(torch.float32)
     texts = tmp_path / "cal.jsonl"
     texts.write_text("".join(json.dumps({"text": f"calibration row {i} about rivers and towns."}) + "\n"
                              for i in range(20)))
-    gq.set_calibration(gq.CalibrationSpec(data=str(texts), samples=4, seq_len=16))
-    spec = FORMATS.get("gptq:w4:g16").spec(torch.float32)
+    cal4 = gq.CalibrationSpec(data=str(texts), samples=4, seq_len=16)
+    spec = gq.calibrated("gptq:w4:g16", cal4).spec(torch.float32)
     assert spec["options"]["calibration"]["hash"] != default_spec["options"]["calibration"]["hash"]
-    k1 = key("gptq:w4:g16")
-    gq.set_calibration(gq.CalibrationSpec(data=str(texts), samples=8, seq_len=16))
-    k2 = key("gptq:w4:g16")
+    k1 = key("gptq:w4:g16", cal4)
+    cal8 = gq.CalibrationSpec(data=str(texts), samples=8, seq_len=16)
+    k2 = key("gptq:w4:g16", cal8)
     texts.write_text(texts.read_text() + json.dumps({"text": "one more row"}) + "\n")
-    gq.set_calibration(gq.CalibrationSpec(data="lee_background"))
-    gq.set_calibration(gq.CalibrationSpec(data=str(texts), samples=8, seq_len=16))
-    k3 = key("gptq:w4:g16")
+    k3 = key("gptq:w4:g16", cal8)  # the same spec, other content: hashed again, so another key
     assert len({default_key, k1, k2, k3}) == 4  # data, sample count and content each move the key
-    gq.set_calibration(None)
-    assert key("gptq:w4:g16") == default_key  # and the same calibration gives the same key back
+    assert key("gptq:w4:g16", gq.CalibrationSpec()) == default_key  # and the same calibration gives the same key back
+    assert FORMATS.get("gptq:w4:g16").spec(torch.float32) == default_spec  # a name alone: the default set, always
 
 
 def test_calibration_blocks_come_from_the_plan_data(tmp_path, resolved):
@@ -243,8 +234,7 @@ def test_real_gptqmodel_quantizes_tiny_model_and_caches(resolved, monkeypatch, t
     group's 16-level grid, close to the float weight, and a second load reuses the checkpoint."""
     monkeypatch.setenv(gq.PYTHON_ENV, str(_real_env()))
     monkeypatch.setenv("QEVAL_CACHE", str(tmp_path / "cache"))
-    gq.set_calibration(gq.CalibrationSpec(samples=8, seq_len=64))
-    fmt = FORMATS.get("gptq:w4:g32").require("cpu")
+    fmt = gq.calibrated("gptq:w4:g32", gq.CalibrationSpec(samples=8, seq_len=64)).require("cpu")
     base = load_model(resolved, FORMATS.get("none"), "cpu").model
     lm = load_model(resolved, fmt, "cpu")
     ckpts = list((tmp_path / "cache" / "gptq").glob("*/qeval-gptq.json"))
@@ -285,8 +275,9 @@ def test_real_gptqmodel_quantizes_tiny_model_and_caches(resolved, monkeypatch, t
 
 
 def test_a_cell_carries_its_calibration_to_another_process(tmp_path, resolved):
-    """Cells travel to Ray workers by format name: the plan's calibration set travels with them, so a
-    worker computes what the key says (not the default calibration)."""
+    """Cells travel to Ray workers as plain data: the plan's calibration set is a field of the
+    cell, so a worker computes what the key says (not the default calibration), and nothing
+    process-wide is set on either side."""
     import pickle
 
     from qeval.eval.evaluate import EvalSpec
@@ -295,13 +286,16 @@ def test_a_cell_carries_its_calibration_to_another_process(tmp_path, resolved):
 
     texts = tmp_path / "cal.jsonl"
     texts.write_text("".join(json.dumps({"text": f"row {i} of calibration text"}) + "\n" for i in range(20)))
-    gq.set_calibration(gq.CalibrationSpec(data=str(texts), samples=4, seq_len=16))
-    cell = make_cells(resolved, Arm("g", "gptq:w4:g16"), load_suite("default"), EvalSpec(), "cpu")[0]
-    blob = pickle.dumps(cell)
-    gq.set_calibration(None)  # a fresh worker knows only the default
-    back = pickle.loads(blob)
+    cal = gq.CalibrationSpec(data=str(texts), samples=4, seq_len=16)
+    cell = make_cells(resolved, Arm("g", "gptq:w4:g16"), load_suite("default"), EvalSpec(), "cpu", calibration=cal)[0]
+    assert cell.calibration == cal and type(cell).__reduce__ is object.__reduce__  # plain pickling
+    back = pickle.loads(pickle.dumps(cell))
+    assert back == cell
     assert back.fmt.spec(torch.float32) == cell.key_material["format"]
     assert back.fmt.spec(torch.float32)["options"]["calibration"]["samples"] == 4
+    # a format without calibration carries none
+    plain = make_cells(resolved, Arm("n", "bnb-nf4"), load_suite("default"), EvalSpec(), "cpu", calibration=cal)[0]
+    assert plain.calibration is None
 
 
 FAKE_GPTQMODEL = '''

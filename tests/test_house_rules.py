@@ -69,7 +69,7 @@ def _layer(module: str) -> str | None:
     return parts[1] if parts[1] in LAYERS else None
 
 
-@pytest.mark.xfail(strict=True, reason="refactor in progress: gptq -> models.fingerprint; run.runner -> gates.nightly (thresholds)")
+@pytest.mark.xfail(strict=True, reason="refactor in progress: gptq -> models.fingerprint")
 def test_packages_import_downwards_only():
     bad = []
     for name, path in MODULES.items():
@@ -83,7 +83,6 @@ def test_packages_import_downwards_only():
     assert not bad, "imports pointing up the layers:\n" + "\n".join(bad)
 
 
-@pytest.mark.xfail(strict=True, reason="refactor in progress: runner <-> nightly, runner <-> jobs")
 def test_no_import_cycle_between_modules():
     graph: dict[str, set[str]] = defaultdict(set)
     for name, path in MODULES.items():
@@ -123,7 +122,6 @@ def test_no_import_of_another_modules_private_names():
     assert not bad, "imports of private names:\n" + "\n".join(bad)
 
 
-@pytest.mark.xfail(strict=True, reason="refactor in progress: jobs reads runner._load_arm and the reference helpers")
 def test_no_private_attribute_of_another_qeval_module_is_read():
     # `from qeval.run import cells` then `cells._helper(...)` is the same breach as importing it
     bad = []
@@ -141,7 +139,7 @@ def test_no_private_attribute_of_another_qeval_module_is_read():
     assert not bad, "\n".join(bad)
 
 
-@pytest.mark.xfail(strict=True, reason="refactor in progress: cli, paired, report.render, adapters, suites, runner")
+@pytest.mark.xfail(strict=True, reason="refactor in progress: cli, paired, report.render, adapters, suites")
 def test_no_module_over_500_lines():
     long = {str(p.relative_to(ROOT)): n for p in MODULES.values()
             if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_LINES}

@@ -96,18 +96,18 @@ def _try_lock(store, q):
 
 def test_load_failure_is_a_failed_cell(tiny_model_dir, tmp_path, monkeypatch, capsys):
     """An OOM while loading one arm fails that arm's cells (exit 1); the other arm is stored."""
-    from qeval.run import runner
+    from qeval.run import jobs
     from qeval.cli import main
     from qeval.store.store import Store
 
-    real = runner.load_model
+    real = jobs.load_model
 
     def flaky(resolved, fmt, device, dtype=None):
         if fmt.name == "bnb-nf4":
             raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real(resolved, fmt, device, dtype)
 
-    monkeypatch.setattr(runner, "load_model", flaky)
+    monkeypatch.setattr(jobs, "load_model", flaky)
     suite = tmp_path / "s.yaml"
     suite.write_text("name: s\ntasks:\n  - {task: qeval_analogy, limit: 4, batch_size: 4}\n")
     code = main(["run", "--model", str(tiny_model_dir), "--formats", "none,bnb-nf4", "--suite", str(suite),
@@ -121,13 +121,13 @@ def test_load_failure_is_a_failed_cell(tiny_model_dir, tmp_path, monkeypatch, ca
 
 
 def test_training_failure_is_a_failed_cell(tiny_model_dir, tmp_path, monkeypatch, capsys):
-    from qeval.run import runner
+    from qeval.run import jobs
     from qeval.cli import main
 
     def crash(*a, **k):
         raise ChildError("OutOfMemoryError", "CUDA out of memory")
 
-    monkeypatch.setattr(runner, "finetune", crash)
+    monkeypatch.setattr(jobs, "finetune", crash)
     plan = tmp_path / "p.yaml"
     plan.write_text(f"models: ['{tiny_model_dir}']\nformats: []\nsuite: {tmp_path / 's.yaml'}\ndevice: cpu\n"
                     "adapters: {a: {method: lora, steps: 1}}\narms: [{name: lora, quant: none, adapter: a}]\n")

@@ -129,22 +129,23 @@ def test_the_adapter_key_holds_the_base_format_spec(resolved, monkeypatch):
 def test_quanto_int4_base_runs_end_to_end(tiny_model_dir, tmp_path, monkeypatch):
     """Train on quanto int4, evaluate unmerged, merged into float and re-quantized, through run_plan."""
     pytest.importorskip("optimum.quanto")
-    from qeval.run import runner
+    from qeval.run import jobs
     from qeval.stats.compare import adapter_frames
-    from qeval.run.runner import Plan, run_plan
+    from qeval.run.driver import run_plan
+    from qeval.run.plan import plan_from
     from qeval.store.store import Store
 
     import qeval.train.adapters as adapters
 
     real = adapters.finetune
-    monkeypatch.setattr(runner, "finetune", lambda *a, **k: real(*a, **{**k, "isolate": False}))
+    monkeypatch.setattr(jobs, "finetune", lambda *a, **k: real(*a, **{**k, "isolate": False}))
     (tmp_path / "s.yaml").write_text("name: s\ntasks:\n  - {task: qeval_lee_ppl, limit: 2}\n")
     q = "quanto:int4:g32"
-    plan = Plan(models=(str(tiny_model_dir),), suite=str(tmp_path / "s.yaml"), device="cpu", formats=("none", q),
-                adapters={"ql": {**TINY, "train_quant": q, "domain_tasks": ["qeval_lee_ppl"]}},
-                arms=({"name": "ql", "quant": q, "adapter": "ql"},
-                      {"name": "ql-float", "quant": q, "adapter": "ql", "merge": "dequantized"},
-                      {"name": "ql-requant", "quant": q, "adapter": "ql", "merge": "requantized"}))
+    plan = plan_from(dict(models=(str(tiny_model_dir),), suite=str(tmp_path / "s.yaml"), device="cpu", formats=("none", q),
+                          adapters={"ql": {**TINY, "train_quant": q, "domain_tasks": ["qeval_lee_ppl"]}},
+                          arms=({"name": "ql", "quant": q, "adapter": "ql"},
+                                {"name": "ql-float", "quant": q, "adapter": "ql", "merge": "dequantized"},
+                                {"name": "ql-requant", "quant": q, "adapter": "ql", "merge": "requantized"})))
     summary = run_plan(plan, tmp_path / "store.sqlite", progress=lambda s: None)
     assert not summary.failed and len(summary.trained) == 1 and len(summary.computed) == 5
     with Store(tmp_path / "store.sqlite") as s:

@@ -5,7 +5,7 @@ import multiprocessing
 import pytest
 
 from qeval.core import env
-from qeval.run import runner
+from qeval.run import jobs
 from qeval.cli import main
 from qeval.gates.nightly import EXIT_COULD_NOT_RUN, EXIT_OK, EXIT_REGRESSION, nightly
 from qeval.store.store import Store
@@ -61,7 +61,7 @@ def test_planted_regression_is_reported_with_nonzero_exit(plan_path, tmp_path, m
     assert nightly(plan_path, store, progress=quiet).exit_code == EXIT_OK
 
     _upgrade(monkeypatch, "9.9.9")
-    real = runner.evaluate
+    real = jobs.evaluate
 
     def broken_release(loaded, task, spec, *rest):
         out = real(loaded, task, spec, *rest)
@@ -71,7 +71,7 @@ def test_planted_regression_is_reported_with_nonzero_exit(plan_path, tmp_path, m
             out.metrics["acc"].value = 0.0
         return out
 
-    monkeypatch.setattr(runner, "evaluate", broken_release)
+    monkeypatch.setattr(jobs, "evaluate", broken_release)
     code = main(["nightly", str(plan_path), "--store", str(store)])
     out = capsys.readouterr().out
     assert code == EXIT_REGRESSION
@@ -96,7 +96,7 @@ def test_threshold_breach_is_a_regression(plan_path, tmp_path):
 
 def test_killed_run_restarts_and_completes(plan_path, tmp_path, monkeypatch):
     store = tmp_path / "store.sqlite"
-    real = runner.evaluate
+    real = jobs.evaluate
     calls = []
 
     def killed(*a, **k):
@@ -105,10 +105,10 @@ def test_killed_run_restarts_and_completes(plan_path, tmp_path, monkeypatch):
             raise KeyboardInterrupt  # the job is killed during the third cell
         return real(*a, **k)
 
-    monkeypatch.setattr(runner, "evaluate", killed)
+    monkeypatch.setattr(jobs, "evaluate", killed)
     with pytest.raises(KeyboardInterrupt):
         nightly(plan_path, store, progress=quiet)
-    monkeypatch.setattr(runner, "evaluate", real)
+    monkeypatch.setattr(jobs, "evaluate", real)
     res = nightly(plan_path, store, progress=quiet)
     assert res.exit_code == EXIT_OK and res.computed == 2 and res.reused == 2  # nothing computed twice
     with Store(store) as s:
@@ -121,7 +121,7 @@ def test_failed_cell_exits_could_not_run(plan_path, tmp_path, monkeypatch):
     def oom(*a, **k):
         raise RuntimeError("CUDA out of memory (simulated)")
 
-    monkeypatch.setattr(runner, "evaluate", oom)
+    monkeypatch.setattr(jobs, "evaluate", oom)
     res = nightly(plan_path, tmp_path / "store.sqlite", progress=quiet)
     assert res.exit_code == EXIT_COULD_NOT_RUN and len(res.failed) == 4
 
@@ -195,7 +195,7 @@ def test_candidate_environment_is_compared_with_the_locked_nightly(plan_path, tm
     assert "not the locked environment" not in capsys.readouterr().err
 
     _upgrade(monkeypatch, "9.9.9")
-    real = runner.evaluate
+    real = jobs.evaluate
 
     def broken_release(loaded, task, spec, *rest):
         out = real(loaded, task, spec, *rest)
@@ -205,7 +205,7 @@ def test_candidate_environment_is_compared_with_the_locked_nightly(plan_path, tm
             out.metrics["acc"].value = 0.0
         return out
 
-    monkeypatch.setattr(runner, "evaluate", broken_release)
+    monkeypatch.setattr(jobs, "evaluate", broken_release)
     code = main(["nightly", str(plan_path), "--store", str(store), "--candidate"])
     captured = capsys.readouterr()
     assert code == EXIT_REGRESSION

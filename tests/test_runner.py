@@ -1,8 +1,8 @@
 """The orchestration: every format end to end on the tiny model, rerun computes nothing, crash safety."""
 import pytest
 
-from qeval.run import runner
-from qeval.run.runner import Plan, run_plan
+from qeval.run import jobs, runner
+from qeval.run.runner import Plan, plan_from, run_plan
 from qeval.store.store import Store
 from qeval.quant.formats import DEFAULT_FORMATS
 
@@ -45,12 +45,12 @@ def test_all_formats_then_rerun_computes_nothing(plan, tmp_path):
         assert all(0 <= a["value"] <= 1 for a in acc.values())
 
     loads = []
-    real_load = runner.load_model
-    runner.load_model = lambda *a, **k: loads.append(a) or real_load(*a, **k)
+    real_load = jobs.load_model
+    jobs.load_model = lambda *a, **k: loads.append(a) or real_load(*a, **k)
     try:
         second = run_plan(plan, store_path, progress=lambda s: None)
     finally:
-        runner.load_model = real_load
+        jobs.load_model = real_load
     assert second.computed == [] and len(second.reused) == 12
     assert loads == []  # nothing loaded either
 
@@ -59,7 +59,7 @@ def test_crash_mid_run_loses_only_the_cell_in_flight(plan, tmp_path, monkeypatch
     store_path = tmp_path / "store.sqlite"
     small = Plan(**{**plan.__dict__, "formats": ("none", "bnb-nf4")})
     calls = []
-    real_eval = runner.evaluate
+    real_eval = jobs.evaluate
 
     def crashing(*a, **k):
         calls.append(1)
@@ -67,25 +67,25 @@ def test_crash_mid_run_loses_only_the_cell_in_flight(plan, tmp_path, monkeypatch
             raise KeyboardInterrupt  # the user hits ^C during the third cell
         return real_eval(*a, **k)
 
-    monkeypatch.setattr(runner, "evaluate", crashing)
+    monkeypatch.setattr(jobs, "evaluate", crashing)
     with pytest.raises(KeyboardInterrupt):
         run_plan(small, store_path, progress=lambda s: None)
     with Store(store_path) as store:
         assert len(store) == 2
-    monkeypatch.setattr(runner, "evaluate", real_eval)
+    monkeypatch.setattr(jobs, "evaluate", real_eval)
     resumed = run_plan(small, store_path, progress=lambda s: None)
     assert len(resumed.computed) == 2 and len(resumed.reused) == 2
 
 
 def test_failed_cell_is_reported_and_run_continues(plan, tmp_path, monkeypatch):
-    real_eval = runner.evaluate
+    real_eval = jobs.evaluate
 
     def flaky(loaded, task, spec, *rest):
         if task.task == "qeval_lee_ppl":
             raise RuntimeError("out of memory (simulated)")
         return real_eval(loaded, task, spec, *rest)
 
-    monkeypatch.setattr(runner, "evaluate", flaky)
+    monkeypatch.setattr(jobs, "evaluate", flaky)
     summary = run_plan(Plan(**{**plan.__dict__, "formats": ("none",)}), tmp_path / "s.sqlite", progress=lambda s: None)
     assert len(summary.computed) == 1
     assert len(summary.failed) == 1 and "out of memory" in summary.failed[0] and "qeval_lee_ppl" in summary.failed[0]
@@ -125,8 +125,8 @@ def test_adapter_arms_train_once_and_report(plan, tmp_path, monkeypatch):
     import qeval.train.adapters as adapters
 
     real_finetune = adapters.finetune
-    monkeypatch.setattr(runner, "finetune", lambda *a, **k: real_finetune(*a, **{**k, "isolate": False}))
-    arm_plan = Plan(**{**plan.__dict__, "formats": ("none", "bnb-nf4-dq"), "adapters": ADAPTERS, "arms": ARMS})
+    monkeypatch.setattr(jobs, "finetune", lambda *a, **k: real_finetune(*a, **{**k, "isolate": False}))
+    arm_plan = plan_from({**plan.__dict__, "formats": ("none", "bnb-nf4-dq"), "adapters": ADAPTERS, "arms": ARMS})
     store_path = tmp_path / "store.sqlite"
     first = run_plan(arm_plan, store_path, progress=lambda s: None)
     assert len(first.computed) == 2 * 7 and len(first.trained) == 2 and not first.failed
@@ -157,13 +157,22 @@ def test_adapter_arms_train_once_and_report(plan, tmp_path, monkeypatch):
 
 
 def test_arm_validation_reports_everything(plan):
+    """Two passes, each reporting all its problems at once: the schema (unknown keys, types, at any
+    depth) when the plan is read, then the meaning (names, merges, clashes) in validate."""
     from qeval.core.errors import QevalErrors
 
-    bad = Plan(**{**plan.__dict__, "adapters": {"q": {"train_quant": "bnb-nf5", "method": "full"}},
-                  "arms": ({"name": "a", "quant": "bnb-nf4", "adapter": "nope"},
-                           {"name": "b", "quant": "bnb-int8", "adapter": "q", "merge": "requantized"},
-                           {"name": "none", "quant": "none"},
-                           {"name": "c", "quant": "bnb-nf4", "colour": "red"})})
+    arms = ({"name": "a", "quant": "bnb-nf4", "adapter": "nope"},
+            {"name": "b", "quant": "bnb-int8", "adapter": "q", "merge": "requantized"},
+            {"name": "none", "quant": "none"})
+    raw = {**plan.__dict__, "adapters": {"q": {"train_quant": "bnb-nf5", "method": "full", "stepz": 1}},
+           "arms": arms + ({"name": "c", "quant": "bnb-nf4", "colour": "red"}, {"name": "d", "merge": 3})}
+    with pytest.raises(QevalErrors) as ei:
+        plan_from(raw)
+    text = str(ei.value)
+    assert "unknown key in adapters.q 'stepz'" in text and "did you mean 'steps'" in text
+    assert "unknown key in arms[3] 'colour'" in text and "arms[4].merge 3" in text
+
+    bad = plan_from({**raw, "adapters": {"q": {"train_quant": "bnb-nf5", "method": "full"}}, "arms": arms})
     with pytest.raises(QevalErrors) as ei:
         runner.validate(bad)
     text = str(ei.value)
@@ -171,7 +180,6 @@ def test_arm_validation_reports_everything(plan):
     assert "'nope'" in text and "adapters" in text  # unknown adapter name
     assert "merge" in text and "4-bit" in text  # merge path on int8 / full fine-tune
     assert "arm name 'none'" in text  # clashes with the format arm
-    assert "'colour'" in text
 
 
 def test_compute_dtype_is_an_explicit_checked_choice(plan, tiny_model_dir, monkeypatch):
@@ -191,7 +199,7 @@ def test_compute_dtype_is_an_explicit_checked_choice(plan, tiny_model_dir, monke
     monkeypatch.setattr(env, "cpu_bf16_isa", lambda: "avx512_bf16")
     assert runner.validate(Plan(**{**plan.__dict__, "compute_dtype": "bf16"})).dtype == torch.bfloat16
     with pytest.raises((QevalError, QevalErrors), match="adapter training on CPU"):
-        runner.validate(Plan(**{**plan.__dict__, "compute_dtype": "bf16", "adapters": {"l": {}}}))
+        runner.validate(plan_from({**plan.__dict__, "compute_dtype": "bf16", "adapters": {"l": {}}}))
 
     model, suite = resolve_model(str(tiny_model_dir)), load_suite(plan.suite)
     key = lambda dtype=None: runner.make_cells(model, runner.Arm("none", "none"), suite, EvalSpec(), "cpu", None,

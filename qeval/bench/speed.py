@@ -242,7 +242,8 @@ def per_cell(model_spec: str, formats: list[str], suite: str = "default", scale:
 
     import yaml
 
-    from qeval.run.runner import Plan, run_plan
+    from qeval.run.driver import run_plan
+    from qeval.run.plan import Plan
     from qeval.eval.suites import TASKS_DIR
 
     resolved = resolve_model(model_spec)

@@ -8,6 +8,8 @@ from __future__ import annotations
 import difflib
 from typing import Iterable
 
+from qeval.core.names import EXIT_COULD_NOT_RUN
+
 
 class QevalError(Exception):
     """A user-facing error: `value` is what was given, `expected` what would work, `fix` what to do."""
@@ -28,7 +30,7 @@ class QevalError(Exception):
 class CouldNotFinish(QevalError):
     """Not the user's input: qeval could not finish (a lock held too long, ...). Exit 3, not 2."""
 
-    exit_code = 3
+    exit_code = EXIT_COULD_NOT_RUN
 
 
 class QevalErrors(QevalError):

@@ -100,7 +100,7 @@ def _night(cells, rates, th, rng, plant=None):
 def run(store_path: Path, out_dir: Path, nights: int = 1000, plan_path: Path | None = None,
         detect_nights: int | None = None) -> str:
     from qeval.gates.nightly import thresholds_of
-    from qeval.run.runner import load_plan
+    from qeval.run.plan import load_plan
     from qeval.store.store import Store
 
     t0 = time.perf_counter()

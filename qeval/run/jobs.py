@@ -4,16 +4,17 @@ A job is a frozen, picklable description of work: train an adapter (`TrainAdapte
 baseline's divergence reference (`RecordReference`), or evaluate the missing cells of one
 (model, arm) on one loaded model (`EvaluateArm`). `run_job(job, inputs)` is a pure function of the
 job and its input artifacts: it yields pieces (log lines, artifacts, one record per finished cell)
-and never touches the store; the driver (`qeval.run.runner.run_plan`) writes each record as it arrives,
+and never touches the store; the driver (`qeval.run.driver.run_plan`) writes each record as it arrives,
 so a crash loses only the cell in flight and a rerun computes only what is missing.
 
 Artifacts (adapters, references) travel as values: a `Reference` object, or an adapter's files as
 bytes when the job runs where the driver's cache is not (`Job.pack`). A job names the artifacts it
 `needs` and `makes` by content key; `plan_jobs` turns a pruned matrix into a DAG from those names
-(an adapter before its arms, a baseline reference before its variants).
+(an adapter before its arms, a baseline reference before its variants; qeval.run.dag).
 
-The stage functions (`finetune`, `load_model`, `evaluate`, `_load_arm`, `build_record`) are looked
-up on `qeval.run.runner` at call time: the one place tests and tools patch them.
+The stage functions (`finetune`, `load_model`, `evaluate`, `build_record`) are module globals here,
+looked up at call time: the one place tests and tools patch them (`monkeypatch.setattr(jobs, ...)`).
+This module never imports the driver: the driver imports it.
 """
 from __future__ import annotations
 
@@ -22,13 +23,20 @@ import gc
 import os
 import socket
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 from qeval.core import env
-from qeval.run import runner
 from qeval.core.errors import QevalError
+from qeval.core.names import BASELINE
+from qeval.eval.evaluate import evaluate
+from qeval.models.load import LoadedModel, ResolvedModel, fingerprint, load_model
+from qeval.quant.formats import FORMATS, QuantFormat
+from qeval.run.cells import needs_calibration
+from qeval.run.plan import Arm
+from qeval.run.record import build_record
+from qeval.train.adapters import AdapterArtifact, attach, finetune, load_finetuned
 
 
 # -- jobs -------------------------------------------------------------------------------------------
@@ -74,6 +82,11 @@ class Job:
         """The work: yield Log, Artifact, CellDone and CellFailed pieces (see `run_job`)."""
         raise NotImplementedError
 
+    def pieces(self, inputs: dict[str, Any]) -> Iterator[Any]:
+        """Run this job here, as an executor does: `run_job(self, inputs)` (executors call this
+        method, so they need not import this module)."""
+        return run_job(self, inputs)
+
 
 @dataclass(frozen=True, kw_only=True)
 class TrainAdapter(Job):
@@ -90,7 +103,7 @@ class RecordReference(Job):
     """Load the baseline and record the reference one variant cell compares with (when the
     baseline's own cell is stored already, so no baseline evaluation will record it)."""
 
-    cell: Any  # the variant's qeval.run.runner.Cell (its key material names the reference)
+    cell: Any  # the variant's qeval.run.cells.Cell (its key material names the reference)
     eval_spec: Any
     paths: tuple[Path, ...] = ()
 
@@ -100,7 +113,7 @@ class RecordReference(Job):
 
 @dataclass(frozen=True, kw_only=True)
 class EvaluateArm(Job):
-    arm: Any  # qeval.run.runner.Arm
+    arm: Any  # qeval.run.plan.Arm
     cells: tuple  # the cells of this (model, arm) still to compute
     seed: int
     eval_spec: Any
@@ -253,22 +266,37 @@ def _dtype(job: Job):
     return getattr(torch, job.dtype) if job.dtype else None
 
 
+def load_arm(model: ResolvedModel, arm: Arm, fmt: QuantFormat, artifact: AdapterArtifact | None, device: str,
+             dtype=None) -> LoadedModel:
+    """Load + quantize the arm's base at `fmt` (the cell's format), then put its adapter on (or
+    load the fully fine-tuned model)."""
+    if artifact is not None and artifact.spec.method == "full":
+        if not needs_calibration(fmt):
+            return load_finetuned(model, artifact, fmt.name, device)
+        # load_finetuned looks the format up by name, which would calibrate on the default set
+        # rather than the cell's: the same load of the fine-tuned folder, at the cell's format
+        ft = ResolvedModel(f"{model.spec}+{artifact.spec.method}", artifact.path, fingerprint(artifact.path), "finetuned")
+        return dataclasses.replace(load_model(ft, fmt, device), resolved=model)
+    loaded = load_model(model, fmt, device, dtype)
+    if artifact is not None:
+        loaded = attach(loaded, artifact, arm.merge)
+    return loaded
+
+
 def _train(job: TrainAdapter) -> Iterator[Any]:
-    art = runner.finetune(_model_here(job.model), job.spec, job.device, prefix=f"{job.label}: ")
+    art = finetune(_model_here(job.model), job.spec, job.device, prefix=f"{job.label}: ")
     yield Log(f"{job.label}: adapter {job.adapter} {'reused' if art.reused else 'trained'} "
               f"({art.trainable_params:,} trainable, {art.train_s:.0f} s)")
     yield Artifact(job.key, "adapter", AdapterBundle(art, pack_folder(art.path) if job.pack else None))
 
 
 def _reference(job: RecordReference) -> Iterator[Any]:
-    from qeval.quant.formats import FORMATS
-
     cell = job.cell
     if job.origin.elsewhere():
         _check_tasks([cell], job.paths)
     yield Log(f"  baseline reference for {cell.task.task} missing: loading the baseline to record it")
-    base = runner.load_model(_model_here(job.model), FORMATS.get(runner.BASELINE), job.device, _dtype(job))
-    outcome = runner.evaluate(base, cell.task, job.eval_spec, "reference", job.paths)
+    base = load_model(_model_here(job.model), FORMATS.get(BASELINE), job.device, _dtype(job))
+    outcome = evaluate(base, cell.task, job.eval_spec, "reference", job.paths)
     if outcome.reference is None:
         raise QevalError("divergence", cell.task.task, "a task whose forwards hold one sequence",
                          outcome.divergence_note)
@@ -294,7 +322,8 @@ def _evaluate(job: EvaluateArm, inputs: dict[str, Any]) -> Iterator[Any]:
         _check_tasks(job.cells, job.paths)
     yield Log(f"{tag}: loading + quantizing on {job.device}")
     torch.manual_seed(job.seed)
-    loaded = runner._load_arm(_model_here(job.model), job.arm, artifact, job.device, _dtype(job))
+    # every cell of the job has the arm's format (with its calibration, for a calibration-based one)
+    loaded = load_arm(_model_here(job.model), job.arm, job.cells[0].fmt, artifact, job.device, _dtype(job))
     yield Log(f"{tag}: {loaded.footprint.total_bytes / 2**20:.1f} MiB in {loaded.load_s:.1f} s")
     for cell in job.cells:
         what = f"{tag} {cell.task.task}"
@@ -308,7 +337,7 @@ def _evaluate(job: EvaluateArm, inputs: dict[str, Any]) -> Iterator[Any]:
                 yield CellFailed(cell.key, f"{what}: {m.type_name}: {m.message}")
                 continue
         try:
-            outcome = runner.evaluate(loaded, cell.task, job.eval_spec, mode, job.paths)
+            outcome = evaluate(loaded, cell.task, job.eval_spec, mode, job.paths)
         except QevalError:
             raise  # user errors stop the run
         except Exception as e:  # noqa: BLE001 -- a failed cell is an outcome; the others go on
@@ -316,7 +345,7 @@ def _evaluate(job: EvaluateArm, inputs: dict[str, Any]) -> Iterator[Any]:
             continue
         if outcome.reference is not None:
             yield Artifact(ref_key, "reference", outcome.reference, cell.head)
-        record = runner.build_record(cell, loaded, outcome, job.seed, artifact, git_sha=job.origin.git_sha)
+        record = build_record(cell, loaded, outcome, job.seed, artifact, git_sha=job.origin.git_sha)
         m = outcome.metrics[outcome.primary]
         yield CellDone(cell.key, record, outcome.samples,
                        f"{tag}: {cell.task.task} {outcome.primary}={m.value:.4g} (n={outcome.n}, {outcome.eval_s:.1f} s)")
@@ -366,103 +395,3 @@ def adapter_here(bundle: AdapterBundle):
     out = env.cache_dir() / "adapters" / bundle.artifact.key[:32]
     unpack_folder(bundle.files, out)
     return dataclasses.replace(_load_artifact(out / "qeval-artifact.json", reused=True), reused=bundle.artifact.reused)
-
-
-# -- the DAG ---------------------------------------------------------------------------------------
-
-@dataclass
-class Dag:
-    """Jobs in plan order (the driver starts each once what it needs exists), and the input
-    artifacts that already exist in the driver's cache (key -> a function loading the value)."""
-
-    jobs: list[Job] = field(default_factory=list)
-    existing: dict[str, Any] = field(default_factory=dict)
-
-    def producers(self) -> dict[str, str]:
-        return {k: j.id for j in self.jobs for k in j.makes}
-
-    def deps(self, job: Job) -> set[str]:
-        made = self.producers()
-        return {made[k] for k in job.needs if k in made} - {job.id}
-
-
-def plan_jobs(todo: list[tuple[str, Any, Any, Any, list]], rp: Any, plan: Any, pack: bool = False,
-              progress=lambda s: None) -> Dag:
-    """The DAG for the missing cells: `todo` holds (tag, model, arm, adapter spec or None, missing
-    cells) per (model, arm), in plan order, already pruned of stored cells."""
-    from qeval.train.adapters import _load_artifact, adapter_key
-    from qeval.eval.divergence import Reference
-
-    origin = Origin.here()
-    eval_spec = runner.EvalSpec(seed=plan.seed, bootstrap_iters=plan.bootstrap_iters)
-    gpus = plan_gpus(plan) if rp.device.startswith("cuda") else 0.0
-    import torch
-
-    threads = getattr(rp.ray, "threads_per_job", None) or torch.get_num_threads()
-    common = dict(device=rp.device, dtype=str(rp.dtype or "").removeprefix("torch."), origin=origin, num_gpus=gpus, pack=pack, threads=threads)
-    dag = Dag()
-    made: set[str] = set()
-    # the baseline arms that will record references as they evaluate (no extra load)
-    for tag, model, arm, spec, cells in todo:
-        if runner._is_baseline(arm):
-            for c in cells:
-                ref = c.key_material.get("divergence", {}).get("reference")
-                if ref and not runner._reference_ready(runner._reference_path(c), runner._head_path(c)):
-                    made.add(ref)
-    for tag, model, arm, spec, cells in todo:
-        needs, makes = [], []
-        akey = None
-        if spec is not None:
-            akey = adapter_key(model, spec, rp.device)
-            needs.append(akey)
-            if akey not in made and akey not in dag.existing:
-                meta = env.cache_dir() / "adapters" / akey[:32] / "qeval-artifact.json"
-                if meta.is_file():
-                    dag.existing[akey] = _existing_adapter(meta, pack)
-                    art = _load_artifact(meta, reused=True)
-                    progress(f"{tag}: adapter {arm.adapter} reused ({art.trainable_params:,} trainable, "
-                             f"{art.train_s:.0f} s)")
-                else:
-                    dag.jobs.append(TrainAdapter(id=f"train {akey[:12]}", label=tag, model=model, adapter=arm.adapter,
-                                                 spec=spec, key=akey, makes=(akey,), **common))
-                    made.add(akey)
-        for c in cells:
-            ref = c.key_material.get("divergence", {}).get("reference")
-            if ref is None:
-                continue
-            path, head = runner._reference_path(c), runner._head_path(c)
-            if runner._is_baseline(arm) and ref in made and ref not in dag.existing \
-                    and not any(ref in j.makes for j in dag.jobs):
-                makes.append(ref)  # this job records it
-                continue
-            needs.append(ref)
-            if ref in made or ref in dag.existing:
-                continue
-            if runner._reference_ready(path, head):
-                dag.existing[ref] = (lambda p=path, h=head: Reference.load(p, h))
-            else:
-                dag.jobs.append(RecordReference(id=f"reference {ref[:12]}", label=tag, model=model, cell=c,
-                                                eval_spec=eval_spec, paths=rp.suite.include_paths, makes=(ref,),
-                                                **common))
-                made.add(ref)
-        if makes:  # the cells that record a reference first: its variants start as soon as it exists
-            cells = sorted(cells, key=lambda c: c.key_material.get("divergence", {}).get("reference") not in makes)
-        dag.jobs.append(EvaluateArm(id=tag, label=tag, model=model, arm=arm, cells=tuple(cells), seed=plan.seed,
-                                    eval_spec=eval_spec, paths=rp.suite.include_paths, adapter_key=akey,
-                                    needs=tuple(dict.fromkeys(needs)), makes=tuple(makes), **common))
-    return dag
-
-
-def _existing_adapter(meta: Path, pack: bool):
-    from qeval.train.adapters import _load_artifact
-
-    def load() -> AdapterBundle:
-        art = _load_artifact(meta, reused=True)
-        return AdapterBundle(art, pack_folder(art.path) if pack else None)
-
-    return load
-
-
-def plan_gpus(plan: Any) -> float:
-    """GPUs one job reserves on CUDA (a model too large for one GPU asks for several)."""
-    return float((plan.ray or {}).get("gpus_per_job", 1.0))

@@ -9,7 +9,7 @@ from typing import Mapping
 from qeval.stats.comparison import Comparison
 from qeval.stats.paired import compare_pair
 
-BASELINE = "none"
+from qeval.core.names import BASELINE  # noqa: E402,F401  (one definition; re-exported)
 
 
 def record_group(rec: dict) -> tuple:

@@ -15,7 +15,9 @@ CPU kernel here); the footprint records the checkpoint's packed bytes per layer 
 
 Calibration text comes from the plan (`calibration: {data, samples, seq_len}`, default: the offline
 training corpus the adapters use); its content hash is part of the format's spec and so of every
-cell key (`set_calibration`, called by `qeval.run.runner.validate`).
+cell key. A format looked up by name (`FORMATS.get("gptq:w4")`) calibrates on the default set; a
+cell carries the plan's CalibrationSpec and gets its format from `calibrated(name, spec)`, so no
+process-wide setting decides what a worker computes.
 """
 from __future__ import annotations
 
@@ -83,22 +85,11 @@ class CalibrationSpec:
                 "seq_len": self.seq_len, "packing": "pack"}
 
 
-_calibration = CalibrationSpec()
-
-
-def set_calibration(spec: CalibrationSpec | None) -> None:
-    """Bind the plan's calibration set to every gptq format parsed from now on (a format is frozen
-    and memoized by name: the memoized gptq entries are dropped so the next lookup re-binds)."""
-    global _calibration
-    spec = spec or CalibrationSpec()
-    if spec != _calibration:
-        _calibration = spec
-        for name in [n for n in FORMATS._parsed if n.startswith("gptq:")]:
-            del FORMATS._parsed[name]
-
-
-def calibration() -> CalibrationSpec:
-    return _calibration
+def calibrated(name: str, spec: CalibrationSpec) -> QuantFormat:
+    """The gptq format `name` calibrated on `spec` (parsed again: the spec's data is hashed now, so
+    a calibration file that changed gives a new spec, and so new keys)."""
+    _, scheme, *opts = FORMATS.get(name).name.split(":")  # the canonical name: defaults spelled out
+    return _parse(scheme, tuple(opts), spec)
 
 
 def calibration_blocks(spec: CalibrationSpec, tokenizer) -> list[list[int]]:
@@ -334,7 +325,7 @@ def _after_load(options: dict, cal: CalibrationSpec):
     return after_load
 
 
-def _parse(scheme: str, opts: tuple[str, ...]) -> QuantFormat:
+def _parse(scheme: str, opts: tuple[str, ...], cal: CalibrationSpec | None = None) -> QuantFormat:
     base = f"gptq:{scheme}"
     group, desc_act, sym = DEFAULT_GROUP, False, True
     for o in opts:
@@ -350,7 +341,7 @@ def _parse(scheme: str, opts: tuple[str, ...]) -> QuantFormat:
     name = base + f":g{group}" + (":act" if desc_act else "") + (":asym" if not sym else "")
     bits = BITS[scheme]
     options = {"bits": bits, "group_size": group, "desc_act": desc_act, "sym": sym, "damp_percent": DAMP_PERCENT}
-    cal = calibration()
+    cal = cal or CalibrationSpec()  # by name alone: the default calibration set
     # the isolated env's versions (read from its dist-info; {} before it exists) move the numbers too
     spec_options = {**options, "calibration": cal.identity(), "gptq_env": env_versions()}
     return QuantFormat(

@@ -1,110 +1,29 @@
-"""Executors: where jobs run. One small interface, one registry (`EXECUTORS`).
-
-- `local` (default): in this process, one job at a time, in the DAG's order: today's behaviour.
-- `ray`: each job is a Ray task (a streaming generator: every finished cell comes back as it is
-  done) that reserves `num_cpus` / `num_gpus` from the job. Artifacts travel as Ray objects, never
-  through one machine's cache folder. Needs the optional extra `qeval[ray]`.
-
-The driver (`qeval.run.runner.run_plan`) schedules: it submits a job once what it needs exists, reads
-events, writes records, retries. An executor only starts jobs and reports what they yield:
-`Event(job, "piece", piece, handle)` per yielded piece (`handle` passes an artifact on to the jobs
-that need it without copying it through the driver), `Event(job, "done")` at the end, or
-`Event(job, "error", error=e)` when the job raised or its worker was lost.
+"""The `ray` executor: each job a Ray task (a streaming generator: every finished cell comes back as
+it is done) that reserves `num_cpus` / `num_gpus` from the job. Artifacts travel as Ray objects,
+never through one machine's cache folder. Needs the optional extra `qeval[ray]`.
 """
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
-from typing import Any, Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 from qeval.core.errors import ChildError, QevalError
-from qeval.core.registry import Registry
+from qeval.run.executors.base import Event, Executor
 
 
 @dataclass(frozen=True)
 class RaySettings:
-    """The plan's `ray:` section (and `qeval run --address`)."""
+    """The plan's `ray:` section (qeval.run.plan) and `qeval run --address`: where the `ray` executor runs jobs."""
 
     address: str = ""  # "" starts a local Ray in this process; "auto" joins `ray start --head`; ray://host:10001
     num_cpus: int | None = None  # CPUs of a Ray started here (default: all)
     cpus_per_job: float = 1.0  # what each job reserves: on a 2-core machine, 2 jobs at a time
-    gpus_per_job: float = 1.0  # on CUDA; raise for a model that needs several GPUs
+    gpus_per_job: float = 1.0  # on CUDA (any executor's jobs reserve it); raise for a model that needs several GPUs
     # torch CPU threads per job. Default: the driver's own count, so a job's numbers are
     # bit-identical to a local run on the driver's machine (batched matmuls round differently with
     # another thread count: ~1e-6 in log-likelihoods); 1 trades that for throughput on a busy machine
     threads_per_job: int | None = None
-    runtime_env: dict = dataclasses.field(default_factory=dict)  # Ray runtime_env: working_dir, pip, env_vars
-
-
-@dataclass
-class Event:
-    job: Any
-    kind: str  # piece | done | error
-    piece: Any = None
-    handle: Any = None
-    error: BaseException | None = None
-
-
-class Executor:
-    name = "base"
-    shares_cache = True  # jobs see the driver's cache folder: adapters need not travel as bytes
-
-    def check_device(self, device: str) -> None:
-        """Raise a QevalError when jobs cannot run on `device` (cpu | cuda) here."""
-
-    def put(self, value: Any) -> Any:
-        """A handle for an input artifact the driver has (loaded from its cache)."""
-        return value
-
-    def submit(self, job, inputs: dict[str, Any]) -> None:
-        raise NotImplementedError
-
-    def next_event(self) -> Event:
-        raise NotImplementedError
-
-    def running(self) -> int:
-        raise NotImplementedError
-
-    def close(self) -> None:
-        pass
-
-
-class LocalExecutor(Executor):
-    """In this process, one job at a time: jobs run in submission order."""
-
-    name = "local"
-
-    def __init__(self, settings: RaySettings | None = None):
-        self._queue: list = []
-        self._current = None  # (job, generator)
-
-    def submit(self, job, inputs: dict[str, Any]) -> None:
-        self._queue.append((job, inputs))
-
-    def running(self) -> int:
-        return int(self._current is not None)
-
-    def next_event(self) -> Event:
-        from qeval.run.jobs import Artifact, run_job
-
-        if self._current is None:
-            job, inputs = self._queue.pop(0)
-            self._current = (job, run_job(job, inputs))
-        job, gen = self._current
-        try:
-            piece = next(gen)
-        except StopIteration:
-            self._current = None
-            return Event(job, "done")
-        except Exception as e:  # noqa: BLE001 -- reported to the driver, which retries or records it
-            self._current = None
-            return Event(job, "error", error=e)
-        return Event(job, "piece", piece, piece if isinstance(piece, Artifact) else None)
-
-    def close(self) -> None:
-        if self._current is not None:
-            self._current[1].close()
-            self._current = None
+    runtime_env: dict = field(default_factory=dict)  # Ray runtime_env: working_dir, pip, env_vars
 
 
 def _ray():
@@ -117,10 +36,8 @@ def _ray():
 
 
 def _ray_job(job, keys, *values):
-    """A Ray task body: the same run_job the local executor calls."""
-    from qeval.run.jobs import run_job
-
-    yield from run_job(job, dict(zip(keys, values)))
+    """A Ray task body: the same work the local executor does (`Job.pieces`, qeval.run.jobs)."""
+    yield from job.pieces(dict(zip(keys, values)))
 
 
 class RayExecutor(Executor):
@@ -177,8 +94,6 @@ class RayExecutor(Executor):
         return len(self._gens)
 
     def next_event(self) -> Event:
-        from qeval.run.jobs import Artifact
-
         ray = self._start()
         while True:
             ready, _ = ray.wait(list(self._gens), num_returns=1, timeout=1.0)
@@ -195,7 +110,7 @@ class RayExecutor(Executor):
         except Exception as e:  # noqa: BLE001 -- a task error or a lost worker: the driver decides
             del self._gens[gen]
             return Event(job, "error", error=_unwrap(e))
-        return Event(job, "piece", piece, ref if isinstance(piece, Artifact) else None)
+        return Event(job, "piece", piece, ref)
 
     def close(self) -> None:
         if self._remote is None:
@@ -219,13 +134,3 @@ def _unwrap(e: BaseException) -> BaseException:
         return cause
     msg = str(e).strip().splitlines()
     return ChildError(type(e).__name__, msg[-1][:300] if msg else "")
-
-
-EXECUTORS: Registry[Callable[[RaySettings], Executor]] = Registry("executor")
-EXECUTORS.add("local", LocalExecutor)
-EXECUTORS.add("ray", RayExecutor)
-
-
-def make_executor(name: str, settings: RaySettings) -> Executor:
-    return EXECUTORS.get(name)(settings)
-

@@ -1,0 +1,61 @@
+"""The record of one cell: what a job yields for the driver to store (built where the job ran)."""
+from __future__ import annotations
+
+import dataclasses
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING
+
+from qeval.core import env
+from qeval.run.cells import Cell
+
+if TYPE_CHECKING:
+    from qeval.eval.evaluate import EvalOutcome
+    from qeval.models.load import LoadedModel
+    from qeval.train.adapters import AdapterArtifact
+
+
+def build_record(cell: Cell, loaded: LoadedModel, outcome: EvalOutcome, seed: int,
+                 artifact: AdapterArtifact | None = None, git_sha: str | None = None) -> dict:
+    """The immutable record of one cell: its spec, numbers, costs and provenance."""
+    from qeval.store.store import SCHEMA_VERSION
+
+    return {
+        "key": cell.key,
+        "schema": SCHEMA_VERSION,
+        "variant_id": cell.variant_id,
+        "variant": {"model": cell.model.spec, "quant": cell.quant, "adapter": cell.arm.adapter or "",
+                    "merge": cell.arm.merge, "arm": cell.arm.name},
+        "model": {"spec": cell.model.spec, "source": cell.model.source, "path": str(cell.model.path),
+                  "fingerprint": cell.model.fingerprint},
+        "format": cell.key_material["format"],
+        "adapter": None if artifact is None else artifact.summary(),
+        "task": cell.key_material["task"],
+        "eval": cell.key_material["eval"],
+        "metrics": {k: dataclasses.asdict(v) for k, v in outcome.metrics.items()},
+        "primary_metric": outcome.primary,
+        "subtasks": outcome.subtasks_record(),  # a group's members: metrics per (subtask, filter, metric)
+        "n": outcome.n,
+        "lm_eval_config": outcome.config,
+        "divergence": divergence_record(outcome),
+        # which cached reference the divergence numbers came from (`qeval gc` keeps those in use)
+        "divergence_reference": cell.key_material.get("divergence", {}).get("reference"),
+        "divergence_head": cell.head if "divergence" in cell.key_material else None,
+        "timings": {"load_s": loaded.load_s, "eval_s": outcome.eval_s},
+        "peak_bytes": max(loaded.peak_load_bytes, outcome.peak_bytes),
+        "footprint": loaded.footprint.as_dict(),
+        "compute_dtype": loaded.dtype,
+        "versions": cell.key_material["versions"],
+        "git_sha": git_sha or env.git_sha(),  # the driver's (a worker may run a copy without .git)
+        "device": loaded.device,
+        "device_description": env.device_description(loaded.device),
+        "seed": seed,
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="microseconds"),
+    }
+
+
+def divergence_record(outcome: EvalOutcome) -> dict | None:
+    if outcome.divergence is not None:
+        return {**outcome.divergence.metrics(), "seconds": outcome.divergence.seconds, "note": outcome.divergence_note}
+    if outcome.reference is not None:
+        return {"role": "reference", "windows": len(outcome.reference.hidden)}
+    return {"note": outcome.divergence_note} if outcome.divergence_note else None
