@@ -219,3 +219,22 @@ def test_every_variant_of_a_large_plan_gets_its_own_colour():
     rows = [{"model": "m", "quant": q, "adapter": a} for q in quants for a in ("", "lora")]
     colours = variant_colors(pd.DataFrame(rows), multi_model=False)
     assert len(colours) == 12 and len(set(colours.values())) == 12
+
+
+def test_sections_render_in_registered_order_and_history_shows_version_changes(tmp_path):
+    """The registry holds every section once, in reading order; a history frame (two nightly runs,
+    the second on new library versions) adds its section, its CSV and its plot before the closing plots."""
+    from qeval.report.sections import SECTIONS
+
+    assert [s.name for s in SECTIONS] == ["title", "summary", "about", "accuracy", "memory", "formats",
+                                          "significance", "divergence", "adapters", "history", "figures"]
+    hist = pd.DataFrame([{"run_id": run, "started_at": f"2024-01-0{run}T00:00:00", "git_sha": "deadbeefcafe",
+                          "versions_changed": "" if run == 1 else "torch 2.5 -> 2.6", "model": MODEL, "arm": arm,
+                          "variant_id": arm, "task": "qeval_analogy", "metric": "acc", "value": value,
+                          "stderr": 0.01, "computed": True, "key": f"{arm}{run}"}
+                         for run, values in ((1, (0.5, 0.4)), (2, (0.5, 0.45))) for arm, value in zip(("none", "bnb-nf4"), values)])
+    paths = build.render(make_results(), make_memory(), META, tmp_path, history=hist)
+    assert {"history.csv", "history.png"} <= {p.name for p in paths}
+    md = (tmp_path / "report.md").read_text(encoding="utf-8")
+    assert md.index("## History (nightly runs)") < md.index("## Plots")
+    assert "| run | bnb-nf4 | none |" in md and "| 2 † | 0.4500 | 0.5000 |" in md  # arms by name
