@@ -15,7 +15,6 @@ import logging
 import os
 import sys
 import traceback
-from datetime import datetime
 from pathlib import Path
 
 from qeval import __version__
@@ -284,62 +283,16 @@ def cmd_run(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from qeval.stats.compare import (adapter_frames, decision, divergence_frame, history_frame, latest, memory_frame,
-                               paired_frame, results_frame, task_mde, with_paired)
-    from qeval.gates.nightly import thresholds_of
-    from qeval.run.plan import Thresholds, load_plan
-    from qeval.report.render import adapter_section, divergence_section, history_section, render, significance_section
-    from qeval.store.store import Store
+    from qeval.report.build import build_report
 
-    path = _store_path(args)
     out = args.out or env.default_report_dir()
     bad = next((p for p in [out, *out.parents] if p.exists() and not p.is_dir()), None)
     if bad is not None:
         raise QevalError("--out", str(out), "a folder (or a path where one can be created)",
                          f"{bad} is a file; pass another --out")
-    th = thresholds_of(load_plan(args.plan)) if args.plan else Thresholds()
-    with Store(path, readonly=True) as store:
-        records = list(store.records())
-        pairs = paired_frame(records, store.samples, th.min_effect)
-        frames = adapter_frames(records, store.samples, th.min_effect, _domain_tasks(args.plan))
-        history = history_frame(store.runs("nightly"), store.get)
-    meta = {
-        "title": "qeval report", "store": str(path),
-        "generated_at": datetime.now().isoformat(timespec="seconds"),
-        "models": {r["model"]["spec"]: r["model"]["fingerprint"] for r in records},
-        "versions": records[-1]["versions"] if records else env.versions(),
-        "git_sha": ", ".join(sorted({r["git_sha"] for r in records})) or env.git_sha(),
-        # with the compute dtype: a bf16 baseline on CPU is an explicit choice the reader must see
-        "devices": sorted({f"{r['device_description']} ({r.get('compute_dtype', '?')})" for r in records}),
-        "seed": ", ".join(sorted({str(r["seed"]) for r in records})), "cells": len(records),
-    }
-    memory = memory_frame(records)
-    table, verdict = decision(frames, args.memory_budget)
-    # the nightly compares every cell and metric of the plan: that many tests share the FDR
-    tests = sum(len(r["metrics"]) for r in latest(records))
-    from qeval.report import formats as report_formats
-
-    from qeval.report.summary import summary_section
-
-    results = with_paired(results_frame(records), pairs)
-    div = divergence_frame(records, pairs)
-    extra = [report_formats.section(records, pairs, memory, results),
-             significance_section(task_mde(pairs), th.fdr, tests), divergence_section(div),
-             adapter_section(frames, table, verdict, memory), history_section(history)]
-    summary = summary_section(results, memory, div, frames, verdict, [b for s in extra if s for b in s.banners])
-    written = render(results, memory, meta, out, extra=extra, summary=summary)
-    for p in written:
+    for p in build_report(_store_path(args), out, plan=args.plan, memory_budget=args.memory_budget):
         print(p)
     return 0
-
-
-def _domain_tasks(plan_path) -> dict | None:
-    """adapter name -> domain_tasks as the plan says now (stored records keep the run's)."""
-    if not plan_path:
-        return None
-    from qeval.run.plan import load_plan
-
-    return {name: tuple(spec.domain_tasks) for name, spec in load_plan(plan_path).adapters.items()}
 
 
 LOCK_FILE = "requirements-lock.txt"  # the known-good environment `make` installs (Makefile LOCK)

@@ -113,7 +113,7 @@ def test_seeds_spread_and_no_clear_winner(tmp_path):
     assert seeds.loc["qlora", "regained_min"] == pytest.approx((140 - 103) / 20)  # the worst seed regains least
     table, verdict = decision(frames, None)
     assert len(table) == 6 and "No clear winner on qeval_lee_ppl" in verdict and "least training memory: qlora" in verdict
-    from qeval.report.render import adapter_section
+    from qeval.report.sections.adapters import adapter_section
 
     (tmp_path / "config.json").write_text(json.dumps({"vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536,
                                                       "num_hidden_layers": 30, "num_attention_heads": 9}))

@@ -11,7 +11,7 @@ from qeval.core.errors import QevalError
 from qeval.models.load import linear_in_features, load_model
 from qeval.quant.formats import BACKENDS, FORMATS, quantizable_linears
 from qeval.quant.backends.gguf import roundtrip
-from qeval.report.formats import pareto_front
+from qeval.report.sections.formats import pareto_front
 from kl_run import run_kl_and_report
 
 LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

@@ -93,14 +93,11 @@ def test_one_verdict_for_one_pair_in_every_table_and_the_nightly(tmp_path):
     assert reg.lost_p == pytest.approx(expected) and reg.lost_verdict == "within noise" and not reg.lost_significant
 
     # and the rendered tables say it in words
-    import pandas as pd
-
     from qeval.stats.compare import memory_frame
-    from qeval.report.render import adapter_section, divergence_section, render
+    from qeval.report.build import render
 
     memory = memory_frame(records)
-    render(table, memory, {}, tmp_path / "report",
-           extra=[divergence_section(div), adapter_section(frames, pd.DataFrame(), "", memory)])
+    render(table, memory, {}, tmp_path / "report", div=div, adapters=frames)
     md = (tmp_path / "report" / "report.md").read_text(encoding="utf-8")
     accuracy = next(line for line in md.splitlines() if line.startswith("| bnb-int8 | 0.6500"))
     assert "(within noise)" in accuracy and " *" not in accuracy
@@ -236,7 +233,8 @@ def test_float_base_arm_shows_its_gain_against_the_baseline():
     reg = adapter_frames([base, lora], samples.get)["regained"].iloc[0]
     assert reg.float_base and reg.lost_verdict == "within noise"  # nothing lost, nothing to regain
     assert reg.vs_baseline_verdict == "better"  # but its gain is shown, not "within noise"
-    from qeval.report.render import adapter_section, to_markdown
+    from qeval.report.doc import to_markdown
+    from qeval.report.sections.adapters import adapter_section
     import pandas as pd
 
     md = to_markdown(adapter_section({"regained": pd.DataFrame([reg]), "merge": pd.DataFrame(),

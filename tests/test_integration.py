@@ -4,7 +4,7 @@ import pytest
 from qeval.stats.compare import memory_frame, results_frame
 from qeval.models.load import resolve_model
 from qeval.quant.formats import DEFAULT_FORMATS
-from qeval.report.render import render
+from qeval.report.build import render
 from qeval.run.runner import Plan, run_plan
 from qeval.store.store import Store
 

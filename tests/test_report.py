@@ -1,4 +1,4 @@
-"""Tests for qeval.report.render: every file is written, tables show the frame's numbers, edge cases render."""
+"""Tests for qeval.report (build.render and the sections): every file is written, tables show the frame's numbers, edge cases render."""
 from __future__ import annotations
 
 import math
@@ -6,7 +6,7 @@ import math
 import pandas as pd
 import pytest
 
-from qeval.report import render as report
+from qeval.report import build, fmt, frames
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 FILES = ["results.csv", "memory.csv", "recovery.png", "memory_vs_score.png", "report.md", "report.html"]
@@ -76,7 +76,7 @@ def table_line(md: str, task: str, label: str) -> str:
 @pytest.fixture
 def rendered(tmp_path):
     results, memory = make_results(), make_memory()
-    paths = report.render(results, memory, META, tmp_path / "out")
+    paths = build.render(results, memory, META, tmp_path / "out")
     return results, tmp_path / "out", paths
 
 
@@ -91,7 +91,7 @@ def test_all_files_written_atomically(rendered):
 def test_results_csv_round_trips(rendered):
     results, out, _ = rendered
     back = pd.read_csv(out / "results.csv", keep_default_na=True)
-    assert list(back.columns) == report.RESULT_COLUMNS
+    assert list(back.columns) == frames.RESULT_COLUMNS
     assert set(REQUIRED) <= set(back.columns)
     assert len(back) == len(results)
     # Sorted by model, task, metric, then quant with the baseline first.
@@ -146,14 +146,14 @@ def test_pngs_are_valid(rendered):
 
 
 def test_rendering_is_deterministic(tmp_path):
-    a = report.render(make_results(), make_memory(), META, tmp_path / "a")
-    b = report.render(make_results(), make_memory(), META, tmp_path / "b")
+    a = build.render(make_results(), make_memory(), META, tmp_path / "a")
+    b = build.render(make_results(), make_memory(), META, tmp_path / "b")
     for pa, pb in zip(a, b):
         assert pa.read_bytes() == pb.read_bytes(), pa.name
 
 
 def test_missing_baseline_renders_na(tmp_path):
-    paths = report.render(make_results(with_baseline=False), make_memory(with_baseline=False), {}, tmp_path)
+    paths = build.render(make_results(with_baseline=False), make_memory(with_baseline=False), {}, tmp_path)
     assert [p.name for p in paths] == FILES
     md = (tmp_path / "report.md").read_text(encoding="utf-8")
     assert table_line(md, "qeval_analogy", "bnb-nf4") == "| bnb-nf4 | 0.4500 ± 0.02000 | 100 | n/a | n/a | n/a | n/a |"
@@ -161,14 +161,14 @@ def test_missing_baseline_renders_na(tmp_path):
     assert (tmp_path / "recovery.png").read_bytes().startswith(PNG_MAGIC)
 
 
-@pytest.mark.parametrize("empty", [pd.DataFrame(columns=report.RESULT_COLUMNS), pd.DataFrame()])
+@pytest.mark.parametrize("empty", [pd.DataFrame(columns=frames.RESULT_COLUMNS), pd.DataFrame()])
 def test_empty_results(tmp_path, empty):
-    paths = report.render(empty, pd.DataFrame(), {"title": "nothing"}, tmp_path / "new" / "dir")
+    paths = build.render(empty, pd.DataFrame(), {"title": "nothing"}, tmp_path / "new" / "dir")
     assert [p.name for p in paths] == FILES
     md = (tmp_path / "new" / "dir" / "report.md").read_text(encoding="utf-8")
     assert "no results" in md.lower()
     assert "http" not in (tmp_path / "new" / "dir" / "report.html").read_text(encoding="utf-8")
-    assert list(pd.read_csv(tmp_path / "new" / "dir" / "results.csv").columns) == report.RESULT_COLUMNS
+    assert list(pd.read_csv(tmp_path / "new" / "dir" / "results.csv").columns) == frames.RESULT_COLUMNS
 
 
 def test_adapter_and_extra_variants(tmp_path):
@@ -179,25 +179,25 @@ def test_adapter_and_extra_variants(tmp_path):
     memory = make_memory()
     memory = pd.concat([memory, memory[memory.quant == "bnb-nf4"].assign(quant="bnb-nf4-dq", adapter="lora"),
                         memory.assign(model="/models/other-model")])
-    report.render(pd.concat([results, extra, other]), memory, META, tmp_path)
+    build.render(pd.concat([results, extra, other]), memory, META, tmp_path)
     md = (tmp_path / "report.md").read_text(encoding="utf-8")
     assert "bnb-nf4-dq+lora" in md and "/models/other-model" in md
 
 
 def test_formatters():
-    assert report.fmt_num(math.nan) == "n/a"
-    assert report.fmt_num(12345.6) == "12346"
-    assert report.fmt_num(0.012345) == "0.01235"
-    assert report.fmt_num(-0.05, signed=True) == "-0.05000"
-    assert report.fmt_pct(0.9) == "90.0%"
-    assert report.fmt_mib(3 * MIB) == "3.0"
-    assert report.variant_label("bnb-nf4", "lora") == "bnb-nf4+lora"
-    assert report.variant_label("bnb-nf4", math.nan) == "bnb-nf4"
+    assert fmt.fmt_num(math.nan) == "n/a"
+    assert fmt.fmt_num(12345.6) == "12346"
+    assert fmt.fmt_num(0.012345) == "0.01235"
+    assert fmt.fmt_num(-0.05, signed=True) == "-0.05000"
+    assert fmt.fmt_pct(0.9) == "90.0%"
+    assert fmt.fmt_mib(3 * MIB) == "3.0"
+    assert fmt.variant_label("bnb-nf4", "lora") == "bnb-nf4+lora"
+    assert fmt.variant_label("bnb-nf4", math.nan) == "bnb-nf4"
 
 
 def test_markdown_escapes_user_text():
     """Task names and model paths come from users: Markdown shows them as text, as HTML does."""
-    from qeval.report.render import Bullets, Heading, Para, Table, to_markdown
+    from qeval.report.doc import Bullets, Heading, Para, Table, to_markdown
 
     evil = "<img src=x onerror=alert(1)> **b** [l](javascript:x) _e_ |"
     md = to_markdown([Heading(3, evil + "\n# injected"), Para(evil), Bullets([evil]),
@@ -213,9 +213,28 @@ def test_every_variant_of_a_large_plan_gets_its_own_colour():
     """The default plan has 12 arms; tab10 gave two of them the same colour in recovery.png."""
     import pandas as pd
 
-    from qeval.report.render import _variant_colors
+    from qeval.report.plots import variant_colors
 
     quants = ["none", "bnb-int8", "bnb-nf4", "bnb-nf4-dq", "bnb-fp4", "bnb-fp4-dq"]
     rows = [{"model": "m", "quant": q, "adapter": a} for q in quants for a in ("", "lora")]
-    colours = _variant_colors(pd.DataFrame(rows), multi_model=False)
+    colours = variant_colors(pd.DataFrame(rows), multi_model=False)
     assert len(colours) == 12 and len(set(colours.values())) == 12
+
+
+def test_sections_render_in_registered_order_and_history_shows_version_changes(tmp_path):
+    """The registry holds every section once, in reading order; a history frame (two nightly runs,
+    the second on new library versions) adds its section, its CSV and its plot before the closing plots."""
+    from qeval.report.sections import SECTIONS
+
+    assert [s.name for s in SECTIONS] == ["title", "summary", "about", "accuracy", "memory", "formats",
+                                          "significance", "divergence", "adapters", "history", "figures"]
+    hist = pd.DataFrame([{"run_id": run, "started_at": f"2024-01-0{run}T00:00:00", "git_sha": "deadbeefcafe",
+                          "versions_changed": "" if run == 1 else "torch 2.5 -> 2.6", "model": MODEL, "arm": arm,
+                          "variant_id": arm, "task": "qeval_analogy", "metric": "acc", "value": value,
+                          "stderr": 0.01, "computed": True, "key": f"{arm}{run}"}
+                         for run, values in ((1, (0.5, 0.4)), (2, (0.5, 0.45))) for arm, value in zip(("none", "bnb-nf4"), values)])
+    paths = build.render(make_results(), make_memory(), META, tmp_path, history=hist)
+    assert {"history.csv", "history.png"} <= {p.name for p in paths}
+    md = (tmp_path / "report.md").read_text(encoding="utf-8")
+    assert md.index("## History (nightly runs)") < md.index("## Plots")
+    assert "| run | bnb-nf4 | none |" in md and "| 2 † | 0.4500 | 0.5000 |" in md  # arms by name

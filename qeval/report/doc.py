@@ -48,6 +48,16 @@ class Image:
 Block = Union[Heading, Para, Bullets, Table, Image]
 
 
+@dataclass
+class Section:
+    """One section's share of the report: its blocks, the PNGs they show, its CSV files, and the
+    sentences the report opens with (e.g. a pre-quantized baseline)."""
+    blocks: list
+    images: dict[str, bytes] = field(default_factory=dict)
+    files: dict[str, bytes] = field(default_factory=dict)
+    banners: list = field(default_factory=list)
+
+
 _MD_ACTIVE = re.compile(r"([\\`*\[\]])|(?<![A-Za-z0-9])_|_(?![A-Za-z0-9])")
 
 

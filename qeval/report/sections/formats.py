@@ -12,27 +12,19 @@ from __future__ import annotations
 
 import math
 
-import matplotlib.pyplot as plt
 import pandas as pd
 
-from qeval.quant.formats import FORMATS
-from qeval.report.render import (BASELINE, NA, Bullets, Heading, Image, Para, Section, Table, _missing, _png, fmt_mib,
-                          fmt_num, fmt_pct)
+from qeval.report.doc import Bullets, Heading, Image, Para, Section, Table
+from qeval.report.fmt import BASELINE, NA, fmt_mib, fmt_num, fmt_pct, missing
+from qeval.report.frames import declared
+from qeval.report.plots import plt, png
+from qeval.report.sections import ReportData, ReportSection, register
 
 PARETO_PNG = "formats_pareto.png"
 LANDSCAPE_CSV = "formats.csv"
 BACKEND_COLORS = {"none": "black", "bitsandbytes": "tab:blue", "torchao": "tab:orange", "quanto": "tab:green",
                   "gguf": "tab:red"}
 BACKEND_COLORS["gptq"] = "tab:purple"
-
-
-def _declared(quant: str) -> dict:
-    """What the registry says about a format (unknown names -- an old store -- show as n/a)."""
-    if quant not in FORMATS:
-        return {"backend": NA, "kernel": NA, "can_save": None, "lora_trainable": None, "storage": ""}
-    f = FORMATS.get(quant)
-    return {"backend": f.backend, "kernel": "float" if f.bits_per_weight is None else f.kernel,
-            "can_save": f.can_save, "lora_trainable": f.lora_trainable, "storage": f.storage}
 
 
 def landscape_frame(memory: pd.DataFrame, div: pd.DataFrame, results: pd.DataFrame, records: list[dict]) -> pd.DataFrame:
@@ -55,12 +47,12 @@ def landscape_frame(memory: pd.DataFrame, div: pd.DataFrame, results: pd.DataFra
         if not results.empty else results
     rows = []
     for m in mem.itertuples(index=False):
-        row = {"model": m.model, "quant": m.quant, **_declared(m.quant),
+        row = {"model": m.model, "quant": m.quant, **declared(m.quant),
                "theory_bits": m.theory_bits_per_weight, "measured_bits": m.measured_bits_per_weight,
                "total_bytes": m.total_bytes, "ratio_to_baseline": m.ratio_to_baseline, "load_s": m.load_s}
         pb = packed.get((m.model, m.quant), 0)
         qp = (m.theory_bytes - m.unquantized_bytes) * 8 / m.theory_bits_per_weight \
-            if not _missing(m.theory_bits_per_weight) and m.theory_bits_per_weight else math.nan
+            if not missing(m.theory_bits_per_weight) and m.theory_bits_per_weight else math.nan
         row["packed_bits"] = pb * 8 / qp if pb and qp == qp and qp else math.nan
         row["tensor_types"] = types.get((m.model, m.quant), "")
         d = div[(div["model"] == m.model) & (div["quant"] == m.quant) & (div["adapter"].fillna("") == "")] \
@@ -85,10 +77,10 @@ def landscape_frame(memory: pd.DataFrame, div: pd.DataFrame, results: pd.DataFra
 
 def _delta(row: dict, task: str) -> str:
     d = row.get(f"delta:{task}")
-    if _missing(d):
+    if missing(d):
         return NA
     lo, hi = row.get(f"lo:{task}"), row.get(f"hi:{task}")
-    ci = "" if _missing(lo) or _missing(hi) else f" [{fmt_num(lo, signed=True)}, {fmt_num(hi, signed=True)}]"
+    ci = "" if missing(lo) or missing(hi) else f" [{fmt_num(lo, signed=True)}, {fmt_num(hi, signed=True)}]"
     return f"{fmt_num(d, signed=True)}{ci}"
 
 
@@ -159,7 +151,7 @@ def pareto_front(points: list[tuple[float, float, str]]) -> list[tuple[float, fl
 
 def _pareto_png(land: pd.DataFrame) -> bytes:
     fig, axes = plt.subplots(1, 2, figsize=(13, 5))
-    kls = [v for v in land["kl_mean"] if not _missing(v) and v > 0]
+    kls = [v for v in land["kl_mean"] if not missing(v) and v > 0]
     floor = min(kls) / 10 if kls else 1e-6  # KL exactly 0 is drawn here, labelled, on the log axis
     for ax, col, label in ((axes[0], "kl_mean", "KL(baseline || format), mean per token (log)"),
                            (axes[1], "mean_recovery", "mean recovery of the primary metrics (%)")):
@@ -169,8 +161,8 @@ def _pareto_png(land: pd.DataFrame) -> bytes:
                 continue  # KL against itself: nothing to show
             x, y = r["theory_bits"], r[col]
             if r["quant"] == BASELINE:
-                x = r["measured_bits"] if not _missing(r["measured_bits"]) else 32.0
-            if _missing(x) or _missing(y):
+                x = r["measured_bits"] if not missing(r["measured_bits"]) else 32.0
+            if missing(x) or missing(y):
                 continue
             name = r["quant"]
             if col == "mean_recovery":
@@ -201,7 +193,7 @@ def _pareto_png(land: pd.DataFrame) -> bytes:
             axes[1].scatter([], [], color=c, label=b)
     axes[1].legend(fontsize=8, loc="lower right")
     fig.suptitle("Format landscape: memory vs quality (filled: real low-bit storage; hollow: simulated; dashed: Pareto front)")
-    return _png(fig)
+    return png(fig)
 
 
 def baseline_banners(records: list[dict], land: pd.DataFrame) -> list[str]:
@@ -234,9 +226,12 @@ def baseline_banners(records: list[dict], land: pd.DataFrame) -> list[str]:
     return out
 
 
-def section(records: list[dict], pairs: pd.DataFrame, memory: pd.DataFrame, results: pd.DataFrame) -> Section | None:
-    """The whole section from the store's records and the frames `qeval report` already built."""
-    from qeval.stats.compare import divergence_frame
+def _frame(d: ReportData) -> tuple | None:
+    """The landscape from the store's records and the frames the report already holds, and its banners."""
+    if not d.records:
+        return None
+    land = landscape_frame(d.memory, d.div, d.results, list(d.records))
+    return land, baseline_banners(list(d.records), land)
 
-    land = landscape_frame(memory, divergence_frame(records, pairs), results, records)
-    return formats_section(land, baseline_banners(records, land))
+
+register(ReportSection("formats", 50, _frame, lambda f: formats_section(*f)))

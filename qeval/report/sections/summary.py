@@ -14,11 +14,11 @@ import math
 
 import pandas as pd
 
-from qeval.train.adapters import seed_base
 from qeval.stats.paired import LOSS_VERDICTS, NOT_TESTED, LossVerdicts, recovery_interval
-from qeval.report.render import (BASELINE, NA, Bullets, Heading, Para, Section, Table, _missing, _primary_rows, _sorted,
-                          fmt_mib, fmt_num, fmt_pct)
-from qeval.report.formats import _declared
+from qeval.report.doc import Bullets, Heading, Para, Section, Table
+from qeval.report.fmt import BASELINE, NA, fmt_mib, fmt_num, fmt_pct, missing
+from qeval.report.frames import declared, ordered, primary_rows
+from qeval.report.sections import ReportData, ReportSection, register
 
 HEADING = "Summary"
 
@@ -32,7 +32,7 @@ def format_frame(results: pd.DataFrame, memory: pd.DataFrame, div: pd.DataFrame,
     its own verdict), `verdict` and `verdict_tasks` (the tasks that set it)."""
     if results.empty:
         return pd.DataFrame()
-    prim = _primary_rows(results)
+    prim = primary_rows(results)
     prim = prim[(prim["adapter"].fillna("") == "") & (prim["quant"] != BASELINE)]
     rows = []
     for (model, quant), g in prim.groupby(["model", "quant"], sort=False):
@@ -49,11 +49,11 @@ def format_frame(results: pd.DataFrame, memory: pd.DataFrame, div: pd.DataFrame,
         base_bytes = m.get("baseline_bytes", math.nan)
         d = div[(div["model"] == model) & (div["quant"] == quant) & (div["adapter"].fillna("") == "")] \
             if not div.empty and "kl_mean" in div.columns else pd.DataFrame()
-        rec = [float(r) for r in g["recovery"] if not _missing(r)]
+        rec = [float(r) for r in g["recovery"] if not missing(r)]
         rows.append({"model": model, "quant": quant, "adapter": "",
                      "ratio": m.get("ratio_to_baseline", math.nan),
                      "theory_ratio": (m["theory_bytes"] / base_bytes
-                                      if not _missing(base_bytes) and base_bytes and not _missing(m.get("theory_bytes"))
+                                      if not missing(base_bytes) and base_bytes and not missing(m.get("theory_bytes"))
                                       else math.nan),
                      "total_bytes": m.get("total_bytes", math.nan),
                      "kl_mean": float(d["kl_mean"].iloc[0]) if len(d) else math.nan,
@@ -61,28 +61,28 @@ def format_frame(results: pd.DataFrame, memory: pd.DataFrame, div: pd.DataFrame,
                      "recovery_lo": _mean([v["lo"] for v in per.values()]),
                      "recovery_hi": _mean([v["hi"] for v in per.values()]),
                      "tasks": per, "verdict": verdict, "verdict_tasks": which})
-    return _sorted(pd.DataFrame(rows), ["model", "quant"]) if rows else pd.DataFrame()
+    return ordered(pd.DataFrame(rows), ["model", "quant"]) if rows else pd.DataFrame()
 
 
 def _mean(xs: list[float]) -> float:
-    return math.nan if not xs or any(_missing(x) for x in xs) else sum(xs) / len(xs)
+    return math.nan if not xs or any(missing(x) for x in xs) else sum(xs) / len(xs)
 
 
 def _kernel(quant: str) -> str:
-    return _declared(quant)["kernel"]  # the format landscape's reading of the registry
+    return declared(quant)["kernel"]  # the format landscape's reading of the registry
 
 
 def _size(r: dict) -> str:
-    out = f"×{fmt_num(r['ratio'], 3)}" if not _missing(r["ratio"]) else NA
-    if _kernel(r["quant"]) == "simulated" and not _missing(r["theory_ratio"]):
+    out = f"×{fmt_num(r['ratio'], 3)}" if not missing(r["ratio"]) else NA
+    if _kernel(r["quant"]) == "simulated" and not missing(r["theory_ratio"]):
         out += f" in memory (simulated; ×{fmt_num(r['theory_ratio'], 3)} packed)"
     return out
 
 
 def _recovery(r: dict) -> str:
-    if _missing(r["recovery"]):
+    if missing(r["recovery"]):
         return NA
-    ci = "" if _missing(r["recovery_lo"]) else f" [{fmt_pct(r['recovery_lo'])}, {fmt_pct(r['recovery_hi'])}]"
+    ci = "" if missing(r["recovery_lo"]) else f" [{fmt_pct(r['recovery_lo'])}, {fmt_pct(r['recovery_hi'])}]"
     return fmt_pct(r["recovery"]) + ci
 
 
@@ -103,6 +103,9 @@ def simulated_banner(quants) -> str:
 def adapter_rows(frames: dict[str, pd.DataFrame]) -> list[dict]:
     """Per model and arm (seeds together): what it regained on its domain tasks and what it forgot on
     the others, from `qeval.stats.compare.adapter_frames` (its verdicts, its seed spread)."""
+    # imported here: the adapter spec is the train stage's, and `import qeval.report` stays light
+    from qeval.train.adapters import seed_base
+
     reg = frames.get("regained", pd.DataFrame())
     if reg.empty:
         return []
@@ -118,7 +121,7 @@ def adapter_rows(frames: dict[str, pd.DataFrame]) -> list[dict]:
             n = len(t)
             if bool(t["untouched"].all()):
                 bad = [v for v, dv in zip(t["regained_verdict"], t["delta_vs_reference"])
-                       if v in ("worse", "below min effect") and not _missing(dv) and _down(dv, t)]
+                       if v in ("worse", "below min effect") and not missing(dv) and _down(dv, t)]
                 if bad:
                     forgot.append(f"{task} {fmt_num(t['delta_vs_reference'].mean(), signed=True)} "
                                   f"({_count(bad, n)})")
@@ -158,7 +161,7 @@ def _count(verdicts: list[str], n: int) -> str:
 
 def summary_section(results: pd.DataFrame, memory: pd.DataFrame, div: pd.DataFrame, frames: dict[str, pd.DataFrame],
                     lora_verdict: str, banners: list[str], verdicts: LossVerdicts = LOSS_VERDICTS) -> Section | None:
-    """The summary's blocks (`render(summary=...)` puts them right under the title); None when the
+    """The summary's blocks (the report puts them right under the title); None when the
     store holds nothing to summarise and there is no banner."""
     fmt = format_frame(results, memory, div, verdicts)
     banners = [b for b in banners if b]
@@ -200,3 +203,13 @@ def summary_section(results: pd.DataFrame, memory: pd.DataFrame, div: pd.DataFra
         blocks.append(Para("LoRA vs QLoRA: " + lora_verdict))
     blocks.append(Para("The tables below give every number behind this summary, with its interval and test."))
     return Section(blocks)
+
+
+def _frame(d: ReportData) -> tuple | None:
+    """A report of a store has a summary; one rendered from bare frames (`qeval.report.build.render`) has none."""
+    if not d.records:
+        return None
+    return d.results, d.memory, d.div, d.adapters or {}, d.verdict, list(d.banners)
+
+
+register(ReportSection("summary", 10, _frame, lambda f: summary_section(*f), needs_results=False, reads_banners=True))
