@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from qeval.core import env
+from qeval.core.console import advance, expect
 # finetune / evaluate / load_model are looked up here by the jobs (qeval.run.jobs), so tests can patch them
 from qeval.train.adapters import (MERGES, AdapterArtifact, AdapterSpec, adapter_key, attach, expand_seeds,  # noqa: F401
                             finetune, load_finetuned, lora_base_problem, merge_problem)
@@ -367,6 +368,7 @@ def run_plan(plan: Plan, store_path: Path, suite: Suite | None = None,
         if todo:
             dag = plan_jobs(todo, rp, plan, pack=not executor.shares_cache, progress=progress)
             progress(f"{len(dag.jobs)} jobs for {sum(len(t[4]) for t in todo)} cells on the {executor.name} executor")
+            expect(progress, sum(len(t[4]) for t in todo))  # the overall bar's total (a Console's)
             try:
                 executor.check_device(rp.device)
                 _execute(dag, executor, store, summary, plan.retries, progress)
@@ -451,6 +453,7 @@ def _execute(dag, executor, store: Store, summary: RunSummary, retries: int, pro
                 done_cells.add(p.key)
                 failed_cells.get(job.id, {}).pop(p.key, None)
                 summary.computed.append(p.key)
+                advance(progress)  # before the line: a status line due anyway then shows this cell
                 progress(p.line)
             elif isinstance(p, CellFailed):
                 failed_cells.setdefault(job.id, {})[p.key] = p
@@ -478,6 +481,7 @@ def _execute(dag, executor, store: Store, summary: RunSummary, retries: int, pro
             for c in getattr(job, "cells", ()):
                 if c.key in left:
                     summary.failed.append(error_line(f"{job.label} {c.task.task}", ev.error))
+                    advance(progress)
             failed_cells.pop(job.id, None)
             finish(job, False, why)
             continue
@@ -490,6 +494,7 @@ def _execute(dag, executor, store: Store, summary: RunSummary, retries: int, pro
             continue
         for f in failures.values():
             summary.failed.append(f.line)
+        advance(progress, len(failures))
         finish(job, True)
 
 
