@@ -19,7 +19,7 @@ from pathlib import Path
 
 from qeval import __version__
 from qeval.core import env
-from qeval.core.console import StderrHandler
+from qeval.core.console import StderrHandler, log_path, session
 from qeval.core.errors import QevalError
 
 EPILOG = """examples:
@@ -226,16 +226,22 @@ def _store_path(args) -> Path:
     return args.store or env.default_store_path()
 
 
-def _console(args, command: str):
+def _console(args):
     """qeval's lines and one progress bar on the terminal; library output in qeval.log beside the
     store (on the terminal with -v)."""
-    from qeval.core import console
-
-    return console.session(console.log_path(_store_path(args)), bool(getattr(args, "verbose", False)),
-                           f"qeval {__version__}: qeval " + " ".join(args.argv))
+    return session(log_path(_store_path(args)), bool(getattr(args, "verbose", False)),
+                   f"qeval {__version__}: qeval " + " ".join(args.argv))
 
 
 def cmd_run(args) -> int:
+    with _console(args) as console:  # from the heavy imports on: their warnings go to the log
+        summary = _run(args, console)
+    for line in summary.failed:
+        print(f"qeval: failed: {line}", file=sys.stderr)
+    return 1 if summary.failed else 0
+
+
+def _run(args, console):
     from qeval.run.runner import Plan, load_plan, run_plan
     from qeval.eval.suites import suite_from_tasks
 
@@ -271,11 +277,7 @@ def cmd_run(args) -> int:
         paths = include_paths(plan.include_path, None, "--include-path")
         suite = suite_from_tasks([t.strip() for t in args.tasks.split(",") if t.strip()], args.limit,
                                  args.num_fewshot, args.batch_size, paths)
-    with _console(args, "run") as console:
-        summary = run_plan(plan, _store_path(args), suite=suite, progress=console)
-    for line in summary.failed:
-        print(f"qeval: failed: {line}", file=sys.stderr)
-    return 1 if summary.failed else 0
+    return run_plan(plan, _store_path(args), suite=suite, progress=console)
 
 
 def cmd_report(args) -> int:
@@ -342,12 +344,13 @@ LOCK_FILE = "requirements-lock.txt"  # the known-good environment `make` install
 
 
 def cmd_nightly(args) -> int:
-    from qeval.gates.nightly import acknowledge, nightly
     from qeval.store.store import check_store_path
 
     if args.reason and not args.ack:
         raise QevalError("--reason", args.reason, "--ack CELL beside it", "add --ack with the cell to acknowledge")
     if args.ack:
+        from qeval.gates.nightly import acknowledge
+
         ids = acknowledge(_store_path(args), args.ack, args.reason or "")
         print(f"acknowledged {len(ids)} open regression(s) of {args.ack}: {args.reason}")
         return 0
@@ -359,7 +362,9 @@ def cmd_nightly(args) -> int:
               + f" (vs {LOCK_FILE})", file=sys.stderr)
     # an unexpected exception is "could not finish" (exit 3, one line: main()), never "regression";
     # nightly() marks its run failed before it propagates
-    with _console(args, "nightly") as console:
+    with _console(args) as console:
+        from qeval.gates.nightly import nightly  # here: the warnings of its imports go to the log
+
         res = nightly(args.plan, _store_path(args), progress=console,
                       run_kind="candidate" if args.candidate else "nightly", compare_with="nightly")
     print(f"{'candidate' if args.candidate else 'nightly'} run {res.run_id}: {res.computed} computed, {res.reused} reused, {len(res.failed)} failed, "

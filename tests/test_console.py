@@ -84,9 +84,20 @@ def test_a_warning_reaches_the_terminal_once_and_the_log_every_time():
     out, log = io.StringIO(), io.StringIO()
     c = Console(out, tty=False, log=log)
     for _ in range(3):
-        c.warn("warning: scoring row by row")
-    assert out.getvalue().count("scoring row by row") == 1
+        c("warning: scoring row by row")
+        c("an ordinary line")
+    assert out.getvalue().count("scoring row by row") == 1 and out.getvalue().count("an ordinary line") == 3
     assert log.getvalue().count("scoring row by row") == 3
+
+
+def test_a_workers_warnings_are_collected_as_lines():
+    import logging
+
+    with console.collected_warnings() as got:
+        logging.getLogger("qeval.eval.lm").warning("scoring row by row")
+        logging.getLogger("qeval").info("not a warning")
+    logging.getLogger("qeval").warning("after: not collected")
+    assert got == ["warning: scoring row by row"]
 
 
 def test_plain_callbacks_ignore_the_bar():

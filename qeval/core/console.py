@@ -38,6 +38,7 @@ ROTATE_BYTES = 8 * 2**20  # a log past this size moves to qeval.log.1 when a run
 STATUS_EVERY_S = 30.0  # not a terminal: a status line at least this often (when anything happens)
 STATUS_LINES = 10  # ... and about this many over the plan (every total/10 cells)
 BAR_WIDTH = 24
+WARNING = "warning: "  # how a line that is a qeval warning starts (shown once per run)
 
 
 # ---------------------------------------------------------------- the arithmetic
@@ -76,7 +77,8 @@ def status(done: int, total: int, elapsed_s: float, bar: bool = False) -> str:
 class Console:
     """qeval's lines and the plan's progress bar on one stream. Callable with a line: it is the
     `progress` callback run_plan and nightly take; `expect` / `advance` (called through the module
-    functions of the same names, which a plain callback ignores) move the bar."""
+    functions of the same names, which a plain callback ignores) move the bar. A line starting
+    with WARNING reaches the stream once per Console (the log: every time)."""
 
     def __init__(self, stream: TextIO, tty: bool | None = None, log: TextIO | None = None,
                  clock: Callable[[], float] = time.monotonic, every_s: float = STATUS_EVERY_S,
@@ -98,18 +100,14 @@ class Console:
         if self.on_line is not None:
             self.on_line()
         self._write_log(line)
+        if line.startswith(WARNING):  # it changes a number: the user must read it, but once a run
+            if line in self.warned:
+                return
+            self.warned.add(line)
         self._clear()
         self.stream.write(line + "\n")
         self._status()
         self.stream.flush()
-
-    def warn(self, text: str) -> None:
-        """A warning the user must read (it changes a number): on the terminal once per run."""
-        if text in self.warned:
-            self._write_log(text)
-            return
-        self.warned.add(text)
-        self(text)
 
     def expect(self, cells: int) -> None:
         """`cells` more cells will be computed (the bar's total); the clock starts at the first."""
@@ -192,27 +190,35 @@ def forward_to(send: Callable[[str], None]) -> None:
     prints them with `say`); the child's own stderr is the parent's log."""
     global _forward
     _forward = send
-    handler = _QevalHandler(lambda text: send(text))
-    handler.setLevel(logging.WARNING)
-    logging.getLogger("qeval").addHandler(handler)
+    logging.getLogger("qeval").addHandler(_QevalHandler(send, logging.WARNING))
 
 
 class _QevalHandler(logging.Handler):
-    """The `qeval` logger's records as console lines; warnings say so."""
+    """The `qeval` logger's records as console lines; a warning's line starts with WARNING."""
 
-    def __init__(self, write: Callable[[str], None], warn: Callable[[str], None] | None = None):
-        super().__init__()
-        self.write, self.warn_fn = write, warn or write
+    def __init__(self, write: Callable[[str], None], level: int = logging.NOTSET):
+        super().__init__(level)
+        self.write = write
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
             text = record.getMessage()
-            if record.levelno >= logging.WARNING:
-                self.warn_fn(f"warning: {text}")
-            else:
-                self.write(text)
+            self.write(WARNING + text if record.levelno >= logging.WARNING else text)
         except Exception:  # noqa: BLE001 -- logging must never raise into the run
             self.handleError(record)
+
+
+@contextlib.contextmanager
+def collected_warnings() -> Iterator[list[str]]:
+    """qeval's warnings in this process meanwhile, as console lines, for a worker to send to its
+    driver (a Ray worker's own stderr reaches the driver's log only)."""
+    got: list[str] = []
+    handler = _QevalHandler(got.append, logging.WARNING)
+    logging.getLogger("qeval").addHandler(handler)
+    try:
+        yield got
+    finally:
+        logging.getLogger("qeval").removeHandler(handler)
 
 
 class StderrHandler(logging.StreamHandler):
@@ -315,7 +321,7 @@ def session(log_path: Path, verbose: bool, title: str) -> Iterator[Console]:
     cap = _Capture(Path(log_path), header)
     terminal = cap.terminal()
     console = Console(terminal, log=cap.stream, on_line=cap.promote)
-    handler = _QevalHandler(console, console.warn)
+    handler = _QevalHandler(console)
     propagate = qlog.propagate
     qlog.addHandler(handler)
     qlog.propagate = False  # the console writes qeval's lines to the log itself (once)

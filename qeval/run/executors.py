@@ -117,10 +117,16 @@ def _ray():
 
 
 def _ray_job(job, keys, *values):
-    """A Ray task body: the same run_job the local executor calls."""
-    from qeval.run.jobs import run_job
+    """A Ray task body: the same run_job the local executor calls. qeval's warnings (they move
+    numbers) travel to the driver's console as Log pieces: the worker's stderr ends in its log."""
+    from qeval.core.console import collected_warnings
+    from qeval.run.jobs import Log, run_job
 
-    yield from run_job(job, dict(zip(keys, values)))
+    with collected_warnings() as warned:
+        for piece in run_job(job, dict(zip(keys, values))):
+            while warned:
+                yield Log(warned.pop(0))
+            yield piece
 
 
 class RayExecutor(Executor):
