@@ -6,8 +6,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from qeval.core import console
 from qeval.core.console import Console, duration, eta, status
 

@@ -338,9 +338,9 @@ def session(log_path: Path, verbose: bool, title: str) -> Iterator[Console]:
         qlog.removeHandler(handler)
         qlog.propagate = propagate
         console.close()
-        cap.close(keep)
         if terminal is not sys.stderr:
-            terminal.close()
+            terminal.close()  # before cap.close: it closes the descriptor under this stream
+        cap.close(keep)
 
 
 def log_path(store_path: Path) -> Path:
