@@ -19,6 +19,7 @@ from pathlib import Path
 
 from qeval import __version__
 from qeval.core import env
+from qeval.core.console import StderrHandler, log_path, session
 from qeval.core.errors import QevalError
 from qeval.core.names import EXIT_BAD_INPUT, EXIT_COULD_NOT_RUN, EXIT_OK, EXIT_REGRESSION
 from qeval.run.plan import plan_keys  # the plan's schema (no torch): `run --help` lists its keys from it
@@ -181,6 +182,7 @@ def _gib(text: str) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for the log's run header
     verbose = bool(getattr(args, "verbose", False))
     debug = verbose or bool(os.environ.get("QEVAL_DEBUG"))
     _setup_logging(verbose)
@@ -205,27 +207,14 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_COULD_NOT_RUN
 
 
-class _StderrHandler(logging.StreamHandler):
-    """Writes to whatever sys.stderr is at the time of the record (not the stream of the first
-    call): a main() embedded in another program, or run under pytest's capture, never writes into
-    a closed stream."""
-
-    @property
-    def stream(self):
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, _value):
-        pass
-
-
 def _setup_logging(verbose: bool) -> None:
-    """qeval's own progress at INFO; library logs only with -v. Configured per main() call (not
-    frozen at first use, not muted for good), so -v in a later call takes effect."""
+    """qeval's own progress at INFO; library logs only with -v (run and nightly: in the log beside the
+    store, `_console`). Configured per main() call (not frozen at first use, not muted for good), so
+    -v in a later call takes effect."""
     root = logging.getLogger()
-    for h in [h for h in root.handlers if isinstance(h, _StderrHandler)]:
+    for h in [h for h in root.handlers if isinstance(h, StderrHandler)]:
         root.removeHandler(h)
-    handler = _StderrHandler()
+    handler = StderrHandler()
     handler.setFormatter(logging.Formatter("%(message)s"))
     root.addHandler(handler)
     root.setLevel(logging.INFO if verbose else logging.WARNING)
@@ -239,7 +228,22 @@ def _store_path(args) -> Path:
     return args.store or env.default_store_path()
 
 
+def _console(args):
+    """qeval's lines and one progress bar on the terminal; library output in qeval.log beside the
+    store (on the terminal with -v)."""
+    return session(log_path(_store_path(args)), bool(getattr(args, "verbose", False)),
+                   f"qeval {__version__}: qeval " + " ".join(args.argv))
+
+
 def cmd_run(args) -> int:
+    with _console(args) as console:  # from the heavy imports on: their warnings go to the log
+        summary = _run(args, console)
+    for line in summary.failed:
+        print(f"qeval: failed: {line}", file=sys.stderr)
+    return EXIT_REGRESSION if summary.failed else EXIT_OK  # 1: some cells failed
+
+
+def _run(args, console):
     from qeval.eval.suites import suite_from_tasks
     from qeval.run.driver import run_plan
     from qeval.run.plan import Plan, load_plan
@@ -276,10 +280,7 @@ def cmd_run(args) -> int:
         paths = include_paths(plan.include_path, None, "--include-path")
         suite = suite_from_tasks([t.strip() for t in args.tasks.split(",") if t.strip()], args.limit,
                                  args.num_fewshot, args.batch_size, paths)
-    summary = run_plan(plan, _store_path(args), suite=suite)
-    for line in summary.failed:
-        print(f"qeval: failed: {line}", file=sys.stderr)
-    return EXIT_REGRESSION if summary.failed else EXIT_OK  # 1: some cells failed
+    return run_plan(plan, _store_path(args), suite=suite, progress=console)
 
 
 def cmd_report(args) -> int:
@@ -299,12 +300,13 @@ LOCK_FILE = "requirements-lock.txt"  # the known-good environment `make` install
 
 
 def cmd_nightly(args) -> int:
-    from qeval.gates.nightly import acknowledge, nightly
     from qeval.store.store import check_store_path
 
     if args.reason and not args.ack:
         raise QevalError("--reason", args.reason, "--ack CELL beside it", "add --ack with the cell to acknowledge")
     if args.ack:
+        from qeval.gates.nightly import acknowledge
+
         ids = acknowledge(_store_path(args), args.ack, args.reason or "")
         print(f"acknowledged {len(ids)} open regression(s) of {args.ack}: {args.reason}")
         return 0
@@ -316,8 +318,11 @@ def cmd_nightly(args) -> int:
               + f" (vs {LOCK_FILE})", file=sys.stderr)
     # an unexpected exception is "could not finish" (exit 3, one line: main()), never "regression";
     # nightly() marks its run failed before it propagates
-    res = nightly(args.plan, _store_path(args), run_kind="candidate" if args.candidate else "nightly",
-                  compare_with="nightly")
+    with _console(args) as console:
+        from qeval.gates.nightly import nightly  # here: the warnings of its imports go to the log
+
+        res = nightly(args.plan, _store_path(args), progress=console,
+                      run_kind="candidate" if args.candidate else "nightly", compare_with="nightly")
     print(f"{'candidate' if args.candidate else 'nightly'} run {res.run_id}: {res.computed} computed, {res.reused} reused, {len(res.failed)} failed, "
           f"{sum(f.kind == 'regression' for f in res.findings)} regressions in {res.wall_s:.1f} s; "
           f"{res.method or 'no comparisons'}")

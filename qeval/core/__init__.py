@@ -1,1 +1,1 @@
-"""Stage-independent foundations: errors, the registry, files and hashing, environment facts, typed config. No torch."""
+"""Stage-independent foundations: errors, the registry, files and hashing, environment facts, typed config, the console of a run (qeval lines, progress bar, log). No torch."""

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from qeval.core import env
+from qeval.core.console import advance, expect
 from qeval.core.errors import QevalError
 from qeval.core.files import store_lock
 from qeval.run.cells import expand, head_file, reference_file, reference_ready
@@ -63,6 +64,7 @@ def run_plan(plan: Plan, store_path: Path, suite: Suite | None = None,
         if todo:
             dag = plan_jobs(todo, rp, pack=not executor.shares_cache, progress=progress)
             progress(f"{len(dag.jobs)} jobs for {sum(len(t[4]) for t in todo)} cells on the {executor.name} executor")
+            expect(progress, sum(len(t[4]) for t in todo))  # the overall bar's total (a Console's)
             try:
                 executor.check_device(rp.device)
                 _execute(dag, executor, store, summary, plan.retries, progress)
@@ -145,6 +147,7 @@ def _execute(dag, executor, store: Store, summary: RunSummary, retries: int, pro
                 done_cells.add(p.key)
                 failed_cells.get(job.id, {}).pop(p.key, None)
                 summary.computed.append(p.key)
+                advance(progress)  # before the line: a status line due anyway then shows this cell
                 progress(p.line)
             elif isinstance(p, CellFailed):
                 failed_cells.setdefault(job.id, {})[p.key] = p
@@ -172,6 +175,7 @@ def _execute(dag, executor, store: Store, summary: RunSummary, retries: int, pro
             for c in getattr(job, "cells", ()):
                 if c.key in left:
                     summary.failed.append(error_line(f"{job.label} {c.task.task}", ev.error))
+                    advance(progress)
             failed_cells.pop(job.id, None)
             finish(job, False, why)
             continue
@@ -184,6 +188,7 @@ def _execute(dag, executor, store: Store, summary: RunSummary, retries: int, pro
             continue
         for f in failures.values():
             summary.failed.append(f.line)
+        advance(progress, len(failures))
         finish(job, True)
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from qeval.core import env
+from qeval.core.console import forward_to, say
 from qeval.core.errors import ChildError, QevalError
 from qeval.models.memory import ALLOCATOR, PhasePeaks, allocator_tuned, own_weights, tune_allocator
 from qeval.models.load import LoadedModel, ResolvedModel, fingerprint, load_model
@@ -319,16 +320,21 @@ def run_in_child(fn: Callable, args: tuple) -> None:
     proc.start()
     send.close()  # only the child holds the writing end: EOF on recv means it is gone
     try:
-        while not recv.poll(0.5):
-            if not proc.is_alive() and not recv.poll(0.5):
+        while True:
+            while not recv.poll(0.5):
+                if not proc.is_alive() and not recv.poll(0.5):
+                    raise ChildError("ChildProcessDied", f"the training process exited with code {proc.exitcode} "
+                                     "before reporting (killed, or out of memory?)")
+            try:
+                message = recv.recv()
+            except EOFError:
+                proc.join(5)
                 raise ChildError("ChildProcessDied", f"the training process exited with code {proc.exitcode} "
-                                 "before reporting (killed, or out of memory?)")
-        try:
-            ok, error = recv.recv()
-        except EOFError:
-            proc.join(5)
-            raise ChildError("ChildProcessDied", f"the training process exited with code {proc.exitcode} "
-                             "before reporting (killed, or out of memory?)") from None
+                                 "before reporting (killed, or out of memory?)") from None
+            if message[0] != "line":
+                break
+            say(message[1])  # the child's progress line, printed here (its own stderr is the log)
+        ok, error = message
     finally:
         proc.join(30)
         if proc.is_alive():
@@ -342,6 +348,7 @@ def _child_main(send, fn: Callable, args: tuple, parent_pid: int) -> None:
     import traceback
 
     _exit_with_parent(parent_pid)
+    forward_to(lambda line: send.send(("line", line)))  # qeval's lines to the parent's console
     tune_allocator()  # freed memory goes back to the OS: RSS is what the child holds (qeval.models.memory)
     try:
         fn(*args)
@@ -370,12 +377,10 @@ def _exit_with_parent(parent_pid: int) -> None:
 
 def _train(model: ResolvedModel, spec: AdapterSpec, device: str, key: str, out: Path, prefix: str) -> None:
     """The one training loop (LoRA, QLoRA and full fine-tune alike); writes the artifact folder."""
-    import sys
-
     import torch
 
     def progress(msg: str) -> None:
-        print(f"{prefix}{msg}", file=sys.stderr, flush=True)
+        say(f"{prefix}{msg}")
 
     import hashlib
 

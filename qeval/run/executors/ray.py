@@ -36,8 +36,17 @@ def _ray():
 
 
 def _ray_job(job, keys, *values):
-    """A Ray task body: the same work the local executor does (`Job.pieces`, qeval.run.jobs)."""
-    yield from job.pieces(dict(zip(keys, values)))
+    """A Ray task body: the same work the local executor does (`Job.pieces`, qeval.run.jobs). qeval's
+    warnings (they move numbers) travel to the driver's console as Log pieces: the worker's stderr
+    ends in its log."""
+    from qeval.core.console import collected_warnings
+    from qeval.run.jobs import Log
+
+    with collected_warnings() as warned:
+        for piece in job.pieces(dict(zip(keys, values))):
+            while warned:
+                yield Log(warned.pop(0))
+            yield piece
 
 
 class RayExecutor(Executor):
