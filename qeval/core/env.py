@@ -27,6 +27,11 @@ def cache_dir() -> Path:
     return Path(os.environ.get("QEVAL_CACHE") or Path.home() / ".cache" / "qeval").expanduser().absolute()
 
 
+def adapter_dir(key: str) -> Path:
+    """The cache folder of the adapter artifact with key `key` (the one place its layout is said)."""
+    return cache_dir() / "adapters" / key[:32]
+
+
 def home() -> Path:
     """Where outputs go by default: $QEVAL_HOME, else the current directory (like git or make: run
     qeval in the folder you want `results/` and `reports/` in)."""

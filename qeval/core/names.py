@@ -14,6 +14,14 @@ BASELINE = "none"
 DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_FORMATS = (BASELINE, "bnb-int8", "bnb-nf4", "bnb-nf4-dq", "bnb-fp4", "bnb-fp4-dq")
 
+
+
+def metric_id(metric: str, filter_name: str) -> str:
+    """How qeval names a metric under a filter: `acc` (lm-eval's filter "none") or
+    `exact_match,strict-match` -- lm-eval's own result key, so it reads the same in both."""
+    return metric if filter_name == "none" else f"{metric},{filter_name}"
+
+
 # Process exit codes (`qeval` and the nightly job a scheduler runs).
 EXIT_OK = 0
 EXIT_REGRESSION = 1  # nightly: a regression; `qeval run`: some cells failed

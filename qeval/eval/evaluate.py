@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from qeval.eval.divergence import Capture, Divergence, Reference
+from qeval.core.names import metric_id  # noqa: F401  (re-exported: the id lm-eval results use)
 from qeval.core.errors import QevalError
 from qeval.models.memory import PeakMemory
 from qeval.data.mirror import mirror_root, serving
@@ -255,12 +256,6 @@ def _aggregation(config: dict, metric: str) -> tuple[str | None, object]:
         name = next((k for k, f in by_name.items() if f is fn), None)
         return name, fn
     return None, None
-
-
-def metric_id(metric: str, filter_name: str) -> str:
-    """How qeval names a metric under a filter: `acc` (lm-eval's filter "none") or
-    `exact_match,strict-match` -- lm-eval's own result key, so it reads the same in both."""
-    return metric if filter_name == "none" else f"{metric},{filter_name}"
 
 
 def _metric_order(config: dict, ids: list[str]) -> list[str]:

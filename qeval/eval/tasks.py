@@ -15,6 +15,7 @@ from qeval.core import env
 from qeval.core.config import load_yaml, raise_if
 from qeval.core.errors import QevalError
 from qeval.core.files import sha256_file
+from qeval.core.names import metric_id
 
 SUITES_DIR = env.SHIPPED_SUITES
 TASKS_DIR = SUITES_DIR / "tasks"
@@ -159,14 +160,14 @@ def metric_ids(name: str, paths: tuple[Path, ...] = ()) -> list[str]:
                 if isinstance(a, dict) and isinstance(a.get("metric"), str):
                     filters = a.get("filter_list") or ["none"]
                     for f in [filters] if isinstance(filters, str) else filters:
-                        out.append(a["metric"] if f == "none" else f"{a['metric']},{f}")
+                        out.append(metric_id(a["metric"], f))
             return out
         return []
     metrics = [m.get("metric") for m in cfg.get("metric_list") or [] if isinstance(m, dict)]
     if not metrics or not all(isinstance(m, str) for m in metrics):
         return []
     filters = [f.get("name") for f in cfg.get("filter_list") or [] if isinstance(f, dict)] or ["none"]
-    return [m if f == "none" else f"{m},{f}" for m in metrics for f in filters]
+    return [metric_id(m, f) for m in metrics for f in filters]
 
 
 def task_datasets(name: str, paths: tuple[Path, ...] = ()) -> list[tuple[str, str | None]]:

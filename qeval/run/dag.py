@@ -65,7 +65,7 @@ def plan_jobs(todo: list[tuple[str, Any, Any, Any, list]], rp: Resolved, pack: b
             akey = adapter_key(model, spec, rp.device)
             needs.append(akey)
             if akey not in made and akey not in dag.existing:
-                meta = env.cache_dir() / "adapters" / akey[:32] / "qeval-artifact.json"
+                meta = env.adapter_dir(akey) / "qeval-artifact.json"
                 if meta.is_file():
                     dag.existing[akey] = _existing_adapter(meta, pack)
                     art = _load_artifact(meta, reused=True)

@@ -202,6 +202,6 @@ def _keep_artifact(p, summary: RunSummary) -> None:
     elif p.kind == "adapter":
         bundle = p.value
         if bundle.files is not None:
-            unpack_folder(bundle.files, env.cache_dir() / "adapters" / bundle.artifact.key[:32])
+            unpack_folder(bundle.files, env.adapter_dir(bundle.artifact.key))
         if not bundle.artifact.reused:
             summary.trained.append(bundle.artifact.key)

@@ -87,6 +87,11 @@ class Job:
         method, so they need not import this module)."""
         return run_job(self, inputs)
 
+    @staticmethod
+    def log(text: str) -> "Log":
+        """A Log piece (for an executor that relays a worker's lines without importing this module)."""
+        return Log(text)
+
 
 @dataclass(frozen=True, kw_only=True)
 class TrainAdapter(Job):
@@ -392,6 +397,6 @@ def adapter_here(bundle: AdapterBundle):
 
     if bundle.files is None:
         return bundle.artifact
-    out = env.cache_dir() / "adapters" / bundle.artifact.key[:32]
+    out = env.adapter_dir(bundle.artifact.key)
     unpack_folder(bundle.files, out)
     return dataclasses.replace(_load_artifact(out / "qeval-artifact.json", reused=True), reused=bundle.artifact.reused)

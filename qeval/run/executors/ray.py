@@ -40,12 +40,11 @@ def _ray_job(job, keys, *values):
     warnings (they move numbers) travel to the driver's console as Log pieces: the worker's stderr
     ends in its log."""
     from qeval.core.console import collected_warnings
-    from qeval.run.jobs import Log
 
     with collected_warnings() as warned:
         for piece in job.pieces(dict(zip(keys, values))):
             while warned:
-                yield Log(warned.pop(0))
+                yield job.log(warned.pop(0))
             yield piece
 
 
