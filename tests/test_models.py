@@ -75,7 +75,9 @@ def test_fingerprint_memo_skips_rehash(tiny_model_dir, tmp_path, monkeypatch):
         calls.append(path)
         raise AssertionError(f"re-hashed {path}")
 
-    monkeypatch.setattr(models, "sha256_file", no_hashing)
+    import qeval.core.files as files
+
+    monkeypatch.setattr(files, "sha256_file", no_hashing)  # the one hash helper, where fingerprint lives
     assert resolve_model(str(tiny_model_dir)).fingerprint == first
     assert calls == []
 
