@@ -470,7 +470,7 @@ def _shipped_configs() -> list[str]:
 def cmd_plan_memory(args) -> int:
     import json as _json
 
-    from qeval.models.memory import Shape, fits_table
+    from qeval.train.estimate import Shape, fits_table
 
     path = Path(args.config).expanduser()
     if path.is_dir():

@@ -15,15 +15,13 @@ import math
 import matplotlib.pyplot as plt
 import pandas as pd
 
+from qeval.quant.backend import backend_colour, backend_colours
 from qeval.quant.formats import FORMATS
 from qeval.report.render import (BASELINE, NA, Bullets, Heading, Image, Para, Section, Table, _missing, _png, fmt_mib,
                           fmt_num, fmt_pct)
 
 PARETO_PNG = "formats_pareto.png"
 LANDSCAPE_CSV = "formats.csv"
-BACKEND_COLORS = {"none": "black", "bitsandbytes": "tab:blue", "torchao": "tab:orange", "quanto": "tab:green",
-                  "gguf": "tab:red"}
-BACKEND_COLORS["gptq"] = "tab:purple"
 
 
 def _declared(quant: str) -> dict:
@@ -177,7 +175,7 @@ def _pareto_png(land: pd.DataFrame) -> bytes:
                 y = 100 * y
             elif y <= 0:
                 y, name = floor, f"{name} (KL 0)"
-            color = BACKEND_COLORS.get(r["backend"], "gray")
+            color = backend_colour(r["backend"])  # declared by the backend (qeval.quant.backend)
             hollow = r["kernel"] == "simulated"
             ax.scatter([x], [y], s=45, marker="o", facecolors="none" if hollow else color, edgecolors=color, zorder=3)
             ax.annotate(name, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
@@ -196,7 +194,7 @@ def _pareto_png(land: pd.DataFrame) -> bytes:
         else:
             ax.ticklabel_format(axis="y", useOffset=False, style="plain")
         ax.grid(alpha=0.3)
-    for b, c in BACKEND_COLORS.items():
+    for b, c in backend_colours().items():
         if b in set(land["backend"]):
             axes[1].scatter([], [], color=c, label=b)
     axes[1].legend(fontsize=8, loc="lower right")

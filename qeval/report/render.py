@@ -579,7 +579,7 @@ def _train_memory_blocks(train: pd.DataFrame) -> list:
     projection of the measured model to common GPU sizes (`qeval plan-memory`)."""
     import json
 
-    from qeval.models.memory import Shape, fits_table
+    from qeval.train.estimate import Shape, fits_table
 
     rows = []
     for t in train.itertuples(index=False):

@@ -359,7 +359,7 @@ def unpack_folder(files: dict[str, bytes], out: Path) -> None:
 def adapter_here(bundle: AdapterBundle):
     """The adapter as an AdapterArtifact whose path exists on this machine (written into this
     machine's cache from the bundle's bytes when it travelled as a value)."""
-    from qeval.train.adapters import _load_artifact
+    from qeval.train.artifact import load_artifact as _load_artifact
 
     if bundle.files is None:
         return bundle.artifact
@@ -390,7 +390,7 @@ def plan_jobs(todo: list[tuple[str, Any, Any, Any, list]], rp: Any, plan: Any, p
               progress=lambda s: None) -> Dag:
     """The DAG for the missing cells: `todo` holds (tag, model, arm, adapter spec or None, missing
     cells) per (model, arm), in plan order, already pruned of stored cells."""
-    from qeval.train.adapters import _load_artifact, adapter_key
+    from qeval.train import adapter_key, load_artifact as _load_artifact
     from qeval.eval.divergence import Reference
 
     origin = Origin.here()
@@ -454,7 +454,7 @@ def plan_jobs(todo: list[tuple[str, Any, Any, Any, list]], rp: Any, plan: Any, p
 
 
 def _existing_adapter(meta: Path, pack: bool):
-    from qeval.train.adapters import _load_artifact
+    from qeval.train.artifact import load_artifact as _load_artifact
 
     def load() -> AdapterBundle:
         art = _load_artifact(meta, reused=True)
