@@ -1,9 +1,9 @@
-"""Quantization formats: one registry of names a user types, one verb to measure what a format costs.
+"""Quantization formats: one registry of the names a user types.
 
 A format is a frozen value (`QuantFormat`): its name, a description, the theoretical bits each
 quantized linear weight costs, and either a builder that returns the exact `quantization_config`
 transformers applies at load time (bitsandbytes) or an `after_load` step that quantizes the loaded
-float model in place (torchao, quanto, GGUF). `none` is an ordinary entry.
+float model in place (torchao, quanto, GGUF). `none` is an ordinary entry (qeval.quant.backends.none).
 
 Names. A format is `backend:scheme[:options]` (`torchao:int8-wo`, `quanto:int4:g64`, `gguf:q4_0`),
 parsed by the backend's `Backend.parse`; a few fixed names are presets (`bnb-nf4`, ...; their record
@@ -12,7 +12,9 @@ packages with the pip extra that installs them, CUDA, calibration data) and each
 theoretical bits per weight, whether compute uses the format's real low-bit storage or simulates its
 numerics in float ("simulated"), whether it can be saved and reloaded, whether LoRA can train on it.
 `QuantFormat.require(device)` turns a missing package into one line (`pip install 'qeval[torchao]'`)
-before anything is computed.
+before anything is computed. What a backend is, and what generic code asks it, is the contract in
+qeval.quant.backend; measuring a loaded model is qeval.quant.footprint (re-exported here). No torch
+at import: formats are listed, parsed and keyed without it.
 """
 from __future__ import annotations
 
