@@ -136,7 +136,7 @@ def _parser() -> argparse.ArgumentParser:
     gcp.add_argument("--dry-run", action="store_true", help="only list what would be deleted")
 
     pm = command("plan-memory", help="which of LoRA / QLoRA / full fine-tune fits a GPU, from a model's config.json",
-                 description="Predict peak training memory (qeval.models.memory.estimate: weights, adapter + AdamW, "
+                 description="Predict peak training memory (qeval.train.estimate: weights, adapter + AdamW, "
                              "gradients, activations with gradient checkpointing, bf16 compute) for a model "
                              "config and say what fits a GPU of --gpu GiB.")
     pm.add_argument("--config", required=True,
@@ -431,7 +431,7 @@ def _shipped_configs() -> list[str]:
 def cmd_plan_memory(args) -> int:
     import json as _json
 
-    from qeval.models.memory import Shape, fits_table
+    from qeval.train.estimate import Shape, fits_table
 
     path = Path(args.config).expanduser()
     if path.is_dir():

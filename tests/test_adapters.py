@@ -49,10 +49,10 @@ def test_lora_trains_only_lora_tensors_and_saves_only_them(resolved):
 
 
 def test_qlora_base_is_really_4bit_during_training(resolved, monkeypatch):
-    import qeval.train.adapters as adapters
+    import qeval.train.recipe as recipe
 
     seen = {}
-    real = adapters._trainable
+    real = recipe._trainable
 
     def spy(model, spec):
         net = real(model, spec)
@@ -62,7 +62,7 @@ def test_qlora_base_is_really_4bit_during_training(resolved, monkeypatch):
         seen.update(census)
         return net
 
-    monkeypatch.setattr(adapters, "_trainable", spy)
+    monkeypatch.setattr(recipe, "_trainable", spy)
     art = finetune(resolved, AdapterSpec(train_quant="bnb-nf4-dq", **TINY), "cpu", isolate=False)
     frozen_4bit = seen.get("Params4bit:torch.uint8:False", [])
     assert len(frozen_4bit) == 14  # every projection stays packed 4-bit and frozen
@@ -77,8 +77,9 @@ def test_second_finetune_reuses_the_artifact(resolved, monkeypatch):
     spec = AdapterSpec(**TINY)
     first = finetune(resolved, spec, "cpu", isolate=False)
     import qeval.train.adapters as adapters
+    import qeval.train.recipe as recipe
 
-    monkeypatch.setattr(adapters, "load_model", lambda *a, **k: pytest.fail("retrained instead of reusing"))
+    monkeypatch.setattr(recipe, "load_model", lambda *a, **k: pytest.fail("retrained instead of reusing"))
     again = finetune(resolved, spec, "cpu")
     assert again.reused and again.key == first.key and again.losses == first.losses
     other = adapters.adapter_key(resolved, AdapterSpec(**{**TINY, "r": 8}), "cpu")
@@ -281,10 +282,10 @@ def test_hub_names_and_unknown_names():
 def test_budget_in_tokens_and_early_stopping(resolved, monkeypatch):
     spec = AdapterSpec(**{**TINY, "steps": 99, "budget_tokens": 1000})
     assert spec.train_steps == 8  # ceil(1000 / (2 x 64))
-    import qeval.train.adapters as adapters
+    import qeval.train.recipe as recipe
 
     rising = iter([3.0, 2.0, 2.5, 2.6, 2.7, 2.8])  # best at the first evaluation, then worse
-    monkeypatch.setattr(adapters, "_heldout_loss", lambda *a: next(rising))
+    monkeypatch.setattr(recipe, "_heldout_loss", lambda *a: next(rising))
     art = finetune(resolved, AdapterSpec(**{**TINY, "steps": 10, "early_stopping_patience": 2}), "cpu", isolate=False)
     assert art.steps_done == 6 and art.tokens == 6 * 2 * 64 and [s for s, _ in art.heldout] == [0, 2, 4, 6]
 
@@ -343,13 +344,13 @@ def test_loftq_on_cpu_is_one_clear_error(resolved):
 def test_time_per_step_excludes_the_heldout_passes(resolved, monkeypatch):
     import time as _time
 
-    import qeval.train.adapters as adapters
+    import qeval.train.recipe as recipe
 
     def slow(*a):
         _time.sleep(0.4)
         return 1.0
 
-    monkeypatch.setattr(adapters, "_heldout_loss", slow)
+    monkeypatch.setattr(recipe, "_heldout_loss", slow)
     t = _time.perf_counter()
     art = finetune(resolved, AdapterSpec(**{**TINY, "steps": 2, "eval_every": 1}), "cpu", isolate=False)
     wall = _time.perf_counter() - t

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-import qeval.quant.formats as quant
+import qeval.quant.backend as backend
 from qeval.core.errors import QevalError
 from qeval.models.load import linear_in_features, load_model
 from qeval.quant.formats import BACKENDS, FORMATS, quantizable_linears
@@ -70,8 +70,8 @@ def test_listing_names_every_backend_scheme():
 
 
 def test_missing_package_is_one_line_with_the_extra(monkeypatch):
-    real = quant._find_spec
-    monkeypatch.setattr(quant, "_find_spec", lambda m: None if m.startswith("torchao") else real(m))
+    real = backend.find_spec
+    monkeypatch.setattr(backend, "find_spec", lambda m: None if m.startswith("torchao") else real(m))
     with pytest.raises(QevalError) as e:
         FORMATS.get("torchao:int8-wo").require("cpu")
     assert "pip install 'qeval[torchao]'" in str(e.value) and "\n" not in str(e.value)
@@ -81,8 +81,8 @@ def test_missing_package_is_one_line_with_the_extra(monkeypatch):
 def test_missing_package_stops_run_before_the_store(monkeypatch, tmp_path, tiny_model_dir, capsys):
     from qeval.cli import main
 
-    real = quant._find_spec
-    monkeypatch.setattr(quant, "_find_spec", lambda m: None if m.startswith("optimum") else real(m))
+    real = backend.find_spec
+    monkeypatch.setattr(backend, "find_spec", lambda m: None if m.startswith("optimum") else real(m))
     store = tmp_path / "store.sqlite"
     code = main(["run", "--model", str(tiny_model_dir), "--formats", "none,quanto:int8", "--suite", "smoke",
                  "--store", str(store)])
@@ -93,6 +93,8 @@ def test_missing_package_stops_run_before_the_store(monkeypatch, tmp_path, tiny_
 
 def test_every_backend_declares_its_needs():
     for name, b in BACKENDS.items():
+        if name == "none":
+            continue  # the baseline: a backend with a label and a colour, no schemes
         assert b.extra and b.schemes and b.calibration == (name == "gptq")  # GPTQ alone needs calibration text
         for s in b.schemes:
             f = FORMATS.get(f"{name}:{s}")

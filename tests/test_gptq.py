@@ -13,6 +13,7 @@ import torch
 
 from qeval.core.errors import QevalError
 from qeval.models.load import load_model
+from qeval.quant.backend import marked
 from qeval.quant.formats import FORMATS, quantizable_linears
 from qeval.quant.backends import gptq as gq
 
@@ -120,7 +121,7 @@ def test_checkpoint_applied_to_tiny_model(resolved, tmp_path, monkeypatch):
         n_weights += m.weight.numel()
         g_idx_bytes = 4 * m.in_features
         # the packed layer: codes (4 bits), fp16 scales and 4-bit zeros per group of 16, g_idx
-        assert m._qeval_packed_bytes == n_codes_bytes(m, 4, 16) + g_idx_bytes
+        assert marked(m).packed_bytes == n_codes_bytes(m, 4, 16) + g_idx_bytes
     fp = lm.footprint
     assert fp.quantized_params == n_weights
     # packed bytes minus g_idx (left out of the theory) is exactly the theory's quantized part

@@ -4,7 +4,8 @@ import json
 import pytest
 import torch
 
-from qeval.models.memory import GIB, PhasePeaks, Shape, estimate, fits_table
+from qeval.models.memory import PhasePeaks
+from qeval.train.estimate import GIB, Shape, estimate, fits_table
 
 
 def test_phase_peaks_see_a_phase_and_release_what_it_freed():
@@ -182,7 +183,7 @@ def test_how_training_is_measured_changes_no_trained_number(resolved, tmp_path, 
     measurement, not part of what a key computes."""
     from safetensors.torch import load_file
 
-    import qeval.train.adapters
+    import qeval.train.recipe
     import qeval.models.load
     from qeval.train.adapters import AdapterSpec, finetune
     from qeval.data.suite_data import suite_data_dir
@@ -193,7 +194,7 @@ def test_how_training_is_measured_changes_no_trained_number(resolved, tmp_path, 
     monkeypatch.setenv("QEVAL_CACHE", str(tmp_path / "measured"))
     measured = finetune(resolved, spec, "cpu")
     monkeypatch.setenv("QEVAL_CACHE", str(tmp_path / "plain"))
-    for mod in (qeval.train.adapters, qeval.models.load):
+    for mod in (qeval.train.recipe, qeval.models.load):
         monkeypatch.setattr(mod, "own_weights", lambda model: 0)
     plain = finetune(resolved, spec, "cpu", isolate=False)
     assert measured.key == plain.key and not plain.reused and measured.path != plain.path
@@ -206,9 +207,9 @@ def test_how_training_is_measured_changes_no_trained_number(resolved, tmp_path, 
 def test_cpu_peak_is_exact_and_nested_blocks_keep_the_outer_peak():
     """A 200 MiB buffer alive for no time at all (no sampler could see it) is in the peak, and an
     inner block's reset of the high-water mark does not lose it for the outer block."""
-    from qeval.models.memory import PeakMemory, _high_water
+    from qeval.models.memory import PeakMemory, high_water
 
-    if _high_water() is None:
+    if high_water() is None:
         pytest.skip("no /proc/self/status VmHWM")
     size = 200 * 2**20
     with PeakMemory("cpu", interval=3600) as outer:  # a sampler would not wake up inside

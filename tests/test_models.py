@@ -75,7 +75,9 @@ def test_fingerprint_memo_skips_rehash(tiny_model_dir, tmp_path, monkeypatch):
         calls.append(path)
         raise AssertionError(f"re-hashed {path}")
 
-    monkeypatch.setattr(models, "sha256_file", no_hashing)
+    import qeval.core.files as files
+
+    monkeypatch.setattr(files, "sha256_file", no_hashing)  # the one hash helper, where fingerprint lives
     assert resolve_model(str(tiny_model_dir)).fingerprint == first
     assert calls == []
 
@@ -89,13 +91,15 @@ def test_fingerprint_memo_invalidated_by_mtime(tiny_model_dir, tmp_path, monkeyp
     copy = _copy(tiny_model_dir, tmp_path / "copy")
     first = fingerprint(copy)
     hashed = []
-    real = models.sha256_file
+    import qeval.core.files as files
+
+    real = files.sha256_file
 
     def counting(path):
         hashed.append(Path(path).name)
         return real(path)
 
-    monkeypatch.setattr(models, "sha256_file", counting)
+    monkeypatch.setattr(files, "sha256_file", counting)  # the one hash helper, where fingerprint lives
     weights = copy / "model.safetensors"
     st = weights.stat()
     os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))

@@ -2,7 +2,9 @@
 
 One implementation each, so that every file qeval writes (reports, references, adapter metadata,
 suite data, fingerprint memos) is either the old or the new version after a crash, never half of
-one, and every hash of a file streams instead of reading multi-GB weights into memory.
+one, and every hash of a file streams instead of reading multi-GB weights into memory. A model
+folder's `fingerprint` lives here too (not in qeval.models): the quantization backends key their
+cached checkpoints by it, and they sit below the models layer.
 """
 from __future__ import annotations
 
@@ -33,6 +35,31 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: f.read(CHUNK), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def fingerprint(folder: Path) -> str:
+    """sha256 over a model folder's config, tokenizer and weight files (memoized by size + mtime:
+    hashing is ~1 s/500 MB)."""
+    from qeval.core import env
+
+    # The tokenizer is part of the model: a changed vocabulary changes every score.
+    files = sorted(f for f in folder.iterdir() if f.is_file() and (
+        f.name in ("config.json", "generation_config.json") or f.name.startswith("tokenizer")
+        or f.suffix in (".safetensors", ".bin", ".pt", ".model")))
+    stat = {f.name: [f.stat().st_size, f.stat().st_mtime_ns] for f in files}
+    memo = env.cache_dir() / "fingerprints" / (hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:24] + ".json")
+    if memo.is_file():
+        with contextlib.suppress(ValueError, KeyError):
+            saved = json.loads(memo.read_text())
+            if saved["stat"] == stat:
+                return saved["fingerprint"]
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode())
+        h.update(sha256_file(f).encode())
+    fp = h.hexdigest()
+    atomic_write(memo, json.dumps({"stat": stat, "fingerprint": fp}))
+    return fp
 
 
 def atomic_write(path: Path, data: bytes | str) -> None:

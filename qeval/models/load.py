@@ -7,7 +7,6 @@ cached as safetensors + tokenizer under `qeval.core.env.cache_dir()`; later runs
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.util
 import io
 import json
@@ -23,7 +22,7 @@ from typing import Any, Callable
 
 from qeval.core import env
 from qeval.core.errors import QevalError, unknown_name
-from qeval.core.files import atomic_write, sha256_file
+from qeval.core.files import atomic_write, fingerprint, sha256_file  # noqa: F401  (fingerprint: re-exported)
 from qeval.core.names import DEFAULT_MODEL  # noqa: F401  (defined once; re-exported here)
 from qeval.models.memory import PeakMemory, own_weights
 from qeval.quant.formats import Footprint, QuantFormat, measure_footprint
@@ -215,28 +214,6 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)  # atomic: a crash mid-conversion leaves no half-written cache
     log.info("converted in %.1f s", time.time() - t0)
-
-
-def fingerprint(folder: Path) -> str:
-    """sha256 over config, tokenizer and weight files (memoized by size + mtime: hashing is ~1 s/500 MB)."""
-    # The tokenizer is part of the model: a changed vocabulary changes every score.
-    files = sorted(f for f in folder.iterdir() if f.is_file() and (
-        f.name in ("config.json", "generation_config.json") or f.name.startswith("tokenizer")
-        or f.suffix in (".safetensors", ".bin", ".pt", ".model")))
-    stat = {f.name: [f.stat().st_size, f.stat().st_mtime_ns] for f in files}
-    memo = env.cache_dir() / "fingerprints" / (hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:24] + ".json")
-    if memo.is_file():
-        with contextlib.suppress(ValueError, KeyError):
-            saved = json.loads(memo.read_text())
-            if saved["stat"] == stat:
-                return saved["fingerprint"]
-    h = hashlib.sha256()
-    for f in files:
-        h.update(f.name.encode())
-        h.update(sha256_file(f).encode())
-    fp = h.hexdigest()
-    atomic_write(memo, json.dumps({"stat": stat, "fingerprint": fp}))
-    return fp
 
 
 def linear_in_features(folder: Path) -> dict[str, int]:

@@ -38,7 +38,8 @@ def plan_jobs(todo: list[tuple[str, Any, Any, Any, list]], rp: Resolved, pack: b
               progress=lambda s: None) -> Dag:
     """The DAG for the missing cells: `todo` holds (tag, model, arm, adapter spec or None, missing
     cells) per (model, arm), in plan order, already pruned of stored cells."""
-    from qeval.train.adapters import _load_artifact, adapter_key
+    from qeval.train.artifact import load_artifact
+    from qeval.train.spec import adapter_key
     from qeval.eval.divergence import Reference
 
     origin = Origin.here()
@@ -68,7 +69,7 @@ def plan_jobs(todo: list[tuple[str, Any, Any, Any, list]], rp: Resolved, pack: b
                 meta = env.adapter_dir(akey) / "qeval-artifact.json"
                 if meta.is_file():
                     dag.existing[akey] = _existing_adapter(meta, pack)
-                    art = _load_artifact(meta, reused=True)
+                    art = load_artifact(meta, reused=True)
                     progress(f"{tag}: adapter {arm.adapter} reused ({art.trainable_params:,} trainable, "
                              f"{art.train_s:.0f} s)")
                 else:
@@ -103,10 +104,10 @@ def plan_jobs(todo: list[tuple[str, Any, Any, Any, list]], rp: Resolved, pack: b
 
 
 def _existing_adapter(meta: Path, pack: bool):
-    from qeval.train.adapters import _load_artifact
+    from qeval.train.artifact import load_artifact
 
     def load() -> AdapterBundle:
-        art = _load_artifact(meta, reused=True)
+        art = load_artifact(meta, reused=True)
         return AdapterBundle(art, pack_folder(art.path) if pack else None)
 
     return load

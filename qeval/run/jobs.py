@@ -393,10 +393,10 @@ def unpack_folder(files: dict[str, bytes], out: Path) -> None:
 def adapter_here(bundle: AdapterBundle):
     """The adapter as an AdapterArtifact whose path exists on this machine (written into this
     machine's cache from the bundle's bytes when it travelled as a value)."""
-    from qeval.train.adapters import _load_artifact
+    from qeval.train.artifact import load_artifact
 
     if bundle.files is None:
         return bundle.artifact
     out = env.adapter_dir(bundle.artifact.key)
     unpack_folder(bundle.files, out)
-    return dataclasses.replace(_load_artifact(out / "qeval-artifact.json", reused=True), reused=bundle.artifact.reused)
+    return dataclasses.replace(load_artifact(out / "qeval-artifact.json", reused=True), reused=bundle.artifact.reused)

@@ -6,9 +6,13 @@ values are part of each result's key, so changing one here re-runs the affected 
 """
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING, Any
 
+from qeval.quant.backend import Held
 from qeval.quant.formats import quant_format
+
+if TYPE_CHECKING:
+    import torch
 
 BLOCKSIZE = 64  # bitsandbytes' 4-bit block: one absmax per 64 weights
 NESTED_BLOCKSIZE = 256  # double quant: the absmaxes are 8-bit, with one fp32 absmax per 256 of them
@@ -25,6 +29,7 @@ def _bits_4bit(double_quant: bool):
 
 
 def _config_4bit(quant_type: str, double_quant: bool, compute_dtype: torch.dtype):
+    import torch
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(
@@ -94,12 +99,77 @@ def _parse(scheme: str, options: tuple[str, ...]):
     return FORMATS.get(f"bnb-{scheme}" + ("-dq" if options else ""))
 
 
+def quant_state_tensors(param: Any) -> list:
+    """The tensors beside a quantized weight that dequantization needs (bitsandbytes layouts)."""
+    import torch
+
+    out: list = []
+    qs = getattr(param, "quant_state", None)  # Params4bit
+    if qs is not None:
+        out += [t for t in (qs.absmax, qs.code) if torch.is_tensor(t)]
+        if getattr(qs, "state2", None) is not None:  # double quantization: absmax of the absmax
+            out += [t for t in (qs.state2.absmax, qs.state2.code) if torch.is_tensor(t)]
+        if torch.is_tensor(getattr(qs, "offset", None)):
+            out.append(qs.offset)
+    scb = getattr(param, "SCB", None)  # Int8Params: one float scale per output row
+    if torch.is_tensor(scb):
+        out.append(scb)
+    return out
+
+
+def account(module: Any) -> Held | None:
+    """Linear4bit / Linear8bitLt: packed codes in `weight` (Params4bit / Int8Params), absmax and
+    codebooks (or SCB) in its quant state beside it."""
+    w = getattr(module, "_parameters", {}).get("weight")
+    if type(w).__name__ not in ("Params4bit", "Int8Params"):
+        return None
+    return Held("weight", side=tuple(quant_state_tensors(w)))
+
+
+def dequantize(model: Any, dtype: Any) -> Any:
+    """Replace every bitsandbytes Linear4bit by a float Linear holding its dequantized weights."""
+    if not any(type(m).__name__ == "Linear4bit" for m in model.modules()):
+        return model
+    import bitsandbytes as bnb
+    import torch
+
+    from qeval.core.errors import QevalError
+
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, bnb.nn.Linear4bit):
+                if getattr(child.weight.quant_state, "packing_format_for_cpu", False):
+                    raise QevalError("4-bit layer", name, "bitsandbytes' portable weight layout",
+                                     "load it with qeval.models.load.load_model (it keeps that layout)")
+                w = bnb.functional.dequantize_4bit(child.weight.data, child.weight.quant_state).to(dtype)
+                lin = torch.nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,
+                                      dtype=dtype, device=w.device)
+                lin.weight.data.copy_(w)
+                if child.bias is not None:
+                    lin.bias.data.copy_(child.bias.data.to(dtype))
+                setattr(parent, name, lin)
+    # transformers remembers the model was loaded quantized and would refuse to save it
+    model.hf_quantizer = None
+    for attr in ("is_loaded_in_4bit", "is_quantized"):
+        if hasattr(model, attr):
+            try:
+                setattr(model, attr, False)
+            except AttributeError:
+                pass
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    return model
+
+
 def _register_backend() -> None:
     from qeval.quant.formats import BACKENDS, Backend
 
+    # LLM.int8 has no dequantize path here: LoRA trains on it, but nothing merges into it
     BACKENDS.add("bnb", Backend("bnb", "bitsandbytes (LLM.int8, NF4, FP4; presets bnb-*)", _parse,
                                 ("int8", "nf4", "fp4"), modules=("bitsandbytes",), extra="bnb",
-                                option_help="bnb schemes: int8, nf4[:dq], fp4[:dq]"))
+                                option_help="bnb schemes: int8, nf4[:dq], fp4[:dq]", label="bitsandbytes",
+                                colour="tab:blue", account=account, dequantize=dequantize,
+                                mergeable=lambda fmt: "int8" not in fmt.name))
 
 
 _register_backend()

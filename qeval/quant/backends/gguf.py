@@ -14,12 +14,14 @@ with `qeval setup --backend gguf-k`). The IQ1/IQ2/IQ3 types are left out (import
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
-
+from qeval.quant.backend import mark, marked_account
 from qeval.quant.formats import BACKENDS, Backend, QuantFormat, bad_option, quantizable_linears
 from qeval.quant.backends import gguf_k
+
+if TYPE_CHECKING:
+    import torch
 
 BLOCK = 32  # every legacy GGUF type quantizes blocks of 32 consecutive weights along a row
 # type -> (bits per weight: 32 codes + per-block fp16 scale [+ fp16 min] [+ 32 high bits]) / 32, words)
@@ -34,6 +36,8 @@ TYPES = {
 
 def roundtrip(weight: torch.Tensor, qtype: str) -> tuple[torch.Tensor, int]:
     """(the weight after GGUF quantize -> dequantize, in its own dtype; the packed bytes)."""
+    import numpy as np
+    import torch
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize, quantize
 
@@ -46,11 +50,13 @@ def roundtrip(weight: torch.Tensor, qtype: str) -> tuple[torch.Tensor, int]:
 
 def _apply(qtype: str):
     def after_load(model, device: str, compute_dtype: torch.dtype) -> None:
+        import torch
+
         with torch.no_grad():
             for _, m in quantizable_linears(model):
                 new, nbytes = roundtrip(m.weight, qtype)
                 m.weight.copy_(new)
-                m._qeval_packed_bytes = nbytes  # measure_footprint: quantized, simulated, packed size
+                mark(m, packed_bytes=nbytes)  # the footprint: quantized, simulated, its packed size
     return after_load
 
 
@@ -70,21 +76,20 @@ def _parse(scheme: str, options: tuple[str, ...]) -> QuantFormat:
         held_bits=lambda in_features, float_bits: float_bits)  # float weights holding GGUF's values
 
 
-class _NeedsGgml(Backend):
-    """The gguf backend's K-quant formats need llama.cpp's ggml library too (one line naming the
-    command that builds it)."""
+def _needs_ggml(fmt_name: str):
+    """The K-quant formats need llama.cpp's ggml library too (one line naming the command that builds it)."""
+    from qeval.quant.backends import ggml_lib
 
-    def require(self, fmt_name: str, device: str) -> None:
-        super().require(fmt_name, device)
-        from qeval.quant.backends import ggml_lib
+    return None if ggml_lib.available() else ggml_lib.missing_error(fmt_name)
 
-        if not ggml_lib.available():
-            raise ggml_lib.missing_error(fmt_name)
+
+def _keep(model, dtype):
+    return model  # simulated: the weights already are float (holding GGUF's values); nothing to dequantize
 
 
 BACKENDS.add("gguf", Backend(
     "gguf", "llama.cpp GGUF types, simulated with exact numerics (K-quants through llama.cpp's ggml)",
     _parse, tuple(TYPES) + gguf_k.SCHEMES, modules=("gguf.quants",), extra="gguf",
-    option_help="GGUF types: " + ", ".join(tuple(TYPES) + gguf_k.SCHEMES)))
-_K_BACKEND = _NeedsGgml(**{f.name: getattr(BACKENDS.get("gguf"), f.name)
-                           for f in dataclasses.fields(Backend)})
+    option_help="GGUF types: " + ", ".join(tuple(TYPES) + gguf_k.SCHEMES), colour="tab:red",
+    account=marked_account, dequantize=_keep))
+_K_BACKEND = dataclasses.replace(BACKENDS.get("gguf"), check=_needs_ggml)

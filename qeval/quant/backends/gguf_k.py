@@ -32,10 +32,13 @@ import logging
 import re
 from collections import Counter
 
-import numpy as np
-import torch
+from typing import TYPE_CHECKING
 
+from qeval.quant.backend import mark
 from qeval.quant.formats import QuantFormat, bad_option, quantizable_linears
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +152,9 @@ def tensor_types(model: torch.nn.Module, ftype: str, pure: bool) -> dict[str, tu
 
 def roundtrip(weight: torch.Tensor, type_name: str) -> tuple[torch.Tensor, int]:
     """(the weight after llama.cpp's quantizer -> gguf.quants.dequantize, in its own dtype; packed bytes)."""
+    import numpy as np
+    import torch
+
     w = weight.detach().to(device="cpu", dtype=torch.float32).numpy()
     if type_name == "F16":
         back, nbytes = w.astype(np.float16).astype(np.float32), w.size * 2
@@ -165,6 +171,8 @@ def roundtrip(weight: torch.Tensor, type_name: str) -> tuple[torch.Tensor, int]:
 
 def _apply(ftype: str, pure: bool, fmt_name: str):
     def after_load(model, device: str, compute_dtype: torch.dtype) -> None:
+        import torch
+
         types = tensor_types(model, ftype, pure)
         modules = dict(model.named_modules())
         with torch.no_grad():
@@ -172,9 +180,9 @@ def _apply(ftype: str, pure: bool, fmt_name: str):
                 m = modules[name]
                 new, nbytes = roundtrip(m.weight, t)
                 m.weight.copy_(new)
-                m._qeval_packed_bytes = nbytes  # measure_footprint: quantized, simulated, packed size
-                m._qeval_packed_type = t  # ... its ggml type (the footprint's packed_types census)
-                m._qeval_theory_bits = bits(t)  # ... and the theory of that type, not the ftype's
+                # the footprint: quantized, simulated, its packed size, its ggml type (the packed_types
+                # census) and the theory of that type, not the ftype's
+                mark(m, packed_bytes=nbytes, packed_type=t, theory_bits=bits(t))
         census = Counter(t for _, t in types.values())
         fell = sum(1 for want, t in types.values() if want != t)
         log.info("%s: tensor types %s (%d of %d tensors on a shape fallback type)", fmt_name,

@@ -32,13 +32,16 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from qeval.core import env
 from qeval.core.errors import ChildError, QevalError
-from qeval.core.files import atomic_write, content_key
+from qeval.core.files import atomic_write, content_key, fingerprint
+from qeval.quant.backend import mark, marked_account
 from qeval.quant.formats import BACKENDS, FORMATS, Backend, QuantFormat, bad_option, quantizable_linears
+
+if TYPE_CHECKING:
+    import torch
 
 GPTQ_VERSION = "7.6.0"  # 7.7 requires torch 2.14 (CUDA wheels); 7.6 runs with torch 2.13 CPU
 TORCH_PIN = "torch==2.13.0"  # installed first, so pip never swaps in a multi-GB CUDA build
@@ -175,6 +178,8 @@ def setup_env(progress=lambda s: print(s, file=sys.stderr, flush=True)) -> Path:
 def unpack_int32(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     """Unpack int32 words holding 32/bits codes each, lowest bits first, along `dim` (0: GPTQ's
     qweight packs input rows; 1: qzeros packs output columns). Returns int64 codes."""
+    import torch
+
     per = 32 // bits
     shifts = torch.arange(0, 32, bits, dtype=torch.int64)
     words = packed.to(torch.int64) & 0xFFFFFFFF  # the int32 words as unsigned
@@ -190,6 +195,8 @@ def dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor
     """The float weight [out, in] of one GPTQ linear: W[o, i] = scale[g, o] * (q[i, o] - zero[g, o]),
     g = g_idx[i]. `zero_offset` 1 for the "gptq" (v1) checkpoint format, which stores zero - 1
     (AutoGPTQ's historical layout gptqmodel keeps on save); 0 for "gptq_v2"."""
+    import torch
+
     q = unpack_int32(qweight, bits, 0)  # [in, out]
     z = unpack_int32(qzeros, bits, 1)[:, : scales.shape[1]] + zero_offset  # [groups, out]
     g = g_idx.to(torch.int64)
@@ -216,7 +223,9 @@ def read_checkpoint(folder: Path) -> tuple[dict[str, torch.Tensor], dict]:
 
 def apply_checkpoint(model, folder: Path, bits: int) -> None:
     """Replace every quantizable linear's float weight by its dequantized GPTQ weight; mark the
-    layer with its packed bytes (measure_footprint: quantized, simulated)."""
+    layer with its packed bytes (the footprint: quantized, simulated)."""
+    import torch
+
     tensors, qcfg = read_checkpoint(folder)
     fmt = str(qcfg.get("checkpoint_format") or qcfg.get("format") or "gptq").lower()
     if fmt not in ("gptq", "gptq_v2"):
@@ -236,7 +245,7 @@ def apply_checkpoint(model, folder: Path, bits: int) -> None:
             m.weight.copy_(w.to(m.weight.dtype))
             if m.bias is not None and f"{key}.bias" in tensors:
                 m.bias.copy_(tensors[f"{key}.bias"].to(m.bias.dtype))
-            m._qeval_packed_bytes = packed_layer_bytes(tensors, key)
+            mark(m, packed_bytes=packed_layer_bytes(tensors, key))
 
 
 # ---------------------------------------------------------------- quantizing (the isolated child)
@@ -252,8 +261,6 @@ def ensure_checkpoint(model_dir: Path, tokenizer, options: dict, cal: Calibratio
     """The cached checkpoint for (model, options, calibration, env versions); quantized in the
     isolated env's child process when missing."""
     from filelock import FileLock
-
-    from qeval.models.load import fingerprint
 
     if (problem := env_problem("gptq")) is not None:
         raise problem
@@ -275,7 +282,7 @@ def ensure_checkpoint(model_dir: Path, tokenizer, options: dict, cal: Calibratio
             job = {"model_dir": str(model_dir), "calibration": str(work / "calibration.json"), "out": str(work / "ckpt"),
                    "bits": options["bits"], "group_size": options["group_size"], "desc_act": options["desc_act"],
                    "sym": options["sym"], "damp_percent": options["damp_percent"],
-                   "threads": int(os.environ.get("GPTQMODEL_CPU_WORKERS") or torch.get_num_threads())}
+                   "threads": int(os.environ.get("GPTQMODEL_CPU_WORKERS") or _torch_threads())}
             (work / "job.json").write_text(json.dumps(job, indent=1))
             progress(f"gptq: quantizing {model_dir.name} {options} on {len(blocks)} x {cal.seq_len} calibration "
                      f"tokens in the isolated env ({env_python()})")
@@ -303,6 +310,12 @@ def ensure_checkpoint(model_dir: Path, tokenizer, options: dict, cal: Calibratio
         finally:
             shutil.rmtree(work, ignore_errors=True)
     return out
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 # ---------------------------------------------------------------- the format
@@ -358,4 +371,5 @@ def _parse(scheme: str, opts: tuple[str, ...], cal: CalibrationSpec | None = Non
 BACKENDS.add("gptq", Backend(
     "gptq", "GPTQ (calibration-based, gptqmodel in an isolated venv), simulated from its packed checkpoint",
     _parse, tuple(BITS), modules=(), extra="gptq", calibration=True, check=env_problem,
-    option_help="GPTQ schemes: " + ", ".join(BITS) + "; options gN, act, asym"))
+    option_help="GPTQ schemes: " + ", ".join(BITS) + "; options gN, act, asym", colour="tab:purple",
+    account=marked_account))

@@ -30,11 +30,14 @@ NotImplementedError), so `can_save` is False.
 from __future__ import annotations
 
 import contextlib
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from qeval.core.errors import QevalError
+from qeval.quant.backend import Held, mark, marked
 from qeval.quant.formats import BACKENDS, Backend, QuantFormat, group_option, quantizable_linears
+
+if TYPE_CHECKING:
+    import torch
 
 SCHEMES = ("8bit", "4bit", "3bit", "2bit", "1bit")
 DEFAULT_GROUP = 64  # hqq's BaseQuantizeConfig default
@@ -55,6 +58,8 @@ def theory_bits(nbits: int, group: int, state_bits: int = 32) -> float:
 
 @contextlib.contextmanager
 def _threads(n: int | None):
+    import torch
+
     old = torch.get_num_threads()
     if n:
         torch.set_num_threads(n)
@@ -73,6 +78,7 @@ def quant_config(nbits: int, group: int) -> dict:
 
 def _apply(nbits: int, group: int):
     def after_load(model, device: str, compute_dtype: torch.dtype) -> None:
+        import torch
         from hqq.core.quantize import HQQBackend, HQQLinear
 
         HQQLinear.set_backend(HQQBackend.PYTORCH)  # dequantize + matmul, with backward (LoRA)
@@ -83,8 +89,8 @@ def _apply(nbits: int, group: int):
         with _threads(1 if cpu else None), torch.no_grad():
             for name, lin in quantizable_linears(model):
                 q = HQQLinear(lin, cfg, del_orig=True, compute_dtype=compute_dtype, device=str(device))
-                # measure_footprint: the theory of this layer as held (scale/zero in compute_dtype)
-                q._qeval_theory_bits = theory_bits(nbits, group, state_bits)
+                # the footprint's theory of this layer as held (scale/zero in compute_dtype)
+                mark(q, theory_bits=theory_bits(nbits, group, state_bits), simulated=False)
                 parent, _, child = name.rpartition(".")
                 setattr(modules[parent] if parent else model, child, q)
     return after_load
@@ -110,7 +116,50 @@ def _parse(scheme: str, options: tuple[str, ...]) -> QuantFormat:
         packages=("hqq",), requires=BACKENDS.get("hqq"), divides=group)
 
 
+def _is_hqq(module: Any) -> bool:
+    return type(module).__name__ == "HQQLinear"
+
+
+def account(module: Any) -> Held | None:
+    """HQQLinear: packed codes in the parameter W_q, scale / zero point in its `meta` dict (not
+    parameters or buffers)."""
+    import torch
+
+    if not _is_hqq(module) or not isinstance(getattr(module, "meta", None), dict):
+        return None
+    m = marked(module)
+    return Held("W_q", side=tuple(t for t in module.meta.values() if torch.is_tensor(t)),
+                theory_bits=m.theory_bits if m is not None else None)
+
+
+def dequantize(model: Any, dtype: Any) -> Any:
+    """Replace every HQQLinear by a float Linear holding hqq's own dequantized weight."""
+    import torch
+
+    for parent in list(model.modules()):
+        for name, layer in list(parent.named_children()):
+            if not _is_hqq(layer):
+                continue
+            w = layer.dequantize()
+            lin = torch.nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, dtype=dtype,
+                                  device=w.device)
+            with torch.no_grad():
+                lin.weight.copy_(w.to(dtype))
+                if layer.bias is not None:
+                    lin.bias.copy_(layer.bias.detach().to(dtype))
+            setattr(parent, name, lin)
+    return model
+
+
+def lora_targets(model: Any) -> set[str] | None:
+    """peft's "all-linear" finds nn.Linear subclasses only; hqq's layers (every linear but the head,
+    see quantizable_linears) are the same set, named explicitly."""
+    hqq = {n for n, m in model.named_modules() if _is_hqq(m)}
+    return (hqq | {n for n, _ in quantizable_linears(model)}) if hqq else None
+
+
 BACKENDS.add("hqq", Backend(
     "hqq", "HQQ (Half-Quadratic Quantization: calibration-free, optimized zero points)", _parse, SCHEMES,
     modules=("hqq.core.quantize",), extra="hqq",
-    option_help="hqq schemes: 8bit, 4bit, 3bit, 2bit, 1bit, each with an optional group gN (default g64)"))
+    option_help="hqq schemes: 8bit, 4bit, 3bit, 2bit, 1bit, each with an optional group gN (default g64)",
+    colour="tab:brown", account=account, dequantize=dequantize, lora_targets=lora_targets))

@@ -12,9 +12,13 @@ Left out: saving (quanto's tensors are not serializable through save_pretrained 
 """
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
+from qeval.quant.backends import subclass
 from qeval.quant.formats import BACKENDS, Backend, QuantFormat, bad_option, group_option, quantizable_linears
+
+if TYPE_CHECKING:
+    import torch
 
 SCHEMES = ("int8", "int4", "int2")
 
@@ -39,6 +43,7 @@ def _bits(n: int, group: int | None):
 
 def _apply(n: int, group: int | None):
     def after_load(model, device: str, compute_dtype: torch.dtype) -> None:
+        import torch
         from optimum.quanto import freeze, qint2, qint4, qint8, quantize
 
         targets = {name for name, _ in quantizable_linears(model)}
@@ -74,4 +79,5 @@ def _parse(scheme: str, options: tuple[str, ...]) -> QuantFormat:
 
 BACKENDS.add("quanto", Backend(
     "quanto", "optimum-quanto (Hugging Face's PyTorch quantization toolkit)", _parse, SCHEMES,
-    modules=("optimum.quanto",), extra="quanto", option_help="quanto schemes: int8, int4[:gN], int2[:gN]"))
+    modules=("optimum.quanto",), extra="quanto", option_help="quanto schemes: int8, int4[:gN], int2[:gN]",
+    colour="tab:green", account=subclass.account, dequantize=subclass.dequantize))

@@ -30,9 +30,13 @@ Theory counts the symmetric format's fp32 scale per row (int8) or per group; tor
 """
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
+from qeval.quant.backends import subclass
 from qeval.quant.formats import BACKENDS, Backend, QuantFormat, group_option, quantizable_linears
+
+if TYPE_CHECKING:
+    import torch
 
 SCHEMES = ("int8-wo", "int8-dyn", "int4-wo", "int2-wo", "int4-tinygemm", "int4-hqq")
 TINYGEMM = ("int4-tinygemm", "int4-hqq")  # CUDA only
@@ -47,6 +51,7 @@ def tinygemm_bits(in_features: int, group: int) -> float:
 
 
 def _config(scheme: str, group: int | None):
+    import torch
     from torchao.quantization import (Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig,
                                       IntxWeightOnlyConfig)
     from torchao.quantization.granularity import PerGroup
@@ -121,4 +126,5 @@ def _parse(scheme: str, options: tuple[str, ...]) -> QuantFormat:
 BACKENDS.add("torchao", Backend(
     "torchao", "PyTorch-native quantization (quantize_ over a config)", _parse, SCHEMES,
     modules=("torchao.quantization",), extra="torchao",
-    option_help="torchao schemes: int8-wo, int8-dyn, int4-wo[:gN], int2-wo[:gN]; CUDA: int4-tinygemm[:gN], int4-hqq[:gN]"))
+    option_help="torchao schemes: int8-wo, int8-dyn, int4-wo[:gN], int2-wo[:gN]; CUDA: int4-tinygemm[:gN], int4-hqq[:gN]",
+    colour="tab:orange", account=subclass.account, dequantize=subclass.dequantize))

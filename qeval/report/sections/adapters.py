@@ -112,11 +112,11 @@ def adapter_section(frames: dict[str, pd.DataFrame], decision_table: pd.DataFram
 
 
 def _train_memory_blocks(train: pd.DataFrame) -> list:
-    """Training memory by part against the analytic model (qeval.models.memory.estimate), and the
+    """Training memory by part against the analytic model (qeval.train.estimate), and the
     projection of the measured model to common GPU sizes (`qeval plan-memory`)."""
     import json
 
-    from qeval.models.memory import Shape, fits_table
+    from qeval.train.estimate import Shape, fits_table
 
     rows = []
     for t in train.itertuples(index=False):
@@ -139,7 +139,7 @@ def _train_memory_blocks(train: pd.DataFrame) -> list:
                 "CUDA max allocated is reset per phase. runtime = RSS after importing the training libraries, "
                 "before the load; process = what the load left besides the model (tokenizer, data); weights = the "
                 "loaded model; adapter + optimizer = trainable weights + AdamW states; activations = the rest of "
-                "the training peak (held-out passes included). Predicted: qeval.models.memory.estimate from the model's "
+                "the training peak (held-out passes included). Predicted: qeval.train.estimate from the model's "
                 "config plus the measured runtime and process (error = predicted / measured - 1)."),
            Table(["adapter", "trained on", "load peak MiB", "training peak MiB", "runtime", "process", "weights",
                   "adapter + optimizer", "gradients", "activations", "predicted activations", "predicted MiB", "error"],

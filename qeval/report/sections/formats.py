@@ -14,6 +14,7 @@ import math
 
 import pandas as pd
 
+from qeval.quant.backend import backend_colour, backend_colours
 from qeval.report.doc import Bullets, Heading, Image, Para, Section, Table
 from qeval.report.fmt import BASELINE, NA, fmt_mib, fmt_num, fmt_pct, missing
 from qeval.report.frames import declared
@@ -22,9 +23,6 @@ from qeval.report.sections import ReportData, ReportSection, register
 
 PARETO_PNG = "formats_pareto.png"
 LANDSCAPE_CSV = "formats.csv"
-BACKEND_COLORS = {"none": "black", "bitsandbytes": "tab:blue", "torchao": "tab:orange", "quanto": "tab:green",
-                  "gguf": "tab:red"}
-BACKEND_COLORS["gptq"] = "tab:purple"
 
 
 def landscape_frame(memory: pd.DataFrame, div: pd.DataFrame, results: pd.DataFrame, records: list[dict]) -> pd.DataFrame:
@@ -169,7 +167,7 @@ def _pareto_png(land: pd.DataFrame) -> bytes:
                 y = 100 * y
             elif y <= 0:
                 y, name = floor, f"{name} (KL 0)"
-            color = BACKEND_COLORS.get(r["backend"], "gray")
+            color = backend_colour(r["backend"])  # declared by the backend (qeval.quant.backend)
             hollow = r["kernel"] == "simulated"
             ax.scatter([x], [y], s=45, marker="o", facecolors="none" if hollow else color, edgecolors=color, zorder=3)
             ax.annotate(name, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
@@ -188,7 +186,7 @@ def _pareto_png(land: pd.DataFrame) -> bytes:
         else:
             ax.ticklabel_format(axis="y", useOffset=False, style="plain")
         ax.grid(alpha=0.3)
-    for b, c in BACKEND_COLORS.items():
+    for b, c in backend_colours().items():
         if b in set(land["backend"]):
             axes[1].scatter([], [], color=c, label=b)
     axes[1].legend(fontsize=8, loc="lower right")
