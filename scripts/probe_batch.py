@@ -33,14 +33,14 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     from qeval.bench.speed import scaled_tasks
-    from qeval.eval.evaluate import EvalSpec, _task_manager, evaluate
+    from qeval.eval.evaluate import EvalSpec, task_manager, evaluate
     from qeval.models.load import load_model, resolve_model
     from qeval.quant.formats import FORMATS
 
     loaded = load_model(resolve_model(args.model), FORMATS.get(args.format), args.device)
     spec = EvalSpec(bootstrap_iters=10)
     for t in scaled_tasks(args.suite, args.scale):
-        kind = _task_manager(False).load([t.task])  # noqa: F841 (warm the index)
+        kind = task_manager(False).load([t.task])  # noqa: F841 (warm the index)
         out = evaluate(loaded, dataclasses.replace(t, divergence=False), spec)  # warm-up + task type
         kind = out.config.get("output_type")
         cands = CANDIDATES.get(kind, [t.batch_size])

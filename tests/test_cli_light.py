@@ -25,6 +25,5 @@ def test_light_commands_import_neither_torch_nor_transformers(args):
     assert heavy_imports(*args) == []
 
 
-@pytest.mark.xfail(strict=True, reason="needs the torch-free quant registry")
 def test_qeval_formats_imports_neither_torch_nor_transformers():
     assert heavy_imports("formats") == []

@@ -4,7 +4,7 @@ on the float model, a bitsandbytes model and a PEFT-wrapped one."""
 import numpy as np
 import pytest
 
-from qeval.eval.evaluate import _quiet_lm_eval, _task_manager
+from qeval.eval.evaluate import quiet_lm_eval, task_manager
 from qeval.models.load import load_model, resolve_model
 from qeval.quant.formats import FORMATS
 
@@ -15,7 +15,7 @@ def _run(lm, task):
     from lm_eval import simple_evaluate
 
     limit, shots = TASKS[task]
-    return simple_evaluate(model=lm, tasks=[task], task_manager=_task_manager(False), limit=limit,
+    return simple_evaluate(model=lm, tasks=[task], task_manager=task_manager(False), limit=limit,
                            num_fewshot=shots, log_samples=True, bootstrap_iters=0, random_seed=0,
                            numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0)
 
@@ -29,7 +29,7 @@ def _compare(model, tok, batch_size, tasks=TASKS):
 
     from qeval.eval.lm import QevalLM
 
-    _quiet_lm_eval()
+    quiet_lm_eval()
     for task in tasks:
         stock = _run(HFLM(pretrained=model, tokenizer=tok, batch_size=batch_size, device="cpu"), task)
         ours = _run(QevalLM(pretrained=model, tokenizer=tok, batch_size=batch_size, device="cpu"), task)

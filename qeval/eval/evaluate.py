@@ -86,7 +86,7 @@ class EvalOutcome:
 
 
 @functools.cache
-def _task_manager(include_defaults: bool, paths: tuple[Path, ...] = ()):
+def task_manager(include_defaults: bool, paths: tuple[Path, ...] = ()):
     from lm_eval.tasks import TaskManager
 
     # Without the built-ins, indexing takes 0.1 s instead of ~15 s.
@@ -94,7 +94,7 @@ def _task_manager(include_defaults: bool, paths: tuple[Path, ...] = ()):
 
 
 @contextlib.contextmanager
-def _quiet_lm_eval():
+def quiet_lm_eval():
     """bitsandbytes logs on every int8 matmul that fp32 inputs are cast to fp16; that is the format's
     documented behaviour (README, formats), not news for each of thousands of calls. Muted for the
     evaluation only (levels restored after), and not at all with -v."""
@@ -196,7 +196,7 @@ def evaluate(loaded: LoadedModel, task: TaskSpec, spec: EvalSpec,
     _quiet_git()
     found = find_tasks(paths)
     capture = None if divergence is None else Capture(loaded.model, None if divergence == "reference" else divergence)
-    with _quiet_lm_eval():  # HFLM warns at every construction that it was handed a loaded model: it was
+    with quiet_lm_eval():  # HFLM warns at every construction that it was handed a loaded model: it was
         lm = QevalLM(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=task.batch_size,
                      device=loaded.device, observer=capture, recorder=recorder)
     if lm._split is None and capture is not None:
@@ -206,11 +206,11 @@ def evaluate(loaded: LoadedModel, task: TaskSpec, spec: EvalSpec,
     folder = found[task.task].parent if task.task in found else None
     chat = {"apply_chat_template": task.apply_chat_template, "fewshot_as_multiturn": task.fewshot_as_multiturn,
             "system_instruction": task.system_instruction}
-    with PeakMemory(loaded.device) as peak, capture_ctx, _lm_eval_fast_paths(), _quiet_lm_eval(), _in_folder(folder), \
+    with PeakMemory(loaded.device) as peak, capture_ctx, _lm_eval_fast_paths(), quiet_lm_eval(), _in_folder(folder), \
             serving(mirror_root(), task.task):
         t0 = time.perf_counter()
         res = simple_evaluate(
-            model=lm, tasks=[task.task], task_manager=_task_manager(task.task not in found, tuple(paths)),
+            model=lm, tasks=[task.task], task_manager=task_manager(task.task not in found, tuple(paths)),
             limit=task.limit, num_fewshot=task.num_fewshot, log_samples=True,
             bootstrap_iters=spec.bootstrap_iters, random_seed=spec.seed, numpy_random_seed=spec.seed,
             torch_random_seed=spec.seed, fewshot_random_seed=spec.seed, **chat)
