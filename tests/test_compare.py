@@ -5,9 +5,14 @@ import math
 import pytest
 
 from qeval.stats.compare import adapter_frames, memory_frame, results_frame
+from tests.records import make_record, replace_part
 
 
-def _rec(quant, task, metric, value, stderr, hib=True, adapter="", merge="none", arm=None, created="2026-01-01"):
+def _rec(*args, **kw):
+    return make_record(**_rec_json(*args, **kw))
+
+
+def _rec_json(quant, task, metric, value, stderr, hib=True, adapter="", merge="none", arm=None, created="2026-01-01"):
     fp = {"total_bytes": 100 if quant == "none" else 40, "quantized_weight_bytes": 0 if quant == "none" else 20,
           "quant_state_bytes": 0 if quant == "none" else 2, "unquantized_bytes": 100 if quant == "none" else 18,
           "theory_bytes": 100 if quant == "none" else 39, "quantized_params": 0 if quant == "none" else 40, "census": {}}
@@ -40,7 +45,7 @@ def test_newest_record_wins_and_other_limits_do_not_mix():
     recs = [_rec("none", "mc", "acc", 0.8, 0.02), _rec("bnb-nf4", "mc", "acc", 0.5, 0.02, created="2026-01-01"),
             _rec("bnb-nf4", "mc", "acc", 0.6, 0.02, created="2026-02-01")]
     other = _rec("bnb-int8", "mc", "acc", 0.7, 0.02)
-    other["task"]["limit"] = 99  # measured on other documents: no baseline to compare with
+    other = replace_part(other, "task", limit=99)  # measured on other documents: no baseline to compare with
     res = results_frame(recs + [other]).set_index("quant")
     assert res.loc["bnb-nf4", "value"] == 0.6
     assert math.isnan(res.loc["bnb-int8", "baseline_value"])
@@ -67,7 +72,7 @@ def test_regained_share_and_noise():
             _rec("bnb-nf4", "qeval_lee_ppl", "word_perplexity", 110, 2, hib=False, adapter="qlora"),
             _rec("none", "qeval_analogy", "acc", 0.80, 0.05), _rec("bnb-nf4", "qeval_analogy", "acc", 0.78, 0.05),
             _rec("bnb-nf4", "qeval_analogy", "acc", 0.79, 0.05, adapter="qlora")]
-    samples = {r["key"]: _samples(r["primary_metric"], r["metrics"][r["primary_metric"]]["value"]) for r in recs}
+    samples = {r.key: _samples(r.primary_metric, r.metrics[r.primary_metric].value) for r in recs}
     reg = adapter_frames(recs, samples.get)["regained"].set_index("task")
     assert reg.loc["qeval_lee_ppl", "lost_significant"]
     assert reg.loc["qeval_lee_ppl", "regained"] == pytest.approx(0.75)  # (140 - 110) / (140 - 100)
@@ -83,14 +88,14 @@ def test_memory_frame_ratios():
 
 
 def _seeded(quant, adapter, seed, value, peak, order="o"):
-    r = _rec(quant, "qeval_lee_ppl", "word_perplexity", value, 2, hib=False, adapter=f"{adapter}#s{seed}",
+    r = _rec_json(quant, "qeval_lee_ppl", "word_perplexity", value, 2, hib=False, adapter=f"{adapter}#s{seed}",
              arm=f"{adapter}#s{seed}")
     r["adapter"] = {**r["adapter"], "spec": {**r["adapter"]["spec"], "seed": seed}, "peak_train_bytes": peak,
                     "order_hash": f"{order}{seed}", "tokens": 100,
                     "memory": {"load_peak": 2 * peak, "train_peak": peak, "weights": peak // 2, "adapter_optimizer": 1,
                                "gradients": 1, "activations": peak // 2 - 2, "predicted": {"total": peak},
                                "prediction_error": 0.0}}
-    return r
+    return make_record(**r)
 
 
 def test_seeds_spread_and_no_clear_winner(tmp_path):
@@ -104,7 +109,7 @@ def test_seeds_spread_and_no_clear_winner(tmp_path):
     lora = [_seeded("none", "lora", s, v, 2000) for s, v in ((1, 100), (2, 104), (3, 96))]
     close = [_seeded("bnb-nf4", "qlora", s, v, 1000) for s, v in ((1, 101), (2, 99), (3, 103))]
     recs = base + lora + close
-    samples = {r["key"]: _samples(r["primary_metric"], r["metrics"][r["primary_metric"]]["value"]) for r in recs}
+    samples = {r.key: _samples(r.primary_metric, r.metrics[r.primary_metric].value) for r in recs}
     frames = adapter_frames(recs, samples.get)
     seeds = frames["seeds"].set_index("arm")
     lo, hi = stats.t.interval(0.95, 2, loc=100, scale=stats.sem([100, 104, 96]))
@@ -117,8 +122,7 @@ def test_seeds_spread_and_no_clear_winner(tmp_path):
 
     (tmp_path / "config.json").write_text(json.dumps({"vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536,
                                                       "num_hidden_layers": 30, "num_attention_heads": 9}))
-    for r in recs:
-        r["model"]["path"] = str(tmp_path)
+    recs = [replace_part(r, "model", path=str(tmp_path)) for r in recs]
     section = adapter_section(adapter_frames(recs, samples.get), table, verdict, memory_frame(recs))
     assert any("Projected to GPUs" in str(b) for b in section.blocks)
     assert "adapter_seeds.csv" in section.files and any("spread across seeds" in str(b) for b in section.blocks)

@@ -9,6 +9,7 @@ import pytest
 from qeval.stats.compare import adapter_frames, divergence_frame, paired_frame, results_frame, with_paired
 from qeval.gates.nightly import Thresholds, acknowledge, gate_run
 from qeval.store.store import Store
+from tests.records import make_record
 from tests.test_paired import loglik, mcnemar_p, right_wrong
 
 _clock = [0]
@@ -34,7 +35,7 @@ def record(arm, task, samples, primary, *, quant=None, adapter="", hib=True, ver
     key = hashlib.sha256(json.dumps([arm, task, samples, version]).encode()).hexdigest()
     spec = {"method": "lora", "train_quant": quant, "train_data": "lee_background", "steps": 2,
             "domain_tasks": ["qeval_lee_ppl"]}
-    return {"key": key, "variant_id": f"m|{arm}", "created_at": f"2026-01-01T00:00:{_clock[0]:06d}",
+    return make_record(**{"key": key, "variant_id": f"m|{arm}", "created_at": f"2026-01-01T00:00:{_clock[0]:06d}",
             "variant": {"model": "m", "quant": quant, "adapter": adapter, "merge": "none", "arm": arm},
             "model": {"fingerprint": "f"}, "task": {"name": task, "fingerprint": "t", "limit": len(samples),
                                                    "num_fewshot": 0},
@@ -47,7 +48,7 @@ def record(arm, task, samples, primary, *, quant=None, adapter="", hib=True, ver
                                                  "adapter_bytes": 9, "train_s": 3, "s_per_step": 1.5,
                                                  "tokens_per_s": 10, "peak_train_bytes": 7, "idle_bytes": 1,
                                                  "losses": [[1, 2.0]], "heldout": [[0, 2.5]], "key": "k",
-                                                 "device": "cpu"}}
+                                                 "device": "cpu"}})
 
 
 def night(store, cells, th=Thresholds()):
@@ -55,7 +56,7 @@ def night(store, cells, th=Thresholds()):
     keys = []
     for rec, samples in cells:
         store.put(rec, samples)
-        keys.append(rec["key"])
+        keys.append(rec.key)
     info = {"cells": keys, "versions": {"bitsandbytes": "1"}, "failed": []}
     run_id = store.start_run("nightly", info)
     gated, status = gate_run(store, run_id, keys, th, "nightly", info)
@@ -74,7 +75,7 @@ def test_one_verdict_for_one_pair_in_every_table_and_the_nightly(tmp_path):
                   divergence={"kl_mean": 0.01, "kl_p90": 0.02, "kl_p99": 0.05, "kl_max": 0.1, "top1_agree": 0.98,
                               "ppl_ratio": 1.01, "tokens": 1000, "seconds": 1.0})
     arm = record("int8+lora", "qeval_similarity", int8_s, "acc", quant="bnb-int8", adapter="lora")
-    samples = {r["key"]: s for r, s in ((base, base_s), (int8, int8_s), (arm, int8_s))}
+    samples = {r.key: s for r, s in ((base, base_s), (int8, int8_s), (arm, int8_s))}
     records = [base, int8, arm]
     expected = mcnemar_p(9, 2)
 
@@ -121,7 +122,7 @@ def test_one_verdict_for_one_pair_in_every_table_and_the_nightly(tmp_path):
     assert status == "regression" and "exact McNemar" in regressions(gated)[0].detail
     bad = record("bnb-int8", "qeval_similarity", bad_s, "acc")
     b0 = record("none", "qeval_similarity", base_s, "acc")
-    pairs = paired_frame([b0, bad], {b0["key"]: base_s, bad["key"]: bad_s}.get)
+    pairs = paired_frame([b0, bad], {b0.key: base_s, bad.key: bad_s}.get)
     assert pairs.verdict.item() == "worse"
 
 
@@ -209,7 +210,7 @@ def test_per_metric_and_warn_below_apply_to_non_primary_metrics_with_direction(t
     base_s, worse_s = ppl_samples(), ppl_samples(1.2)
     base = record("none", "qeval_lee_ppl", base_s, "word_perplexity")
     nf4 = record("bnb-nf4", "qeval_lee_ppl", worse_s, "word_perplexity")
-    bpb = nf4["metrics"]["bits_per_byte"]["value"]
+    bpb = nf4.metrics["bits_per_byte"].value
     th = Thresholds(per_metric={"bits_per_byte": 0.9},  # bits per byte is not the primary metric
                     warn_below={"qeval_lee_ppl:bits_per_byte": bpb - 0.01})  # lower is better: above warns
     with Store(tmp_path / "s.sqlite") as store:
@@ -229,7 +230,7 @@ def test_float_base_arm_shows_its_gain_against_the_baseline():
     gain_s = ppl_samples(0.97)  # the fine-tune lowers every document's loss by 3%
     base = record("none", "qeval_lee_ppl", base_s, "word_perplexity")
     lora = record("lora", "qeval_lee_ppl", gain_s, "word_perplexity", quant="none", adapter="lora")
-    samples = {base["key"]: base_s, lora["key"]: gain_s}
+    samples = {base.key: base_s, lora.key: gain_s}
     reg = adapter_frames([base, lora], samples.get)["regained"].iloc[0]
     assert reg.float_base and reg.lost_verdict == "within noise"  # nothing lost, nothing to regain
     assert reg.vs_baseline_verdict == "better"  # but its gain is shown, not "within noise"
@@ -264,9 +265,9 @@ def test_a_candidate_run_is_compared_with_the_last_locked_run(tmp_path):
         night(store, [(record("bnb-nf4", "qeval_analogy", good, "acc"), good)])
         cand = record("bnb-nf4", "qeval_analogy", bad, "acc", version="candidate")
         store.put(cand, bad)
-        info = {"cells": [cand["key"]], "versions": {"bitsandbytes": "candidate"}, "failed": []}
+        info = {"cells": [cand.key], "versions": {"bitsandbytes": "candidate"}, "failed": []}
         run_id = store.start_run("candidate", info)
-        gated, status = gate_run(store, run_id, [cand["key"]], Thresholds(), "nightly", info)
+        gated, status = gate_run(store, run_id, [cand.key], Thresholds(), "nightly", info)
         assert status == "regression" and store.runs("candidate")[0]["status"] == "regression"
         assert [r["status"] for r in store.runs("nightly")] == ["ok"]  # the locked history is untouched
 

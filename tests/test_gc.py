@@ -2,11 +2,15 @@
 from qeval.core import env
 from qeval.cli import main
 from qeval.store.store import Store
+from tests.records import make_record
+
+ADAPTER = {"device": "cpu", "spec": {"steps": 1}, "trainable_params": 1, "total_params": 1, "adapter_bytes": 1,
+           "train_s": 1.0, "s_per_step": 1.0, "tokens_per_s": 1.0, "peak_train_bytes": 1}
 
 
 def _rec(key, ref=None, head=None, adapter=None):
-    return {"key": key, "variant_id": "v", "task": {"name": "t"}, "created_at": key,
-            "divergence_reference": ref, "divergence_head": head, "adapter": {"key": adapter} if adapter else None}
+    return make_record(key=key, created_at=key, divergence_reference=ref, divergence_head=head,
+                       adapter={**ADAPTER, "key": adapter} if adapter else None)
 
 
 def test_gc_keeps_what_records_use(tmp_path, capsys):

@@ -28,16 +28,16 @@ def _independent_intervals(store_path) -> dict[str, dict[str, tuple[float, float
     exact McNemar's Clopper-Pearson interval on the discordant split for accuracy, a t interval of the
     per-document log-likelihood changes for perplexity (recovery = baseline/value = exp(-change))."""
     with Store(store_path) as s:
-        recs = [r for r in s.records() if not r["variant"].get("adapter")]
-        samples = {r["key"]: s.samples(r["key"]) for r in recs}
-    by = {(r["variant"]["quant"], r["task"]["name"]): r for r in recs}
+        recs = [r for r in s.records() if not r.variant.adapter]
+        samples = {r.key: s.samples(r.key) for r in recs}
+    by = {(r.variant.quant, r.task.name): r for r in recs}
     out: dict[str, dict] = {}
     for (quant, task), r in by.items():
         if quant == "none":
             continue
         base = by[("none", task)]
-        bs = {x["doc_id"]: x for x in samples[base["key"]]}
-        vs = {x["doc_id"]: x for x in samples[r["key"]]}
+        bs = {x["doc_id"]: x for x in samples[base.key]}
+        vs = {x["doc_id"]: x for x in samples[r.key]}
         ids = sorted(bs)
         if task == "qeval_analogy":
             b = np.array([bs[i]["acc"] for i in ids])

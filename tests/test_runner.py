@@ -28,21 +28,21 @@ def test_all_formats_then_rerun_computes_nothing(plan, tmp_path):
         records = list(store.records())
         assert len(records) == 12
         for r in records:  # every record carries its spec and provenance
-            assert r["variant"]["quant"] in DEFAULT_FORMATS
-            assert r["model"]["fingerprint"] and r["task"]["fingerprint"]
-            assert {"torch", "transformers", "bitsandbytes", "lm_eval"} <= set(r["versions"])
-            assert r["git_sha"] and r["device"] == "cpu" and r["seed"] == 1234
-            assert r["timings"]["eval_s"] > 0 and r["peak_bytes"] > 0 and r["footprint"]["total_bytes"] > 0
-            assert r["n"] == (8 if r["task"]["name"] == "qeval_analogy" else 2)
-            samples = store.samples(r["key"])
-            assert len(samples) == r["n"] and {"doc_id", "doc_hash"} <= set(samples[0])
-        acc = {r["variant"]["quant"]: r["metrics"]["acc"] for r in records if r["task"]["name"] == "qeval_analogy"}
+            assert r.variant.quant in DEFAULT_FORMATS
+            assert r.model.fingerprint and r.task.fingerprint
+            assert {"torch", "transformers", "bitsandbytes", "lm_eval"} <= set(r.versions)
+            assert r.git_sha and r.device == "cpu" and r.seed == 1234
+            assert r.timings.eval_s > 0 and r.peak_bytes > 0 and r.footprint.total_bytes > 0
+            assert r.n == (8 if r.task.name == "qeval_analogy" else 2)
+            samples = store.samples(r.key)
+            assert len(samples) == r.n and {"doc_id", "doc_hash"} <= set(samples[0])
+        acc = {r.variant.quant: r.metrics["acc"] for r in records if r.task.name == "qeval_analogy"}
         # per-sample outputs agree with the aggregate lm-eval reported
         for r in records:
-            if r["task"]["name"] == "qeval_analogy":
-                s = store.samples(r["key"])
-                assert sum(x["acc"] for x in s) / len(s) == pytest.approx(r["metrics"]["acc"]["value"])
-        assert all(0 <= a["value"] <= 1 for a in acc.values())
+            if r.task.name == "qeval_analogy":
+                s = store.samples(r.key)
+                assert sum(x["acc"] for x in s) / len(s) == pytest.approx(r.metrics["acc"].value)
+        assert all(0 <= a.value <= 1 for a in acc.values())
 
     loads = []
     real_load = jobs.load_model
@@ -223,7 +223,7 @@ def test_bf16_plan_runs_with_its_own_bf16_baseline(plan, tmp_path, monkeypatch):
     s = run_plan(bf16, tmp_path / "s.sqlite", progress=lambda m: None)
     assert not s.failed and len(s.computed) == 2
     with Store(tmp_path / "s.sqlite") as st:
-        recs = {r["variant"]["quant"]: r for r in st.records()}
-    assert {r["compute_dtype"] for r in recs.values()} == {"bfloat16"}
-    assert recs["none"]["format"]["compute_dtype"] == "torch.bfloat16"
-    assert recs["bnb-nf4"]["divergence"]["kl_mean"] > 0  # against the bf16 baseline's reference
+        recs = {r.variant.quant: r for r in st.records()}
+    assert {r.compute_dtype for r in recs.values()} == {"bfloat16"}
+    assert recs["none"].format["compute_dtype"] == "torch.bfloat16"
+    assert recs["bnb-nf4"].divergence.kl_mean > 0  # against the bf16 baseline's reference

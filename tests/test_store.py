@@ -6,7 +6,9 @@ import pytest
 pytestmark = pytest.mark.unit
 
 import qeval.store.store as store_mod
+from qeval.store.record import Record
 from qeval.store.store import Store, canonical_json, content_key
+from tests.records import make_record
 
 _REAL_COMPRESS = zlib.compress
 
@@ -15,9 +17,9 @@ GOLDEN_KEY = "c72a8279536a3e99564cb8cd3692d04d934bf9c700573570c6bce6e079d70c39"
 
 
 def _record(key: str, variant: str = "tiny@none", task: str = "qeval_analogy",
-            created_at: str = "2024-06-11T00:00:00Z", acc: float = 0.5) -> dict:
-    return {"key": key, "variant_id": variant, "task": {"name": task, "limit": 16},
-            "created_at": created_at, "metrics": {"acc": acc}}
+            created_at: str = "2024-06-11T00:00:00Z", acc: float = 0.5) -> Record:
+    return make_record(key=key, variant_id=variant, task={"name": task, "limit": 16}, created_at=created_at,
+                       metrics={"acc": {"value": acc, "stderr": None, "higher_is_better": True}})
 
 
 SAMPLES = [{"doc_id": 0, "pred": 1, "gold": 1, "text": "Athens is to Greece"},
@@ -74,7 +76,7 @@ def test_records_survive_reopen(tmp_path):
         assert s.get("b") == _record("b", created_at="2024-01-02")
         assert s.samples("b") == SAMPLES
         # listed by creation time, then key
-        assert [r["key"] for r in s.records()] == ["c", "a", "b"]
+        assert [r.key for r in s.records()] == ["c", "a", "b"]
 
 
 def test_golden_content_key():
@@ -129,13 +131,13 @@ def test_two_stores_on_one_file(tmp_path):
         for s in (s1, s2):
             assert len(s) == 2
             assert "from-1" in s and "from-2" in s
-            assert s.get("from-1")["variant_id"] == "v1"
+            assert s.get("from-1").variant_id == "v1"
             assert s.samples("from-2") == [{"doc_id": 7}]
         # the second writer of an existing key loses, whichever connection it uses
         assert s2.put(_record("from-1", variant="other")) is False
-        assert s1.get("from-1")["variant_id"] == "v1"
+        assert s1.get("from-1").variant_id == "v1"
     finally:
         s1.close()
         s2.close()
     with Store(path) as s:
-        assert sorted(r["key"] for r in s.records()) == ["from-1", "from-2"]
+        assert sorted(r.key for r in s.records()) == ["from-1", "from-2"]

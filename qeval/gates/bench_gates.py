@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from qeval.core.errors import QevalError
-from qeval.stats.compare import BASELINE, adapter_label, latest, paired_frame, task_mde
+from qeval.stats.compare import latest, paired_frame, task_mde
 from qeval.stats.kinds.loglikelihood_ratio import JITTER as PPL_JITTER
 from qeval.stats.paired import FDR_METHOD, KINDS, WORSE, compare_values, fdr_verdicts, kind_of
 
@@ -42,7 +42,7 @@ def _load(store_path: Path):
                          "run `make report` first (or pass --store PATH)")
     with Store(store_path, readonly=True) as store:
         records = latest(list(store.records()))
-        samples = {r["key"]: store.samples(r["key"]) for r in records}
+        samples = {r.key: store.samples(r.key) for r in records}
     if not records:
         raise QevalError("default-plan store", str(store_path), "stored cells", "run `make report` first")
     return records, samples
@@ -52,19 +52,18 @@ def _cells(records, samples):
     """One entry per cell and metric the nightly would compare: aligned per-document values."""
     out = []
     for r in records:
-        ss = samples.get(r["key"]) or []
-        for metric, m in r["metrics"].items():
+        ss = samples.get(r.key) or []
+        for metric, m in r.metrics.items():
             vals = [s[metric] for s in ss if metric in s]
             if not vals:
                 continue
-            kind = kind_of(metric, vals, m.get("aggregation"))
+            kind = kind_of(metric, vals, m.aggregation)
             if not KINDS.get(kind).simulates(vals):
                 continue  # e.g. corpus metrics: no simulated nights for them (their kind resamples documents)
             arr = np.array(vals, dtype=float)
-            out.append({"task": r["task"]["name"], "metric": metric, "kind": kind, "values": arr,
-                        "hib": bool(m["higher_is_better"]), "primary": metric == r["primary_metric"],
-                        "arm": r["variant"].get("arm", r["variant"]["quant"]),
-                        "is_baseline": r["variant"]["quant"] == BASELINE and not adapter_label(r["variant"])})
+            out.append({"task": r.task.name, "metric": metric, "kind": kind, "values": arr,
+                        "hib": bool(m.higher_is_better), "primary": metric == r.primary_metric,
+                        "arm": r.variant.arm, "is_baseline": r.variant.is_baseline})
     return out
 
 

@@ -32,9 +32,8 @@ from pathlib import Path
 from typing import Callable
 
 from qeval.core import env
-from qeval.core.names import BASELINE
 from qeval.train.adapters import seed_base
-from qeval.stats.compare import adapter_label
+from qeval.store.record import Record
 from qeval.core.errors import QevalError, did_you_mean, unknown_name
 from qeval.stats.paired import (FDR_METHOD, KINDS, WORSE, Comparison, compare_pair, fdr_verdicts, recovery,
                           recovery_fails)
@@ -204,30 +203,29 @@ def _compare(store: Store, run_id: int, keys: list[str], th: Thresholds, compare
     gated_runs = [r for r in store.runs(compare_with) if r["run_id"] < run_id and "open_regressions" in r]
     was_open = {o["id"]: o for o in (gated_runs[-1]["open_regressions"] if gated_runs else [])}
     now = {k: r for k, r in ((k, store.get(k)) for k in keys) if r is not None}  # a failed cell has no record
-    baselines = {_slot(r)[1:]: r for r in now.values()
-                 if r["variant"]["quant"] == BASELINE and not adapter_label(r["variant"])}
+    baselines = {_slot(r)[1:]: r for r in now.values() if r.variant.is_baseline}
 
     # (1) changes: every cell and metric against the previous run (or, while a regression of it is
     # open, against the result from before the regression); one family for the FDR control
-    tests: list[tuple[dict, dict, str, Comparison]] = []
+    tests: list[tuple[Record, Record, str, Comparison]] = []
     carried: list[Finding] = []
     open_change = {(tuple(o["slot"]), o["metric"]): o for o in was_open.values() if o["gate"] == "change"}
     for key, rec in now.items():
-        for metric, m in rec["metrics"].items():
+        for metric, m in rec.metrics.items():
             o = open_change.get((_slot(rec), metric))
             if o is not None and o["key"] == key:  # unchanged since the regression: still open
-                carried.append(Finding("regression", _cell_name(rec), metric, o["before"], m["value"],
+                carried.append(Finding("regression", _cell_name(rec), metric, o["before"], m.value,
                                        f"(open since run {o['since']}, cell unchanged: {o['detail']})", o["id"], "change"))
                 continue
             ref_key = o["ref_key"] if o is not None else prev_keys.get(_slot(rec))
             if not ref_key or ref_key == key:  # same key = same inputs = same numbers
                 continue
             ref = store.get(ref_key)
-            if ref is None or metric not in ref["metrics"] or _slot(ref) != _slot(rec) \
-                    or ref["task"]["fingerprint"] != rec["task"]["fingerprint"]:
+            if ref is None or metric not in ref.metrics or _slot(ref) != _slot(rec) \
+                    or ref.task.fingerprint != rec.task.fingerprint:
                 continue
-            c = _compare_samples(store.samples(ref_key), store.samples(key), metric, bool(m["higher_is_better"]), th,
-                                 m.get("aggregation"))
+            c = _compare_samples(store.samples(ref_key), store.samples(key), metric, bool(m.higher_is_better), th,
+                                 m.aggregation)
             if c is not None:
                 tests.append((ref, rec, metric, c))
     findings: list[Finding] = list(carried)
@@ -236,7 +234,7 @@ def _compare(store: Store, run_id: int, keys: list[str], th: Thresholds, compare
         if verdict != WORSE:
             continue
         o = open_change.get((_slot(rec), metric))
-        fid = o["id"] if o else f"change|{_cell_name(rec)}|{metric}|{ref['key'][:12]}"
+        fid = o["id"] if o else f"change|{_cell_name(rec)}|{metric}|{ref.key[:12]}"
         findings.append(Finding(
             "regression", _cell_name(rec), metric, c.ref_value, c.value,
             f"({c.test}: delta {c.delta:+.4g}, 95% CI [{c.ci_lo:+.4g}, {c.ci_hi:+.4g}], p={c.p_value:.3g}, "
@@ -245,26 +243,26 @@ def _compare(store: Store, run_id: int, keys: list[str], th: Thresholds, compare
     # (2) recovery gates against this run's baseline, every metric they name, with its direction
     for key, rec in now.items():
         base = baselines.get(_slot(rec)[1:])
-        arm = rec["variant"].get("arm", rec["variant"]["quant"])
-        for metric, m in rec["metrics"].items():
-            limit = th.limit(arm, metric, metric == rec["primary_metric"])
-            if base is None or base is rec or limit is None or metric not in base["metrics"]:
+        arm = rec.variant.arm
+        for metric, m in rec.metrics.items():
+            limit = th.limit(arm, metric, metric == rec.primary_metric)
+            if base is None or base is rec or limit is None or metric not in base.metrics:
                 continue
-            bv, hib = base["metrics"][metric]["value"], bool(m["higher_is_better"])
-            rec_ = recovery(m["value"], bv, hib)
+            bv, hib = base.metrics[metric].value, bool(m.higher_is_better)
+            rec_ = recovery(m.value, bv, hib)
             if recovery_fails(rec_, limit):
                 why = "recovery undefined (baseline 0)" if rec_ != rec_ else f"recovery {rec_:.3f}"
-                findings.append(Finding("regression", _cell_name(rec), metric, bv, m["value"],
+                findings.append(Finding("regression", _cell_name(rec), metric, bv, m.value,
                                         f"({why} < threshold {limit:.3f})", f"threshold|{_cell_name(rec)}|{metric}",
                                         "threshold"))
         for wkey, level in th.warn_below.items():
             task, _, metric = wkey.partition(":")
-            if task != rec["task"]["name"] or metric not in rec["metrics"]:
+            if task != rec.task.name or metric not in rec.metrics:
                 continue
-            m = rec["metrics"][metric]
-            hib = bool(m["higher_is_better"])
-            if (m["value"] < level) if hib else (m["value"] > level):
-                findings.append(Finding("warning", _cell_name(rec), metric, level, m["value"],
+            m = rec.metrics[metric]
+            hib = bool(m.higher_is_better)
+            if (m.value < level) if hib else (m.value > level):
+                findings.append(Finding("warning", _cell_name(rec), metric, level, m.value,
                                         f"(worse than the warning level {level:g}: "
                                         f"{'lower' if hib else 'higher'} is worse)", gate="warning"))
 
@@ -284,7 +282,7 @@ def _compare(store: Store, run_id: int, keys: list[str], th: Thresholds, compare
         if f.gate == "change":
             rec = next(r for r in now.values() if _cell_name(r) == f.cell)
             prior = was_open.get(f.id)
-            entry.update(slot=list(_slot(rec)), key=rec["key"],
+            entry.update(slot=list(_slot(rec)), key=rec.key,
                          ref_key=prior["ref_key"] if prior else _ref_key_of(tests, rec, f.metric))
         still_open.append(entry)
     order = {"regression": 0, "acknowledged": 1, "warning": 2}
@@ -301,7 +299,7 @@ def _compare_samples(ref_samples, var_samples, metric: str, hib: bool, th: Thres
 
 
 def _ref_key_of(tests, rec, metric) -> str:
-    return next(ref["key"] for ref, r, m, _ in tests if r is rec and m == metric)
+    return next(ref.key for ref, r, m, _ in tests if r is rec and m == metric)
 
 
 def _effect(c: Comparison) -> str:
@@ -370,16 +368,16 @@ def acknowledge(store_path: Path, cell: str, reason: str, kind: str = "nightly")
 
 # ----------------------------------------------------------------------------- identities
 
-def _slot(rec: dict) -> tuple:
+def _slot(rec: Record) -> tuple:
     """A cell's identity across upgrades: variant (no versions) + task + the documents measured."""
-    t = rec["task"]
-    return (rec["variant_id"], rec["model"]["fingerprint"], t["name"], t["limit"], t["num_fewshot"])
+    t = rec.task
+    return (rec.variant_id, rec.model.fingerprint, t.name, t.limit, t.num_fewshot)
 
 
-def _cell_name(rec: dict) -> str:
-    return f"{rec['variant']['model']} @ {rec['variant'].get('arm', rec['variant']['quant'])} / {rec['task']['name']}"
+def _cell_name(rec: Record) -> str:
+    return f"{rec.variant.model} @ {rec.variant.arm} / {rec.task.name}"
 
 
-def _changed(prev: dict, rec: dict) -> str:
-    diff = [f"{k} {prev['versions'].get(k)} -> {v}" for k, v in rec["versions"].items() if prev["versions"].get(k) != v]
+def _changed(prev: Record, rec: Record) -> str:
+    diff = [f"{k} {prev.versions.get(k)} -> {v}" for k, v in rec.versions.items() if prev.versions.get(k) != v]
     return "versions: " + ", ".join(diff) if diff else "same versions"

@@ -109,12 +109,13 @@ def report_data(store: Path, plan=None, memory_budget: float | None = None) -> R
     meta = {
         "title": "qeval report", "store": str(store),
         "generated_at": datetime.now().isoformat(timespec="seconds"),
-        "models": {r["model"]["spec"]: r["model"]["fingerprint"] for r in records},
-        "versions": records[-1]["versions"] if records else env.versions(),
-        "git_sha": ", ".join(sorted({r["git_sha"] for r in records})) or env.git_sha(),
+        "models": {r.model.spec: r.model.fingerprint for r in records},
+        "versions": dict(records[-1].versions) if records else env.versions(),
+        "git_sha": ", ".join(sorted({r.git_sha for r in records})) or env.git_sha(),
         # with the compute dtype: a bf16 baseline on CPU is an explicit choice the reader must see
-        "devices": sorted({f"{r['device_description']} ({r.get('compute_dtype', '?')})" for r in records}),
-        "seed": ", ".join(sorted({str(r["seed"]) for r in records})), "cells": len(records),
+        "devices": sorted({f"{r.device_description} ({r.compute_dtype if r.stored('compute_dtype') else '?'})"
+                           for r in records}),
+        "seed": ", ".join(sorted({str(r.seed) for r in records})), "cells": len(records),
     }
     table, verdict = decision(frames, memory_budget)
     return ReportData(
@@ -122,7 +123,7 @@ def report_data(store: Path, plan=None, memory_budget: float | None = None) -> R
         records=tuple(records), pairs=pairs, div=divergence_frame(records, pairs), adapters=frames,
         decision=table, verdict=verdict, history=history, fdr=th.fdr,
         # the nightly compares every cell and metric of the plan: that many tests share the FDR
-        tests=sum(len(r["metrics"]) for r in latest(records)))
+        tests=sum(len(r.metrics) for r in latest(records)))
 
 
 def build_report(store: Path, out_dir: Path, plan=None, memory_budget: float | None = None) -> list[Path]:

@@ -36,6 +36,7 @@ from qeval.quant.formats import FORMATS, QuantFormat
 from qeval.run.cells import needs_calibration
 from qeval.run.plan import Arm
 from qeval.run.record import build_record
+from qeval.store.record import Record
 from qeval.train.adapters import AdapterArtifact, attach, finetune, load_finetuned
 
 
@@ -168,7 +169,7 @@ class AdapterBundle:
 @dataclass(frozen=True)
 class CellDone:
     key: str
-    record: dict
+    record: Record
     samples: list
     line: str  # the progress line ("... acc=0.5 (n=8, 1.2 s)")
 

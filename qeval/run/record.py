@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 from qeval.core import env
 from qeval.run.cells import Cell
+from qeval.store.record import Record
 
 if TYPE_CHECKING:
     from qeval.eval.evaluate import EvalOutcome
@@ -15,11 +16,15 @@ if TYPE_CHECKING:
 
 
 def build_record(cell: Cell, loaded: LoadedModel, outcome: EvalOutcome, seed: int,
-                 artifact: AdapterArtifact | None = None, git_sha: str | None = None) -> dict:
-    """The immutable record of one cell: its spec, numbers, costs and provenance."""
+                 artifact: AdapterArtifact | None = None, git_sha: str | None = None) -> Record:
+    """The immutable record of one cell: its spec, numbers, costs and provenance.
+
+    Written as the stored JSON and read into a Record (rather than built part by part) so that what
+    is stored is, key for key, what the stages produced: the key material and the summaries of
+    other stages (format, task, footprint, adapter) keep any key they grow, as `extra`."""
     from qeval.store.store import SCHEMA_VERSION
 
-    return {
+    return Record.from_json({
         "key": cell.key,
         "schema": SCHEMA_VERSION,
         "variant_id": cell.variant_id,
@@ -50,7 +55,7 @@ def build_record(cell: Cell, loaded: LoadedModel, outcome: EvalOutcome, seed: in
         "device_description": env.device_description(loaded.device),
         "seed": seed,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="microseconds"),
-    }
+    })
 
 
 def divergence_record(outcome: EvalOutcome) -> dict | None:

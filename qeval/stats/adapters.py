@@ -11,8 +11,9 @@ from typing import Mapping
 
 import pandas as pd
 
-from qeval.stats.records import BASELINE, MinEffect, adapter_label, compare_records, latest, record_group
+from qeval.stats.records import BASELINE, MinEffect, compare_records, latest, record_group
 from qeval.stats.seeds import seed_spread, seeds_differ
+from qeval.store.record import Record
 
 
 def _good(value: float, hib: bool) -> float:
@@ -20,7 +21,7 @@ def _good(value: float, hib: bool) -> float:
     return value if hib else -value
 
 
-def adapter_frames(records: list[dict], samples=None, min_effect: MinEffect | None = None,
+def adapter_frames(records: list[Record], samples=None, min_effect: MinEffect | None = None,
                    domain_tasks: Mapping[str, tuple] | None = None) -> dict[str, pd.DataFrame]:
     """What adapters win back and cost, per task's primary metric.
 
@@ -41,8 +42,8 @@ def adapter_frames(records: list[dict], samples=None, min_effect: MinEffect | No
 
     primary = {}
     for r in latest(records):
-        m = r["metrics"][r["primary_metric"]]
-        key = (record_group(r), r["variant"]["quant"], adapter_label(r["variant"]))
+        m = r.metrics[r.primary_metric]
+        key = (record_group(r), r.variant.quant, r.variant.adapter_label)
         primary[key] = (r, m)
     regained, merges, training = [], [], {}
 
@@ -51,66 +52,68 @@ def adapter_frames(records: list[dict], samples=None, min_effect: MinEffect | No
         return ("undefined", math.nan) if c is None else (c.verdict, c.p_value)
 
     for (group, quant, label), (r, m) in primary.items():
-        v = r["variant"]
-        if not v.get("adapter"):
+        v = r.variant
+        if not v.adapter:
             continue
-        hib = bool(m["higher_is_better"])
-        metric = r["primary_metric"]
+        hib = bool(m.higher_is_better)
+        metric = r.primary_metric
         base = primary.get((group, BASELINE, ""))
         # the reference: the arm's own format without adapter (for the float merge: the 4-bit base)
         ref = primary.get((group, quant, ""))
-        spec = (r.get("adapter") or {}).get("spec", {})
-        domain = (domain_tasks or {}).get(seed_base(v["adapter"]), spec.get("domain_tasks") or ())
-        untouched = r["task"]["name"] not in domain
-        row = {"model": v["model"], "arm": v.get("arm", label), "quant": quant, "adapter": label,
-               "task": r["task"]["name"], "metric": metric, "higher_is_better": hib,
-               "value": m["value"], "stderr": m["stderr"], "untouched": untouched,
-               "baseline_value": base[1]["value"] if base else math.nan,
-               "reference_arm": ref[0]["variant"].get("arm", quant) if ref else "",
-               "reference_value": ref[1]["value"] if ref else math.nan}
+        spec = r.adapter.spec if r.adapter is not None else {}
+        domain = (domain_tasks or {}).get(seed_base(v.adapter), spec.get("domain_tasks") or ())
+        untouched = r.task.name not in domain
+        # an arm stored before arms were named is labelled by its adapter here (by its format elsewhere)
+        row = {"model": v.model, "arm": v.arm if v.stored("arm") else label, "quant": quant, "adapter": label,
+               "task": r.task.name, "metric": metric, "higher_is_better": hib,
+               "value": m.value, "stderr": m.stderr, "untouched": untouched,
+               "baseline_value": base[1].value if base else math.nan,
+               "reference_arm": ref[0].variant.arm if ref else "",
+               "reference_value": ref[1].value if ref else math.nan}
         lost = regained_share = math.nan
         lost_verdict, lost_p = "undefined", math.nan
         if base and ref:
-            lost = _good(base[1]["value"], hib) - _good(ref[1]["value"], hib)
+            lost = _good(base[1].value, hib) - _good(ref[1].value, hib)
             if ref[0] is base[0]:
                 lost_verdict, lost_p = "within noise", 1.0  # the float base: nothing to lose or regain
             else:
                 lost_verdict, lost_p = verdict(base[0], ref[0], metric)
             if lost_verdict == "worse" and lost:
-                regained_share = (_good(m["value"], hib) - _good(ref[1]["value"], hib)) / lost
+                regained_share = (_good(m.value, hib) - _good(ref[1].value, hib)) / lost
         reg_verdict, reg_p = verdict(ref[0] if ref else None, r, metric)
         base_verdict, base_p = verdict(base[0] if base else None, r, metric)
         row.update({"lost": lost, "lost_significant": lost_verdict == "worse", "lost_verdict": lost_verdict,
                     "lost_p": lost_p, "regained": regained_share, "regained_verdict": reg_verdict,
                     "regained_p": reg_p, "vs_baseline_verdict": base_verdict, "vs_baseline_p": base_p,
                     "float_base": quant == BASELINE,
-                    "delta_vs_baseline": (m["value"] - base[1]["value"]) if base else math.nan,
-                    "delta_vs_reference": (m["value"] - ref[1]["value"]) if ref else math.nan})
+                    "delta_vs_baseline": (m.value - base[1].value) if base else math.nan,
+                    "delta_vs_reference": (m.value - ref[1].value) if ref else math.nan})
         regained.append(row)
-        if v.get("merge", "none") != "none":
-            unmerged = primary.get((group, quant, v["adapter"]))
-            merges.append({"model": v["model"], "arm": row["arm"], "adapter": v["adapter"], "merge": v["merge"],
+        if v.merge != "none":
+            unmerged = primary.get((group, quant, v.adapter))
+            merges.append({"model": v.model, "arm": row["arm"], "adapter": v.adapter, "merge": v.merge,
                            "task": row["task"], "metric": row["metric"], "higher_is_better": hib,
-                           "unmerged_value": unmerged[1]["value"] if unmerged else math.nan,
-                           "merged_value": m["value"],
-                           "merge_delta": (m["value"] - unmerged[1]["value"]) if unmerged else math.nan,
+                           "unmerged_value": unmerged[1].value if unmerged else math.nan,
+                           "merged_value": m.value,
+                           "merge_delta": (m.value - unmerged[1].value) if unmerged else math.nan,
                            "merge_verdict": verdict(unmerged[0] if unmerged else None, r, metric)[0],
-                           "merged_bytes": r["footprint"]["total_bytes"]})
-        a = r.get("adapter")
-        if a and v.get("merge", "none") == "none":
-            training.setdefault((v["model"], v["adapter"]), {
-                "model": v["model"], "adapter": v["adapter"], "method": a["spec"]["method"],
-                "train_quant": a["spec"]["train_quant"], "trainable_params": a["trainable_params"],
-                "total_params": a["total_params"], "adapter_bytes": a["adapter_bytes"], "train_s": a["train_s"],
-                "s_per_step": a["s_per_step"], "tokens_per_s": a["tokens_per_s"],
-                "peak_train_bytes": a["peak_train_bytes"], "idle_bytes": a.get("idle_bytes", 0),
-                "steps": a["spec"]["steps"], "steps_done": a.get("steps_done", a["spec"]["steps"]),
-                "tokens": a.get("tokens", 0), "order_hash": a.get("order_hash", ""), "eval_s": a.get("eval_s", 0.0),
-                "seed": a["spec"].get("seed"), "data_format": (a.get("data") or {}).get("format", ""),
-                "data_hash": (a.get("data") or {}).get("hash", ""), "not_converged": not_converged(a["heldout"]),
-                "memory": a.get("memory") or {}, "model_path": r["model"].get("path", ""),
-                "batch_size": a["spec"].get("batch_size"), "seq_len": a["spec"].get("seq_len"),
-                "losses": a["losses"], "heldout": a["heldout"], "key": a["key"], "device": a["device"]})
+                           "merged_bytes": r.footprint.total_bytes})
+        a = r.adapter
+        if a is not None and v.merge == "none":
+            data = a.data or {}
+            training.setdefault((v.model, v.adapter), {
+                "model": v.model, "adapter": v.adapter, "method": a.spec["method"],
+                "train_quant": a.spec["train_quant"], "trainable_params": a.trainable_params,
+                "total_params": a.total_params, "adapter_bytes": a.adapter_bytes, "train_s": a.train_s,
+                "s_per_step": a.s_per_step, "tokens_per_s": a.tokens_per_s,
+                "peak_train_bytes": a.peak_train_bytes, "idle_bytes": a.idle_bytes,
+                "steps": a.spec["steps"], "steps_done": a.steps_done,
+                "tokens": a.tokens, "order_hash": a.order_hash, "eval_s": a.eval_s,
+                "seed": a.spec.get("seed"), "data_format": data.get("format", ""),
+                "data_hash": data.get("hash", ""), "not_converged": not_converged(a.heldout),
+                "memory": a.memory or {}, "model_path": r.model.path,
+                "batch_size": a.spec.get("batch_size"), "seq_len": a.spec.get("seq_len"),
+                "losses": a.losses, "heldout": a.heldout, "key": a.key, "device": a.device})
     regained = pd.DataFrame(regained)
     return {"regained": regained, "merge": pd.DataFrame(merges),
             "training": pd.DataFrame(list(training.values())), "seeds": seed_frame(regained)}

@@ -19,16 +19,17 @@ from qeval.stats.records import (BASELINE, MERGE_SUFFIX, MinEffect, adapter_labe
 from qeval.stats.recovery import recovery as recovery_of
 from qeval.stats.recovery import recovery_undefined
 from qeval.store.columns import MEMORY_COLUMNS, RESULT_COLUMNS  # noqa: F401  (re-exported: frames' column lists)
+from qeval.store.record import Record
 
 # qeval.quant.formats (FORMATS, format_order) is imported where used: it imports torch today, and
 # the frames must not.
 
 
-def results_frame(records: list[dict]) -> pd.DataFrame:
+def results_frame(records: list[Record]) -> pd.DataFrame:
     """One row per (record, task or subtask, metric id): filtered metrics read `metric,filter`,
     a group's members `group/subtask` in the task column."""
     recs = latest(records)
-    baselines = {record_group(r): r for r in recs if r["variant"]["quant"] == BASELINE and not adapter_label(r["variant"])}
+    baselines = {record_group(r): r for r in recs if r.variant.is_baseline}
     rows = []
     for r in recs:
         base = baselines.get(record_group(r))
@@ -36,58 +37,58 @@ def results_frame(records: list[dict]) -> pd.DataFrame:
             base_metrics = metrics_of(base, sub)
             for metric, m in metrics.items():
                 b = base_metrics.get(metric)
-                bv = b["value"] if b else math.nan
-                v = m["value"]
-                hib = bool(m["higher_is_better"])
+                bv = b.value if b else math.nan
+                v = m.value
+                hib = bool(m.higher_is_better)
                 # 1.0 = nothing lost, < 1 = worse, any metric; a score of 0 recovers 0, a baseline of 0
                 # leaves recovery undefined (NaN with recovery_undefined set), which gates treat as failing
                 recovery = recovery_of(v, bv, hib)
                 ratio = v / bv if bv else math.nan
                 rows.append({
-                    "model": r["variant"]["model"], "quant": r["variant"]["quant"],
-                    "adapter": adapter_label(r["variant"]), "task": task, "metric": metric, "higher_is_better": hib,
+                    "model": r.variant.model, "quant": r.variant.quant,
+                    "adapter": r.variant.adapter_label, "task": task, "metric": metric, "higher_is_better": hib,
                     "primary": metric == primary, "value": v,
-                    "stderr": math.nan if m["stderr"] is None else m["stderr"], "n": n,
-                    "baseline_value": bv, "baseline_stderr": (b["stderr"] if b and b["stderr"] is not None else math.nan),
+                    "stderr": math.nan if m.stderr is None else m.stderr, "n": n,
+                    "baseline_value": bv, "baseline_stderr": (b.stderr if b and b.stderr is not None else math.nan),
                     "delta": v - bv, "recovery": recovery, "ratio": ratio,
                     "recovery_undefined": recovery_undefined(v, bv, hib),
-                    "weight_bytes": r["footprint"]["total_bytes"], "device": r["device"], "key": r["key"],
-                    "arm": r["variant"].get("arm", r["variant"]["quant"])})
+                    "weight_bytes": r.footprint.total_bytes, "device": r.device, "key": r.key,
+                    "arm": r.variant.arm})
     frame = pd.DataFrame(rows, columns=RESULT_COLUMNS)
     return sort_frame(frame, ["model", "task", "metric", "quant", "adapter"])
 
 
-def memory_frame(records: list[dict]) -> pd.DataFrame:
+def memory_frame(records: list[Record]) -> pd.DataFrame:
     """One row per variant: measured bytes split by kind, theory, ratios, and time costs."""
     from qeval.quant.formats import FORMATS
 
     recs = latest(records)
-    by_variant: dict[tuple, list[dict]] = {}
+    by_variant: dict[tuple, list[Record]] = {}
     for r in recs:
-        by_variant.setdefault((r["variant"]["model"], r["variant"]["quant"], adapter_label(r["variant"]),
-                               r["model"]["fingerprint"], r["device"]), []).append(r)
-    base_bytes = {(k[3], k[4]): rs[0]["footprint"]["total_bytes"]
+        by_variant.setdefault((r.variant.model, r.variant.quant, r.variant.adapter_label,
+                               r.model.fingerprint, r.device), []).append(r)
+    base_bytes = {(k[3], k[4]): rs[0].footprint.total_bytes
                   for k, rs in by_variant.items() if k[1] == BASELINE and not k[2]}
     rows = []
     for (model, quant, adapter, fp, device), rs in by_variant.items():
-        fpt = max(rs, key=lambda r: r["created_at"])["footprint"]
+        fpt = max(rs, key=lambda r: r.created_at).footprint
         base = base_bytes.get((fp, device), math.nan)
-        qp = fpt["quantized_params"]
+        qp = fpt.quantized_params
         fmt = FORMATS.get(quant) if quant in FORMATS else None
         theory_bits = math.nan
         if qp and fmt is not None and fmt.bits_per_weight is not None:
             # the quantized share of the theory bytes, per quantized weight
-            theory_bits = (fpt["theory_bytes"] - fpt["unquantized_bytes"]) * 8 / qp
+            theory_bits = (fpt.theory_bytes - fpt.unquantized_bytes) * 8 / qp
         rows.append({
-            "model": model, "quant": quant, "adapter": adapter, "total_bytes": fpt["total_bytes"],
-            "quantized_weight_bytes": fpt["quantized_weight_bytes"], "quant_state_bytes": fpt["quant_state_bytes"],
-            "unquantized_bytes": fpt["unquantized_bytes"], "theory_bytes": fpt["theory_bytes"],
-            "baseline_bytes": base, "ratio_to_baseline": fpt["total_bytes"] / base if base == base else math.nan,
-            "ratio_to_theory": fpt["total_bytes"] / fpt["theory_bytes"],
-            "measured_bits_per_weight": (fpt["quantized_weight_bytes"] + fpt["quant_state_bytes"]) * 8 / qp if qp else math.nan,
+            "model": model, "quant": quant, "adapter": adapter, "total_bytes": fpt.total_bytes,
+            "quantized_weight_bytes": fpt.quantized_weight_bytes, "quant_state_bytes": fpt.quant_state_bytes,
+            "unquantized_bytes": fpt.unquantized_bytes, "theory_bytes": fpt.theory_bytes,
+            "baseline_bytes": base, "ratio_to_baseline": fpt.total_bytes / base if base == base else math.nan,
+            "ratio_to_theory": fpt.total_bytes / fpt.theory_bytes,
+            "measured_bits_per_weight": (fpt.quantized_weight_bytes + fpt.quant_state_bytes) * 8 / qp if qp else math.nan,
             "theory_bits_per_weight": theory_bits,
-            "load_s": max(r["timings"]["load_s"] for r in rs), "eval_s": sum(r["timings"]["eval_s"] for r in rs),
-            "peak_bytes": max(r["peak_bytes"] for r in rs), "device": device})
+            "load_s": max(r.timings.load_s for r in rs), "eval_s": sum(r.timings.eval_s for r in rs),
+            "peak_bytes": max(r.peak_bytes for r in rs), "device": device})
     return sort_frame(pd.DataFrame(rows, columns=MEMORY_COLUMNS), ["model", "quant", "adapter"])
 
 
@@ -119,25 +120,25 @@ def sort_frame(frame: pd.DataFrame, by: list[str]) -> pd.DataFrame:
 
 # ----------------------------------------------------------------------------- paired statistics
 
-def paired_frame(records: list[dict], samples, min_effect: MinEffect | None = None) -> pd.DataFrame:
+def paired_frame(records: list[Record], samples, min_effect: MinEffect | None = None) -> pd.DataFrame:
     """One row per variant and task (primary metric): the paired comparison against the baseline
     (`qeval.stats.paired.compare_pair`: test, interval, p-value, flips, MDE, verdict).
     `samples(key)` returns a record's stored per-sample outputs."""
     recs = latest(records)
-    baselines = {record_group(r): r for r in recs if r["variant"]["quant"] == BASELINE and not adapter_label(r["variant"])}
+    baselines = {record_group(r): r for r in recs if r.variant.is_baseline}
     rows = []
     for r in recs:
         base = baselines.get(record_group(r))
         if base is None or base is r:
             continue
         for task, sub, metrics, metric, _ in task_views(r):
-            if sub is not None and (r["subtasks"][sub].get("group") or metric not in metrics_of(base, sub)):
+            if sub is not None and (r.subtasks[sub].group or metric not in metrics_of(base, sub)):
                 continue  # a nested group's documents are its leaves' (compared there and in the top group)
             c = compare_records(base, r, metric, samples, min_effect, sub)
             if c is None or (sub is not None and not c.n):
                 continue
-            rows.append({"model": r["variant"]["model"], "quant": r["variant"]["quant"],
-                         "adapter": adapter_label(r["variant"]), "task": task, "metric": metric,
+            rows.append({"model": r.variant.model, "quant": r.variant.quant,
+                         "adapter": r.variant.adapter_label, "task": task, "metric": metric,
                          "delta": c.delta, "kind": c.kind, **c.as_row()})
     return pd.DataFrame(rows)
 
@@ -161,19 +162,19 @@ def task_mde(pairs: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
-def divergence_frame(records: list[dict], pairs: pd.DataFrame) -> pd.DataFrame:
+def divergence_frame(records: list[Record], pairs: pd.DataFrame) -> pd.DataFrame:
     """Per variant: KL / top-1 agreement on the divergence task beside flips and McNemar p of each
     right/wrong task (the CSV a user reads to see damage that accuracy hides)."""
     rows = []
     recs = latest(records)
     for r in recs:
-        d = r.get("divergence") or {}
-        if "kl_mean" not in d:
+        d = r.divergence
+        if d is None or not d.measured:
             continue
-        row = {"model": r["variant"]["model"], "quant": r["variant"]["quant"], "adapter": adapter_label(r["variant"]),
-               "divergence_task": r["task"]["name"], "tokens": d["tokens"], "kl_mean": d["kl_mean"],
-               "kl_p90": d["kl_p90"], "kl_p99": d["kl_p99"], "kl_max": d["kl_max"], "top1_agree": d["top1_agree"],
-               "ppl_ratio": d["ppl_ratio"], "divergence_s": d["seconds"]}
+        row = {"model": r.variant.model, "quant": r.variant.quant, "adapter": r.variant.adapter_label,
+               "divergence_task": r.task.name, "tokens": d.tokens, "kl_mean": d.kl_mean,
+               "kl_p90": d.kl_p90, "kl_p99": d.kl_p99, "kl_max": d.kl_max, "top1_agree": d.top1_agree,
+               "ppl_ratio": d.ppl_ratio, "divergence_s": d.seconds}
         mine = pairs[(pairs.model == row["model"]) & (pairs.quant == row["quant"]) & (pairs.adapter == row["adapter"])] \
             if not pairs.empty else pairs
         flip_rows = mine[mine["flips"].notna()] if "flips" in mine.columns else mine.iloc[0:0]
@@ -214,11 +215,11 @@ def history_frame(runs: list[dict], get) -> pd.DataFrame:
             rec = get(key)
             if rec is None:
                 continue
-            metric = rec["primary_metric"]
+            metric = rec.primary_metric
             rows.append({"run_id": run["run_id"], "started_at": run["started_at"], "git_sha": run["git_sha"],
-                         "versions_changed": changed, "model": rec["variant"]["model"],
-                         "arm": rec["variant"].get("arm", rec["variant"]["quant"]), "variant_id": rec["variant_id"],
-                         "task": rec["task"]["name"], "metric": metric, "value": rec["metrics"][metric]["value"],
-                         "stderr": rec["metrics"][metric]["stderr"], "computed": key in run.get("computed", []),
+                         "versions_changed": changed, "model": rec.variant.model,
+                         "arm": rec.variant.arm, "variant_id": rec.variant_id,
+                         "task": rec.task.name, "metric": metric, "value": rec.metrics[metric].value,
+                         "stderr": rec.metrics[metric].stderr, "computed": key in run.get("computed", []),
                          "key": key})
     return pd.DataFrame(rows)

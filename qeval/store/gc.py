@@ -24,16 +24,15 @@ def referenced(store_path: Path) -> tuple[set[str], set[str], set[str]]:
     refs, heads, adapters = set(), set(), set()
     with Store(store_path, readonly=True) as store:
         for rec in store.records():
-            if rec.get("divergence") and "divergence_reference" not in rec:
+            if rec.divergence is not None and not rec.stored("divergence_reference"):
                 # written before records named their reference: which files it used is unknown
                 refs.add("*")
-            if rec.get("divergence_reference"):
-                refs.add(rec["divergence_reference"][:32])
-            if rec.get("divergence_head"):
-                heads.add(rec["divergence_head"][:32])
-            adapter = rec.get("adapter") or {}
-            if adapter.get("key"):
-                adapters.add(adapter["key"][:32])
+            if rec.divergence_reference:
+                refs.add(rec.divergence_reference[:32])
+            if rec.divergence_head:
+                heads.add(rec.divergence_head[:32])
+            if rec.adapter is not None and rec.adapter.key:
+                adapters.add(rec.adapter.key[:32])
     return refs, heads, adapters
 
 

@@ -17,6 +17,7 @@ from typing import Iterator
 
 from qeval.core.errors import QevalError
 from qeval.core.files import canonical_json, content_key  # noqa: F401  (re-exported: keys live beside records)
+from qeval.store.record import Record
 
 SCHEMA_VERSION = 1  # part of every key: bump when the meaning of a record changes
 
@@ -114,30 +115,31 @@ class Store:
     def __contains__(self, key: str) -> bool:
         return self._db.execute("SELECT 1 FROM records WHERE key=?", (key,)).fetchone() is not None
 
-    def put(self, record: dict, samples: list[dict] | None = None) -> bool:
-        """Insert `record` (it must carry `key`, `variant_id`, `task.name`, `created_at`) and its
-        samples atomically. Returns False when the key was already stored (records are immutable)."""
-        key = record["key"]
+    def put(self, record: Record, samples: list[dict] | None = None) -> bool:
+        """Insert `record` and its samples atomically. Returns False when the key was already
+        stored (records are immutable)."""
+        key = record.key
         with self._transaction():
+            # the stored text is the record's canonical JSON, exactly as before records were typed
             cur = self._db.execute(
                 "INSERT OR IGNORE INTO records(key, variant, task, created_at, record) VALUES (?,?,?,?,?)",
-                (key, record["variant_id"], record["task"]["name"], record["created_at"], canonical_json(record)))
+                (key, record.variant_id, record.task.name, record.created_at, canonical_json(record.to_json())))
             if cur.rowcount and samples is not None:
                 blob = zlib.compress(canonical_json(samples).encode(), 6)
                 self._db.execute("INSERT OR REPLACE INTO samples(key, data) VALUES (?,?)", (key, blob))
         return bool(cur.rowcount)
 
-    def get(self, key: str) -> dict | None:
+    def get(self, key: str) -> Record | None:
         row = self._db.execute("SELECT record FROM records WHERE key=?", (key,)).fetchone()
-        return json.loads(row[0]) if row else None
+        return Record.from_json(json.loads(row[0])) if row else None
 
     def samples(self, key: str) -> list[dict] | None:
         row = self._db.execute("SELECT data FROM samples WHERE key=?", (key,)).fetchone()
         return json.loads(zlib.decompress(row[0])) if row else None
 
-    def records(self) -> Iterator[dict]:
+    def records(self) -> Iterator[Record]:
         for (rec,) in self._db.execute("SELECT record FROM records ORDER BY created_at, key"):
-            yield json.loads(rec)
+            yield Record.from_json(json.loads(rec))
 
     def __len__(self) -> int:
         return self._db.execute("SELECT COUNT(*) FROM records").fetchone()[0]

@@ -15,6 +15,7 @@ import pandas as pd
 
 from qeval.report.doc import Section
 from qeval.report.frames import MEMORY_COLUMNS, RESULT_COLUMNS, VARIANT, ordered, tidy
+from qeval.store.record import Record
 
 
 @dataclass(frozen=True, eq=False)
@@ -24,7 +25,7 @@ class ReportData:
     results: pd.DataFrame  # qeval.stats.compare.results_frame with the paired columns (with_paired)
     memory: pd.DataFrame  # qeval.stats.compare.memory_frame
     meta: dict  # title, provenance lines (qeval.report.sections.meta)
-    records: tuple = ()  # the store's records: the format landscape and the summary read them
+    records: tuple[Record, ...] = ()  # the store's records: the format landscape and the summary read them
     pairs: pd.DataFrame = field(default_factory=pd.DataFrame)  # qeval.stats.compare.paired_frame
     div: pd.DataFrame = field(default_factory=pd.DataFrame)  # qeval.stats.compare.divergence_frame
     adapters: dict | None = None  # qeval.stats.compare.adapter_frames

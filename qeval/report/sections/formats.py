@@ -20,12 +20,13 @@ from qeval.report.fmt import BASELINE, NA, fmt_mib, fmt_num, fmt_pct, missing
 from qeval.report.frames import declared
 from qeval.report.plots import plt, png
 from qeval.report.sections import ReportData, ReportSection, register
+from qeval.store.record import Record
 
 PARETO_PNG = "formats_pareto.png"
 LANDSCAPE_CSV = "formats.csv"
 
 
-def landscape_frame(memory: pd.DataFrame, div: pd.DataFrame, results: pd.DataFrame, records: list[dict]) -> pd.DataFrame:
+def landscape_frame(memory: pd.DataFrame, div: pd.DataFrame, results: pd.DataFrame, records: list[Record]) -> pd.DataFrame:
     """One row per (model, format) without an adapter: bits (theory, measured in memory, packed),
     bytes, load+quantize time, KL mean/p99, top-1 agreement, mean recovery and each task's primary
     delta with its interval (columns `delta:<task>`, `lo:<task>`, `hi:<task>`)."""
@@ -35,11 +36,11 @@ def landscape_frame(memory: pd.DataFrame, div: pd.DataFrame, results: pd.DataFra
     packed: dict[tuple, int] = {}
     types: dict[tuple, str] = {}  # GGUF: the share of quantized weights per ggml type (mixes, fallbacks)
     for r in records:
-        if not r["variant"].get("adapter"):
-            packed[(r["variant"]["model"], r["variant"]["quant"])] = r["footprint"].get("packed_bytes", 0)
-            census = r["footprint"].get("packed_types") or {}
+        if not r.variant.adapter:
+            packed[(r.variant.model, r.variant.quant)] = r.footprint.packed_bytes
+            census = r.footprint.packed_types or {}
             total = sum(census.values())
-            types[(r["variant"]["model"], r["variant"]["quant"])] = ", ".join(
+            types[(r.variant.model, r.variant.quant)] = ", ".join(
                 f"{t} {100 * n / total:.1f}%" for t, n in sorted(census.items(), key=lambda kv: -kv[1])) if total else ""
     prim = results[results["primary"].fillna(False).astype(bool) & (results["adapter"].fillna("") == "")] \
         if not results.empty else results
@@ -194,7 +195,7 @@ def _pareto_png(land: pd.DataFrame) -> bytes:
     return png(fig)
 
 
-def baseline_banners(records: list[dict], land: pd.DataFrame) -> list[str]:
+def baseline_banners(records: list[Record], land: pd.DataFrame) -> list[str]:
     """Per model: the pre-quantized-baseline banner (grid census of its weights, memoized), where
     the weights came from, and what re-quantizing to the same GGUF type measured."""
     import json
@@ -204,19 +205,19 @@ def baseline_banners(records: list[dict], land: pd.DataFrame) -> list[str]:
 
     out, seen = [], set()
     for r in records:
-        m = r["model"]
-        if r["variant"]["quant"] != BASELINE or m["fingerprint"] in seen:
+        m = r.model
+        if r.variant.quant != BASELINE or m.fingerprint in seen:
             continue
-        seen.add(m["fingerprint"])
+        seen.add(m.fingerprint)
         origin = ""
-        src = Path(m["path"]) / "qeval-source.json"
+        src = Path(m.path) / "qeval-source.json"
         if src.is_file():
             origin = "dequantized from " + Path(json.loads(src.read_text())["gguf"]).name
-        text = banner(cached_grid_census(Path(m["path"]), m["fingerprint"]), ", ".join(x for x in (m["spec"], origin) if x))
+        text = banner(cached_grid_census(Path(m.path), m.fingerprint), ", ".join(x for x in (m.spec, origin) if x))
         if not text:
             continue
         if not land.empty:
-            same = land[(land["model"] == r["variant"]["model"]) & land["quant"].astype(str).str.startswith("gguf:q4_1")]
+            same = land[(land["model"] == r.variant.model) & land["quant"].astype(str).str.startswith("gguf:q4_1")]
             for row in same.to_dict("records"):
                 text += (f" Re-quantizing it to {row['quant']} gives KL {fmt_num(row['kl_mean'])} "
                          f"(top-1 agreement {fmt_pct(row['top1_agree'])}): its weights already lie on that grid.")
