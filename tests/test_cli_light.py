@@ -27,3 +27,19 @@ def test_light_commands_import_neither_torch_nor_transformers(args):
 
 def test_qeval_formats_imports_neither_torch_nor_transformers():
     assert heavy_imports("formats") == []
+
+
+def test_rendering_a_report_imports_neither_torch_nor_transformers(tmp_path):
+    # a store of records written by main at 491cb25 (tests/data): the report is built from records alone
+    import json
+    from pathlib import Path
+
+    from qeval.store.record import Record
+    from qeval.store.store import Store
+
+    store = tmp_path / "store.sqlite"
+    with Store(store) as s:
+        for line in (Path(__file__).parent / "data" / "records_v_main.jsonl").read_text().splitlines():
+            s.put(Record.from_json(json.loads(line)))
+    assert heavy_imports("report", "--store", str(store), "--out", str(tmp_path / "out")) == []
+    assert (tmp_path / "out" / "report.md").is_file()

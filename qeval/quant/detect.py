@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+
 from qeval.core import env
 from qeval.core.files import atomic_write
 
@@ -22,24 +24,35 @@ _SKIP = ("embed", "norm", "lm_head", "wte", "wpe")
 def grid_census(folder: Path, block: int = 32, max_distinct: int = 16) -> dict:
     """{"tensors", "blocks", "low_blocks", "fraction", "block", "max_distinct"} over the folder's
     linear weights whose rows divide into blocks (others are skipped)."""
-    from safetensors import safe_open
-
     tensors = blocks = low = 0
     for f in sorted(Path(folder).glob("*.safetensors")):
-        with safe_open(str(f), "pt") as st:
-            for name in st.keys():
-                if not name.endswith(".weight") or any(s in name for s in _SKIP):
-                    continue
-                w = st.get_tensor(name)
-                if w.dim() != 2 or w.shape[1] % block:
-                    continue
-                b = w.reshape(-1, block).sort(dim=1).values
-                distinct = 1 + (b[:, 1:] != b[:, :-1]).sum(dim=1)
-                tensors += 1
-                blocks += b.shape[0]
-                low += int((distinct <= max_distinct).sum())
+        for name, w in _weights(f):
+            if w.ndim != 2 or w.shape[1] % block:
+                continue
+            b = np.sort(w.reshape(-1, block), axis=1)
+            distinct = 1 + (b[:, 1:] != b[:, :-1]).sum(axis=1)
+            tensors += 1
+            blocks += b.shape[0]
+            low += int((distinct <= max_distinct).sum())
     return {"tensors": tensors, "blocks": blocks, "low_blocks": low, "fraction": low / blocks if blocks else 0.0,
             "block": block, "max_distinct": max_distinct}
+
+
+def _weights(path: Path):
+    """(name, array) of the file's linear weights. numpy, so `qeval report` (which shows the census
+    banner) imports no torch; numpy has no bfloat16, so a bf16 file is read through torch and widened
+    to float32 (exact: every bf16 value is a float32 value, so the distinct counts are unchanged)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "np") as st:
+        names = [n for n in st.keys() if n.endswith(".weight") and not any(s in n for s in _SKIP)]
+        for n in names:
+            try:
+                w = st.get_tensor(n)
+            except (TypeError, ValueError):  # a dtype numpy lacks (bfloat16): this tensor through torch
+                with safe_open(str(path), "pt") as pt:
+                    w = pt.get_tensor(n).float().numpy()
+            yield n, w
 
 
 def cached_grid_census(folder: Path, fingerprint: str) -> dict | None:
