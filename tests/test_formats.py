@@ -248,7 +248,7 @@ def test_report_shows_the_banner_and_q4_1_on_its_own_grid_gives_kl_0(planted_q4_
     """End to end: run + report on a Q4_1-planted model. Re-quantizing to gguf:q4_1 changes no weight
     (KL exactly 0, checked from the stored record), gguf:q4_0 does (KL > 0)."""
     records, md, out = run_kl_and_report(planted_q4_1, "none,gguf:q4_1,gguf:q4_0", tmp_path, capsys)
-    kl = {q: (r.get("divergence") or {}).get("kl_mean") for q, r in records.items()}
+    kl = {q: r.divergence.kl_mean if r.divergence else None for q, r in records.items()}
     assert kl["gguf:q4_1"] == 0.0 and kl["gguf:q4_0"] > 0
     assert "Format landscape across backends" in md and "already quantized" in md
     assert "Re-quantizing it to gguf:q4_1 gives KL 0" in md
