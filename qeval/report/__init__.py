@@ -7,20 +7,11 @@ matplotlib until one is used.
 """
 from __future__ import annotations
 
-import importlib
+from qeval.core.lazy import lazy_exports
 
-_EXPORTS = {
-    "build_report": "qeval.report.build", "render": "qeval.report.build", "compose": "qeval.report.build",
-    "report_data": "qeval.report.build",
-    "ReportData": "qeval.report.sections", "ReportSection": "qeval.report.sections", "SECTIONS": "qeval.report.sections",
-    "register": "qeval.report.sections",
-    "Section": "qeval.report.doc", "to_markdown": "qeval.report.doc", "to_html": "qeval.report.doc",
-    "variant_label": "qeval.report.fmt", "fmt_num": "qeval.report.fmt",
-}
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'qeval.report' has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
+__getattr__, __all__ = lazy_exports(__name__, {
+    "build": ("build_report", "render", "compose", "report_data"),
+    "sections": ("ReportData", "ReportSection", "SECTIONS", "register"),
+    "doc": ("Section", "to_markdown", "to_html"),
+    "fmt": ("variant_label", "fmt_num"),
+})

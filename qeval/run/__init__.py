@@ -6,18 +6,11 @@ Names are re-exported lazily: importing `qeval.run` (or its schema, for `--help`
 """
 from __future__ import annotations
 
-import importlib
+from qeval.core.lazy import lazy_exports
 
-_OWNERS = {
-    "Plan": "plan", "Arm": "plan", "RaySettings": "plan", "Thresholds": "plan", "Resolved": "plan",
-    "load_plan": "plan", "plan_from": "plan", "plan_keys": "plan", "validate": "plan",
-    "Cell": "cells", "make_cells": "cells", "expand": "cells",
-    "build_record": "record", "run_plan": "driver", "RunSummary": "driver",
-}
-__all__ = sorted(_OWNERS)
-
-
-def __getattr__(name: str):
-    if name in _OWNERS:
-        return getattr(importlib.import_module(f"qeval.run.{_OWNERS[name]}"), name)
-    raise AttributeError(f"module 'qeval.run' has no attribute {name!r}")
+__getattr__, __all__ = lazy_exports(__name__, {
+    "plan": ("Plan", "Arm", "RaySettings", "Thresholds", "Resolved", "load_plan", "plan_from", "plan_keys", "validate"),
+    "cells": ("Cell", "make_cells", "expand"),
+    "record": ("build_record",),
+    "driver": ("run_plan", "RunSummary"),
+})

@@ -6,30 +6,19 @@ and `from qeval.stats import compare_pair` loads only scipy, never pandas for th
 """
 from __future__ import annotations
 
-import importlib
+from qeval.core.lazy import lazy_exports
 
-_HOME = {
-    **dict.fromkeys(("ALPHA", "POWER", "BETTER", "WORSE", "NOISE", "SMALL", "UNDEFINED", "MIN_N_T", "MIN_N_BOOTSTRAP",
-                     "Comparison", "verdict_at"), "qeval.stats.comparison"),
-    **dict.fromkeys(("Kind", "KINDS"), "qeval.stats.kind"),
-    **dict.fromkeys(("AGGREGATION", "LEGACY_AGGREGATION", "aggregation_of", "kind_of", "default_min_effect",
-                     "compare_pair", "compare_values", "mde_at", "mcnemar_mde", "mcnemar_power"), "qeval.stats.paired"),
-    **dict.fromkeys(("FDR_METHOD", "fdr_adjust", "fdr_verdicts"), "qeval.stats.multiple"),
-    **dict.fromkeys(("recovery", "recovery_undefined", "recovery_fails", "recovery_interval", "LossVerdicts",
-                     "LOSS_VERDICTS", "NO_LOSS", "SMALL_LOSS", "UNCLEAR_LOSS", "LARGE_LOSS", "NOT_TESTED"),
-                    "qeval.stats.recovery"),
-    **dict.fromkeys(("SeedSpread", "seed_spread", "seeds_differ"), "qeval.stats.seeds"),
-    **dict.fromkeys(("BASELINE", "adapter_label", "latest", "results_frame", "memory_frame", "adapter_frames",
-                     "paired_frame", "task_mde", "divergence_frame", "with_paired", "history_frame", "decision",
-                     "sort_frame"), "qeval.stats.compare"),
-}
-
-__all__ = sorted(_HOME)
-
-
-def __getattr__(name: str):
-    if name not in _HOME:
-        raise AttributeError(f"module 'qeval.stats' has no attribute {name!r}")
-    # the kinds register when qeval.stats.paired is imported; KINDS read through here must be full
-    importlib.import_module("qeval.stats.paired")
-    return getattr(importlib.import_module(_HOME[name]), name)
+__getattr__, __all__ = lazy_exports(__name__, {
+    "comparison": ("ALPHA", "POWER", "BETTER", "WORSE", "NOISE", "SMALL", "UNDEFINED", "MIN_N_T", "MIN_N_BOOTSTRAP",
+                   "Comparison", "verdict_at"),
+    "kind": ("Kind", "KINDS"),
+    "paired": ("AGGREGATION", "LEGACY_AGGREGATION", "aggregation_of", "kind_of", "default_min_effect", "compare_pair",
+               "compare_values", "mde_at", "mcnemar_mde", "mcnemar_power"),
+    "multiple": ("FDR_METHOD", "fdr_adjust", "fdr_verdicts"),
+    "recovery": ("recovery", "recovery_undefined", "recovery_fails", "recovery_interval", "LossVerdicts",
+                 "LOSS_VERDICTS", "NO_LOSS", "SMALL_LOSS", "UNCLEAR_LOSS", "LARGE_LOSS", "NOT_TESTED"),
+    "seeds": ("SeedSpread", "seed_spread", "seeds_differ"),
+    "compare": ("BASELINE", "adapter_label", "latest", "results_frame", "memory_frame", "adapter_frames",
+                "paired_frame", "task_mde", "divergence_frame", "with_paired", "history_frame", "decision",
+                "sort_frame"),
+}, first='qeval.stats.paired')

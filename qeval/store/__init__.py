@@ -6,18 +6,11 @@ Names are re-exported lazily, like every package's: importing `qeval.store` open
 """
 from __future__ import annotations
 
-import importlib
+from qeval.core.lazy import lazy_exports
 
-_OWNERS = {
-    **dict.fromkeys(("Record", "Part", "Variant", "ModelRef", "TaskRef", "Metric", "Subtask", "Timings", "Footprint",
-                     "Divergence", "AdapterSummary", "MERGE_SUFFIX"), "record"),
-    **dict.fromkeys(("Store", "SCHEMA_VERSION", "check_store_path", "canonical_json", "content_key"), "store"),
-    **dict.fromkeys(("RESULT_COLUMNS", "MEMORY_COLUMNS"), "columns"),
-}
-__all__ = sorted(_OWNERS)
-
-
-def __getattr__(name: str):
-    if name in _OWNERS:
-        return getattr(importlib.import_module(f"qeval.store.{_OWNERS[name]}"), name)
-    raise AttributeError(f"module 'qeval.store' has no attribute {name!r}")
+__getattr__, __all__ = lazy_exports(__name__, {
+    "record": ("Record", "Part", "Variant", "ModelRef", "TaskRef", "Metric", "Subtask", "Timings", "Footprint",
+               "Divergence", "AdapterSummary", "MERGE_SUFFIX"),
+    "store": ("Store", "SCHEMA_VERSION", "check_store_path", "canonical_json", "content_key"),
+    "columns": ("RESULT_COLUMNS", "MEMORY_COLUMNS"),
+})

@@ -7,9 +7,9 @@ imports none of them.
 """
 from __future__ import annotations
 
-import importlib
+from qeval.core.lazy import lazy_exports
 
-_HOMES = {
+__getattr__, __all__ = lazy_exports(__name__, {
     "spec": ("METHODS", "MERGES", "ADAPTER_SCHEMA", "AdapterSpec", "SEED_TAG", "seed_base", "expand_seeds",
              "lora_config", "peft_problems", "not_converged", "adapter_key", "lora_base_problem", "merge_problem"),
     "child": ("run_in_child",),
@@ -17,12 +17,4 @@ _HOMES = {
     "artifact": ("AdapterArtifact", "load_artifact", "load_finetuned"),
     "merge": ("attach", "dequantize_base"),
     "estimate": ("Shape", "MemoryEstimate", "estimate", "fits_table"),
-}
-_HOME = {name: mod for mod, names in _HOMES.items() for name in names}
-__all__ = sorted(_HOME)
-
-
-def __getattr__(name: str):
-    if name in _HOME:
-        return getattr(importlib.import_module(f"qeval.train.{_HOME[name]}"), name)
-    raise AttributeError(f"module 'qeval.train' has no attribute {name!r}")
+})
