@@ -145,16 +145,16 @@ def main() -> int:
 
     if bnb:
         def qlora():
-            recs = [r for r in records() if r["variant"]["arm"] == "qlora"]
-            if not recs or not recs[0].get("adapter"):
+            recs = [r for r in records() if r.variant.arm == "qlora"]
+            if not recs or not recs[0].adapter:
                 return "FAIL", "no qlora record"
-            a = recs[0]["adapter"]
-            return "ok", (f"{a['spec']['steps']} steps, {a.get('trainable_params', '?')} trainable, "
-                          f"peak {a.get('peak_train_bytes', 0) / 2**20:.0f} MiB "
+            a = recs[0].adapter
+            return "ok", (f"{a.spec['steps']} steps, {a.trainable_params} trainable, "
+                          f"peak {a.peak_train_bytes / 2**20:.0f} MiB "
                           f"({'CUDA max allocated' if device == 'cuda' else 'RSS'})")
 
         def merges():
-            got = {r["variant"]["arm"] for r in records()}
+            got = {r.variant.arm for r in records()}
             need = {"qlora-merged-float", "qlora-merged-nf4"}
             return ("ok" if need <= got else "FAIL"), f"arms stored: {sorted(need & got)}"
 
@@ -172,8 +172,8 @@ def main() -> int:
         from qeval.models.load import compute_dtype
 
         f = dtype_floor(str(model_dir), device, compute_dtype(device), suite=str(suite))
-        nf4 = [r["divergence"]["kl_mean"] for r in records()
-               if r["variant"]["arm"] == "bnb-nf4" and (r.get("divergence") or {}).get("kl_mean") is not None]
+        nf4 = [r.divergence.kl_mean for r in records()
+               if r.variant.arm == "bnb-nf4" and r.divergence is not None and r.divergence.measured]
         detail = (f"{f['dtype']} baseline vs itself: KL max {f['self_kl_max']:.2e}; {f['dtype']} vs "
                   f"{f['reference_dtype']} baseline: KL mean {f['kl_mean']:.2e} p99 {f['kl_p99']:.2e}, top-1 "
                   f"{f['top1_agree']:.4f}" + (f"; bnb-nf4 vs baseline: KL mean {nf4[0]:.2e}" if nf4 else ""))

@@ -17,5 +17,5 @@ def run_kl_and_report(model_dir: Path, formats: str, tmp_path: Path, capsys) -> 
     assert main(["report", "--store", str(store), "--out", str(out)]) == 0
     capsys.readouterr()
     with Store(store, readonly=True) as st:
-        records = {r["variant"]["quant"]: r for r in st.records()}
+        records = {r.variant.quant: r for r in st.records()}
     return records, (out / "report.md").read_text(), out

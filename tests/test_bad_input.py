@@ -328,9 +328,9 @@ def test_include_path_task_runs_and_is_fingerprinted(tmp_path, tiny_model_dir, c
     assert main(argv) == 0, capsys.readouterr().err
     with Store(tmp_path / "s.sqlite", readonly=True) as s:
         (rec,) = list(s.records())
-    assert rec["task"]["name"] == "my_mc" and rec["n"] == 2
+    assert rec.task.name == "my_mc" and rec.n == 2
     before = task_fingerprint("my_mc", (tasks.resolve(),))
-    assert rec["task"]["fingerprint"] == before
+    assert rec.task.fingerprint == before
     (tasks / "data.jsonl").write_text((tasks / "data.jsonl").read_text() + json.dumps(MC_ROWS[0]) + "\n")
     assert task_fingerprint("my_mc", (tasks.resolve(),)) != before
 

@@ -4,6 +4,7 @@ The Ray tests start a local Ray of 2 CPUs (seconds each), so there are two: same
 bit-identical numbers as the local executor (artifacts travelling between Ray tasks), and a worker
 killed mid-job.
 """
+import dataclasses
 import os
 import re
 import signal
@@ -32,7 +33,7 @@ def plan(tiny_model_dir, tmp_path):
 
 def _records(path):
     with Store(path, readonly=True) as s:
-        return {r["key"]: (r, s.samples(r["key"])) for r in s.records()}
+        return {r.key: (r, s.samples(r.key)) for r in s.records()}
 
 
 def test_dag_orders_references_and_adapters_before_their_users(plan):
@@ -97,10 +98,10 @@ def test_reference_recorded_by_its_own_job_when_the_baseline_is_stored(plan, tmp
     run_plan(plan, tmp_path / "together.sqlite", progress=lambda s: None)
     a, b = _records(tmp_path / "s.sqlite"), _records(tmp_path / "together.sqlite")
     assert set(a) == set(b)
-    nf4 = [k for k, (r, _) in a.items() if r["variant"]["quant"] == "bnb-nf4" and r["divergence"]]
+    nf4 = [k for k, (r, _) in a.items() if r.variant.quant == "bnb-nf4" and r.divergence]
     assert len(nf4) == 1
-    numbers = lambda d: {k: v for k, v in d.items() if k != "seconds"}  # noqa: E731
-    assert numbers(a[nf4[0]][0]["divergence"]) == numbers(b[nf4[0]][0]["divergence"])
+    numbers = lambda d: dataclasses.replace(d, seconds=None)  # noqa: E731
+    assert numbers(a[nf4[0]][0].divergence) == numbers(b[nf4[0]][0].divergence)
 
 
 def test_missing_ray_is_one_line(plan, tmp_path, monkeypatch, capsys):
@@ -142,13 +143,13 @@ def test_ray_gives_the_same_keys_and_bit_identical_numbers(plan, tmp_path, monke
     assert set(a) == set(b) and len(a) == 4
     for key, (ra, sa) in a.items():
         rb, sb = b[key]
-        assert ra["metrics"] == rb["metrics"], ra["variant"]  # bit-identical: floats compared with ==
-        numbers = lambda d: {k: v for k, v in (d or {}).items() if k != "seconds"}  # noqa: E731 (a timing)
-        assert numbers(ra["divergence"]) == numbers(rb["divergence"])  # KL, top-1 agreement, ppl ratio
+        assert ra.metrics == rb.metrics, ra.variant  # bit-identical: floats compared with ==
+        numbers = lambda d: d and dataclasses.replace(d, seconds=None)  # noqa: E731 (a timing)
+        assert numbers(ra.divergence) == numbers(rb.divergence)  # KL, top-1 agreement, ppl ratio
         assert sa == sb
-        assert ra["git_sha"] == rb["git_sha"]
-    nf4_ppl = next(r for r, _ in b.values() if r["variant"]["quant"] == "bnb-nf4" and r["divergence"])
-    assert nf4_ppl["divergence"]["tokens"] > 0  # the variant really compared with the Ray-made reference
+        assert ra.git_sha == rb.git_sha
+    nf4_ppl = next(r for r, _ in b.values() if r.variant.quant == "bnb-nf4" and r.divergence)
+    assert nf4_ppl.divergence.tokens > 0  # the variant really compared with the Ray-made reference
     assert (tmp_path / "cache-ray" / "references").is_dir()  # and the driver kept it in its own cache
 
 

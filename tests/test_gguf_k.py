@@ -211,9 +211,9 @@ def test_run_and_report_show_the_type_census(tiny_model_dir, tmp_path, capsys):
     """End to end on the tiny model: the record carries the per-tensor types, and the report's format
     landscape names them (rows of 64/128: Q6_K falls back to Q8_0 everywhere)."""
     rec, md, _ = run_kl_and_report(tiny_model_dir, "none,gguf:q6_k", tmp_path, capsys)
-    n = rec["gguf:q6_k"]["footprint"]["quantized_params"]
-    assert rec["gguf:q6_k"]["footprint"]["packed_types"] == {"Q8_0": n}
-    assert rec["gguf:q6_k"]["footprint"]["packed_bytes"] == n // 32 * 34
+    n = rec["gguf:q6_k"].footprint.quantized_params
+    assert rec["gguf:q6_k"].footprint.packed_types == {"Q8_0": n}
+    assert rec["gguf:q6_k"].footprint.packed_bytes == n // 32 * 34
     assert "gguf:q6_k: Q8_0 100.0%" in md
 
 

@@ -61,13 +61,13 @@ def test_report_from_real_records(smoke_store, tmp_path):
 
 
 def test_divergence_and_new_tasks_on_the_real_model(smoke_store):
-    div = {r["variant"]["quant"]: r["divergence"] for r in smoke_store if r["task"]["name"] == "qeval_lee_ppl"}
+    div = {r.variant.quant: r.divergence for r in smoke_store if r.task.name == "qeval_lee_ppl"}
     # the baseline records the reference, or (reference already cached) measures the noise floor: 0
-    assert div["none"].get("role") == "reference" or div["none"]["kl_max"] == 0.0
+    assert div["none"].role == "reference" or div["none"].kl_max == 0.0
     # 4-bit moves the distribution far more than int8; both are real, positive divergences
-    assert 0 < div["bnb-int8"]["kl_mean"] < div["bnb-nf4"]["kl_mean"]
-    assert div["bnb-nf4"]["top1_agree"] < div["bnb-int8"]["top1_agree"] < 1
-    tasks = {r["task"]["name"] for r in smoke_store}
+    assert 0 < div["bnb-int8"].kl_mean < div["bnb-nf4"].kl_mean
+    assert div["bnb-nf4"].top1_agree < div["bnb-int8"].top1_agree < 1
+    tasks = {r.task.name for r in smoke_store}
     assert tasks == {"qeval_analogy", "qeval_lee_ppl", "qeval_capitals", "qeval_similarity"}
-    caps = [r for r in smoke_store if r["task"]["name"] == "qeval_capitals" and r["variant"]["quant"] == "none"][0]
-    assert caps["primary_metric"] == "exact_match" and caps["n"] == 8
+    caps = [r for r in smoke_store if r.task.name == "qeval_capitals" and r.variant.quant == "none"][0]
+    assert caps.primary_metric == "exact_match" and caps.n == 8

@@ -117,7 +117,7 @@ def test_load_failure_is_a_failed_cell(tiny_model_dir, tmp_path, monkeypatch, ca
     assert "qeval: failed: [2/2]" in err and "RuntimeError: CUDA out of memory" in err
     assert "corrupt" not in err and "Traceback" not in err
     with Store(tmp_path / "s.sqlite", readonly=True) as s:
-        assert [r["variant"]["quant"] for r in s.records()] == ["none"]
+        assert [r.variant.quant for r in s.records()] == ["none"]
 
 
 def test_training_failure_is_a_failed_cell(tiny_model_dir, tmp_path, monkeypatch, capsys):
@@ -141,13 +141,14 @@ def test_training_failure_is_a_failed_cell(tiny_model_dir, tmp_path, monkeypatch
 def test_full_disk_is_one_line(tmp_path, monkeypatch):
     """SQLite's 'database or disk is full' becomes a QevalError naming the store."""
     from qeval.store.store import Store
+    from tests.records import make_record
 
     with Store(tmp_path / "s.sqlite") as s:
         s._db.execute("PRAGMA max_page_count=8")  # a tiny quota: SQLITE_FULL, as on a full disk
         with pytest.raises(QevalError, match="free disk space"):
             for i in range(200):
-                s.put({"key": f"k{i}", "variant_id": "v", "task": {"name": "t"}, "created_at": "x",
-                       "pad": "x" * 4000}, [{"x": "y" * 4000}])
+                s.put(make_record(key=f"k{i}", variant_id="v", task={"name": "t"}, created_at="x",
+                                  pad="x" * 4000), [{"x": "y" * 4000}])
 
 
 def test_internal_error_in_nightly_exits_3(tmp_path, monkeypatch, capsys):

@@ -150,7 +150,7 @@ def test_quanto_int4_base_runs_end_to_end(tiny_model_dir, tmp_path, monkeypatch)
     assert not summary.failed and len(summary.trained) == 1 and len(summary.computed) == 5
     with Store(tmp_path / "store.sqlite") as s:
         records = list(s.records())
-    ppl = {r["variant"]["arm"]: r["metrics"]["word_perplexity"]["value"] for r in records}
+    ppl = {r.variant.arm: r.metrics["word_perplexity"].value for r in records}
     assert ppl["ql"] != ppl[q]  # the adapter moved the numbers
     assert ppl["ql-float"] == pytest.approx(ppl["ql"], rel=1e-4)  # dequantize + merge keeps them
     merges = adapter_frames(records)["merge"].set_index("arm")

@@ -48,55 +48,55 @@ def kit_run(kit, tiny_model_dir, tmp_path_factory):
             os.environ["QEVAL_DATA_MIRROR"] = old
     with Store(store_path) as store:
         records = list(store.records())
-        samples = {r["key"]: store.samples(r["key"]) for r in records}
+        samples = {r.key: store.samples(r.key) for r in records}
     return summary, records, samples, plan, store_path
 
 
 def _rec(records, task, quant="none"):
-    return next(r for r in records if r["task"]["name"] == task and r["variant"]["quant"] == quant)
+    return next(r for r in records if r.task.name == task and r.variant.quant == quant)
 
 
 def test_every_kind_runs_and_is_stored(kit_run):
     summary, records, samples, *_ = kit_run
     assert not summary.failed, summary.failed
-    assert {r["task"]["name"] for r in records} == set(KIT_TASKS)
+    assert {r.task.name for r in records} == set(KIT_TASKS)
     gsm = _rec(records, "gsm8k")
-    assert set(gsm["metrics"]) == {"exact_match,strict-match", "exact_match,flexible-extract"}
-    assert gsm["primary_metric"] == "exact_match,flexible-extract"  # the suite's override
-    assert gsm["task"]["primary_metric"] == "exact_match,flexible-extract"  # part of the cell key
+    assert set(gsm.metrics) == {"exact_match,strict-match", "exact_match,flexible-extract"}
+    assert gsm.primary_metric == "exact_match,flexible-extract"  # the suite's override
+    assert gsm.task.extra["primary_metric"] == "exact_match,flexible-extract"  # part of the cell key
     # the default: the first metric of the metric_list (under the first filter)
-    assert _rec(records, "lambada_openai")["primary_metric"] == "perplexity"
-    assert _rec(records, "mrpc")["primary_metric"] == "acc" and _rec(records, "kit_bleu")["primary_metric"] == "bleu"
+    assert _rec(records, "lambada_openai").primary_metric == "perplexity"
+    assert _rec(records, "mrpc").primary_metric == "acc" and _rec(records, "kit_bleu").primary_metric == "bleu"
     group = _rec(records, "mmlu_stem")
-    assert set(group["subtasks"]) == {f"mmlu_{s}" for s in MMLU_SIZES}
-    assert {r["metrics"]["acc"]["aggregation"] for r in group["subtasks"].values()} == {"mean"}
-    assert _rec(records, "lambada_openai")["metrics"]["perplexity"]["aggregation"] == "perplexity"
-    assert _rec(records, "wikitext")["metrics"]["word_perplexity"]["aggregation"] == "weighted_perplexity"
-    assert _rec(records, "kit_bleu")["metrics"]["bleu"]["aggregation"] == "bleu"
-    assert _rec(records, "mrpc")["metrics"]["f1"]["aggregation"] == "f1"
-    assert _rec(records, "cola")["metrics"]["mcc"]["aggregation"] == "matthews_corrcoef"
+    assert set(group.subtasks) == {f"mmlu_{s}" for s in MMLU_SIZES}
+    assert {r.metrics["acc"].aggregation for r in group.subtasks.values()} == {"mean"}
+    assert _rec(records, "lambada_openai").metrics["perplexity"].aggregation == "perplexity"
+    assert _rec(records, "wikitext").metrics["word_perplexity"].aggregation == "weighted_perplexity"
+    assert _rec(records, "kit_bleu").metrics["bleu"].aggregation == "bleu"
+    assert _rec(records, "mrpc").metrics["f1"].aggregation == "f1"
+    assert _rec(records, "cola").metrics["mcc"].aggregation == "matthews_corrcoef"
 
 
 def test_group_aggregate_is_size_weighted(kit_run):
     """lm-eval's mmlu_stem weights subtasks by size: the group's acc is the pooled mean."""
     _, records, samples, *_ = kit_run
     group = _rec(records, "mmlu_stem")
-    ss = samples[group["key"]]
+    ss = samples[group.key]
     sizes = {s: min(LIMIT, n) for s, n in MMLU_SIZES.items()}
     for sub, n in sizes.items():
         mine = [s for s in ss if s["task"] == f"mmlu_{sub}"]
-        assert len(mine) == n == group["subtasks"][f"mmlu_{sub}"]["n"]
-        assert group["subtasks"][f"mmlu_{sub}"]["metrics"]["acc"]["value"] == pytest.approx(np.mean([s["acc"] for s in mine]))
-    assert group["metrics"]["acc"]["value"] == pytest.approx(np.mean([s["acc"] for s in ss]))
+        assert len(mine) == n == group.subtasks[f"mmlu_{sub}"].n
+        assert group.subtasks[f"mmlu_{sub}"].metrics["acc"].value == pytest.approx(np.mean([s["acc"] for s in mine]))
+    assert group.metrics["acc"].value == pytest.approx(np.mean([s["acc"] for s in ss]))
 
 
 def test_per_filter_values_match_the_regexes(kit_run):
     """gsm8k's strict-match takes the number after '#### ' in the generation (lm-eval's regex filter);
     recomputed here from the stored responses, independently of lm-eval's metric code."""
     _, records, samples, *_ = kit_run
-    ss = samples[_rec(records, "gsm8k")["key"]]
+    ss = samples[_rec(records, "gsm8k").key]
     assert len(ss) == LIMIT and all("exact_match,strict-match" in s and "exact_match,flexible-extract" in s for s in ss)
-    value = _rec(records, "gsm8k")["metrics"]["exact_match,strict-match"]["value"]
+    value = _rec(records, "gsm8k").metrics["exact_match,strict-match"].value
     assert value == pytest.approx(np.mean([s["exact_match,strict-match"] for s in ss]))
 
 
@@ -108,18 +108,18 @@ def test_corpus_and_perplexity_values_from_samples(kit_run):
 
     _, records, samples, *_ = kit_run
     lam = _rec(records, "lambada_openai")
-    lls = [s["perplexity"] for s in samples[lam["key"]]]
-    assert lam["metrics"]["perplexity"]["value"] == pytest.approx(math.exp(-np.mean(lls)))
+    lls = [s["perplexity"] for s in samples[lam.key]]
+    assert lam.metrics["perplexity"].value == pytest.approx(math.exp(-np.mean(lls)))
     bleu = _rec(records, "kit_bleu")
-    items = [s["bleu"] for s in samples[bleu["key"]]]
+    items = [s["bleu"] for s in samples[bleu.key]]
     refs, preds = [i[0] for i in items], [i[1] for i in items]
     expected = sacrebleu.corpus_bleu(preds, [[r if isinstance(r, str) else r[0] for r in refs]]).score
-    assert bleu["metrics"]["bleu"]["value"] == pytest.approx(expected)
+    assert bleu.metrics["bleu"].value == pytest.approx(expected)
     mrpc, cola = _rec(records, "mrpc"), _rec(records, "cola")
-    f1 = [s["f1"] for s in samples[mrpc["key"]]]
-    assert mrpc["metrics"]["f1"]["value"] == pytest.approx(f1_score([g for g, _ in f1], [p for _, p in f1]))
-    mcc = [s["mcc"] for s in samples[cola["key"]]]
-    assert cola["metrics"]["mcc"]["value"] == pytest.approx(matthews_corrcoef([g for g, _ in mcc], [p for _, p in mcc]))
+    f1 = [s["f1"] for s in samples[mrpc.key]]
+    assert mrpc.metrics["f1"].value == pytest.approx(f1_score([g for g, _ in f1], [p for _, p in f1]))
+    mcc = [s["mcc"] for s in samples[cola.key]]
+    assert cola.metrics["mcc"].value == pytest.approx(matthews_corrcoef([g for g, _ in mcc], [p for _, p in mcc]))
 
 
 @pytest.mark.slow  # a second evaluation of four tasks through lm-eval alone
@@ -142,11 +142,11 @@ def test_stored_values_equal_a_direct_simple_evaluate(kit, kit_run, tiny_model_d
                               fewshot_random_seed=1234, bootstrap_iters=0)  # values only: no stderr bootstrap
     for name in names:
         rec = _rec(records, name)
-        views = [(name, rec["metrics"])] + [(s, v["metrics"]) for s, v in (rec.get("subtasks") or {}).items()]
+        views = [(name, rec.metrics)] + [(s, v.metrics) for s, v in rec.subtasks.items()]
         for task, metrics in views:
             for mid, m in metrics.items():
                 key = mid if "," in mid else f"{mid},none"
-                assert m["value"] == pytest.approx(res["results"][task][key], rel=1e-4, abs=1e-6), (task, mid)
+                assert m.value == pytest.approx(res["results"][task][key], rel=1e-4, abs=1e-6), (task, mid)
 
 
 def test_report_nightly_and_paired_statistics(kit, kit_run, tmp_path):
@@ -218,17 +218,17 @@ def test_chat_template_is_applied_and_keyed(kit, tiny_model_dir, tmp_path):
     set_plan_mirror(None)
     with Store(store) as st:
         recs = list(st.records())
-    chat = next(r for r in recs if r["task"].get("apply_chat_template"))
-    other = next(r for r in recs if not r["task"].get("apply_chat_template"))
-    assert chat["key"] != other["key"] and chat["task"]["system_instruction"] == "Complete the sentence."
+    chat = next(r for r in recs if r.task.extra.get("apply_chat_template"))
+    other = next(r for r in recs if not r.task.extra.get("apply_chat_template"))
+    assert chat.key != other.key and chat.task.extra["system_instruction"] == "Complete the sentence."
     lm = HFLM(pretrained=str(model), batch_size=4, device="cpu")
     with serving(mirror):
         res = simple_evaluate(model=lm, tasks=["lambada_openai"], limit=10, num_fewshot=0, apply_chat_template=True,
                               system_instruction="Complete the sentence.", fewshot_as_multiturn=False, bootstrap_iters=0,
                               task_manager=TaskManager(include_defaults=False, include_path=str(tasks)))
-    ppl = chat["metrics"]["perplexity"]["value"]
+    ppl = chat.metrics["perplexity"].value
     assert ppl == pytest.approx(res["results"]["lambada_openai"]["perplexity,none"], rel=1e-4)
-    assert ppl != pytest.approx(other["metrics"]["perplexity"]["value"], rel=1e-3)
+    assert ppl != pytest.approx(other.metrics["perplexity"].value, rel=1e-3)
 
 
 def test_mirror_fingerprint_follows_the_files(kit, tmp_path, monkeypatch):
@@ -263,9 +263,9 @@ def test_builtin_benchmarks_offline_from_a_mirror(tiny_model_dir, tmp_path, monk
                  "--formats", "none,bnb-nf4", "--batch-size", "8", "--store", str(store)]) == 0
     with Store(store) as st:
         records = list(st.records())
-    mmlu = next(r for r in records if r["task"]["name"] == "mmlu")
-    assert len([s for s, v in mmlu["subtasks"].items() if not v["group"]]) == 57
-    assert {"mmlu_stem", "mmlu_humanities"} <= set(mmlu["subtasks"])
+    mmlu = next(r for r in records if r.task.name == "mmlu")
+    assert len([s for s, v in mmlu.subtasks.items() if not v.group]) == 57
+    assert {"mmlu_stem", "mmlu_humanities"} <= set(mmlu.subtasks)
     assert main(["report", "--store", str(store), "--out", str(tmp_path / "r")]) == 0
     md = (tmp_path / "r" / "report.md").read_text()
     assert "mmlu/mmlu_anatomy" in md and "exact_match,strict-match" in md and "exact_match,flexible-extract" in md

@@ -1,5 +1,7 @@
 """Truth checks: qeval's numbers equal lm-eval's own, flips recomputed from stored samples match,
 and two CPU runs of the same cell are bit-identical."""
+import dataclasses
+
 import pytest
 
 from qeval.stats.paired import compare_pair
@@ -29,7 +31,7 @@ def stores(tiny_model_dir, tmp_path_factory):
 
 def _records(path):
     with Store(path) as s:
-        return {(r["variant"]["quant"], r["task"]["name"]): (r, s.samples(r["key"])) for r in s.records()}
+        return {(r.variant.quant, r.task.name): (r, s.samples(r.key)) for r in s.records()}
 
 
 def test_accuracy_equals_a_direct_lm_eval_run(stores, tiny_model_dir):
@@ -44,7 +46,7 @@ def test_accuracy_equals_a_direct_lm_eval_run(stores, tiny_model_dir):
         direct = simple_evaluate(model=lm, tasks=[task], task_manager=tm, limit=12, num_fewshot=0,
                                  log_samples=True, bootstrap_iters=0)
         rec, samples = recs[("none", task)]
-        assert rec["metrics"]["acc"]["value"] == direct["results"][task]["acc,none"]
+        assert rec.metrics["acc"].value == direct["results"][task]["acc,none"]
         assert [s["acc"] for s in samples] == [s["acc"] for s in direct["samples"][task]]
 
 
@@ -57,7 +59,7 @@ def test_flips_recomputed_from_stored_samples(stores):
     stats = compare_pair(base, var, "acc", True)
     assert (stats.right_to_wrong, stats.wrong_to_right) == (rw, wr)
     # and the aggregate is the mean of the stored per-sample values
-    assert recs[("bnb-nf4", "qeval_analogy")][0]["metrics"]["acc"]["value"] == pytest.approx(
+    assert recs[("bnb-nf4", "qeval_analogy")][0].metrics["acc"].value == pytest.approx(
         sum(s["acc"] for s in var) / len(var))
 
 
@@ -66,10 +68,10 @@ def test_two_cpu_runs_are_bit_identical(stores):
     assert a.keys() == b.keys()
     for k in a:
         (ra, sa), (rb, sb) = a[k], b[k]
-        assert ra["key"] == rb["key"]
-        assert ra["metrics"] == rb["metrics"]  # exact float equality, stderr included
+        assert ra.key == rb.key
+        assert ra.metrics == rb.metrics  # exact float equality, stderr included
         assert sa == sb
-        if ra.get("divergence") and "kl_mean" in ra["divergence"]:
-            da = {k: v for k, v in ra["divergence"].items() if k != "seconds"}
-            db = {k: v for k, v in rb["divergence"].items() if k != "seconds"}
+        if ra.divergence and ra.divergence.measured:
+            da = dataclasses.replace(ra.divergence, seconds=None)
+            db = dataclasses.replace(rb.divergence, seconds=None)
             assert da == db
