@@ -88,11 +88,6 @@ def test_no_import_cycle_between_modules():
         for mod, _, _ in _imports(name, path):
             if mod in MODULES and mod != name:
                 graph[name].add(mod)
-    # A package's __init__ re-exporting its modules is not a cycle with them: importing a submodule
-    # runs the parent's __init__ first, by Python's rules, whatever the submodule imports.
-    for name in list(graph):
-        graph[name] = {m for m in graph[name] if not (m in MODULES and MODULES[m].name == "__init__.py"
-                                                      and name.startswith(m + "."))}
     cycles, state = [], {}
 
     def visit(node: str, stack: list[str]) -> None:

@@ -15,6 +15,10 @@ import pandas as pd  # noqa: E402
 from qeval.report.fmt import variant_label  # noqa: E402
 from qeval.report.frames import VARIANT, ordered  # noqa: E402
 
+# the two pictures drawn by the accuracy and memory sections and shown again under "Plots"
+RECOVERY_PNG = "recovery.png"
+MEMORY_PNG = "memory_vs_score.png"
+
 __all__ = ["plt", "png", "placeholder_png", "variant_colors", "plot_label"]
 
 

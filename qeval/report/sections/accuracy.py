@@ -9,10 +9,10 @@ from qeval.report.fmt import (BASELINE, adapter_name, fmt_effect, fmt_int, fmt_n
                               fmt_value_stderr, missing, variant_label)
 from qeval.report.frames import VARIANT, lower_is_better, ordered, primary_rows
 from qeval.report.plots import placeholder_png, plot_label, plt, png, variant_colors
-from qeval.report.sections import ReportSection, register
+from qeval.report.plots import RECOVERY_PNG
+from qeval.report.sections.base import ReportSection, register
 
 RESULTS_CSV = "results.csv"
-RECOVERY_PNG = "recovery.png"
 
 
 def accuracy_section(results: pd.DataFrame) -> Section:

@@ -11,7 +11,7 @@ import pandas as pd
 from qeval.report.doc import Heading, Image, Para, Section, Table
 from qeval.report.fmt import MIB, NA, fmt_int, fmt_mib, fmt_num, fmt_pct, fmt_value_stderr, missing
 from qeval.report.plots import plt, png
-from qeval.report.sections import ReportData, ReportSection, register
+from qeval.report.sections.base import ReportData, ReportSection, register
 
 TRAINING_PNG, TRAIN_MEMORY_PNG = "training_curves.png", "train_memory_vs_score.png"
 

@@ -8,7 +8,7 @@ from qeval.report.doc import Heading, Image, Para, Section, Table
 from qeval.report.fmt import NA, fmt_int, fmt_num, fmt_pct, fmt_ratio, missing, variant_label
 from qeval.report.frames import VARIANT, ordered
 from qeval.report.plots import placeholder_png, plt, png
-from qeval.report.sections import ReportSection, register
+from qeval.report.sections.base import ReportSection, register
 
 KL_PNG = "kl_vs_delta.png"
 

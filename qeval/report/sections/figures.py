@@ -2,9 +2,8 @@
 from __future__ import annotations
 
 from qeval.report.doc import Heading, Image, Section
-from qeval.report.sections import ReportSection, register
-from qeval.report.sections.accuracy import RECOVERY_PNG
-from qeval.report.sections.memory import MEMORY_PNG
+from qeval.report.sections.base import ReportSection, register
+from qeval.report.plots import MEMORY_PNG, RECOVERY_PNG
 
 
 def figures_section() -> Section:

@@ -19,7 +19,7 @@ from qeval.report.doc import Bullets, Heading, Image, Para, Section, Table
 from qeval.report.fmt import BASELINE, NA, fmt_mib, fmt_num, fmt_pct, missing
 from qeval.report.frames import declared
 from qeval.report.plots import plt, png
-from qeval.report.sections import ReportData, ReportSection, register
+from qeval.report.sections.base import ReportData, ReportSection, register
 from qeval.store.record import Record
 
 PARETO_PNG = "formats_pareto.png"

@@ -7,7 +7,7 @@ from matplotlib.ticker import MaxNLocator
 from qeval.report.doc import Heading, Image, Para, Section, Table
 from qeval.report.fmt import NA, fmt_num
 from qeval.report.plots import plt, png
-from qeval.report.sections import ReportSection, register
+from qeval.report.sections.base import ReportSection, register
 
 HISTORY_PNG = "history.png"
 

@@ -10,10 +10,10 @@ from qeval.report.doc import Block, Heading, Para, Section, Table
 from qeval.report.fmt import MIB, NA, adapter_name, fmt_mib, fmt_num, missing, variant_label
 from qeval.report.frames import MEMORY_COLUMNS, VARIANT, lower_is_better, ordered, primary_rows, tidy
 from qeval.report.plots import placeholder_png, plot_label, plt, png, variant_colors
-from qeval.report.sections import ReportSection, register
+from qeval.report.plots import MEMORY_PNG
+from qeval.report.sections.base import ReportSection, register
 
 MEMORY_CSV = "memory.csv"
-MEMORY_PNG = "memory_vs_score.png"
 
 
 def memory_section(memory: pd.DataFrame, results: pd.DataFrame) -> Section:

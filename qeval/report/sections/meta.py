@@ -8,7 +8,7 @@ from __future__ import annotations
 import pandas as pd
 
 from qeval.report.doc import Block, Bullets, Heading, Section
-from qeval.report.sections import ReportData, ReportSection, register
+from qeval.report.sections.base import ReportData, ReportSection, register
 
 TITLE = "qeval quantization report"
 

@@ -6,7 +6,7 @@ import pandas as pd
 
 from qeval.report.doc import Heading, Para, Section, Table
 from qeval.report.fmt import fmt_effect, fmt_int, fmt_pct, missing
-from qeval.report.sections import ReportData, ReportSection, register
+from qeval.report.sections.base import ReportData, ReportSection, register
 
 SIGNIFICANCE_HEADING = "What the suite can tell apart"
 

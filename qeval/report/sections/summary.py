@@ -18,7 +18,7 @@ from qeval.stats.paired import LOSS_VERDICTS, NOT_TESTED, LossVerdicts, recovery
 from qeval.report.doc import Bullets, Heading, Para, Section, Table
 from qeval.report.fmt import BASELINE, NA, fmt_mib, fmt_num, fmt_pct, missing
 from qeval.report.frames import declared, ordered, primary_rows
-from qeval.report.sections import ReportData, ReportSection, register
+from qeval.report.sections.base import ReportData, ReportSection, register
 
 HEADING = "Summary"
 
