@@ -118,12 +118,15 @@ def test_verbose_after_the_subcommand(capsys):
 
 
 def test_unexpected_exception_is_one_line_and_exit_3(monkeypatch, capsys):
+    import dataclasses
+
     from qeval import cli
 
     def boom(args):
         raise ZeroDivisionError("division by zero")
 
-    monkeypatch.setitem(cli.COMMANDS, "formats", boom)
+    formats = cli.COMMANDS.get("formats")
+    monkeypatch.setitem(cli.COMMANDS._items, "formats", dataclasses.replace(formats, run=boom))
     monkeypatch.delenv("QEVAL_DEBUG", raising=False)
     assert cli.main(["formats"]) == 3
     err = capsys.readouterr().err

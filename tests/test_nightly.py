@@ -185,7 +185,7 @@ def test_candidate_environment_is_compared_with_the_locked_nightly(plan_path, tm
     """`make nightly-upgrade`: a run with newer libraries is recorded as a candidate, compared with
     the last nightly of the locked environment, says which versions differ from the lock file, and
     leaves the nightly history alone."""
-    import qeval.cli as cli
+    import qeval.cli.nightly as cli
 
     store = tmp_path / "store.sqlite"
     lock = tmp_path / "requirements-lock.txt"

@@ -67,4 +67,9 @@ def unknown_name(kind: str, name: str, known: Iterable[str], fix: str = "") -> Q
     known = sorted(known)
     hint = did_you_mean(name, known)
     parts = [p for p in (hint, fix) if p]
-    return QevalError(f"unknown {kind}", name, "one of " + ", ".join(known), "; ".join(parts))
+    # lm-eval knows thousands of task names: a line that lists them all is not "one clear line"
+    shown = ", ".join(known[:MAX_LISTED]) + (f", ... ({len(known) - MAX_LISTED} more)" if len(known) > MAX_LISTED else "")
+    return QevalError(f"unknown {kind}", name, "one of " + shown, "; ".join(parts))
+
+
+MAX_LISTED = 30  # names an "unknown <kind>" line lists before it says how many more there are
