@@ -88,6 +88,56 @@ def _plan(tmp, text):
     return ["run", "--plan", write(tmp, "plan.yaml", text)]
 
 
+
+# --- hostile YAML (qeval.core.yaml_safe) and values checkable before the store (issue 23) ---
+def alias_bomb(levels: int = 9) -> str:
+    """`j` expands to 10**9 scalars: "billion laughs" (a few hundred bytes)."""
+    out = "a: &a [x, x, x, x, x, x, x, x, x, x]\n"
+    for i in range(1, levels + 1):
+        out += f"{chr(97 + i)}: &{chr(97 + i)} [{', '.join(['*' + chr(96 + i)] * 10)}]\n"
+    return out
+
+
+def write_bytes(tmp: Path, name: str, data: bytes) -> str:
+    (tmp / name).write_bytes(data)
+    return str(tmp / name)
+
+
+def _suite(tmp: Path, m: str, text: str | bytes) -> list[str]:
+    path = write_bytes(tmp, "s.yaml", text if isinstance(text, bytes) else text.encode())
+    return ["run", "--model", m, "--formats", "none", "--suite", path]
+
+
+def _task(tmp: Path, m: str, yaml: str, extra: dict[str, str | bytes] | None = None) -> list[str]:
+    """--tasks my_mc from a user folder holding `yaml` (and `extra` files, relative to tmp)."""
+    d = user_task(tmp, yaml=yaml)
+    for rel, text in (extra or {}).items():
+        (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp / rel).write_bytes(text if isinstance(text, bytes) else text.encode())
+    return ["run", "--model", m, "--formats", "none", "--tasks", "my_mc", "--include-path", str(d)]
+
+
+MARKER_MODULE = "from pathlib import Path\nPath({marker!r}).write_text('imported')\ndef f(ds):\n    return ds\n"
+TRAIN_ROWS = "".join(json.dumps({"text": f"row {i} says hello."}) + "\n" for i in range(10))
+
+
+def _adapter(tmp: Path, m: str, spec: str, rows: str | None = None) -> list[str]:
+    data = write(tmp, "train.jsonl", rows if rows is not None else TRAIN_ROWS)
+    return _plan(tmp, f"models: [{m}]\nformats: [none]\nsuite: smoke\ndevice: cpu\n"
+                      f"adapters: {{a: {{train_data: {data}, {spec}}}}}\narms: [{{name: x, quant: none, adapter: a}}]\n")
+
+
+def _mirror_split_twice(tmp: Path, m: str) -> list[str]:
+    argv = _plan(tmp, mirror_plan(tmp, m, "mirror"))
+    d = tmp / "mirror" / "someorg__somedata" / "x"
+    d.mkdir(parents=True)
+    (d / "test.jsonl").write_text(json.dumps(MC_ROWS[0]) + "\n")
+    (d / "test.parquet").write_bytes(b"PAR1")
+    return argv
+
+
+PLAN_OK = "formats: [none]\nsuite: smoke\n"
+
 _HAS_HQQ = importlib.util.find_spec("hqq") is not None  # an optional extra
 
 # (id, argv builder (tmp, tiny_model) -> argv without --store, store kind, substrings the message must hold)
@@ -240,6 +290,78 @@ CASES = [
     ("bench-eval-formats-typo", lambda t, m: ["bench", "--model", m, "--formats", "none", "--eval-formats", "bnb-nf44"],
      "absent", ["bnb-nf44", "bnb-nf4"]),
     ("setup-backend-unknown", lambda t, m: ["setup", "--backend", "gguf-q"], "absent", ["gguf-q", "gguf-k"]),
+
+    # --- hostile YAML: one line, exit 2, before anything runs (qeval.core.yaml_safe) ---
+    ("plan-alias-bomb", lambda t, m: _plan(t, f"models: [{m}]\n" + PLAN_OK + alias_bomb() + "thresholds: {per_arm: *j}\n"),
+     "absent", ["plan.yaml", "100,000 nodes", "aliases"]),
+    ("plan-recursive-alias", lambda t, m: _plan(t, f"models: [{m}]\n" + PLAN_OK + "arms: &x [*x]\n"), "absent", ["*x", "recursive"]),
+    ("plan-duplicate-key", lambda t, m: _plan(t, f"models: [{m}]\nformats: [none]\nsuite: smoke\nformats: [bnb-nf4]\n"),
+     "absent", ["'formats'", "line 4", "first on line 2"]),
+    ("plan-duplicate-nested-key", lambda t, m: _plan(t, f"models: [{m}]\n" + PLAN_OK + "ray: {num_cpus: 1, num_cpus: 2}\n"),
+     "existing", ["'num_cpus'", "line 4"]),
+    ("plan-deep-flow-nesting", lambda t, m: _plan(t, f"models: [{m}]\n" + PLAN_OK + "thresholds: " + "[" * 3000 + "]" * 3000 + "\n"),
+     "absent", ["deeper than 64", "line 4"]),
+    ("plan-deep-block-nesting", lambda t, m: _plan(t, f"models: [{m}]\n" + PLAN_OK + "arms:\n" + "".join("  " * i + "-\n" for i in range(1, 120))),
+     "absent", ["deeper than 64"]),
+    ("plan-not-utf8", lambda t, m: ["run", "--plan", write_bytes(t, "plan.yaml", f"models: [{m}]\nformats: [none]\n# caf\xe9\n".encode("latin-1"))],
+     "absent", ["plan.yaml", "UTF-8", "line 3", "iconv"]),
+    ("plan-too-big", lambda t, m: ["run", "--plan", write_bytes(t, "plan.yaml", b"formats: [none]\n" + b"#" * (3 * 1024 * 1024))],
+     "absent", ["plan.yaml", "2,048 KiB"]),
+    ("plan-int-tag-not-int", lambda t, m: _plan(t, f"models: [{m}]\n" + PLAN_OK + "seed: !!int abc\n"), "absent", ["plan.yaml", "tags"]),
+    ("plan-timestamp-tag-bad", lambda t, m: _plan(t, f"models: [{m}]\n" + PLAN_OK + "seed: !!timestamp 2020-13-45x\n"), "absent", ["plan.yaml", "tags"]),
+    ("plan-python-tag", lambda t, m: _plan(t, f"models: [{m}]\n" + PLAN_OK + "seed: !!python/object/apply:os.system [ls]\n"),
+     "absent", ["malformed plan YAML", "python/object"]),
+    ("suite-alias-bomb", lambda t, m: _suite(t, m, "name: s\n" + alias_bomb() + "description: *j\ntasks: [{task: qeval_analogy}]\n"),
+     "absent", ["s.yaml", "100,000 nodes"]),
+    ("suite-duplicate-key", lambda t, m: _suite(t, m, SUITE_OK + "name: t\n"), "existing", ["'name'", "line 4", "first on line 1"]),
+    ("suite-not-utf8", lambda t, m: _suite(t, m, "name: caf\xe9\ntasks: [{task: qeval_analogy}]\n".encode("latin-1")), "absent", ["s.yaml", "UTF-8"]),
+    ("suite-deep-nesting", lambda t, m: _suite(t, m, SUITE_OK + "description: " + "{a: " * 200 + "1" + "}" * 200 + "\n"), "absent", ["deeper than 64"]),
+    ("task-yaml-duplicate-key", lambda t, m: _task(t, m, MC_TASK + "output_type: generate_until\n"), "absent", ["'output_type'", "my_mc.yaml"]),
+    ("task-folder-alias-bomb", lambda t, m: _task(t, m, MC_TASK, {"tasks/notes.yaml": alias_bomb() + "x: *j\n"}), "absent", ["notes.yaml", "100,000 nodes"]),
+    ("task-folder-not-utf8", lambda t, m: _task(t, m, MC_TASK, {"tasks/other.yaml": b"a: \xe9\n"}),
+     "absent", ["other.yaml", "UTF-8"]),
+    # --- where task code runs: nothing imported from a folder the user did not name ---
+    ("task-function-module-missing", lambda t, m: _task(t, m, MC_TASK + "process_docs: !function nothere.f\n"), "absent",
+     ["nothere.f", "nothere.py", "--include-path"]),
+    ("task-function-module-in-cwd", lambda t, m: _task(t, m, MC_TASK + "process_docs: !function evil.f\n",
+                                                       {"work/evil.py": MARKER_MODULE.format(marker=str(t / "imported"))}),
+     "absent", ["evil.f", "evil.py"]),
+    ("task-function-escapes-folder", lambda t, m: _task(t, m, MC_TASK + f"process_docs: !function .{str(t).replace('/', '.')}.evil.f\n",
+                                                        {"evil.py": MARKER_MODULE.format(marker=str(t / "imported"))}),
+     "absent", ["evil.f", "--include-path"]),
+    ("task-include-outside-folder", lambda t, m: _task(t, m, MC_TASK.replace("task: my_mc\n", "task: my_mc\ninclude: ../other/base.yaml\n"),
+                                                       {"other/base.yaml": "process_docs: !function evil.f\n",
+                                                        "other/evil.py": MARKER_MODULE.format(marker=str(t / "imported"))}),
+     "absent", ["base.yaml", "--include-path"]),
+    ("include-path-is-file", lambda t, m: _run("--model", m, "--include-path", write(t, "f.yaml", "a: 1\n")), "absent", ["f.yaml", "folder"]),
+    # --- nightly thresholds ---
+    ("nightly-thresholds-alias-bomb", lambda t, m: ["nightly", write(t, "n.yaml", f"models: [{m}]\n" + PLAN_OK + alias_bomb()
+                                                                     + "thresholds: {warn_below: *j}\n")], "absent", ["n.yaml", "100,000 nodes"]),
+    ("nightly-duplicate-threshold", lambda t, m: ["nightly", write(t, "n.yaml", f"models: [{m}]\n" + PLAN_OK
+                                                                   + "thresholds: {min_recovery: 0.9, min_recovery: 0.1}\n")], "absent", ["'min_recovery'"]),
+    # --- numeric ranges: refused before the store, not when the cell runs ---
+    ("limit-huge", lambda t, m: ["run", "--model", m, "--formats", "none", "--tasks", "qeval_analogy", "--limit", "99999999999999999999"],
+     "absent", ["limit", "99999999999999999999", "1,000,000,000"]),
+    ("num-fewshot-huge", lambda t, m: ["run", "--model", m, "--tasks", "qeval_analogy", "--num-fewshot", "100000"], "absent", ["num_fewshot", "100000"]),
+    ("batch-size-huge", lambda t, m: ["run", "--model", m, "--tasks", "qeval_analogy", "--batch-size", "10000000"], "absent", ["batch_size", "10000000"]),
+    ("suite-limit-huge", lambda t, m: _suite(t, m, "name: s\ntasks:\n  - {task: qeval_analogy, limit: 1e30}\n"), "absent", ["limit", "1e30"]),
+    ("suite-limit-int-huge", lambda t, m: _suite(t, m, "name: s\ntasks:\n  - {task: qeval_analogy, limit: 99999999999999999999}\n"),
+     "existing", ["limit", "99999999999999999999"]),
+    ("plan-seed-huge", lambda t, m: _plan(t, f"models: [{m}]\n" + PLAN_OK + "seed: 99999999999\n"), "absent", ["seed", "99999999999", "4,294,967,295"]),
+    ("plan-bootstrap-huge", lambda t, m: _plan(t, f"models: [{m}]\n" + PLAN_OK + "bootstrap_iters: 10000000000\n"), "absent", ["bootstrap_iters", "10000000000"]),
+    ("plan-retries-huge", lambda t, m: _plan(t, f"models: [{m}]\n" + PLAN_OK + "retries: 1000000\n"), "absent", ["retries", "1000000"]),
+    ("plan-ray-cpus-huge", lambda t, m: _plan(t, f"models: [{m}]\n" + PLAN_OK + "ray: {num_cpus: 1e12}\n"), "absent", ["ray.num_cpus"]),
+    ("adapter-steps-huge", lambda t, m: _adapter(t, m, "steps: 100000000000"), "absent", ["adapters.a.steps", "100000000000"]),
+    ("adapter-lr-infinite", lambda t, m: _adapter(t, m, "lr: .inf"), "absent", ["adapters.a.lr", "inf", "finite"]),
+    ("adapter-seed-huge", lambda t, m: _adapter(t, m, "seed: 99999999999"), "absent", ["adapters.a.seed", "99999999999"]),
+    ("adapter-seeds-huge", lambda t, m: _adapter(t, m, "seeds: [1, 99999999999]"), "absent", ["adapters.a.seeds", "99999999999"]),
+    ("adapter-budget-tokens-huge", lambda t, m: _adapter(t, m, "budget_tokens: 10000000000000000"), "absent", ["budget_tokens"]),
+    # the tiny model's context is 1,024 tokens (max_position_embeddings): read from config.json, no weights
+    ("adapter-seq-len-over-context", lambda t, m: _adapter(t, m, "seq_len: 4096"), "absent", ["adapters.a.seq_len", "4096", "1,024"]),
+    ("adapter-seq-len-over-data", lambda t, m: _adapter(t, m, "seq_len: 1000"), "absent", ["adapters.a.seq_len", "1000", "no full block"]),
+    ("mirror-is-file", lambda t, m: _plan(t, f"models: [{m}]\nformats: [none]\nsuite: smoke\ndata_mirror: {write(t, 'mirror.txt', 'x')}\n"),
+     "absent", ["data_mirror", "mirror.txt", "existing folder"]),
+    ("mirror-split-twice", _mirror_split_twice, "absent", ["test.parquet", "one file per split"]),
     # --- the command line itself ---
     ("unknown-command", lambda t, m: ["runn"], "absent", ["runn"]),
     ("unknown-flag", lambda t, m: ["run", "--modle", m], "absent", ["--modle"]),
@@ -313,7 +435,7 @@ def test_bad_input(case, tmp_path, tiny_model_dir, capsys, monkeypatch):
 
 
 def test_case_count():
-    assert len(CASES) >= 40
+    assert len(CASES) >= 105  # issue 23: every option and failure class
 
 
 def test_include_path_task_runs_and_is_fingerprinted(tmp_path, tiny_model_dir, capsys, monkeypatch):
@@ -359,3 +481,41 @@ def test_gguf_k_quant_without_the_ggml_library(tmp_path, tiny_model_dir, capsys,
     assert code == 2 and len(lines) == 1 and lines[0].startswith("qeval: error: "), err
     assert "gguf:q4_k_m" in err and "qeval setup --backend gguf-k" in err and "Traceback" not in err
     assert not store.exists()
+
+
+@pytest.mark.parametrize("where", ["cwd", "sibling-include", "escape"])
+def test_function_module_outside_named_folders_is_never_imported(where, tmp_path, tiny_model_dir, capsys, monkeypatch):
+    """A `!function` module reachable only from a folder the user did not name (the working
+    directory on sys.path, as under `python -m qeval`; a sibling folder pulled in by `include:`; a
+    dotted name that climbs out) is refused before lm-eval loads the task: its side effect never
+    happens."""
+    marker = tmp_path / "imported"
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.syspath_prepend(str(work))  # `python -m qeval` puts the working directory first
+    module = MARKER_MODULE.format(marker=str(marker))
+    if where == "cwd":
+        argv = _task(tmp_path, str(tiny_model_dir), MC_TASK + "process_docs: !function evil.f\n", {"work/evil.py": module})
+    elif where == "sibling-include":
+        argv = _task(tmp_path, str(tiny_model_dir), MC_TASK.replace("task: my_mc\n", "task: my_mc\ninclude: ../other/base.yaml\n"),
+                     {"other/base.yaml": "process_docs: !function evil.f\n", "other/evil.py": module})
+    else:
+        argv = _task(tmp_path, str(tiny_model_dir), MC_TASK + f"process_docs: !function .{str(tmp_path).replace('/', '.')}.evil.f\n",
+                     {"evil.py": module})
+    store = tmp_path / "s.sqlite"
+    code = main(argv + ["--store", str(store)])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err
+    assert not marker.exists(), "a module outside the named folders was imported"
+    assert not store.exists()
+
+
+def test_function_module_in_the_named_folder_is_imported(tmp_path, tiny_model_dir, capsys, monkeypatch):
+    """The other side: a folder named with --include-path is code; its `!function` module runs."""
+    marker = tmp_path / "imported"
+    monkeypatch.chdir(tmp_path)
+    argv = _task(tmp_path, str(tiny_model_dir), MC_TASK + "process_docs: !function helper.f\n",
+                 {"tasks/helper.py": MARKER_MODULE.format(marker=str(marker))})
+    assert main(argv + ["--limit", "1", "--store", str(tmp_path / "s.sqlite")]) == 0, capsys.readouterr().err
+    assert marker.read_text() == "imported"

@@ -29,7 +29,9 @@ def arguments(run: argparse.ArgumentParser) -> None:
     run.add_argument("--suite", help="shipped suite name (see `qeval suites`) or suite YAML path; default: default")
     run.add_argument("--tasks", help="comma-separated lm-eval task names instead of a suite")
     run.add_argument("--include-path", action="append", type=Path, metavar="DIR", default=None,
-                     help="folder with your own lm-eval task YAML (repeatable); adds to the plan's include_path")
+                     help="folder with your own lm-eval task YAML (repeatable); adds to the plan's include_path. "
+                     "It is code: lm-eval imports the modules its `!function` tags name, here and on Ray workers; "
+                     "qeval refuses a tag or include: that reaches outside the folders you name (docs/tasks-and-mirrors.md)")
     run.add_argument("--limit", type=int, help="with --tasks: documents per task (default: all)")
     run.add_argument("--num-fewshot", type=int, default=0, help="with --tasks: few-shot examples (default 0)")
     run.add_argument("--batch-size", type=int, default=1, help="with --tasks: batch size (default 1)")

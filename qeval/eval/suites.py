@@ -15,6 +15,7 @@ from pathlib import Path
 from qeval.core import env
 from qeval.core.errors import QevalError, did_you_mean, unknown_name
 from qeval.core.config import from_mapping, load_yaml, raise_if
+from qeval.core.names import MAX_BATCH, MAX_FEWSHOT, MAX_LIMIT
 
 # the task index lives in qeval.eval.tasks; these names are re-exported for the suite's importers
 from qeval.eval.tasks import (SUITES_DIR, TASKS_DIR, builtin_tasks, check_task, data_files,  # noqa: F401
@@ -48,12 +49,13 @@ class TaskSpec:
 
     def problems(self, where: str) -> list[QevalError]:
         out = []
-        if self.limit is not None and self.limit < 1:
-            out.append(QevalError(f"{where}.limit", self.limit, "a positive number of documents or no limit"))
-        if self.num_fewshot < 0:
-            out.append(QevalError(f"{where}.num_fewshot", self.num_fewshot, "0 or more"))
-        if (self.batch_size != "auto") if isinstance(self.batch_size, str) else self.batch_size < 1:
-            out.append(QevalError(f"{where}.batch_size", self.batch_size, "1 or more, or auto"))
+        if self.limit is not None and not 1 <= self.limit <= MAX_LIMIT:
+            out.append(QevalError(f"{where}.limit", self.limit, f"a positive number of documents up to {MAX_LIMIT:,} "
+                                  "or no limit", "leave the limit out for every document"))
+        if not 0 <= self.num_fewshot <= MAX_FEWSHOT:
+            out.append(QevalError(f"{where}.num_fewshot", self.num_fewshot, f"0 or more, up to {MAX_FEWSHOT:,}"))
+        if (self.batch_size != "auto") if isinstance(self.batch_size, str) else not 1 <= self.batch_size <= MAX_BATCH:
+            out.append(QevalError(f"{where}.batch_size", self.batch_size, f"1 or more (up to {MAX_BATCH:,}), or auto"))
         # divergence works at any batch size (qeval.eval.lm.QevalLM hands it each row, padding cut off);
         # the reference is recorded at the task's batch size, which is part of the task key
         if self.fewshot_as_multiturn and not self.apply_chat_template:
@@ -179,9 +181,14 @@ def validate_tasks(suite: Suite) -> None:
             if root is None or not split_files(dataset_folder(root, path, ds)):
                 errors.append(missing_line(root, path, ds, name))
 
+    from qeval.eval.task_code import code_problems, folder_problems
+
+    for folder in suite.include_paths:  # every YAML lm-eval will index, checked before it does
+        errors += folder_problems(folder)
     for t in suite.tasks:
         if t.task in shipped:
             try:
+                errors += code_problems(t.task, suite.include_paths)
                 check_task(t.task, shipped[t.task])
                 if env.is_offline():
                     check_mirrored(t.task)

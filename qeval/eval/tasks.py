@@ -16,21 +16,27 @@ from qeval.core.config import load_yaml, raise_if
 from qeval.core.errors import QevalError
 from qeval.core.files import sha256_file
 from qeval.core.names import metric_id
+from qeval.core.yaml_safe import HostileYaml
 
 SUITES_DIR = env.SHIPPED_SUITES
 TASKS_DIR = SUITES_DIR / "tasks"
 
-def _entries(folder: Path) -> dict[str, tuple[str, Path | None, dict, tuple[str, ...]]]:
+def _entries(folder: Path, problems: list[QevalError] | None = None) -> dict[str, tuple[str, Path | None, dict, tuple[str, ...]]]:
     """name -> (kind, YAML path, config, members) for the tasks, groups and tags (lm-eval's three
     kinds of names) of a folder. A group's members are the names (or inline configs' names) in its
-    `task:` list; a tag's members are the tasks that carry it."""
+    `task:` list; a tag's members are the tasks that carry it. A YAML the hardened loader refuses as
+    hostile (size, encoding, aliases, depth, duplicate keys) is appended to `problems`."""
     out: dict = {}
     tags: dict[str, list[str]] = {}
     for path in sorted(folder.rglob("*.yaml")):
         try:
             doc = load_yaml(path, "task")
+        except HostileYaml as e:
+            if problems is not None:  # lm-eval indexes every YAML of the folder: refused before it does
+                problems.extend(getattr(e, "errors", [e]))
+            continue
         except QevalError:
-            continue  # not every YAML in a user's folder is a task; a named task is checked later
+            continue  # not every YAML in a user's folder is a task (lm-eval skips it too); a named task is checked later
         if not isinstance(doc, dict):
             continue
         if isinstance(doc.get("group"), str) and isinstance(doc.get("task"), list):
@@ -46,6 +52,13 @@ def _entries(folder: Path) -> dict[str, tuple[str, Path | None, dict, tuple[str,
         if tag not in out:  # a tag names the tasks that carry it (lm-eval resolves it the same way)
             out[tag] = ("tag", out[members[0]][1], {}, tuple(members))
     return out
+
+
+def entries_problems(folder: Path) -> list[QevalError]:
+    """The hostile YAML files of a folder (qeval.eval.task_code checks the named folders with it)."""
+    problems: list[QevalError] = []
+    _entries(folder, problems)
+    return problems
 
 
 @functools.cache
@@ -140,6 +153,11 @@ def _members(name: str, paths: tuple[Path, ...]) -> list[tuple[str, Path, dict, 
 
     walk(name)
     return out
+
+
+def task_members(name: str, paths: tuple[Path, ...] = ()) -> list[tuple[str, Path, dict, list[Path]]]:
+    """Every task config a found name stands for: (task name, YAML path, resolved config, files read)."""
+    return _members(name, paths)
 
 
 def metric_ids(name: str, paths: tuple[Path, ...] = ()) -> list[str]:

@@ -25,6 +25,7 @@ from qeval.run.dag import plan_jobs
 from qeval.run.jobs import (Artifact, CellDone, CellFailed, Log, Missing, Started, error_line,
                             unpack_folder)
 from qeval.run.plan import Plan, validate
+from qeval.run.preflight import preflight
 from qeval.store.store import Store, check_store_path
 
 if TYPE_CHECKING:
@@ -47,6 +48,8 @@ def run_plan(plan: Plan, store_path: Path, suite: Suite | None = None,
     check_store_path(store_path, write=True)
     rp = validate(plan, suite)
     matrix = expand(plan, rp)  # fails on a bad model before the store is touched
+    # seq_len against each model's context, training / calibration data against seq_len
+    preflight(list({id(m): m for m, _, _ in matrix}.values()), rp)
     executor = make_executor(plan.executor, plan.ray)  # a missing `ray` fails here, before the store
     summary = RunSummary()
     # One `qeval run` per store at a time: a second one waits, then finds the first one's cells

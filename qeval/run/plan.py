@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from qeval.core.config import from_mapping, load_yaml, raise_if
 from qeval.core.errors import QevalError, unknown_name
-from qeval.core.names import BASELINE, DEFAULT_FORMATS, DEFAULT_MODEL
+from qeval.core.names import (BASELINE, DEFAULT_FORMATS, DEFAULT_MODEL, MAX_BATCH, MAX_BOOTSTRAP_ITERS,
+                               MAX_RETRIES, MAX_SEED)
 # the executors' registry (names a plan may give) and the `ray:` section, the ray executor's
 # settings, defined beside it (light: ray itself is imported when a Ray starts)
 from qeval.run.executors import EXECUTORS, RaySettings
@@ -225,11 +226,13 @@ def validate(plan: Plan, suite: Suite | None = None) -> Resolved:
         errors.append(unknown_name("executor", plan.executor, EXECUTORS))
     for name in ("num_cpus", "cpus_per_job", "gpus_per_job", "threads_per_job"):
         value = getattr(plan.ray, name)
-        if value is not None and not value >= 0:
-            errors.append(QevalError(f"ray.{name}", value, "0 or more"))
-    for name in ("seed", "bootstrap_iters", "retries"):
+        if value is not None and not 0 <= value <= MAX_BATCH:
+            errors.append(QevalError(f"ray.{name}", value, "0 or more" if not value >= 0 else f"0 or more, up to {MAX_BATCH:,}"))
+    for name, top in (("seed", MAX_SEED), ("bootstrap_iters", MAX_BOOTSTRAP_ITERS), ("retries", MAX_RETRIES)):
         if getattr(plan, name) < 0:
             errors.append(QevalError(name, getattr(plan, name), "0 or more"))
+        elif getattr(plan, name) > top:  # bigger fails only at run time (numpy's seed range, hours of bootstrap)
+            errors.append(QevalError(name, getattr(plan, name), f"0 or more, up to {top:,}"))
     if plan.device not in ("auto", "cpu", "cuda"):
         errors.append(QevalError("device", plan.device, "auto, cpu or cuda"))
     elif plan.device == "cuda" and plan.executor == "local":  # a Ray cluster's GPUs: asked when it starts

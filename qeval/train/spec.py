@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from qeval.core import env
 from qeval.core.errors import QevalError
 from qeval.core.files import content_key
+from qeval.core.names import MAX_BATCH, MAX_SEED, MAX_STEPS
 from qeval.quant.backend import backend_of
 from qeval.quant.formats import FORMATS
 
@@ -102,10 +103,15 @@ class AdapterSpec:
                 out.append(QevalError(f"{where}.{name}", getattr(self, name), "0 (off) or a positive integer"))
         if not 0 <= self.dropout < 1:
             out.append(QevalError(f"{where}.dropout", self.dropout, "a value in [0, 1)"))
-        if not self.lr > 0:
-            out.append(QevalError(f"{where}.lr", self.lr, "a positive learning rate"))
-        if len(set(self.seeds)) != len(self.seeds) or any(x < 0 for x in self.seeds):
-            out.append(QevalError(f"{where}.seeds", list(self.seeds), "distinct seeds, 0 or more"))
+        if not 0 < self.lr < float("inf"):
+            out.append(QevalError(f"{where}.lr", self.lr, "a positive, finite learning rate"))
+        for name, top in (("steps", MAX_STEPS), ("batch_size", MAX_BATCH), ("budget_tokens", MAX_STEPS * MAX_BATCH)):
+            if getattr(self, name) > top:  # a typo that would fail (or run for weeks) only once training starts
+                out.append(QevalError(f"{where}.{name}", getattr(self, name), f"at most {top:,}"))
+        if not 0 <= self.seed <= MAX_SEED:
+            out.append(QevalError(f"{where}.seed", self.seed, f"0 to {MAX_SEED:,}"))
+        if len(set(self.seeds)) != len(self.seeds) or any(not 0 <= x <= MAX_SEED for x in self.seeds):
+            out.append(QevalError(f"{where}.seeds", list(self.seeds), f"distinct seeds, 0 to {MAX_SEED:,}"))
         if self.peft:
             if self.method != "lora":
                 out.append(QevalError(f"{where}.peft", sorted(self.peft), "no peft options for method: full",
