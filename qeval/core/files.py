@@ -1,4 +1,5 @@
-"""The two file primitives every module shares: atomic writes and content hashing.
+"""The file primitives every module shares: atomic writes, content hashing, the store's lock, and
+seals (a sha256 recorded beside a cached file when it is made, checked when it is reused).
 
 One implementation each, so that every file qeval writes (reports, references, adapter metadata,
 suite data, fingerprint memos) is either the old or the new version after a crash, never half of
