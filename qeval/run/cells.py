@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from qeval.core import env
 from qeval.core.config import raise_if
-from qeval.core.files import content_key
+from qeval.core.files import content_key, intact, seal
 from qeval.core.names import BASELINE
 from qeval.run.plan import Arm, Plan, Resolved
 
@@ -156,13 +156,24 @@ def head_path(cell: Cell) -> Path:
 
 def reference_ready(path: Path, head: Path) -> bool:
     """A reference is usable when its hidden states are there and its head is (in its own file,
-    or, for references written before heads were shared, inside it)."""
-    if not path.is_file():
+    or, for references written before heads were shared, inside it), each as its recorded sha256
+    says (a corrupt file is removed with a WARNING line, so the reference is recorded again)."""
+    if not intact(path, "divergence reference"):
         return False
     if head.is_file():
-        return True
+        return intact(head, "divergence reference head")
     from safetensors import safe_open
 
     with safe_open(str(path), "pt") as f:
         return "weight" in f.keys()
 
+
+
+def save_reference(reference, path: Path, head: Path) -> None:
+    """Write a reference (and its model's head, when not there yet) with the hashes `reference_ready`
+    checks."""
+    new_head = not head.is_file()
+    reference.save(path, head)
+    seal(path)
+    if new_head:
+        seal(head)

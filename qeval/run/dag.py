@@ -38,7 +38,7 @@ def plan_jobs(todo: list[tuple[str, Any, Any, Any, list]], rp: Resolved, pack: b
               progress=lambda s: None) -> Dag:
     """The DAG for the missing cells: `todo` holds (tag, model, arm, adapter spec or None, missing
     cells) per (model, arm), in plan order, already pruned of stored cells."""
-    from qeval.train.artifact import load_artifact
+    from qeval.train.artifact import artifact_ready, load_artifact
     from qeval.train.spec import adapter_key
     from qeval.eval.divergence import Reference
 
@@ -67,7 +67,7 @@ def plan_jobs(todo: list[tuple[str, Any, Any, Any, list]], rp: Resolved, pack: b
             needs.append(akey)
             if akey not in made and akey not in dag.existing:
                 meta = env.adapter_dir(akey) / "qeval-artifact.json"
-                if meta.is_file():
+                if artifact_ready(meta.parent):  # a corrupt one is removed (one line) and trained again
                     dag.existing[akey] = _existing_adapter(meta, pack)
                     art = load_artifact(meta, reused=True)
                     progress(f"{tag}: adapter {arm.adapter} reused ({art.trainable_params:,} trainable, "

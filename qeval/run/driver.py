@@ -19,7 +19,7 @@ from qeval.core import env
 from qeval.core.console import advance, expect
 from qeval.core.errors import QevalError
 from qeval.core.files import store_lock
-from qeval.run.cells import expand, head_file, reference_file, reference_ready
+from qeval.run.cells import expand, head_file, reference_file, reference_ready, save_reference
 from qeval.run.executors import make_executor
 from qeval.run.dag import plan_jobs
 from qeval.run.jobs import (Artifact, CellDone, CellFailed, Log, Missing, Started, error_line,
@@ -201,7 +201,7 @@ def _keep_artifact(p, summary: RunSummary) -> None:
     if p.kind == "reference":
         ref_path, head_path = reference_file(p.key), head_file(p.head)
         if not reference_ready(ref_path, head_path):
-            p.value.save(ref_path, head_path)
+            save_reference(p.value, ref_path, head_path)
     elif p.kind == "adapter":
         bundle = p.value
         if bundle.files is not None:

@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 
 from qeval.core import env
+from qeval.core.files import seal_path
 from qeval.store.store import Store
 
 
@@ -56,6 +57,7 @@ def collect(store_path: Path, dry_run: bool = False, out=print) -> int:
         out(f"{'would delete' if dry_run else 'deleted'} {path} ({size / 2**20:.1f} MiB)")
         if not dry_run:
             shutil.rmtree(path) if path.is_dir() else path.unlink()
+            seal_path(path).unlink(missing_ok=True)  # its recorded sha256 (qeval.core.files.seal)
     out(f"{'would free' if dry_run else 'freed'} {freed / 2**20:.1f} MiB; kept {kept / 2**20:.1f} MiB in use "
         f"by {store_path}")
     return 0

@@ -15,7 +15,7 @@ import zlib
 from pathlib import Path
 from typing import Iterator
 
-from qeval.core.errors import QevalError
+from qeval.core.errors import CouldNotFinish, QevalError
 from qeval.core.files import canonical_json, content_key  # noqa: F401  (re-exported: keys live beside records)
 from qeval.store.record import Record
 
@@ -71,9 +71,10 @@ class Store:
         try:
             self._db = self._open()
         except sqlite3.Error as e:
-            if created:  # leave no 0-byte store behind
-                with contextlib.suppress(OSError):
-                    self.path.unlink()
+            if created:  # leave no 0-byte store (nor its WAL files: a full disk) behind
+                for suffix in ("", "-wal", "-shm", "-journal"):
+                    with contextlib.suppress(OSError):
+                        Path(str(self.path) + suffix).unlink()
             raise _sqlite_error(self.path, e) from None
 
     def _open(self) -> sqlite3.Connection:
@@ -187,9 +188,9 @@ class Store:
 
 def _sqlite_error(path: Path, e: sqlite3.Error) -> QevalError:
     msg = str(e)
-    if "full" in msg:
-        return QevalError("result store", str(path), "free disk space for the store",
-                          f"SQLite: {msg}; free space and rerun (finished cells are kept)")
+    if "full" in msg:  # not the user's input: exit 3 (could not finish), like a lock held too long
+        return CouldNotFinish("result store", str(path), "free disk space for the store",
+                              f"SQLite: {msg}; free space and rerun (finished cells are kept)")
     if "readonly" in msg or "read-only" in msg:
         return QevalError("result store", str(path), "a writable file", f"SQLite: {msg}; pass another --store")
     if "not a database" in msg or "malformed" in msg:

@@ -47,6 +47,25 @@ class AdapterArtifact:
         return d
 
 
+DIGESTS = "qeval-sha256.json"  # in the artifact's folder: the sha256 of each of its files
+
+
+def seal_artifact(folder: Path) -> None:
+    """Record the hashes of a freshly written artifact folder (before it is renamed into place)."""
+    from qeval.core.files import seal_folder
+
+    seal_folder(folder, DIGESTS)
+
+
+def artifact_ready(folder: Path) -> bool:
+    """Whether the cached artifact `folder` is finished and whole: its metadata is there and every
+    file hashes as when it was trained. A corrupt one is removed with a WARNING line, so the
+    caller trains it again; one trained before hashes were recorded is sealed now."""
+    from qeval.core.files import folder_intact
+
+    return (Path(folder) / "qeval-artifact.json").is_file() and folder_intact(folder, DIGESTS, "adapter artifact")
+
+
 def load_artifact(meta: Path, reused: bool) -> AdapterArtifact:
     """The artifact whose metadata is `meta` (qeval-artifact.json in its folder)."""
     d = json.loads(meta.read_text())

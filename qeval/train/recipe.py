@@ -26,7 +26,7 @@ from qeval.models.load import ResolvedModel, load_model
 from qeval.models.memory import ALLOCATOR, PhasePeaks, allocator_tuned, own_weights
 from qeval.quant.backend import backend_of
 from qeval.quant.formats import FORMATS
-from qeval.train.artifact import AdapterArtifact, load_artifact
+from qeval.train.artifact import AdapterArtifact, artifact_ready, load_artifact, seal_artifact
 from qeval.train.child import run_in_child
 from qeval.train.spec import AdapterSpec, adapter_key, lora_config
 
@@ -44,7 +44,7 @@ def finetune(model: ResolvedModel, spec: AdapterSpec, device: str, prefix: str =
     key = adapter_key(model, spec, device)
     out = env.cache_dir() / "adapters" / key[:32]
     meta = out / "qeval-artifact.json"
-    reused = meta.is_file()
+    reused = artifact_ready(out)  # a corrupt one is removed (one line) and trained again
     if not reused:
         if isolate:
             run_in_child(_train, (model, spec, device, key, out, prefix))
@@ -166,6 +166,7 @@ def _train(model: ResolvedModel, spec: AdapterSpec, device: str, key: str, out: 
                           tuple(losses), tuple(heldout), device, steps_done=done, tokens=tokens,
                           order_hash=order_hash.hexdigest(), eval_s=eval_s, data=data, memory=memory)
     atomic_write(tmp / "qeval-artifact.json", json.dumps(art.summary(), indent=1))
+    seal_artifact(tmp)  # its files' hashes: a reuse checks them (qeval.train.artifact.artifact_ready)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)  # atomic: a crash mid-training leaves nothing that looks finished
 

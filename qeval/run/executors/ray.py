@@ -57,6 +57,7 @@ class RayExecutor(Executor):
         _ray()  # fail at once (exit 2, one line) when ray is missing
         self.settings = settings
         self._owned = False
+        self._reaper = None  # for a Ray started here: kills its processes if this one dies (qeval.core.reaper)
         self._remote = None
         self._gens: dict = {}  # ObjectRefGenerator -> job
         # one machine (a Ray started here) shares the driver's cache; a cluster may not
@@ -75,12 +76,19 @@ class RayExecutor(Executor):
                 kw["address"] = s.address
             else:
                 kw["num_cpus"] = s.num_cpus
+            from qeval.core.reaper import descendants
+
+            before = set(descendants())
             try:
                 ray.init(**kw)
             except ConnectionError as e:
                 raise QevalError("ray address", s.address or "(local)", "a running Ray cluster",
                                  f"{str(e).splitlines()[0][:160]}; start one with `ray start --head`, or drop --address") from None
             self._owned = True
+            if not s.address:  # a local Ray is this run's: it must not outlive the driver, even a kill -9
+                from qeval.core.reaper import Reaper
+
+                self._reaper = Reaper(before)
         self._remote = ray.remote(max_retries=0)(_ray_job)  # retries are the driver's (plan `retries:`)
         return ray
 
@@ -93,6 +101,8 @@ class RayExecutor(Executor):
 
     def submit(self, job, inputs: dict[str, Any]) -> None:
         self._start()
+        if self._reaper is not None:  # Ray starts its agents and workers after init returns
+            self._reaper.watch()
         keys = tuple(inputs)
         gen = self._remote.options(num_cpus=job.num_cpus, num_gpus=job.num_gpus,
                                    name=f"qeval {job.label}"[:100]).remote(job, keys, *inputs.values())
@@ -103,6 +113,8 @@ class RayExecutor(Executor):
 
     def next_event(self) -> Event:
         ray = self._start()
+        if self._reaper is not None:
+            self._reaper.watch()
         while True:
             ready, _ = ray.wait(list(self._gens), num_returns=1, timeout=1.0)
             if ready:
@@ -132,6 +144,9 @@ class RayExecutor(Executor):
         self._gens.clear()
         if self._owned and ray.is_initialized():
             ray.shutdown()
+        if self._reaper is not None:  # what ray.shutdown() left running (its agents, at times)
+            self._reaper.close()
+            self._reaper = None
 
 
 def _unwrap(e: BaseException) -> BaseException:
