@@ -62,6 +62,27 @@ class Finding:
 
 
 @dataclass
+class Gate:
+    """One gate of a run as CI shows it (a JUnit testcase): a cell's metric against the previous run
+    (`change`), against the plan's recovery threshold (`threshold`), or a cell that has no result
+    (`cell`: it could not run, so none of its gates could be evaluated)."""
+
+    gate: str  # change | threshold | cell
+    cell: str
+    metric: str
+    outcome: str  # passed | skipped (could not be evaluated); a finding decides failed / acknowledged
+    detail: str  # what was found, or why it could not be evaluated
+    finding: Finding | None = None
+
+    @property
+    def status(self) -> str:
+        """passed | failed | acknowledged | skipped."""
+        if self.finding is not None:
+            return "failed" if self.finding.kind == "regression" else "acknowledged"
+        return self.outcome
+
+
+@dataclass
 class NightlyResult:
     run_id: int
     exit_code: int
@@ -72,6 +93,9 @@ class NightlyResult:
     wall_s: float
     tests: int = 0
     method: str = ""
+    gates: list[Gate] = dataclasses.field(default_factory=list)
+    fixed: list[dict] = dataclasses.field(default_factory=list)  # regressions open before this run, closed by it
+    kind: str = "nightly"
 
 
 # ----------------------------------------------------------------------------- plan validation
@@ -160,6 +184,9 @@ def nightly(plan_path: Path, store_path: Path,
                 gated, status = gate_run(store, run_id, [c.key for c in cells], th, compare_with or run_kind, {
                     **info, "computed": summary.computed, "reused": summary.reused, "failed": summary.failed})
                 findings = gated.findings
+                names = {c.key: f"{c.model.spec} @ {c.arm.name} / {c.task.task}" for c in cells}
+                gated.gates += [Gate("cell", names[k], "", "skipped", "no result: the cell could not run this night")
+                                for k in names if k not in store]
         except BaseException as e:
             # never leave a run "running" because of an error; a kill (KeyboardInterrupt, SIGKILL)
             # does leave it so, which is how a restarted job shows it was interrupted
@@ -169,7 +196,7 @@ def nightly(plan_path: Path, store_path: Path,
             raise
     code = EXIT_COULD_NOT_RUN if summary.failed else (EXIT_REGRESSION if status == "regression" else EXIT_OK)
     return NightlyResult(run_id, code, len(summary.computed), len(summary.reused), summary.failed, findings,
-                         time.perf_counter() - t0, gated.tests, gated.method)
+                         time.perf_counter() - t0, gated.tests, gated.method, gated.gates, gated.fixed, run_kind)
 
 
 def gate_run(store: Store, run_id: int, keys: list[str], th: Thresholds, compare_with: str, info: dict):
@@ -189,6 +216,8 @@ class Gated:
     open: list[dict]  # the regressions still open after this run (unacknowledged), for the next run
     tests: int
     method: str
+    gates: list[Gate] = dataclasses.field(default_factory=list)  # every gate, evaluated or not
+    fixed: list[dict] = dataclasses.field(default_factory=list)
 
 
 def _compare(store: Store, run_id: int, keys: list[str], th: Thresholds, compare_with: str) -> Gated:
@@ -209,36 +238,52 @@ def _compare(store: Store, run_id: int, keys: list[str], th: Thresholds, compare
     # open, against the result from before the regression); one family for the FDR control
     tests: list[tuple[Record, Record, str, Comparison]] = []
     carried: list[Finding] = []
+    gates: list[Gate] = []
+    skip = lambda rec, metric, why: gates.append(Gate("change", cell_name(rec), metric, "skipped", why))  # noqa: E731
     open_change = {(tuple(o["slot"]), o["metric"]): o for o in was_open.values() if o["gate"] == "change"}
     for key, rec in now.items():
         for metric, m in rec.metrics.items():
             o = open_change.get((_slot(rec), metric))
             if o is not None and o["key"] == key:  # unchanged since the regression: still open
-                carried.append(Finding("regression", _cell_name(rec), metric, o["before"], m.value,
+                carried.append(Finding("regression", cell_name(rec), metric, o["before"], m.value,
                                        f"(open since run {o['since']}, cell unchanged: {o['detail']})", o["id"], "change"))
+                gates.append(Gate("change", cell_name(rec), metric, "passed", "", carried[-1]))
                 continue
             ref_key = o["ref_key"] if o is not None else prev_keys.get(_slot(rec))
-            if not ref_key or ref_key == key:  # same key = same inputs = same numbers
+            if not ref_key:
+                skip(rec, metric, f"no earlier result of this cell in a finished {compare_with} run to compare with")
+                continue
+            if ref_key == key:  # same key = same inputs = same numbers
+                gates.append(Gate("change", cell_name(rec), metric, "passed",
+                                  "unchanged: the same result as the earlier run (same key, same inputs)"))
                 continue
             ref = store.get(ref_key)
-            if ref is None or metric not in ref.metrics or _slot(ref) != _slot(rec) \
-                    or ref.task.fingerprint != rec.task.fingerprint:
+            if ref is None or metric not in ref.metrics:
+                skip(rec, metric, "the earlier result " + ("is gone from the store" if ref is None else f"has no {metric}"))
+                continue
+            if _slot(ref) != _slot(rec) or ref.task.fingerprint != rec.task.fingerprint:
+                skip(rec, metric, "the task's documents changed since the earlier result: nothing to pair")
                 continue
             c = _compare_samples(store.samples(ref_key), store.samples(key), metric, bool(m.higher_is_better), th,
                                  m.aggregation)
-            if c is not None:
-                tests.append((ref, rec, metric, c))
+            if c is None:
+                skip(rec, metric, "no per-document outputs stored to pair")
+                continue
+            tests.append((ref, rec, metric, c))
     findings: list[Finding] = list(carried)
     method = f"{FDR_METHOD} at q={th.fdr:g} over {len(tests)} comparison{'' if len(tests) == 1 else 's'}"
     for (ref, rec, metric, c), (adj, verdict) in zip(tests, fdr_verdicts([t[3] for t in tests], th.fdr)):
+        stats = (f"{c.test}: delta {c.delta:+.4g}, 95% CI [{c.ci_lo:+.4g}, {c.ci_hi:+.4g}], p={c.p_value:.3g}, "
+                 f"adjusted p={adj:.3g} ({method}), min effect {_effect(c)}")
         if verdict != WORSE:
+            gates.append(Gate("change", cell_name(rec), metric, "passed",
+                              f"{c.ref_value:.4g} -> {c.value:.4g}: {verdict} ({stats})"))
             continue
         o = open_change.get((_slot(rec), metric))
-        fid = o["id"] if o else f"change|{_cell_name(rec)}|{metric}|{ref.key[:12]}"
-        findings.append(Finding(
-            "regression", _cell_name(rec), metric, c.ref_value, c.value,
-            f"({c.test}: delta {c.delta:+.4g}, 95% CI [{c.ci_lo:+.4g}, {c.ci_hi:+.4g}], p={c.p_value:.3g}, "
-            f"adjusted p={adj:.3g} ({method}), min effect {_effect(c)}; {_changed(ref, rec)})", fid, "change"))
+        fid = o["id"] if o else f"change|{cell_name(rec)}|{metric}|{ref.key[:12]}"
+        findings.append(Finding("regression", cell_name(rec), metric, c.ref_value, c.value,
+                                f"({stats}; {_changed(ref, rec)})", fid, "change"))
+        gates.append(Gate("change", cell_name(rec), metric, "passed", "", findings[-1]))
 
     # (2) recovery gates against this run's baseline, every metric they name, with its direction
     for key, rec in now.items():
@@ -246,15 +291,24 @@ def _compare(store: Store, run_id: int, keys: list[str], th: Thresholds, compare
         arm = rec.variant.arm
         for metric, m in rec.metrics.items():
             limit = th.limit(arm, metric, metric == rec.primary_metric)
-            if base is None or base is rec or limit is None or metric not in base.metrics:
+            if base is rec or limit is None:
+                continue
+            if base is None or metric not in base.metrics:
+                gates.append(Gate("threshold", cell_name(rec), metric, "skipped",
+                                  f"no baseline {'result' if base is None else metric} in this run to measure "
+                                  f"recovery against (threshold {limit:.3f})"))
                 continue
             bv, hib = base.metrics[metric].value, bool(m.higher_is_better)
             rec_ = recovery(m.value, bv, hib)
             if recovery_fails(rec_, limit):
                 why = "recovery undefined (baseline 0)" if rec_ != rec_ else f"recovery {rec_:.3f}"
-                findings.append(Finding("regression", _cell_name(rec), metric, bv, m.value,
-                                        f"({why} < threshold {limit:.3f})", f"threshold|{_cell_name(rec)}|{metric}",
+                findings.append(Finding("regression", cell_name(rec), metric, bv, m.value,
+                                        f"({why} < threshold {limit:.3f})", f"threshold|{cell_name(rec)}|{metric}",
                                         "threshold"))
+                gates.append(Gate("threshold", cell_name(rec), metric, "passed", "", findings[-1]))
+            else:
+                gates.append(Gate("threshold", cell_name(rec), metric, "passed",
+                                  f"recovery {rec_:.3f} >= threshold {limit:.3f} (baseline {bv:.4g}, value {m.value:.4g})"))
         for wkey, level in th.warn_below.items():
             task, _, metric = wkey.partition(":")
             if task != rec.task.name or metric not in rec.metrics:
@@ -262,7 +316,7 @@ def _compare(store: Store, run_id: int, keys: list[str], th: Thresholds, compare
             m = rec.metrics[metric]
             hib = bool(m.higher_is_better)
             if (m.value < level) if hib else (m.value > level):
-                findings.append(Finding("warning", _cell_name(rec), metric, level, m.value,
+                findings.append(Finding("warning", cell_name(rec), metric, level, m.value,
                                         f"(worse than the warning level {level:g}: "
                                         f"{'lower' if hib else 'higher'} is worse)", gate="warning"))
 
@@ -272,7 +326,7 @@ def _compare(store: Store, run_id: int, keys: list[str], th: Thresholds, compare
     for f in findings:
         if f.kind != "regression":
             continue
-        reason = acks.get(f.id) or acks.get(_norm(f.cell))
+        reason = acks.get(f.id) or acks.get(norm_cell(f.cell))
         if reason:
             f.kind, f.detail = "acknowledged", f"{f.detail} [acknowledged: {reason}]"
             continue
@@ -280,13 +334,18 @@ def _compare(store: Store, run_id: int, keys: list[str], th: Thresholds, compare
         entry = {"id": f.id, "gate": f.gate, "cell": f.cell, "metric": f.metric, "before": f.before,
                  "detail": f.detail, "since": since}
         if f.gate == "change":
-            rec = next(r for r in now.values() if _cell_name(r) == f.cell)
+            rec = next(r for r in now.values() if cell_name(r) == f.cell)
             prior = was_open.get(f.id)
             entry.update(slot=list(_slot(rec)), key=rec.key,
                          ref_key=prior["ref_key"] if prior else _ref_key_of(tests, rec, f.metric))
         still_open.append(entry)
     order = {"regression": 0, "acknowledged": 1, "warning": 2}
-    return Gated(sorted(findings, key=lambda f: (order[f.kind], f.cell, f.metric)), still_open, len(tests), method)
+    # fixed: open before this run, not open now, and not merely acknowledged
+    now_ids = {f.id for f in findings if f.kind in ("regression", "acknowledged")}
+    measured = {cell_name(r) for r in now.values()}  # a cell that could not run fixed nothing
+    fixed = [o for i, o in was_open.items() if i not in now_ids and o["cell"] in measured]
+    return Gated(sorted(findings, key=lambda f: (order[f.kind], f.cell, f.metric)), still_open, len(tests), method,
+                 sorted(gates, key=lambda g: (g.cell, g.gate, g.metric)), fixed)
 
 
 def _compare_samples(ref_samples, var_samples, metric: str, hib: bool, th: Thresholds,
@@ -311,13 +370,13 @@ def _effect(c: Comparison) -> str:
 
 # ----------------------------------------------------------------------------- acknowledgements
 
-def _norm(cell: str) -> str:
+def norm_cell(cell: str) -> str:
     return " ".join(str(cell).replace("/", " / ").split())
 
 
-def _matches(cell: str, given: str) -> bool:
+def cell_matches(cell: str, given: str) -> bool:
     """CELL as printed ('model @ arm / task'), or without the model ('arm / task')."""
-    full, g = _norm(cell), _norm(given)
+    full, g = norm_cell(cell), norm_cell(given)
     return g == full or full.endswith("@ " + g)
 
 
@@ -328,18 +387,18 @@ def _acks(store: Store, th: Thresholds) -> dict[str, str]:
         for rid in run.get("ids", []):
             out[rid] = run["reason"]
     for a in th.acknowledged:
-        out[_norm(a["cell"])] = str(a["reason"])
+        out[norm_cell(a["cell"])] = str(a["reason"])
     return _Acks(out)
 
 
 class _Acks(dict):
-    """A plan entry may name the cell without its model: look cell names up by `_matches`."""
+    """A plan entry may name the cell without its model: look cell names up by `cell_matches`."""
 
     def get(self, key, default=None):
         if key in self:
             return self[key]
         for k, v in self.items():
-            if "|" not in k and _matches(key, k):
+            if "|" not in k and cell_matches(key, k):
                 return v
         return default
 
@@ -353,7 +412,7 @@ def acknowledge(store_path: Path, cell: str, reason: str, kind: str = "nightly")
     with Store(store_path, readonly=True) as store:
         finished = [r for r in store.runs(kind) if "open_regressions" in r]
     open_ = finished[-1].get("open_regressions", []) if finished else []
-    ids = [o["id"] for o in open_ if _matches(o["cell"], cell)]
+    ids = [o["id"] for o in open_ if cell_matches(o["cell"], cell)]
     if not ids:
         cells = sorted({o["cell"] for o in open_})
         hint = did_you_mean(cell, cells)
@@ -374,7 +433,7 @@ def _slot(rec: Record) -> tuple:
     return (rec.variant_id, rec.model.fingerprint, t.name, t.limit, t.num_fewshot)
 
 
-def _cell_name(rec: Record) -> str:
+def cell_name(rec: Record) -> str:
     return f"{rec.variant.model} @ {rec.variant.arm} / {rec.task.name}"
 
 

@@ -10,15 +10,19 @@ from qeval.report.plots import plt, png
 from qeval.report.sections.base import ReportSection, register
 
 HISTORY_PNG = "history.png"
+HISTORY_NIGHTS = 30  # the report shows the last 30 nightly runs (a year of nights is no table); `qeval history` any N
 
 
 def history_section(hist: pd.DataFrame) -> Section | None:
     """Score per variant and task across nightly runs; version changes marked."""
     if hist.empty or hist["run_id"].nunique() < 2:
         return None
+    hist = hist[hist["run_id"].isin(sorted(hist["run_id"].unique())[-HISTORY_NIGHTS:])]
     blocks = [Heading(2, "History (nightly runs)"),
-              Para("Each variant keeps its identity across library upgrades (the result key changes, the variant "
-                   "does not), so a column is one variant through versions. † marks a run whose library "
+              Para(f"The last {hist['run_id'].nunique()} nightly runs (at most {HISTORY_NIGHTS}; "
+                   "`qeval history CELL --nights N` for one cell over any span). Each variant keeps its "
+                   "identity across library upgrades (the result key changes, the variant does not), so a "
+                   "column is one variant through versions. † marks a run whose library "
                    "versions differ from the run before; 'computed' counts the cells that run had to compute.")]
     runs = hist.drop_duplicates("run_id").sort_values("run_id")
     blocks.append(Table(["run", "started", "git sha", "computed", "versions changed"],
