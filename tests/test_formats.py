@@ -232,7 +232,7 @@ def test_grid_detector_flags_a_planted_model_and_not_a_float_one(tiny_model_dir,
     from qeval.quant.detect import banner, grid_census
 
     float_census = grid_census(tiny_model_dir)
-    assert float_census["tensors"] == 14 and float_census["low_blocks"] == 0
+    assert float_census["tensors"] == 14 and float_census["gridded"] == 0
     assert banner(float_census) == ""
     census = grid_census(planted_q4_1)
     from safetensors import safe_open
@@ -240,7 +240,7 @@ def test_grid_detector_flags_a_planted_model_and_not_a_float_one(tiny_model_dir,
     with safe_open(str(planted_q4_1 / "model.safetensors"), "pt") as f:  # blocks counted independently
         n_blocks = sum(f.get_slice(k).get_shape()[0] * f.get_slice(k).get_shape()[1] // 32
                        for k in f.keys() if k.endswith("proj.weight"))
-    assert census["blocks"] == n_blocks and census["low_blocks"] == n_blocks
+    assert census["blocks"] == census["fit"] == n_blocks and census["grids"] == {"4-bit/32": 14}
     assert "already quantized" in banner(census, "planted")
 
 

@@ -5,6 +5,7 @@ import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -327,8 +328,10 @@ def test_real_convert_is_atomic_and_records_source(tiny_model_dir, tmp_path, mon
                         _LoaderFromFolder(transformers.AutoTokenizer, tiny_model_dir, seen))
     monkeypatch.setattr(transformers, "AutoModelForCausalLM",
                         _LoaderFromFolder(transformers.AutoModelForCausalLM, tiny_model_dir, seen))
-    gguf = tmp_path / "tiny.gguf"
-    gguf.write_bytes(b"GGUF pretend gguf bytes")
+    from test_census import write_gguf
+
+    gguf = write_gguf(tmp_path / "tiny.gguf", {"blk.0.ffn_up.weight": (np.ones((2, 32), np.float32), "Q4_0"),
+                                               "output_norm.weight": (np.ones(32, np.float32), "F32")})
 
     real_versions = models.env.versions
 
@@ -350,9 +353,11 @@ def test_real_convert_is_atomic_and_records_source(tiny_model_dir, tmp_path, mon
     src = json.loads((r.path / "qeval-source.json").read_text())
     assert src["gguf"] == str(gguf)
     assert src["gguf_sha256"] == models.sha256_file(gguf)
+    assert src["gguf_types"] == {"F32": 1, "Q4_0": 1}  # the file's own types, for the banner
     assert r.fingerprint == resolve_model(str(r.path)).fingerprint  # the cache is an ordinary folder
     lm = load_model(r, FORMATS.get("none"), "cpu")
     assert lm.dtype == "float32"
+    assert lm.footprint.checkpoint_dtype == "float32" and lm.footprint.checkpoint_types == {"F32": 1, "Q4_0": 1}
 
 
 def test_corrupt_gguf_is_a_qeval_error(tmp_path):

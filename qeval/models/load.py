@@ -7,6 +7,7 @@ cached as safetensors + tokenizer under `qeval.core.env.cache_dir()`; later runs
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.util
 import io
 import json
@@ -209,11 +210,45 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     with _quiet():
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
+    # the file's own tensor types, exact, for the pre-quantized banner (the folder holds float32 only)
+    from qeval.quant.detect import gguf_census
+
     atomic_write(tmp / "qeval-source.json", json.dumps(
-        {"gguf": str(gguf), "gguf_sha256": sha256_file(gguf), "versions": env.versions()}, indent=1))
+        {"gguf": str(gguf), "gguf_sha256": sha256_file(gguf), "gguf_types": gguf_census(gguf),
+         "versions": env.versions()}, indent=1))
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)  # atomic: a crash mid-conversion leaves no half-written cache
     log.info("converted in %.1f s", time.time() - t0)
+
+
+# safetensors' dtype names -> torch's (what the record and the report say)
+_ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn",
+              "F8_E5M2": "float8_e5m2", "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8"}
+
+
+def checkpoint_of(folder: Path) -> dict:
+    """The checkpoint as stored, from the safetensors headers (no tensor is read): `checkpoint_dtype`
+    (the dtype holding most bytes), `checkpoint_bytes` (every tensor's bytes, as the files hold them)
+    and, for a folder converted from a GGUF file, `checkpoint_types` (the file's tensors per type).
+    Empty values when the folder has no safetensors (a .bin checkpoint: sizes stay against the
+    compute dtype's baseline)."""
+    import struct
+
+    by_dtype: dict[str, int] = {}
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            header = json.loads(fh.read(struct.unpack("<Q", fh.read(8))[0]))
+        for name, t in header.items():
+            if name == "__metadata__" or not isinstance(t, dict):
+                continue
+            dtype = _ST_DTYPES.get(t["dtype"], t["dtype"].lower())
+            begin, end = t["data_offsets"]
+            by_dtype[dtype] = by_dtype.get(dtype, 0) + int(end) - int(begin)
+    from qeval.quant.detect import source_types
+
+    types = (source_types(Path(folder)) or {}).get("types") or {}
+    return {"checkpoint_dtype": max(by_dtype, key=by_dtype.get) if by_dtype else "",
+            "checkpoint_bytes": sum(by_dtype.values()), "checkpoint_types": types}
 
 
 def linear_in_features(folder: Path) -> dict[str, int]:
@@ -307,8 +342,9 @@ def load_model(resolved: ResolvedModel, fmt: QuantFormat, device: str, dtype=Non
         load_s = time.perf_counter() - t0
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
+    footprint = dataclasses.replace(measure_footprint(model, fmt), **checkpoint_of(resolved.path))
     return LoadedModel(resolved, fmt, model, tok, device, str(dtype).replace("torch.", ""),
-                       measure_footprint(model, fmt), load_s, peak.peak_bytes)
+                       footprint, load_s, peak.peak_bytes)
 
 
 @contextlib.contextmanager

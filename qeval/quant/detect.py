@@ -1,15 +1,31 @@
-"""Is a "full-precision" baseline already quantized? A census of low-cardinality weight blocks.
+"""Is a "full-precision" baseline already quantized? Two censuses, one banner.
 
-A weight dequantized from a block format (GGUF Q4_0/Q4_1, NF4, int4 with groups) holds at most 2^bits
-distinct values in each block; float weights hold one per weight. `grid_census` reads a model folder's
-safetensors (no model is built) and counts, for each linear weight, the blocks of `block` consecutive
-weights along a row that hold `max_distinct` or fewer distinct values. The embedded SmolLM2 (its
-"float" weights come from a Q4_1 GGUF) shows a 4-bit grid in every block; a float model in none.
-The result is memoized per model fingerprint (reading ~0.5 GB of float32 takes a few seconds).
+1. A model converted from a GGUF file: the file's own tensor types, counted exactly with gguf-py's
+   `GGUFReader` (`gguf_census`; the Gemma-3-270M Q4_K_M file: Q5_0 81, Q4_K 27, Q8_0 10, Q6_K 9,
+   F32 109). Nothing is guessed: the file says what it holds.
+2. Any other checkpoint: a grid test on its linear weights (`grid_census`). A weight dequantized from a
+   block format is, inside each block, `scale x integer + offset` with at most 2^b integers (GGUF
+   Q4_0..Q8_0 and the K-quants' sub-blocks, NF4's absmax blocks are not uniform and are not claimed
+   here, int4/int8 with groups). Per block the test fits the offset (the block's minimum) and the
+   scale, checks every value lies within `TOL` of an integer multiple, and counts the levels the
+   span needs; a float weight fails at once (its smallest gap makes the span need far more than
+   2^8 levels). Counting distinct values (the census before this one) cannot see a 5-, 6- or 8-bit
+   grid: a block of 32 weights holds at most 32 values whatever its grid.
+
+   The scale is found, not assumed: the smallest gap between the block's sorted distinct values is a
+   whole number of steps (`g`), so the candidates are that gap / g for g = 1..`MAX_GAP_STEPS` (each
+   refined to span / its whole number of steps); the largest candidate that fits is the step. Blocks run along the input dimension (rows), of 256,
+   128, 64, 32 and 16 weights; per tensor the largest block size at which most blocks fit wins (a
+   Q4_K tensor fits at 32, its sub-block, not at 256; Q6_K at 16), and its bits are the smallest b
+   that most blocks fit in.
+
+The grid census is memoized per model fingerprint (reading ~0.5 GB of float32 takes seconds).
+numpy only: `qeval report` (which shows the banner) imports no torch for it.
 """
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -19,29 +35,94 @@ from qeval.core.files import atomic_write
 
 # names of 2-D weights that are not linear layers a backend quantizes
 _SKIP = ("embed", "norm", "lm_head", "wte", "wpe")
+BLOCKS = (256, 128, 64, 32, 16)  # largest first: the first size most blocks fit is the format's block
+MAX_BITS = 8
+TOL = 0.02  # of one step: a float32 dequantized value is off by ~1e-5 steps, a random one fits by chance 4% of the time
+MAX_GAP_STEPS = 16  # the smallest gap between distinct values, in steps, that the scale search tries
+MOST = 0.5  # "most blocks": the share a grid must fit
+FLOAT_TYPES = ("F32", "F16", "BF16", "F64")  # GGUF tensor types that are not quantized
+CENSUS_VERSION = 2  # part of the memo's name: a census computed by an older rule is not reused
 
 
-def grid_census(folder: Path, block: int = 32, max_distinct: int = 16) -> dict:
-    """{"tensors", "blocks", "low_blocks", "fraction", "block", "max_distinct"} over the folder's
-    linear weights whose rows divide into blocks (others are skipped)."""
-    tensors = blocks = low = 0
+def gguf_census(path: Path) -> dict[str, int]:
+    """Tensors per GGUF type in the file ({"Q4_1": 211, "F32": 61}), most frequent first, read from its
+    header (memory-mapped; no tensor data is read)."""
+    from gguf import GGUFReader
+
+    counts = Counter(t.tensor_type.name for t in GGUFReader(str(path)).tensors)
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def block_bits(w: np.ndarray, block: int) -> np.ndarray:
+    """Per block of `block` consecutive weights along each row of the 2-D `w`: the bits of the
+    smallest uniform grid (scale x integer + offset) its values lie on, 1 for a constant block, and 0
+    for a block on no grid of `MAX_BITS` bits or fewer."""
+    b = np.sort(np.asarray(w, dtype=np.float64).reshape(-1, block), axis=1)
+    lo, span = b[:, 0], b[:, -1] - b[:, 0]
+    gaps = np.diff(b, axis=1)
+    gaps = np.where(gaps > 0, gaps, np.inf)
+    dmin = gaps.min(axis=1)
+    out = np.zeros(len(b), dtype=np.int64)
+    out[span == 0] = 1
+    todo = np.flatnonzero((span > 0) & np.isfinite(dmin))
+    max_levels = 2 ** MAX_BITS
+    for g in range(1, MAX_GAP_STEPS + 1):
+        if not len(todo):
+            break
+        # the span is a whole number of steps too, and far longer than the smallest gap: the step read
+        # from it is as exact as the values (the gap's rounding, times ~255 levels, would not be)
+        steps = np.rint(span[todo] * g / dmin[todo])
+        step = span[todo] / steps
+        levels = steps + 1
+        possible = levels <= max_levels  # a finer step only adds levels: a block past the limit is done
+        todo, step, levels = todo[possible], step[possible], levels[possible]
+        x = (b[todo] - lo[todo, None]) / step[:, None]
+        fits = (np.abs(x - np.rint(x)) <= TOL).all(axis=1)
+        out[todo[fits]] = np.ceil(np.log2(np.maximum(levels[fits], 2))).astype(np.int64)
+        todo = todo[~fits]
+    return out
+
+
+def tensor_grid(w: np.ndarray) -> dict | None:
+    """The grid most of the tensor's blocks sit on: {"block", "bits", "blocks", "fit"} (`fit`: blocks
+    on a grid of `bits` or fewer), at the largest block size where most fit; None when none does."""
+    for block in BLOCKS:
+        if w.ndim != 2 or w.shape[1] % block:
+            continue
+        bits = block_bits(w, block)
+        for b in range(1, MAX_BITS + 1):
+            fit = int(((bits >= 1) & (bits <= b)).sum())
+            if fit > MOST * len(bits):
+                return {"block": block, "bits": max(b, 2), "blocks": len(bits), "fit": fit}
+    return None
+
+
+def grid_census(folder: Path) -> dict:
+    """Over the folder's linear weights (2-D, rows a multiple of 16): {"tensors", "gridded", "blocks",
+    "fit", "grids"} where `grids` counts tensors per "<bits>-bit/<block>" grid and `blocks` / `fit`
+    sum the gridded tensors' blocks and those that fit."""
+    tensors = gridded = blocks = fit = 0
+    grids: Counter = Counter()
     for f in sorted(Path(folder).glob("*.safetensors")):
-        for name, w in _weights(f):
-            if w.ndim != 2 or w.shape[1] % block:
+        for _, w in _weights(f):
+            if w.ndim != 2 or w.shape[1] % BLOCKS[-1]:
                 continue
-            b = np.sort(w.reshape(-1, block), axis=1)
-            distinct = 1 + (b[:, 1:] != b[:, :-1]).sum(axis=1)
             tensors += 1
-            blocks += b.shape[0]
-            low += int((distinct <= max_distinct).sum())
-    return {"tensors": tensors, "blocks": blocks, "low_blocks": low, "fraction": low / blocks if blocks else 0.0,
-            "block": block, "max_distinct": max_distinct}
+            found = tensor_grid(w)
+            if found is None:
+                continue
+            gridded += 1
+            blocks += found["blocks"]
+            fit += found["fit"]
+            grids[f"{found['bits']}-bit/{found['block']}"] += 1
+    return {"tensors": tensors, "gridded": gridded, "blocks": blocks, "fit": fit,
+            "grids": dict(sorted(grids.items(), key=lambda kv: (-kv[1], kv[0])))}
 
 
 def _weights(path: Path):
-    """(name, array) of the file's linear weights. numpy, so `qeval report` (which shows the census
-    banner) imports no torch; numpy has no bfloat16, so a bf16 file is read through torch and widened
-    to float32 (exact: every bf16 value is a float32 value, so the distinct counts are unchanged)."""
+    """(name, array) of the file's linear weights. numpy, so `qeval report` imports no torch; numpy has
+    no bfloat16, so a bf16 file is read through torch and widened to float32 (exact: every bf16
+    value is a float32 value, so the grids are unchanged)."""
     from safetensors import safe_open
 
     with safe_open(str(path), "np") as st:
@@ -55,9 +136,31 @@ def _weights(path: Path):
             yield n, w
 
 
-def cached_grid_census(folder: Path, fingerprint: str) -> dict | None:
-    """`grid_census` memoized by the model's content fingerprint; None when the folder is gone."""
-    memo = env.cache_dir() / "grid-census" / f"{fingerprint[:32]}.json"
+def source_types(folder: Path) -> dict | None:
+    """For a folder converted from a GGUF file: {"gguf": file name, "types": its tensors per type},
+    written at conversion (`qeval-source.json`) or, for a folder converted before that, read from
+    the file; None for any other folder (or when neither says)."""
+    src = Path(folder) / "qeval-source.json"
+    try:
+        meta = json.loads(src.read_text(encoding="utf-8")) if src.is_file() else {}
+    except (OSError, ValueError):
+        meta = {}
+    if not meta.get("gguf"):
+        return None
+    if meta.get("gguf_types"):
+        return {"gguf": Path(meta["gguf"]).name, "types": meta["gguf_types"]}
+    if Path(meta["gguf"]).is_file():
+        return {"gguf": Path(meta["gguf"]).name, "types": gguf_census(Path(meta["gguf"]))}
+    return None
+
+
+def baseline_census(folder: Path, fingerprint: str) -> dict | None:
+    """The census the banner shows: a GGUF-converted folder's file types (`source_types`), else the
+    grid census, memoized by the model's content fingerprint. None when the folder is gone."""
+    found = source_types(Path(folder))
+    if found is not None:
+        return found
+    memo = env.cache_dir() / "grid-census" / f"v{CENSUS_VERSION}-{fingerprint[:32]}.json"
     if memo.is_file():
         return json.loads(memo.read_text())
     if not Path(folder).is_dir():
@@ -68,12 +171,22 @@ def cached_grid_census(folder: Path, fingerprint: str) -> dict | None:
 
 
 def banner(census: dict | None, source: str = "") -> str:
-    """One sentence for the report when most blocks sit on a grid; '' otherwise."""
-    if not census or census["fraction"] < 0.5:
+    """One sentence for the report when the baseline is already quantized; '' otherwise."""
+    if not census:
         return ""
-    bits = max(1, (census["max_distinct"] - 1).bit_length())
     where = f" ({source})" if source else ""
-    return (f"Baseline weights look already quantized{where}: {census['fraction']:.0%} of "
-            f"{census['blocks']:,} blocks of {census['block']} weights in {census['tensors']} linear layers hold "
-            f"at most {census['max_distinct']} distinct values (a {bits}-bit grid, Q4-like). Losses below are "
-            "measured against a quantized model, and a format with the same grid can look lossless.")
+    types = census.get("types")
+    if types is not None:
+        if all(t in FLOAT_TYPES for t in types):
+            return ""
+        listed = ", ".join(f"{t} {n}" for t, n in types.items())
+        return (f"Baseline weights are already quantized{where}: they were dequantized from {census['gguf']}, whose "
+                f"tensors are {listed} (tensor types read from the file). Losses below are measured against a "
+                "quantized model, and a format with the same grid can look lossless.")
+    if not census.get("tensors") or census.get("gridded", 0) <= MOST * census["tensors"]:
+        return ""
+    grids = ", ".join(f"{g} in {n}" for g, n in census["grids"].items())
+    return (f"Baseline weights look already quantized{where}: {census['gridded']} of {census['tensors']} linear "
+            f"layers sit on a uniform grid per block (bits/block size: {grids}; {census['fit']:,} of "
+            f"{census['blocks']:,} blocks fit). Losses below are measured against a quantized model, and a format "
+            "with the same grid can look lossless.")

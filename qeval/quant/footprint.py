@@ -33,6 +33,13 @@ class Footprint:
     packed_bytes: int = 0
     # Backends that pick a type per tensor (GGUF mixes): type -> number of quantized weights held in it
     packed_types: dict[str, int] = dataclasses.field(default_factory=dict)
+    # The checkpoint the model was loaded from, as stored (qeval.models.load.checkpoint_of): its float
+    # dtype ("bfloat16"; a GGUF-converted folder: the float type it was dequantized to), the bytes of
+    # its tensors, and for a GGUF conversion the file's tensors per type. Sizes are read against these
+    # bytes, not the compute dtype's copy (a bf16 checkpoint computed in float32 on CPU is twice as big).
+    checkpoint_dtype: str = ""
+    checkpoint_bytes: int = 0
+    checkpoint_types: dict[str, int] = dataclasses.field(default_factory=dict)
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)

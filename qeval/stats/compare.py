@@ -67,8 +67,14 @@ def memory_frame(records: list[Record]) -> pd.DataFrame:
     for r in recs:
         by_variant.setdefault((r.variant.model, r.variant.quant, r.variant.adapter_label,
                                r.model.fingerprint, r.device), []).append(r)
-    base_bytes = {(k[3], k[4]): rs[0].footprint.total_bytes
-                  for k, rs in by_variant.items() if k[1] == BASELINE and not k[2]}
+    # sizes are read against the checkpoint as stored when it is stored in another dtype than the
+    # baseline computes in (a bf16 checkpoint computed in float32 on CPU holds twice its bytes in
+    # memory); in the same dtype, or recorded before the checkpoint was: the baseline's measured bytes
+    base_rec = {(k[3], k[4]): rs[0] for k, rs in by_variant.items() if k[1] == BASELINE and not k[2]}
+    base_fp = {k: r.footprint for k, r in base_rec.items()}
+    base_bytes = {k: r.footprint.checkpoint_bytes
+                  if r.footprint.checkpoint_bytes and r.footprint.checkpoint_dtype != r.compute_dtype
+                  else r.footprint.total_bytes for k, r in base_rec.items()}
     rows = []
     for (model, quant, adapter, fp, device), rs in by_variant.items():
         fpt = max(rs, key=lambda r: r.created_at).footprint
@@ -88,7 +94,9 @@ def memory_frame(records: list[Record]) -> pd.DataFrame:
             "measured_bits_per_weight": (fpt.quantized_weight_bytes + fpt.quant_state_bytes) * 8 / qp if qp else math.nan,
             "theory_bits_per_weight": theory_bits,
             "load_s": max(r.timings.load_s for r in rs), "eval_s": sum(r.timings.eval_s for r in rs),
-            "peak_bytes": max(r.peak_bytes for r in rs), "device": device})
+            "peak_bytes": max(r.peak_bytes for r in rs), "device": device,
+            "checkpoint_dtype": base_fp[(fp, device)].checkpoint_dtype if (fp, device) in base_fp else "",
+            "compute_baseline_bytes": base_fp[(fp, device)].total_bytes if (fp, device) in base_fp else math.nan})
     return sort_frame(pd.DataFrame(rows, columns=MEMORY_COLUMNS), ["model", "quant", "adapter"])
 
 

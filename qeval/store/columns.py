@@ -8,7 +8,10 @@ from __future__ import annotations
 RESULT_COLUMNS = ["model", "quant", "adapter", "task", "metric", "higher_is_better", "primary", "value",
                   "stderr", "n", "baseline_value", "baseline_stderr", "delta", "recovery", "ratio",
                   "weight_bytes", "device", "key", "arm", "recovery_undefined"]
-# One row per variant: measured bytes split by kind, theory, ratios, and time costs.
+# One row per variant: measured bytes split by kind, theory, ratios, and time costs. `baseline_bytes` is
+# the checkpoint's as stored (dtype `checkpoint_dtype`), `compute_baseline_bytes` the baseline measured
+# in memory (the compute dtype's copy); the two differ when e.g. a bf16 checkpoint computes in float32.
 MEMORY_COLUMNS = ["model", "quant", "adapter", "total_bytes", "quantized_weight_bytes", "quant_state_bytes",
                   "unquantized_bytes", "theory_bytes", "baseline_bytes", "ratio_to_baseline", "ratio_to_theory",
-                  "measured_bits_per_weight", "theory_bits_per_weight", "load_s", "eval_s", "peak_bytes", "device"]
+                  "measured_bits_per_weight", "theory_bits_per_weight", "load_s", "eval_s", "peak_bytes", "device",
+                  "checkpoint_dtype", "compute_baseline_bytes"]

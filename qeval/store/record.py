@@ -187,6 +187,10 @@ class Footprint(Part):
     census: Mapping[str, int] = field(default_factory=dict)
     packed_bytes: int = 0  # GGUF: bytes of the packed file's quantized tensors (before packing existed: 0)
     packed_types: Mapping[str, int] = field(default_factory=dict)  # GGUF: quantized weights per ggml type
+    # the checkpoint as stored (before these existed: unknown, read as the compute dtype's baseline)
+    checkpoint_dtype: str = ""
+    checkpoint_bytes: int = 0
+    checkpoint_types: Mapping[str, int] = field(default_factory=dict)  # GGUF-converted: the file's tensors per type
 
 
 @dataclass(frozen=True, kw_only=True)

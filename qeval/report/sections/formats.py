@@ -196,12 +196,12 @@ def _pareto_png(land: pd.DataFrame) -> bytes:
 
 
 def baseline_banners(records: list[Record], land: pd.DataFrame) -> list[str]:
-    """Per model: the pre-quantized-baseline banner (grid census of its weights, memoized), where
-    the weights came from, and what re-quantizing to the same GGUF type measured."""
-    import json
+    """Per model: the pre-quantized-baseline banner (a GGUF conversion: the file's tensor types; any
+    other checkpoint: the grid census of its weights, memoized), where the weights came from, and
+    what re-quantizing to the same GGUF type measured."""
     from pathlib import Path
 
-    from qeval.quant.detect import banner, cached_grid_census
+    from qeval.quant.detect import FLOAT_TYPES, banner, baseline_census
 
     out, seen = [], set()
     for r in records:
@@ -209,15 +209,19 @@ def baseline_banners(records: list[Record], land: pd.DataFrame) -> list[str]:
         if r.variant.quant != BASELINE or m.fingerprint in seen:
             continue
         seen.add(m.fingerprint)
-        origin = ""
-        src = Path(m.path) / "qeval-source.json"
-        if src.is_file():
-            origin = "dequantized from " + Path(json.loads(src.read_text())["gguf"]).name
-        text = banner(cached_grid_census(Path(m.path), m.fingerprint), ", ".join(x for x in (m.spec, origin) if x))
+        census = baseline_census(Path(m.path), m.fingerprint)
+        text = banner(census, m.spec)
         if not text:
             continue
         if not land.empty:
-            same = land[(land["model"] == r.variant.model) & land["quant"].astype(str).str.startswith("gguf:q4_1")]
+            # the GGUF formats of the baseline's own grid: its file's types, or the grid's bits
+            quants = land["quant"].astype(str)
+            if census.get("types"):  # the file's main quantized type (most tensors; the embedding may differ)
+                main = [t for t in census["types"] if t not in FLOAT_TYPES][:1]
+                mine = quants.isin([f"gguf:{t.lower()}" for t in main])
+            else:  # a 4-bit/32 grid: gguf:q4_0 / q4_1 (the block formats; the K mixes are not one grid)
+                mine = quants.str.fullmatch("|".join(f"gguf:q{g.split('-')[0]}_[01]" for g in census["grids"]))
+            same = land[(land["model"] == r.variant.model) & mine]
             for row in same.to_dict("records"):
                 text += (f" Re-quantizing it to {row['quant']} gives KL {fmt_num(row['kl_mean'])} "
                          f"(top-1 agreement {fmt_pct(row['top1_agree'])}): its weights already lie on that grid.")

@@ -7,7 +7,7 @@ import math
 import pandas as pd
 
 from qeval.report.doc import Block, Heading, Para, Section, Table
-from qeval.report.fmt import MIB, NA, adapter_name, fmt_mib, fmt_num, missing, variant_label
+from qeval.report.fmt import BASELINE, MIB, NA, adapter_name, fmt_mib, fmt_num, missing, variant_label
 from qeval.report.frames import MEMORY_COLUMNS, VARIANT, lower_is_better, ordered, primary_rows, tidy
 from qeval.report.plots import placeholder_png, plot_label, plt, png, variant_colors
 from qeval.report.plots import MEMORY_PNG
@@ -51,7 +51,38 @@ def memory_blocks(memory: pd.DataFrame) -> list[Block]:
     blocks.append(Table(header, rows, numeric))
     blocks.append(Para("Measured MiB is the loaded model's total; theory MiB is what the format's nominal "
                        "bits per weight would cost. Ratios are measured/baseline and measured/theory."))
+    blocks += [Para(s) for s in checkpoint_sentences(memory)]
     return blocks
+
+
+SIXTEEN_BIT = ("bfloat16", "float16")
+
+
+def checkpoint_sentences(memory: pd.DataFrame) -> list[str]:
+    """Per model whose checkpoint is stored in another dtype than the baseline computes in: what the
+    ratios are against; for a 16-bit checkpoint also the claim row, "up to 4x smaller than 16-bit"
+    as measured (the smallest format against the checkpoint). Nothing for a model whose checkpoint
+    was not recorded or matches the compute dtype's bytes."""
+    out = []
+    for model, g in memory.groupby("model", sort=True):
+        first = g.iloc[0].to_dict()
+        dtype, ckpt, computed = first.get("checkpoint_dtype"), first.get("baseline_bytes"), first.get("compute_baseline_bytes")
+        if missing(dtype) or not dtype or missing(ckpt) or missing(computed) or ckpt == computed:
+            continue
+        name = f"{model}: " if memory["model"].nunique() > 1 else ""
+        text = (f"{name}ratios are against the checkpoint as stored ({dtype}, {fmt_mib(ckpt)} MiB), not the baseline "
+                f"in memory ({fmt_mib(computed)} MiB in the compute dtype; ratio to it = ratio to baseline × "
+                f"{fmt_num(ckpt / computed, 3)}).")
+        if dtype in SIXTEEN_BIT:
+            fmts = g[(g["adapter"].fillna("") == "") & (g["quant"] != BASELINE) & g["ratio_to_baseline"].notna()]
+            if len(fmts):
+                best = fmts.loc[fmts["ratio_to_baseline"].idxmin()]
+                text += (f" Claim \"up to 4x smaller than 16-bit\", measured: the smallest format, {best['quant']}, "
+                         f"holds {fmt_mib(best['total_bytes'])} MiB, ×{fmt_num(best['ratio_to_baseline'], 3)} of the "
+                         f"{dtype} checkpoint ({fmt_num(1 / best['ratio_to_baseline'], 2)}x smaller; the embeddings, "
+                         "norms and quantization state stay).")
+        out.append(text)
+    return out
 
 
 def _memory_png(primary: pd.DataFrame, memory: pd.DataFrame, colors: dict[str, object],

@@ -56,6 +56,11 @@ def format_frame(results: pd.DataFrame, memory: pd.DataFrame, div: pd.DataFrame,
                                       if not missing(base_bytes) and base_bytes and not missing(m.get("theory_bytes"))
                                       else math.nan),
                      "total_bytes": m.get("total_bytes", math.nan),
+                     # the checkpoint's dtype and the baseline in memory, when the ratio is against another
+                     "checkpoint_dtype": "" if missing(m.get("checkpoint_dtype")) else str(m["checkpoint_dtype"]),
+                     "compute_ratio": (m["total_bytes"] / m["compute_baseline_bytes"]
+                                       if not missing(m.get("compute_baseline_bytes")) and m["compute_baseline_bytes"]
+                                       and m["compute_baseline_bytes"] != base_bytes else math.nan),
                      "kl_mean": float(d["kl_mean"].iloc[0]) if len(d) else math.nan,
                      "recovery": sum(rec) / len(rec) if rec and len(rec) == len(g) else math.nan,
                      "recovery_lo": _mean([v["lo"] for v in per.values()]),
@@ -74,6 +79,9 @@ def _kernel(quant: str) -> str:
 
 def _size(r: dict) -> str:
     out = f"×{fmt_num(r['ratio'], 3)}" if not missing(r["ratio"]) else NA
+    if not missing(r.get("compute_ratio", math.nan)) and not missing(r["ratio"]):
+        # against the checkpoint as stored; the compute dtype's copy beside it (qeval.stats.compare.memory_frame)
+        out += f" of the {r['checkpoint_dtype']} checkpoint (×{fmt_num(r['compute_ratio'], 3)} of the baseline in memory)"
     if _kernel(r["quant"]) == "simulated" and not missing(r["theory_ratio"]):
         out += f" in memory (simulated; ×{fmt_num(r['theory_ratio'], 3)} packed)"
     return out
