@@ -12,3 +12,7 @@ RESULT_COLUMNS = ["model", "quant", "adapter", "task", "metric", "higher_is_bett
 MEMORY_COLUMNS = ["model", "quant", "adapter", "total_bytes", "quantized_weight_bytes", "quant_state_bytes",
                   "unquantized_bytes", "theory_bytes", "baseline_bytes", "ratio_to_baseline", "ratio_to_theory",
                   "measured_bits_per_weight", "theory_bits_per_weight", "load_s", "eval_s", "peak_bytes", "device"]
+# divergence.csv: the statistics llama.cpp's `llama-perplexity --kl-divergence` prints, per variant
+# (qeval.eval.divergence.summarize), beside kl_mean / kl_p90 / kl_p99 / kl_max / top1_agree; empty
+# (NaN) for records written before qeval stored them.
+KL_STAT_COLUMNS = ["kl_se", "kl_median", "kl_p95", "kl_p999", "top1_se", "dp_mean", "dp_se", "dp_rms", "dp_rms_se"]
