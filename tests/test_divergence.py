@@ -1,12 +1,13 @@
 """KL / top-1 agreement: exact against both models' own logits, zero noise floor, paired statistics."""
 import math
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from qeval.stats.paired import compare_pair
-from qeval.eval.divergence import Capture, Reference, exact_kl
+from qeval.eval.divergence import Capture, Reference, exact_kl, summarize
 from qeval.models.load import load_model, resolve_model
 from qeval.quant.formats import FORMATS
 from qeval.eval.suites import DATA_DIR
@@ -52,6 +53,134 @@ def test_reference_kl_equals_exact_full_vocabulary_kl(peaked_model_dir, docs, tm
         assert abs(got.kl_mean - exact.mean()) / exact.mean() < 1e-3  # well under the 1% asked for
         assert got.kl_p99 == pytest.approx(np.percentile(exact, 99), rel=1e-2)
         assert 0 < got.top1_agree <= 1
+        _check_llama_stats(got, base, variant, docs)
+
+
+def _own_log_probs(model, docs):
+    import torch
+
+    with torch.no_grad():
+        return [torch.log_softmax(model(torch.tensor([ids])).logits[0, :-1].double(), -1) for ids in docs]
+
+
+def _check_llama_stats(got, base, variant, docs):
+    """The llama.cpp statistics of a cell against numpy over per-token values computed here from
+    both models' own logits (not through the reference, the hooks or `summarize`)."""
+    import torch
+
+    kl, agree, dp = [], [], []
+    for p, q, ids in zip(_own_log_probs(base, docs), _own_log_probs(variant, docs), docs):
+        kl.append((p.exp() * (p - q)).sum(-1).numpy())
+        agree.append((p.argmax(-1) == q.argmax(-1)).numpy())
+        nxt = torch.tensor(ids[1:])[:, None]
+        dp.append((q.gather(1, nxt).exp() - p.gather(1, nxt).exp())[:, 0].numpy())  # the actual next token
+    kl, agree, dp = np.concatenate(kl), np.concatenate(agree), np.concatenate(dp)
+    n = kl.size
+    for q, name in [(50, "kl_median"), (90, "kl_p90"), (95, "kl_p95"), (99, "kl_p99"), (99.9, "kl_p999")]:
+        assert getattr(got, name) == pytest.approx(np.percentile(kl, q), rel=1e-2), name
+    assert got.kl_max == pytest.approx(kl.max(), rel=1e-2)
+    assert got.kl_se == pytest.approx(kl.std(ddof=1) / math.sqrt(n), rel=1e-2)
+    assert abs(got.top1_agree - agree.mean()) <= 2 / n  # an argmax tie may break the other way
+    assert got.top1_se == pytest.approx(math.sqrt(agree.mean() * (1 - agree.mean()) / (n - 1)), rel=2e-2)
+    assert got.dp_mean == pytest.approx(dp.mean(), abs=1e-5)
+    assert got.dp_se == pytest.approx(dp.std(ddof=1) / math.sqrt(n), rel=1e-2)
+    assert got.dp_rms == pytest.approx(math.sqrt((dp ** 2).mean()), rel=1e-2) and got.dp_rms > 0
+
+
+def test_statistics_are_numpy_over_the_stored_per_token_values(peaked_model_dir, docs):
+    """What the cell stores is numpy over the per-token values the capture computed, exactly."""
+    r = resolve_model(str(peaked_model_dir))
+    ref = _run(load_model(r, FORMATS.get("none"), "cpu").model, docs).reference()
+    cap = _run(load_model(r, FORMATS.get("bnb-nf4"), "cpu").model, docs, ref)
+    got = cap.result()
+    kl = np.concatenate(cap.kls)
+    assert kl.size == got.tokens > 100
+    assert [got.kl_median, got.kl_p90, got.kl_p95, got.kl_p99, got.kl_p999, got.kl_max] == \
+        pytest.approx(list(np.percentile(kl, [50, 90, 95, 99, 99.9, 100])), rel=1e-12)
+
+
+def _llama_cpp_stats(kl, agree, dp):
+    """Re-written from llama.cpp tools/perplexity/perplexity.cpp (`kl_divergence`): running sums, the
+    population variance over n-1, sorted values with its own interpolation, its median."""
+    n = len(kl)
+
+    def mean_unc(s, s2):
+        f = s / n
+        df = s2 / n - f * f
+        return f, (math.sqrt(df / (n - 1)) if df > 0 and n > 10 else 0.0)
+
+    def percentile(vals, fraction):
+        p = fraction * (len(vals) - 1)
+        ip = int(p)
+        p -= ip
+        return (1 - p) * vals[ip] + p * vals[min(ip + 1, len(vals) - 1)]
+
+    ks = sorted(kl)
+    median = 0.5 * (ks[n // 2] + ks[n // 2 - 1]) if n % 2 == 0 else ks[n // 2]
+    kl_mean, kl_se = mean_unc(sum(kl), sum(k * k for k in kl))
+    dp_mean, dp_se = mean_unc(sum(dp), sum(d * d for d in dp))
+    mse, mse_unc = mean_unc(sum(d * d for d in dp), sum(d ** 4 for d in dp))
+    top = sum(agree) / n
+    return {"kl_mean": kl_mean, "kl_se": kl_se, "kl_median": median, "kl_p90": percentile(ks, 0.9),
+            "kl_p95": percentile(ks, 0.95), "kl_p99": percentile(ks, 0.99), "kl_p999": percentile(ks, 0.999),
+            "kl_max": ks[-1], "top1_agree": top, "top1_se": math.sqrt(top * (1 - top) / (n - 1)),
+            "dp_mean": dp_mean, "dp_se": dp_se, "dp_rms": math.sqrt(mse), "dp_rms_se": 0.5 / math.sqrt(mse) * mse_unc}
+
+
+@pytest.mark.parametrize("n", [1001, 5002])
+def test_summarize_matches_llama_cpp_formulas(n):
+    rng = np.random.default_rng(n)
+    kl = rng.lognormal(-4, 2, n)  # heavy right tail, like per-token KL
+    agree = rng.random(n) < 0.8
+    ref_lp = np.log(rng.uniform(0.01, 1, n))
+    var_lp = np.log(np.clip(np.exp(ref_lp) + rng.normal(0, 0.05, n), 1e-6, 1))
+    got = summarize(kl, agree, var_lp, ref_lp)
+    want = _llama_cpp_stats(list(kl), list(agree), list(np.exp(var_lp) - np.exp(ref_lp)))
+    for name, value in want.items():
+        assert getattr(got, name) == pytest.approx(value, rel=1e-9), name
+    assert got.tokens == n and got.ppl_ratio == pytest.approx(math.exp(ref_lp.mean() - var_lp.mean()))
+
+
+def test_standard_errors_match_the_spread_over_simulated_corpora():
+    """Each standard error against the standard deviation of its statistic over 2,000 simulated
+    corpora (n = 400 tokens): the binomial one of same-top-1, the mean KL's on a skewed KL, and the
+    delta-method one of RMS Δp."""
+    rng = np.random.default_rng(21)
+    n, reps = 400, 2000
+    out = [summarize(rng.exponential(0.05, n), rng.random(n) < 0.9, np.log(rng.uniform(0.2, 0.6, n)),
+                     np.log(np.full(n, 0.4))) for _ in range(reps)]
+    for value, se in [("top1_agree", "top1_se"), ("kl_mean", "kl_se"), ("dp_mean", "dp_se"), ("dp_rms", "dp_rms_se")]:
+        spread = np.std([getattr(o, value) for o in out], ddof=1)
+        assert np.mean([getattr(o, se) for o in out]) == pytest.approx(spread, rel=0.08), se
+
+
+def test_an_old_record_without_the_statistics_renders_not_recorded(tmp_path):
+    """A store written before these statistics (main at 491cb25) still reports: the stored numbers
+    as they were, the new ones "not recorded (rerun)", empty in divergence.csv; nothing rewritten."""
+    import pandas as pd
+
+    from qeval.cli import main
+    from qeval.report.sections.divergence import NOT_RECORDED
+    from qeval.store.columns import KL_STAT_COLUMNS
+    from qeval.store.record import Record
+    from qeval.store.store import Store
+
+    lines = (Path(__file__).parent / "data" / "records_v_main.jsonl").read_text().splitlines()
+    old = [Record.from_json(json.loads(x)) for x in lines]
+    measured = [r for r in old if r.divergence is not None and r.divergence.measured]
+    assert measured and all(r.divergence.kl_median is None for r in measured)
+    assert all(r.divergence.to_json() == json.loads(x).get("divergence") for r, x in zip(old, lines) if r.divergence)
+    store = tmp_path / "old.sqlite"
+    with Store(store) as s:
+        for r in old:
+            s.put(r)
+    assert main(["report", "--store", str(store), "--out", str(tmp_path / "out")]) == 0
+    md = (tmp_path / "out" / "report.md").read_text(encoding="utf-8")
+    section = md[md.index("## Beyond accuracy"):]
+    assert NOT_RECORDED in section and "kl-divergence" in section
+    csv = pd.read_csv(tmp_path / "out" / "divergence.csv")
+    assert set(KL_STAT_COLUMNS) <= set(csv.columns) and csv[KL_STAT_COLUMNS].isna().all().all()
+    assert sorted(set(csv["kl_mean"])) == pytest.approx(sorted({r.divergence.kl_mean for r in measured}))
 
 
 def test_baseline_against_itself_is_exactly_zero(tiny_model_dir, docs):

@@ -141,6 +141,11 @@ class Reference:
 
 @dataclass
 class Divergence:
+    """Per-token KL(baseline || variant), top-1 agreement and Δp summarised as llama.cpp's
+    `llama-perplexity --kl-divergence` prints them (`summarize`): every statistic is computed here,
+    in the cell, in float64 over all compared tokens, so the record stays a few hundred bytes (the
+    Lee corpus has 5,002 tokens: a per-token vector would be 40 KB a cell as float64)."""
+
     kl_mean: float
     kl_p90: float
     kl_p99: float
@@ -149,9 +154,47 @@ class Divergence:
     ppl_ratio: float  # token-level perplexity of the variant / the baseline's, on the same tokens
     tokens: int
     seconds: float  # time spent in the divergence arithmetic (the forwards are the task's own)
+    kl_se: float | None = None  # standard error of kl_mean
+    kl_median: float | None = None
+    kl_p95: float | None = None
+    kl_p999: float | None = None
+    top1_se: float | None = None  # binomial standard error of top1_agree
+    dp_mean: float | None = None  # Δp = p_variant(next token) - p_baseline(next token), as llama.cpp
+    dp_se: float | None = None
+    dp_rms: float | None = None
+    dp_rms_se: float | None = None
 
     def metrics(self) -> dict[str, float]:
         return {k: v for k, v in self.__dict__.items() if k != "seconds"}
+
+
+def summarize(kl, agree, var_lp, ref_lp, seconds: float = 0.0) -> Divergence:
+    """The statistics of llama.cpp's perplexity tool (tools/perplexity/perplexity.cpp, `kl_divergence`)
+    over per-token values: `kl` KL(baseline || variant), `agree` whether both argmaxes match, `var_lp`
+    and `ref_lp` the variant's and the baseline's log-probability of the actual next token.
+
+    As llama.cpp: a mean's standard error is sqrt(var/(n-1)) with the population variance (= the
+    sample standard deviation / sqrt(n)); percentiles interpolate linearly between order statistics
+    at fraction*(n-1) (numpy's default); same-top's error is the binomial sqrt(p(1-p)/(n-1)); RMS Δp
+    is sqrt(mean Δp²) with the delta-method error 0.5/RMS * se(Δp²)."""
+    kl = np.asarray(kl, dtype=np.float64)
+    agree = np.asarray(agree, dtype=np.float64)
+    var_lp, ref_lp = np.asarray(var_lp, dtype=np.float64), np.asarray(ref_lp, dtype=np.float64)
+    n = kl.size
+    dp = np.exp(var_lp) - np.exp(ref_lp)
+
+    def se(x):
+        return float(x.std(ddof=1) / np.sqrt(n)) if n > 1 else None  # None, not NaN: the record is JSON
+
+    p90, p95, p99, p999 = (float(v) for v in np.percentile(kl, [90, 95, 99, 99.9]))
+    top1 = float(agree.mean())
+    rms = float(np.sqrt(np.mean(dp ** 2)))
+    return Divergence(kl_mean=float(kl.mean()), kl_p90=p90, kl_p99=p99, kl_max=float(kl.max()), top1_agree=top1,
+                      ppl_ratio=float(np.exp(ref_lp.mean() - var_lp.mean())), tokens=int(n), seconds=seconds,
+                      kl_se=se(kl), kl_median=float(np.median(kl)), kl_p95=p95, kl_p999=p999,
+                      top1_se=float(np.sqrt(top1 * (1 - top1) / (n - 1))) if n > 1 else None,
+                      dp_mean=float(dp.mean()), dp_se=se(dp), dp_rms=rms,
+                      dp_rms_se=0.5 / rms * se(dp ** 2) if rms > 0 and n > 1 else (0.0 if n > 1 else None))
 
 
 def _window_key(ids) -> str:
@@ -271,12 +314,8 @@ class Capture:
     def result(self) -> Divergence | None:
         if not self.kls:
             return None
-        kl = np.concatenate(self.kls)
-        vt, rt = np.concatenate(self.var_tgt), np.concatenate(self.ref_tgt)
-        return Divergence(kl_mean=float(kl.mean()), kl_p90=float(np.percentile(kl, 90)),
-                          kl_p99=float(np.percentile(kl, 99)), kl_max=float(kl.max()),
-                          top1_agree=float(np.concatenate(self.agree).mean()),
-                          ppl_ratio=float(np.exp(rt.mean() - vt.mean())), tokens=int(kl.size), seconds=self.seconds)
+        return summarize(np.concatenate(self.kls), np.concatenate(self.agree), np.concatenate(self.var_tgt),
+                         np.concatenate(self.ref_tgt), self.seconds)
 
 
 def _log_probs(model, ids: list[int], device: str):

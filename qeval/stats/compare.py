@@ -18,7 +18,7 @@ from qeval.stats.records import (BASELINE, MERGE_SUFFIX, MinEffect, adapter_labe
                                  latest, metrics_of, record_group, task_views)
 from qeval.stats.recovery import recovery as recovery_of
 from qeval.stats.recovery import recovery_undefined
-from qeval.store.columns import MEMORY_COLUMNS, RESULT_COLUMNS  # noqa: F401  (re-exported: frames' column lists)
+from qeval.store.columns import KL_STAT_COLUMNS, MEMORY_COLUMNS, RESULT_COLUMNS  # noqa: F401  (re-exported: frames' column lists)
 from qeval.store.record import Record
 
 # qeval.quant.formats (FORMATS, format_order) is imported where used: it imports torch today, and
@@ -182,7 +182,8 @@ def divergence_frame(records: list[Record], pairs: pd.DataFrame) -> pd.DataFrame
         row = {"model": r.variant.model, "quant": r.variant.quant, "adapter": r.variant.adapter_label,
                "divergence_task": r.task.name, "tokens": d.tokens, "kl_mean": d.kl_mean,
                "kl_p90": d.kl_p90, "kl_p99": d.kl_p99, "kl_max": d.kl_max, "top1_agree": d.top1_agree,
-               "ppl_ratio": d.ppl_ratio, "divergence_s": d.seconds}
+               "ppl_ratio": d.ppl_ratio, "divergence_s": d.seconds,
+               **{c: math.nan if getattr(d, c) is None else getattr(d, c) for c in KL_STAT_COLUMNS}}
         mine = pairs[(pairs.model == row["model"]) & (pairs.quant == row["quant"]) & (pairs.adapter == row["adapter"])] \
             if not pairs.empty else pairs
         flip_rows = mine[mine["flips"].notna()] if "flips" in mine.columns else mine.iloc[0:0]

@@ -15,3 +15,7 @@ MEMORY_COLUMNS = ["model", "quant", "adapter", "total_bytes", "quantized_weight_
                   "unquantized_bytes", "theory_bytes", "baseline_bytes", "ratio_to_baseline", "ratio_to_theory",
                   "measured_bits_per_weight", "theory_bits_per_weight", "load_s", "eval_s", "peak_bytes", "device",
                   "checkpoint_dtype", "compute_baseline_bytes"]
+# divergence.csv: the statistics llama.cpp's `llama-perplexity --kl-divergence` prints, per variant
+# (qeval.eval.divergence.summarize), beside kl_mean / kl_p90 / kl_p99 / kl_max / top1_agree; empty
+# (NaN) for records written before qeval stored them.
+KL_STAT_COLUMNS = ["kl_se", "kl_median", "kl_p95", "kl_p999", "top1_se", "dp_mean", "dp_se", "dp_rms", "dp_rms_se"]

@@ -209,6 +209,17 @@ class Divergence(Part):
     note: str | None = None
     role: str | None = None  # "reference": the baseline recorded the reference
     windows: int | None = None
+    # llama.cpp's `--kl-divergence` statistics (qeval.eval.divergence.summarize); records written
+    # before they existed lack them (None here, and the report says "not recorded (rerun)")
+    kl_se: float | None = None
+    kl_median: float | None = None
+    kl_p95: float | None = None
+    kl_p999: float | None = None
+    top1_se: float | None = None
+    dp_mean: float | None = None
+    dp_se: float | None = None
+    dp_rms: float | None = None
+    dp_rms_se: float | None = None
 
     @property
     def measured(self) -> bool:

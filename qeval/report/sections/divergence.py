@@ -9,8 +9,53 @@ from qeval.report.fmt import NA, fmt_int, fmt_num, fmt_pct, fmt_ratio, missing, 
 from qeval.report.frames import VARIANT, ordered
 from qeval.report.plots import placeholder_png, plt, png
 from qeval.report.sections.base import ReportSection, register
+from qeval.store.columns import KL_STAT_COLUMNS
 
 KL_PNG = "kl_vs_delta.png"
+# what a record written before qeval stored a statistic shows in its place: records are immutable
+# (a stored cell is never recomputed behind the user's back), so the way to the number is a rerun
+NOT_RECORDED = "not recorded (rerun)"
+
+
+def _stat(d: dict, col: str, fmt=fmt_num) -> str:
+    return NOT_RECORDED if missing(d.get(col)) else fmt(d[col])
+
+
+def _pm(d: dict, col: str, se: str, scale: float = 1.0, digits: int = 0) -> str:
+    """`value ± se` as llama.cpp prints it (scale 100 with 3 decimals for its percentages); the value
+    alone where an older record lacks the error, NOT_RECORDED where it lacks both."""
+    def one(x):
+        return fmt_num(x) if not digits else f"{float(x) * scale:.{digits}f}"
+    if missing(d.get(col)):
+        return NOT_RECORDED
+    unit = " %" if digits else ""
+    return one(d[col]) + unit if missing(d.get(se)) else f"{one(d[col])} ± {one(d[se])}{unit}"
+
+
+def kl_stats_table(div: pd.DataFrame, task: str) -> list:
+    """One row per variant with the statistics of `llama-perplexity --kl-divergence`; a note on
+    how to get those an older record lacks."""
+    per_variant = div.assign(adapter=div["adapter"].fillna("")).drop_duplicates(["model", "quant", "adapter"])
+    rows, old = [], False
+    for r in ordered(per_variant, VARIANT).itertuples(index=False):
+        d = r._asdict()
+        old = old or any(missing(d.get(c)) for c in KL_STAT_COLUMNS)
+        rows.append([variant_label(d["quant"], d["adapter"]), fmt_int(d["tokens"]), _pm(d, "kl_mean", "kl_se"),
+                     _stat(d, "kl_median"), _stat(d, "kl_p90"), _stat(d, "kl_p95"), _stat(d, "kl_p99"),
+                     _stat(d, "kl_p999"), _stat(d, "kl_max"), _pm(d, "top1_agree", "top1_se", 100, 3),
+                     _pm(d, "dp_mean", "dp_se", 100, 3), _pm(d, "dp_rms", "dp_rms_se", 100, 3)])
+    header = ["variant", "tokens", "mean KL ± se", "median KL", "90% KL", "95% KL", "99% KL", "99.9% KL",
+              "max KL", "same top-1 ± se", "mean Δp ± se", "RMS Δp ± se"]
+    blocks = [Para(f"On the tokens of {task}, as llama.cpp's \"llama-perplexity --kl-divergence\" reports them (docs/statistics.md, "
+                   "\"KL like llama.cpp\"): KL(baseline || variant) in nats per token over the full vocabulary; percentiles over tokens; same top-1 = both pick the same most likely "
+                   "next token, with its binomial standard error; Δp = the variant's probability of the actual "
+                   "next token minus the baseline's, in percentage points."),
+              Table(header, rows, [False] + [True] * (len(header) - 1))]
+    if old:
+        blocks.append(Para(f"{NOT_RECORDED}: the record was written before qeval stored this statistic. Stored "
+                           "cells are never recomputed in place; run the plan into a new store (\"qeval run --store "
+                           "NEW.sqlite ...\"; cached references and adapters are reused) and report that store."))
+    return blocks
 
 
 def divergence_section(div: pd.DataFrame) -> Section | None:
@@ -32,7 +77,7 @@ def divergence_section(div: pd.DataFrame) -> Section | None:
     header = ["variant", "tokens", "KL mean", "KL p90", "KL p99", "top-1 agree", "ppl ratio", "task", "flips",
               "McNemar p", "Δ [95% CI]", "verdict"]
     task = str(div["divergence_task"].iloc[0])
-    blocks = [Heading(2, "Beyond accuracy: divergence and flips"),
+    blocks = [Heading(2, "Beyond accuracy: divergence and flips"), *kl_stats_table(div, task),
               Para(f"KL(baseline || variant) per token, full vocabulary, on the tokens of {task} (the same forwards "
                    "the perplexity task makes); top-1 agree = how often both pick the same next token. Flips are "
                    "documents whose correctness changed against the baseline; McNemar's exact test asks whether "
