@@ -11,7 +11,6 @@ from qeval.quant.formats import FORMATS
 GIB = 2**30
 # Bytes per weight of a training base's quantized linear layers come from the format registry
 # (`QuantFormat.memory_bits`; NF4's block constants, QLoRA paper section 3, are in qeval/quant/backends/bnb.py).
-ADAM_BYTES = 8  # AdamW: two fp32 states per trainable parameter
 CUDA_CONTEXT = 0.5 * GIB  # CUDA context + cuBLAS workspace, outside max_memory_allocated: added for fit
 
 
@@ -61,8 +60,87 @@ class Shape:
     def params(self) -> int:
         return self.linear_params + self.other_params
 
-    def lora_params(self, r: int) -> int:
-        return self.layers * r * sum(a + b for a, b in self.linears())
+    def lora_params(self, r: int, targets: str | tuple[str, ...] = "all-linear") -> int:
+        """LoRA parameters at rank `r` on `targets` (LINEARS' short names, or every linear layer)."""
+        pick = LINEARS if targets == "all-linear" else targets
+        return self.layers * r * sum(a + b for name, (a, b) in zip(LINEARS, self.linears()) if name in pick)
+
+
+LINEARS = ("q", "k", "v", "o", "gate", "up", "down")  # Shape.linears() order; hub names are these + "_proj"
+CROSS_ENTROPY = ("full", "chunked", "fused")
+CHECKPOINTING = ("layer", "none")
+OPTIMIZERS = {"adamw": None, "adamw8bit": 2, "paged_adamw": None, "paged_adamw8bit": 2}  # state bytes/param (None: 2 x param)
+
+
+def parse_cross_entropy(value: str) -> tuple[str, int]:
+    """`full` | `chunked:N` | `fused:N` (N chunks of tokens, default 8) -> (mode, N); QevalError otherwise."""
+    mode, _, n = str(value).partition(":")
+    if mode in CROSS_ENTROPY and (mode == "full" and not n or mode != "full" and (not n or n.isdigit() and int(n) > 0)):
+        return mode, int(n or (1 if mode == "full" else 8))
+    from qeval.core.errors import QevalError
+
+    raise QevalError("cross_entropy", value, "full, chunked:N or fused:N (N > 0 chunks of tokens)",
+                     "e.g. chunked:8 (torchtune's CEWithChunkedOutputLoss)")
+
+
+@dataclass(frozen=True)
+class Options:
+    """A trainer's memory choices, as `estimate` models them. `Options()` is qeval's trainer today."""
+
+    checkpointing: str = "layer"  # layer: each block's input kept, one block recomputed | none
+    cross_entropy: str = "full"  # full | chunked:N | fused:N (logits_bytes)
+    offload: bool = False  # activation offloading: the kept activations live in host memory
+    optimizer: str = "adamw"  # adamw | adamw8bit | paged_adamw | paged_adamw8bit (bitsandbytes)
+    optimizer_in_backward: bool = False  # full fine-tune: each gradient applied and freed in backward
+    adapter_dtype: str = "fp32"  # fp32 (peft) | compute (torchtune: LoRA weights, grads and states in bf16)
+    full_weights: str = "fp32"  # a full fine-tune's trained weights: fp32 master | compute (torchtune)
+    lora_targets: str | tuple[str, ...] = "all-linear"  # or a tuple of LINEARS
+
+    def state_bytes(self, param_bytes: int) -> int:
+        """Optimizer state bytes per trainable parameter: AdamW keeps two of the parameter's dtype."""
+        return OPTIMIZERS[self.optimizer] or 2 * param_bytes
+
+    def describe(self, method: str = "lora") -> str:
+        """The options that matter for `method` (lora | qlora | full), in words."""
+        targets = self.lora_targets if self.lora_targets == "all-linear" else ",".join(self.lora_targets)
+        trained = (f"weights in {self.full_weights}" if method == "full"
+                   else f"LoRA on {targets} in {self.adapter_dtype}")
+        return (f"checkpointing {self.checkpointing}, cross-entropy {self.cross_entropy}, "
+                f"offload {'on' if self.offload else 'off'}, optimizer {self.optimizer}"
+                f"{' in backward' if self.optimizer_in_backward else ''}, {trained}")
+
+    def problems(self) -> list[str]:
+        out = []
+        try:
+            parse_cross_entropy(self.cross_entropy)
+        except Exception as e:  # noqa: BLE001 -- QevalError, reported with the rest
+            out.append(str(e))
+        if self.checkpointing not in CHECKPOINTING:
+            out.append(f"checkpointing {self.checkpointing!r}: expected one of {', '.join(CHECKPOINTING)}")
+        if self.optimizer not in OPTIMIZERS:
+            out.append(f"optimizer {self.optimizer!r}: expected one of {', '.join(OPTIMIZERS)}")
+        if self.lora_targets != "all-linear" and (not self.lora_targets or set(self.lora_targets) - set(LINEARS)):
+            out.append(f"LoRA targets {self.lora_targets!r}: expected all-linear or some of {', '.join(LINEARS)}")
+        return out
+
+
+# What each trainer does, per method. torchtune: the recipes behind its README's memory table
+# (commit 30b8519e8, 2024-09-24: llama3_1/8B_{lora,qlora,full}_single_device.yaml, with the table's
+# compile=True, batch 2, packed to 2,048): bf16 everywhere, activation checkpointing per layer, no
+# offloading, CEWithChunkedOutputLoss (8 chunks), torch AdamW (fused) for LoRA / QLoRA, LoRA rank 8
+# on q, v (LoRA) or q, k, v, o + MLP (QLoRA, torchao NF4: block 64, scalers int8 per 256 = bnb NF4 +
+# double quant within 0.001 bit per weight), and for the full fine-tune bitsandbytes' PagedAdamW8bit
+# stepped in backward on bf16 weights.
+TRAINERS: dict[str, dict[str, Options]] = {
+    "qeval": {m: Options() for m in ("lora", "qlora", "full")},
+    "torchtune": {
+        "lora": Options(cross_entropy="chunked:8", adapter_dtype="compute", lora_targets=("q", "v")),
+        "qlora": Options(cross_entropy="chunked:8", adapter_dtype="compute"),
+        "full": Options(cross_entropy="chunked:8", optimizer="paged_adamw8bit", optimizer_in_backward=True,
+                        full_weights="compute"),
+    },
+}
+TRAINER_RANK = {"qeval": 16, "torchtune": 8}
 
 
 @dataclass(frozen=True)
@@ -71,10 +149,11 @@ class MemoryEstimate:
 
     method: str  # lora | qlora | full
     weights: int
-    adapter_optimizer: int  # trainable weights + AdamW states
+    adapter_optimizer: int  # trainable weights + optimizer states on the device
     gradients: int
     activations: int
     overhead: int  # the process's own (CPU: Python + libraries; CUDA: context)
+    paged: int = 0  # paged optimizer states: CUDA unified memory, outside the allocator's peak, evicted under pressure
 
     @property
     def total(self) -> int:
@@ -87,57 +166,96 @@ def _held_bytes(fmt: str, in_features: int, float_bytes: int) -> float:
     return FORMATS.get(fmt).memory_bits(in_features, 8 * float_bytes) / 8
 
 
+def logits_bytes(cross_entropy: str, tokens: int, vocab: int, b: int) -> int:
+    """Peak bytes of the LM head's logits and the loss over `tokens` tokens (compute dtype `b` bytes).
+
+    full (the model's own loss; qeval's default): the logits, their fp32 upcast and its gradient,
+    all at once. chunked:N (torchtune's CEWithChunkedOutputLoss, compiled): the logits are kept in
+    compute dtype for the whole batch, one chunk of tokens at a time is upcast (fp32 upcast + its
+    gradient). fused:N (the projection and the loss per chunk, recomputed in backward: torchtune's
+    LinearCrossEntropyLoss, Liger): one chunk's logits, upcast and gradient, never the whole batch's."""
+    mode, n = parse_cross_entropy(cross_entropy)
+    chunk = -(-tokens // n)
+    if mode == "full":
+        return tokens * vocab * (b + 4 + 4)
+    if mode == "chunked":
+        return tokens * vocab * b + chunk * vocab * (4 + 4)
+    return chunk * vocab * (b + 4 + 4)
+
+
 def estimate(shape: Shape, method: str, batch: int, seq_len: int, *, r: int = 16, dtype_bytes: int = 2,
              train_quant: str = "bnb-nf4-dq", checkpointing: bool = True, overhead: int = 0,
-             heldout_batch: int = 0) -> MemoryEstimate:
+             heldout_batch: int = 0, options: Options | None = None) -> MemoryEstimate:
     """Peak training memory of LoRA (on the `dtype_bytes` base), QLoRA (on `train_quant`, any format of
     the registry: bitsandbytes, torchao, quanto, simulated GGUF...) or a
     full fine-tune (fp32 master weights: AdamW on bf16 weights rounds most updates away).
 
-    Activations, per token: with gradient checkpointing each block keeps its input (hidden) and one
-    block is recomputed at a time in backward (~ 6 hidden + 2 kv + 5 intermediate values, SwiGLU,
-    attention without stored scores: SDPA); without it every block keeps that much. The LM head
-    adds the logits three times (the logits, their fp32 upcast for the loss, its gradient).
+    `options` are the trainer's memory choices (`Options`; default: qeval's trainer with
+    `checkpointing`). Activations, per token: with gradient checkpointing each block keeps its input
+    (hidden) and one block is recomputed at a time in backward (~ 6 hidden + 2 kv + 5 intermediate
+    values, SwiGLU, attention without stored scores: SDPA); without it every block keeps that much;
+    offloading moves the kept tensors to host memory (two layers' worth in flight). The LM head adds
+    `logits_bytes`. With the model's own loss ("full", today's default) the logits term is added
+    to the recomputed block (conservative, and what every recorded prediction used); with a chunked or
+    fused loss the larger of the two counts: the logits' backward is over before the last block is
+    recomputed.
 
     `heldout_batch` > 0: the trainer also runs held-out loss passes of that many sequences without
-    gradients; the peak is the larger of a training step and such a pass (its logits, their fp32
-    upcast unless already fp32, and the log-softmax the loss keeps). `overhead` is added as given:
-    on CPU the trainer passes what it measured (the runtime's RSS before loading, and what the load
-    left besides the model), never a fitted constant."""
+    gradients; the peak is the larger of a training step and such a pass (its logits -- per chunk
+    with a chunked loss --, their fp32 upcast unless already fp32, and the log-softmax the loss
+    keeps). `overhead` is added as given: on CPU the trainer passes what it measured (the runtime's
+    RSS before loading, and what the load left besides the model), never a fitted constant."""
+    o = options or Options(checkpointing="layer" if checkpointing else "none")
     b = dtype_bytes
     tokens = batch * seq_len
+    paged = 0
     if method == "full":
-        weights = shape.params * 4  # fp32 master weights
-        trainable = shape.params
-        opt, grads = trainable * ADAM_BYTES, trainable * 4
+        wb = 4 if o.full_weights == "fp32" else b  # fp32 master weights, or the compute dtype (torchtune)
+        weights = shape.params * wb
+        state = shape.params * o.state_bytes(wb)
+        opt, grads = state, shape.params * wb
+        if o.optimizer_in_backward:  # each gradient is applied and freed as backward produces it
+            grads = max(shape.vocab * shape.hidden, max(x * y for x, y in shape.linears())) * wb
     else:
         weights = int(shape.layers * sum(x * y * _held_bytes(train_quant if method == "qlora" else "none", x, b)
                                          for x, y in shape.linears()) + shape.other_params * b)
-        trainable = shape.lora_params(r)
-        opt, grads = trainable * (4 + ADAM_BYTES), trainable * 4  # peft keeps LoRA weights in fp32
+        trainable = shape.lora_params(r, o.lora_targets)
+        ab = 4 if o.adapter_dtype == "fp32" else b  # peft keeps LoRA weights in fp32; torchtune in bf16
+        state = trainable * o.state_bytes(ab)
+        opt, grads = trainable * ab + state, trainable * ab
+    if o.optimizer.startswith("paged"):
+        opt, paged = opt - state, state
     kv = shape.kv_heads * shape.head_dim
     per_block = 6 * shape.hidden + 2 * kv + 5 * shape.intermediate
-    if checkpointing:
-        act = tokens * (shape.layers * shape.hidden + per_block) * b
-    else:
-        act = tokens * shape.layers * per_block * b
+    kept = shape.hidden if o.checkpointing == "layer" else per_block  # what each block keeps per token
+    stored = tokens * (min(shape.layers, 2) if o.offload else shape.layers) * kept * b
+    block = tokens * per_block * b if o.checkpointing == "layer" else 0
+    logits = logits_bytes(o.cross_entropy, tokens, shape.vocab, b)
+    act = stored + (block + logits if parse_cross_entropy(o.cross_entropy)[0] == "full" else max(block, logits))
     if method == "qlora" and _held_bytes(train_quant, shape.hidden, b) < b:
         # a low-bit layer is dequantized for its matmul: the largest one, transient
         act += max(x * y for x, y in shape.linears()) * b
-    act += tokens * shape.vocab * (b + 4 + 4)
     if heldout_batch:
         upcast = 4 if b != 4 else 0
-        act = max(act, heldout_batch * seq_len * (shape.vocab * (b + upcast + 4) + 2 * shape.hidden * b))
-    return MemoryEstimate(method, int(weights), int(opt), int(grads), int(act), int(overhead))
+        mode, n = parse_cross_entropy(o.cross_entropy)
+        held = heldout_batch * seq_len
+        act = max(act, -(-held // (1 if mode == "full" else n)) * shape.vocab * (b + upcast + 4)
+                  + held * 2 * shape.hidden * b)
+    return MemoryEstimate(method, int(weights), int(opt), int(grads), int(act), int(overhead), int(paged))
 
 
-def fits_table(shape: Shape, gpu_gib: float, batch: int, seq_len: int, r: int = 16) -> list[dict]:
-    """LoRA / QLoRA / full fine-tune on a CUDA GPU of `gpu_gib` GiB (bf16 compute, checkpointing):
-    predicted peak by part and whether it fits (with CUDA_CONTEXT on top)."""
+def fits_table(shape: Shape, gpu_gib: float, batch: int, seq_len: int, r: int = 16,
+               options: dict[str, Options] | None = None) -> list[dict]:
+    """LoRA / QLoRA / full fine-tune on a CUDA GPU of `gpu_gib` GiB (bf16 compute; `options` per
+    method, default qeval's trainer): predicted peak by part and whether it fits (with CUDA_CONTEXT
+    on top). `allocator_gib` is the peak without the context: what torch.cuda.max_memory_allocated
+    (and torchtune's logged peak) counts."""
     rows = []
     for method in ("lora", "qlora", "full"):
-        e = estimate(shape, method, batch, seq_len, r=r, dtype_bytes=2, overhead=CUDA_CONTEXT)
+        e = estimate(shape, method, batch, seq_len, r=r, dtype_bytes=2, overhead=CUDA_CONTEXT,
+                     options=(options or {}).get(method))
         rows.append({"method": method, "weights_gib": e.weights / GIB, "adapter_optimizer_gib": e.adapter_optimizer / GIB,
                      "gradients_gib": e.gradients / GIB, "activations_gib": e.activations / GIB,
-                     "total_gib": e.total / GIB, "fits": e.total <= gpu_gib * GIB})
+                     "total_gib": e.total / GIB, "allocator_gib": (e.total - CUDA_CONTEXT) / GIB,
+                     "paged_gib": e.paged / GIB, "fits": e.total <= gpu_gib * GIB})
     return rows

@@ -28,6 +28,7 @@ from qeval.quant.backend import backend_of
 from qeval.quant.formats import FORMATS
 from qeval.train.artifact import AdapterArtifact, artifact_ready, load_artifact, seal_artifact
 from qeval.train.child import run_in_child
+from qeval.train.loss import causal_lm_loss, loss_problem
 from qeval.train.spec import AdapterSpec, adapter_key, lora_config
 
 HELDOUT_BATCH = 8  # sequences per held-out loss pass (no gradients; part of the training phase's peak)
@@ -82,6 +83,9 @@ def _train(model: ResolvedModel, spec: AdapterSpec, device: str, key: str, out: 
                           dtype=torch.float32 if spec.method == "full" else None)
         if not cuda and base.fmt.name == "none":
             own_weights(base.model)  # not a view of the file: held like the 4-bit base's (qeval.models.memory)
+        if spec.cross_entropy != "full" and (why := loss_problem(base.model)):
+            raise QevalError("cross_entropy", spec.cross_entropy, f"a model whose logits are its LM head's ({why})",
+                             "use cross_entropy: full for this model")
         net = _trainable(base.model, spec)
         params = [p for p in net.parameters() if p.requires_grad]
         trainable = sum(p.numel() for p in params)
@@ -100,7 +104,7 @@ def _train(model: ResolvedModel, spec: AdapterSpec, device: str, key: str, out: 
         def heldout_loss() -> float:
             nonlocal eval_s
             t = time.perf_counter()
-            value = _heldout_loss(net, held, device)
+            value = _heldout_loss(net, held, device, spec.cross_entropy)
             eval_s += time.perf_counter() - t
             return value
 
@@ -126,7 +130,7 @@ def _train(model: ResolvedModel, spec: AdapterSpec, device: str, key: str, out: 
             ids, labels = train.ids[idx], train.labels[idx]
             order_hash.update(ids.numpy().tobytes())
             order_hash.update(labels.numpy().tobytes())
-            loss = net(input_ids=ids.to(device), labels=labels.to(device)).loss
+            loss = causal_lm_loss(net, ids.to(device), labels.to(device), spec.cross_entropy)
             loss.backward()
             if step == 1:
                 grad_bytes = sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)
@@ -193,7 +197,7 @@ def _memory_breakdown(base, spec: AdapterSpec, phases, idle: int, heldout_batch:
     gradients = the trainable gradients; activations = what is left of the training peak (held-out
     passes included; on CPU also what allocator slack remains, and for a 4-bit base the
     dequantized weight of the layer in flight)."""
-    from qeval.train.estimate import Shape, estimate
+    from qeval.train.estimate import Options, Shape, estimate
 
     weights = int(base.footprint.total_bytes)
     if spec.method == "full":
@@ -215,10 +219,12 @@ def _memory_breakdown(base, spec: AdapterSpec, phases, idle: int, heldout_batch:
     try:
         shape = Shape.from_config(base.model.config.to_dict())
         dtype_bytes = 2 if cuda and str(base.dtype) in ("bfloat16", "float16") else 4
+        options = Options(checkpointing="layer" if spec.gradient_checkpointing else "none",
+                          cross_entropy=spec.cross_entropy)
+        measured["options"] = f"checkpointing {options.checkpointing}, cross-entropy {options.cross_entropy}"
         e = estimate(shape, method, spec.batch_size, spec.seq_len, r=spec.r, dtype_bytes=dtype_bytes,
                      train_quant=spec.train_quant if method == "qlora" else "bnb-nf4-dq",
-                     checkpointing=spec.gradient_checkpointing, overhead=runtime + process,
-                     heldout_batch=heldout_batch)
+                     overhead=runtime + process, heldout_batch=heldout_batch, options=options)
         measured["predicted"] = {**dataclasses.asdict(e), "total": e.total}
         measured["prediction_error"] = (e.total - peak) / peak if peak else None
     except Exception as exc:  # noqa: BLE001 -- a config the model does not cover: no prediction, say why
@@ -255,7 +261,7 @@ def _trainable(model: Any, spec: AdapterSpec) -> Any:
     return get_peft_model(model, config)
 
 
-def _heldout_loss(model, blocks, device: str) -> float:
+def _heldout_loss(model, blocks, device: str, cross_entropy: str = "full") -> float:
     """Mean loss per loss token over the held-out blocks (masked labels do not count)."""
     import torch
 
@@ -269,7 +275,7 @@ def _heldout_loss(model, blocks, device: str) -> float:
             ids, labels = blocks.ids[i:i + HELDOUT_BATCH].to(device), blocks.labels[i:i + HELDOUT_BATCH].to(device)
             n = int((labels[:, 1:] != IGNORE).sum())  # the model shifts labels by one
             if n:
-                total += float(model(input_ids=ids, labels=labels).loss) * n
+                total += float(causal_lm_loss(model, ids, labels, cross_entropy)) * n
                 count += n
     model.train(was_training)
     return total / max(count, 1)

@@ -32,6 +32,9 @@ PEFT_INTERNAL = ("task_type", "peft_type", "auto_mapping", "peft_version", "base
 # not converged: held-out loss still fell by more than CONVERGED_TOL (relative) over the last
 # CONVERGED_EVALS held-out evaluations
 CONVERGED_EVALS, CONVERGED_TOL = 3, 0.01
+# spec fields added after adapters were keyed: left out of the identity at these values, so the
+# same option trains the same adapter under the same key as before the field existed
+IDENTITY_DEFAULTS = {"cross_entropy": "full"}
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,9 @@ class AdapterSpec:
     train_data: str = "lee_background"  # a built-in name (qeval.data.train_data.BUILTIN) or a .jsonl file / folder
     packing: str = "pack"  # pack | truncate: what happens to rows longer than seq_len (qeval.data.train_data)
     gradient_checkpointing: bool = True  # trades ~40% more time for far less activation memory
+    # full (the model's own loss) | chunked:N | fused:N: the loss over N chunks of tokens, so the
+    # batch's fp32 logits never exist at once (qeval.train.loss; memory: qeval.train.estimate)
+    cross_entropy: str = "full"
     eval_every: int = 5  # held-out loss every N steps
     early_stopping_patience: int = 0  # > 0: stop after this many held-out evaluations without a new best
     domain_tasks: tuple[str, ...] = ()  # the tasks this training targets; every other task measures forgetting
@@ -72,6 +78,9 @@ class AdapterSpec:
         `domain_tasks`, which only says how the results are read."""
         d = dataclasses.asdict(self)
         d.pop("domain_tasks")
+        for name, default in IDENTITY_DEFAULTS.items():
+            if d[name] == default:  # a memory option added later: at its default, the keys of before
+                d.pop(name)
         return d
 
     def problems(self, where: str) -> list[QevalError]:
@@ -93,6 +102,13 @@ class AdapterSpec:
             read_rows(resolve(self.train_data, f"{where}.train_data"))
         except QevalError as e:
             out += getattr(e, "errors", [e])
+        try:
+            from qeval.train.estimate import parse_cross_entropy
+
+            parse_cross_entropy(self.cross_entropy)
+        except QevalError as e:
+            out.append(QevalError(f"{where}.cross_entropy", self.cross_entropy, "full, chunked:N or fused:N "
+                                  "(N > 0 chunks of tokens)", "e.g. chunked:8 (torchtune's chunked loss)"))
         if self.packing not in PACKINGS:
             out.append(unknown_name(f"{where}.packing", self.packing, PACKINGS))
         for name in ("r", "alpha", "steps", "batch_size", "seq_len", "eval_every"):
