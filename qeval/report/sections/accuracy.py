@@ -52,9 +52,12 @@ def accuracy_blocks(results: pd.DataFrame) -> list[Block]:
         lower = lower_is_better(rows)
         blocks.append(Heading(3, f"{task}: {metric} ({'lower' if lower else 'higher'} is better)"))
         header = (["model"] if multi_model else []) + [
-            "variant", metric, "n", "Δ vs baseline", "p", "MDE", "ratio value/baseline" if lower else "recovery %",
-            "against the margin"]
-        numeric = ([False] if multi_model else []) + [False, True, True, True, True, True, True, False]
+            "variant", metric, "n", "Δ vs baseline", "p", "MDE", "ratio value/baseline" if lower else "recovery %"]
+        numeric = ([False] if multi_model else []) + [False, True, True, True, True, True, True]
+        # a report rendered from bare frames has no paired comparisons, so no margins to show
+        margins = "margin_verdict" in rows.columns and bool(rows["margin_verdict"].notna().any())
+        if margins:
+            header, numeric = header + ["against the margin"], numeric + [False]
         table_rows = []
         for r in rows.itertuples(index=False):
             d = r._asdict()
@@ -71,8 +74,8 @@ def accuracy_blocks(results: pd.DataFrame) -> list[Block]:
                 delta += " *" if verdict in ("better", "worse") else f" ({verdict})"
             table_rows.append(([str(d["model"])] if multi_model else []) + [
                 variant_label(d["quant"], d["adapter"]), fmt_value_stderr(d.get("value"), d.get("stderr")),
-                fmt_int(d.get("n")), delta, fmt_num(d.get("p_value"), sig=2), fmt_effect(d.get("mde"), lower), rec,
-                _margin(d)])
+                fmt_int(d.get("n")), delta, fmt_num(d.get("p_value"), sig=2), fmt_effect(d.get("mde"), lower), rec]
+                + ([_margin(d)] if margins else []))
         blocks.append(Table(header, table_rows, numeric))
         if lower:
             blocks.append(Para(f"Note: {metric} is lower-is-better (perplexity), so it is shown as the ratio "
