@@ -78,7 +78,7 @@ def _summary_rows(md: str) -> dict[str, list[str]]:
     rows = {}
     for line in head.splitlines():
         cells = [c.strip().replace("\\", "") for c in line.strip("|").split("|")]
-        if line.startswith("| ") and len(cells) == 5 and cells[0] not in ("format",):
+        if line.startswith("| ") and len(cells) == 6 and cells[0] not in ("format",):
             rows[cells[0]] = cells
     return rows
 
@@ -153,3 +153,74 @@ def test_verdict_rule_edges():
     lo, hi = recovery_interval(20.0, 1.0, 3.0, higher_is_better=False)
     assert (lo, hi) == pytest.approx((20 / 23, 20 / 21))
     assert recovery_interval(0.5, -0.1, 0.05, True) == pytest.approx((0.8, 1.1))
+
+
+# ----------------------------------------------------------------------------- non-inferiority margins
+
+# by task and by metric; 0.01% of perplexity: some variant's interval straddles it on the tiny model
+MARGIN_PLAN = "thresholds:\n  margin:\n    qeval_analogy: 0.05\n    word_perplexity: 0.0001\n"
+
+
+@pytest.fixture(scope="module")
+def margin_report(tiny_store, tmp_path_factory):
+    store, _ = tiny_store
+    out = tmp_path_factory.mktemp("margin-report")
+    (out / "plan.yaml").write_text(MARGIN_PLAN)
+    assert main(["report", "--store", str(store), "--plan", str(out / "plan.yaml"), "--out", str(out / "rep")]) == 0
+    return (out / "rep" / "report.md").read_text(encoding="utf-8")
+
+
+def _margin_by_hand(store_path) -> dict[tuple[str, str], tuple[str, str]]:
+    """{(variant, task): (verdict, margin)} from each pair's effect interval (qeval.stats.paired, the one
+    comparison), the rule applied here: within when the interval lies wholly above -margin, beyond
+    when wholly below, else cannot tell."""
+    from qeval.stats.paired import compare_pair
+
+    margins = {"qeval_analogy": (0.05, "5 points"), "qeval_lee_ppl": (0.0001, "0.01%")}
+    with Store(store_path) as s:
+        recs = list(s.records())
+        base = {r.task.name: r for r in recs if r.variant.quant == "none" and not r.variant.adapter}
+        out = {}
+        for r in recs:
+            if r is base[r.task.name]:
+                continue
+            m = r.primary_metric
+            c = compare_pair(s.samples(base[r.task.name].key), s.samples(r.key), m,
+                             bool(r.metrics[m].higher_is_better), aggregation=r.metrics[m].aggregation)
+            margin, label = margins[r.task.name]
+            verdict = ("loss within the margin shown" if c.effect_lo > -margin else
+                       "loss beyond the margin shown" if c.effect_hi < -margin else "cannot tell at this n")
+            label_of = r.variant.quant + (f"+{r.variant.adapter_label}" if r.variant.adapter else "")
+            out[(label_of, r.task.name)] = (verdict, label)
+    return out
+
+
+def test_margin_verdicts_on_the_tiny_store_follow_the_plan(margin_report, tiny_store):
+    expected = _margin_by_hand(tiny_store[0])
+    assert len({v for v, _ in expected.values()}) >= 2  # the rows checked are not all one verdict
+    # the accuracy tables: each variant's row carries its verdict with its margin printed
+    acc = margin_report[margin_report.index("## Accuracy by task"):]
+    for (variant, task), (verdict, label) in expected.items():
+        table = acc[acc.index(f"### {task}:"):]
+        row = next(line for line in table.splitlines() if line.startswith(f"| {variant} |"))
+        shown = verdict.replace("the margin", label)
+        assert row.rstrip(" |").endswith(shown), (variant, task, row)
+    # the summary: per format, the tasks counted by verdict, each named with its margin
+    rows = _summary_rows(margin_report)
+    assert set(rows) == {"bnb-nf4", "gguf:q8_0"}
+    for quant, cells in rows.items():
+        cell = cells[5]
+        per = {t: v for (q, t), v in expected.items() if q == quant}
+        first = True
+        for verdict, words in (("loss within the margin shown", "loss within the margin shown on"),
+                               ("loss beyond the margin shown", "loss beyond the margin shown on"),
+                               ("cannot tell at this n", "cannot tell on")):
+            tasks = sorted(t for t, (v, _) in per.items() if v == verdict)
+            if not tasks:
+                assert words not in cell, (quant, cell)
+                continue
+            count = f"{len(tasks)} of 2 tasks" if first else str(len(tasks))
+            first = False
+            assert f"{words} {count}" in cell, (quant, cell)
+            for t in tasks:
+                assert f"{per[t][1]} on {t}" in cell, (quant, t, cell)

@@ -134,6 +134,10 @@ def thresholds_of(plan: Plan, rp: Resolved | None = None) -> Thresholds:
         for name in th.min_effect:
             if name not in metrics and name not in KINDS and not open_world:
                 errors.append(unknown_name("metric or kind in thresholds.min_effect", name, metrics | set(KINDS)))
+        for name in th.margin:  # a task of the suite (or its group member), a metric or a kind
+            if name not in tasks and name not in metrics and name not in KINDS and not open_world:
+                errors.append(unknown_name("task, metric or kind in thresholds.margin", name,
+                                           set(tasks) | metrics | set(KINDS)))
         for key in th.warn_below:
             task, _, metric = str(key).partition(":")
             if task not in tasks:
@@ -142,10 +146,13 @@ def thresholds_of(plan: Plan, rp: Resolved | None = None) -> Thresholds:
             elif tasks[task] is not None and metric not in tasks[task]:
                 errors.append(unknown_name("metric in thresholds.warn_below", key, [f"{task}:{m}" for m in sorted(tasks[task])]))
     for where, table in (("per_arm", th.per_arm), ("per_metric", th.per_metric), ("warn_below", th.warn_below),
-                         ("min_effect", th.min_effect)):
+                         ("min_effect", th.min_effect), ("margin", th.margin)):
         for k, v in table.items():
             if not num(v):
                 errors.append(QevalError(f"thresholds.{where}.{k}", v, "a number"))
+            elif where == "margin" and not v > 0:
+                errors.append(QevalError(f"thresholds.margin.{k}", v, "a positive margin in the kind's units",
+                                         "0.01 = 1 accuracy point; 0.01 = 1% for perplexity"))
     for i, a in enumerate(th.acknowledged):
         if not isinstance(a, dict) or set(a) != {"cell", "reason"} or not str(a.get("reason") or "").strip():
             errors.append(QevalError(f"thresholds.acknowledged[{i}]", a, "{cell: CELL, reason: TEXT}",

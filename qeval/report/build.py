@@ -103,7 +103,7 @@ def report_data(store: Path, plan=None, memory_budget: float | None = None) -> R
     domain = None if not plan else {name: tuple(spec.domain_tasks) for name, spec in plan.adapters.items()}
     with Store(store, readonly=True) as s:
         records = list(s.records())
-        pairs = paired_frame(records, s.samples, th.min_effect)
+        pairs = paired_frame(records, s.samples, th.min_effect, th.margin)
         frames = adapter_frames(records, s.samples, th.min_effect, domain)
         history = history_frame(s.runs("nightly"), s.get)
     meta = {

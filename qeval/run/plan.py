@@ -54,6 +54,8 @@ class Thresholds:
     warns when a value is worse than the level (below it, or above it for lower-is-better metrics).
     `fdr`: the false discovery rate of the run's comparisons. `min_effect`: metric name or
     comparison kind (right_wrong, loglikelihood_ratio, mean) -> minimum meaningful effect.
+    `margin`: task, metric name or kind -> the non-inferiority margin the report holds each loss
+    against (qeval.stats.margin; default 1 point absolute, 1% for perplexity-like kinds).
     `acknowledged`: [{cell, reason}] regressions a person accepted."""
 
     min_recovery: float | None = None
@@ -62,6 +64,7 @@ class Thresholds:
     warn_below: dict = field(default_factory=dict)
     fdr: float = DEFAULT_FDR
     min_effect: dict = field(default_factory=dict)
+    margin: dict = field(default_factory=dict)
     acknowledged: tuple[dict, ...] = ()
 
     def limit(self, arm: str, metric: str, primary: bool) -> float | None:

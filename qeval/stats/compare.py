@@ -14,6 +14,7 @@ import pandas as pd
 # re-exported: the adapter frames and the record helpers were defined here, importers still find them here
 from qeval.stats.adapters import adapter_frames, decision, decision_summary, seed_frame  # noqa: F401
 from qeval.stats.kind import KINDS
+from qeval.stats.margin import margin_columns
 from qeval.stats.records import (BASELINE, MERGE_SUFFIX, MinEffect, adapter_label, compare_records,  # noqa: F401
                                  latest, metrics_of, record_group, task_views)
 from qeval.stats.recovery import recovery as recovery_of
@@ -128,10 +129,12 @@ def sort_frame(frame: pd.DataFrame, by: list[str]) -> pd.DataFrame:
 
 # ----------------------------------------------------------------------------- paired statistics
 
-def paired_frame(records: list[Record], samples, min_effect: MinEffect | None = None) -> pd.DataFrame:
+def paired_frame(records: list[Record], samples, min_effect: MinEffect | None = None,
+                 margin: MinEffect | None = None) -> pd.DataFrame:
     """One row per variant and task (primary metric): the paired comparison against the baseline
-    (`qeval.stats.paired.compare_pair`: test, interval, p-value, flips, MDE, verdict).
-    `samples(key)` returns a record's stored per-sample outputs."""
+    (`qeval.stats.paired.compare_pair`: test, interval, p-value, flips, MDE, verdict) and its
+    verdict against the non-inferiority margin (`qeval.stats.margin`; `margin`: a plan's
+    `thresholds.margin`). `samples(key)` returns a record's stored per-sample outputs."""
     recs = latest(records)
     baselines = {record_group(r): r for r in recs if r.variant.is_baseline}
     rows = []
@@ -147,7 +150,7 @@ def paired_frame(records: list[Record], samples, min_effect: MinEffect | None = 
                 continue
             rows.append({"model": r.variant.model, "quant": r.variant.quant,
                          "adapter": r.variant.adapter_label, "task": task, "metric": metric,
-                         "delta": c.delta, "kind": c.kind, **c.as_row()})
+                         "delta": c.delta, "kind": c.kind, **c.as_row(), **margin_columns(c, task, margin)})
     return pd.DataFrame(rows)
 
 
@@ -201,7 +204,7 @@ def divergence_frame(records: list[Record], pairs: pd.DataFrame) -> pd.DataFrame
 def with_paired(results: pd.DataFrame, pairs: pd.DataFrame) -> pd.DataFrame:
     """The results frame with the paired comparison (interval, p, verdict, MDE, flips) on each primary row."""
     cols = ["test", "delta_lo", "delta_hi", "p_value", "significant", "meaningful", "verdict", "mde", "min_effect",
-            "flips", "mcnemar_p"]
+            "flips", "mcnemar_p", "margin", "margin_label", "margin_verdict"]
     if pairs.empty:
         return results.assign(**{c: math.nan for c in cols})
     keep = pairs[["model", "quant", "adapter", "task", "metric"] + [c for c in cols if c in pairs.columns]]

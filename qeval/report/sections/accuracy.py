@@ -11,6 +11,7 @@ from qeval.report.frames import VARIANT, lower_is_better, ordered, primary_rows
 from qeval.report.plots import placeholder_png, plot_label, plt, png, variant_colors
 from qeval.report.plots import RECOVERY_PNG
 from qeval.report.sections.base import ReportSection, register
+from qeval.stats.margin import short_verdict
 
 RESULTS_CSV = "results.csv"
 
@@ -38,7 +39,11 @@ def accuracy_blocks(results: pd.DataFrame) -> list[Block]:
              "so an interval excludes 0 exactly when p < 0.05. * marks a change that is both significant "
              "and larger than the metric's minimum meaningful effect; 'below min effect' is significant "
              "but smaller; the others are within noise. MDE is the smallest change the test would find "
-             "(80% power, alpha 0.05) at this n and this variant's flip rate / per-document spread."),
+             "(80% power, alpha 0.05) at this n and this variant's flip rate / per-document spread. "
+             "Against the margin: 'loss within the margin shown' when the whole interval of the change lies "
+             "above minus the task's non-inferiority margin (thresholds.margin; default 1 point, 1% for "
+             "perplexity), 'loss beyond the margin shown' when it lies wholly below, 'cannot tell at this n' "
+             "when it straddles it."),
     ]
     primary = primary_rows(results)
     for task, rows in primary.groupby("task", sort=True):
@@ -49,6 +54,10 @@ def accuracy_blocks(results: pd.DataFrame) -> list[Block]:
         header = (["model"] if multi_model else []) + [
             "variant", metric, "n", "Δ vs baseline", "p", "MDE", "ratio value/baseline" if lower else "recovery %"]
         numeric = ([False] if multi_model else []) + [False, True, True, True, True, True, True]
+        # a report rendered from bare frames has no paired comparisons, so no margins to show
+        margins = "margin_verdict" in rows.columns and bool(rows["margin_verdict"].notna().any())
+        if margins:
+            header, numeric = header + ["against the margin"], numeric + [False]
         table_rows = []
         for r in rows.itertuples(index=False):
             d = r._asdict()
@@ -65,7 +74,8 @@ def accuracy_blocks(results: pd.DataFrame) -> list[Block]:
                 delta += " *" if verdict in ("better", "worse") else f" ({verdict})"
             table_rows.append(([str(d["model"])] if multi_model else []) + [
                 variant_label(d["quant"], d["adapter"]), fmt_value_stderr(d.get("value"), d.get("stderr")),
-                fmt_int(d.get("n")), delta, fmt_num(d.get("p_value"), sig=2), fmt_effect(d.get("mde"), lower), rec])
+                fmt_int(d.get("n")), delta, fmt_num(d.get("p_value"), sig=2), fmt_effect(d.get("mde"), lower), rec]
+                + ([_margin(d)] if margins else []))
         blocks.append(Table(header, table_rows, numeric))
         if lower:
             blocks.append(Para(f"Note: {metric} is lower-is-better (perplexity), so it is shown as the ratio "
@@ -73,6 +83,12 @@ def accuracy_blocks(results: pd.DataFrame) -> list[Block]:
         blocks += _secondary_table(results[(results["task"] == task) & (results["metric"] != metric)],
                                    multi_model)
     return blocks
+
+
+def _margin(d: dict) -> str:
+    """"loss within 1 point shown" (the verdict with the row's margin printed); blank for the baseline."""
+    v = d.get("margin_verdict")
+    return "" if missing(v) else short_verdict(str(v), str(d.get("margin_label")))
 
 
 def _secondary_table(others: pd.DataFrame, multi_model: bool) -> list[Block]:

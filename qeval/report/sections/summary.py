@@ -14,6 +14,8 @@ import math
 
 import pandas as pd
 
+from qeval.stats.margin import NOT_TESTED as MARGIN_NOT_TESTED
+from qeval.stats.margin import margin_sentence
 from qeval.stats.paired import LOSS_VERDICTS, NOT_TESTED, LossVerdicts, recovery_interval
 from qeval.report.doc import Bullets, Heading, Para, Section, Table
 from qeval.report.fmt import BASELINE, NA, fmt_mib, fmt_num, fmt_pct, missing
@@ -29,15 +31,17 @@ def format_frame(results: pd.DataFrame, memory: pd.DataFrame, div: pd.DataFrame,
     the baseline's), `theory_ratio` (the format's nominal bytes / the baseline's), `kl_mean`,
     `recovery` (mean over tasks of each primary metric's recovery), `recovery_lo` / `recovery_hi`
     (the mean of the tasks' 95% bounds; NaN when a task has none), `tasks` (per task: recovery, lo, hi,
-    its own verdict), `verdict` and `verdict_tasks` (the tasks that set it)."""
+    its own verdict), `verdict` and `verdict_tasks` (the tasks that set it), `margin` (the verdict
+    against each task's non-inferiority margin, `qeval.stats.margin.margin_sentence`)."""
     if results.empty:
         return pd.DataFrame()
     prim = primary_rows(results)
     prim = prim[(prim["adapter"].fillna("") == "") & (prim["quant"] != BASELINE)]
     rows = []
     for (model, quant), g in prim.groupby(["model", "quant"], sort=False):
-        per, intervals = {}, {}
+        per, intervals, margins = {}, {}, {}
         for r in g.to_dict("records"):
+            margins[r["task"]] = _margin_of(r)
             lo, hi = recovery_interval(r.get("baseline_value"), r.get("delta_lo", math.nan), r.get("delta_hi", math.nan),
                                        bool(r["higher_is_better"]))
             intervals[r["task"]] = (lo, hi)
@@ -65,8 +69,33 @@ def format_frame(results: pd.DataFrame, memory: pd.DataFrame, div: pd.DataFrame,
                      "recovery": sum(rec) / len(rec) if rec and len(rec) == len(g) else math.nan,
                      "recovery_lo": _mean([v["lo"] for v in per.values()]),
                      "recovery_hi": _mean([v["hi"] for v in per.values()]),
-                     "tasks": per, "verdict": verdict, "verdict_tasks": which})
+                     "tasks": per, "verdict": verdict, "verdict_tasks": which,
+                     "margin": margin_sentence(margins)})
     return ordered(pd.DataFrame(rows), ["model", "quant"]) if rows else pd.DataFrame()
+
+
+def _margin_of(r: dict) -> tuple[str, str]:
+    """(verdict against the margin, the margin as printed) of one results row with paired columns."""
+    v, label = r.get("margin_verdict"), r.get("margin_label")
+    return (MARGIN_NOT_TESTED, "") if missing(v) else (str(v), str(label))
+
+
+def margin_rows(results: pd.DataFrame) -> dict[tuple[str, str], str]:
+    """{(model, adapter arm): its verdict against the margins, vs the baseline}: the adapter arms'
+    rows of the results (each seed of an arm is a task of its own, `task#sN`)."""
+    if results.empty or "margin_verdict" not in results.columns:
+        return {}
+    from qeval.train.adapters import seed_base
+
+    prim = primary_rows(results)
+    prim = prim[prim["adapter"].fillna("") != ""]
+    out: dict[tuple[str, str], dict] = {}
+    for r in prim.to_dict("records"):
+        arm = str(r.get("arm") or r["adapter"])
+        base = seed_base(arm)
+        task = r["task"] + (arm[len(base):] if arm != base else "")
+        out.setdefault((r["model"], base), {})[task] = _margin_of(r)
+    return {k: margin_sentence(v) for k, v in out.items()}
 
 
 def _mean(xs: list[float]) -> float:
@@ -187,25 +216,31 @@ def summary_section(results: pd.DataFrame, memory: pd.DataFrame, div: pd.DataFra
         base = memory[(memory["quant"] == BASELINE) & (memory["adapter"].fillna("") == "")] if not memory.empty else memory
         base_mib = f" ({fmt_mib(base['total_bytes'].iloc[0])} MiB)" if len(base) == 1 else ""
         rows = [([str(r["model"])] if multi else []) + [r["quant"], _size(r), _recovery(r), fmt_num(r["kl_mean"]),
-                                                         _verdict(r)]
+                                                         _verdict(r), r["margin"]]
                 for r in fmt.to_dict("records")]
         blocks += [
             Table((["model"] if multi else []) + ["format", "size × baseline", "mean recovery [95%]", "KL mean",
-                                                  "verdict"], rows,
-                  ([False] if multi else []) + [False, True, True, True, False]),
+                                                  "verdict", "against the margin"], rows,
+                  ([False] if multi else []) + [False, True, True, True, False, False]),
             Para(f"Against the unquantized baseline '{BASELINE}'{base_mib}. Recovery: 100% = nothing lost "
                  "(value/baseline; perplexity baseline/value), the mean over tasks of each task's primary metric; "
                  "its bracket is the mean of the tasks' 95% bounds (conservative). Each task's interval is its "
                  "paired comparison with the baseline (qeval.stats.paired: exact McNemar, paired t on log-likelihoods), "
                  "so it excludes 100% exactly when the loss is significant. Verdicts follow from those intervals: "
                  + verdicts.describe() + f" '{NOT_TESTED}': no task has a paired interval (too few documents "
-                 "or no stored outputs). KL: mean per token against the baseline on the divergence task.")]
+                 "or no stored outputs). Against the margin (non-inferiority, qeval.stats.margin): per task, "
+                 "'loss within the margin shown' when the task's whole 95% interval of the change lies above "
+                 "minus the margin, 'loss beyond the margin shown' when it lies wholly below, 'cannot tell' when it "
+                 "straddles it; margins from the plan's thresholds.margin, by default 1 point (accuracy) and 1% "
+                 "(perplexity). KL: mean per token against the baseline on the divergence task.")]
     if arms:
         multi_a = len({a["model"] for a in arms}) > 1
+        vs = margin_rows(results)
         blocks += [Heading(3, "Adapters"),
                    Table((["model"] if multi_a else []) + ["arm", "base", "regained (domain tasks)",
-                                                           "forgetting (other tasks)"],
-                         [([str(a["model"])] if multi_a else []) + [a["arm"], a["quant"], a["gained"], a["forgot"]]
+                                                           "forgetting (other tasks)", "vs baseline, against the margin"],
+                         [([str(a["model"])] if multi_a else []) + [a["arm"], a["quant"], a["gained"], a["forgot"],
+                                                                    vs.get((a["model"], a["arm"]), NA)]
                           for a in arms])]
     if lora_verdict:
         blocks.append(Para("LoRA vs QLoRA: " + lora_verdict))
