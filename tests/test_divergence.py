@@ -216,7 +216,8 @@ def test_mcnemar_exact_values():
     for rw, wr in [(0, 0), (5, 5), (6, 0), (10, 2), (4, 0), (9, 2)]:
         base = [{"doc_id": i, "doc_hash": str(i), "acc": 1.0 if i < rw else 0.0} for i in range(40)]
         var = [{**b, "acc": 0.0 if b["doc_id"] < rw else (1.0 if rw <= b["doc_id"] < rw + wr else 0.0)} for b in base]
-        assert compare_pair(base, var, "acc", True).p_value == pytest.approx(_mcnemar_p(rw, wr))
+        # McNemar's exact p is the divergence table's extra column (the verdict's p: Tango's score test)
+        assert compare_pair(base, var, "acc", True).mcnemar_p == pytest.approx(_mcnemar_p(rw, wr))
 
 
 def test_paired_flips_and_interval():
@@ -227,7 +228,7 @@ def test_paired_flips_and_interval():
     assert (out.right_to_wrong, out.wrong_to_right, out.flips) == (4, 1, 5)
     assert out.delta == pytest.approx(-3 / 40)
     assert out.ci_lo <= out.delta <= out.ci_hi
-    assert out.p_value == pytest.approx(_mcnemar_p(4, 1))
+    assert out.mcnemar_p == pytest.approx(_mcnemar_p(4, 1))
     with pytest.raises(ValueError, match="differs"):
         compare_pair(base, [{**var[0], "doc_hash": "other"}], "acc", True)
 

@@ -32,12 +32,12 @@ def test_units_and_what_bench_gates_plants_are_the_kinds_own():
         "right_wrong": "drop", "loglikelihood_ratio": "rise", "mean": "", "corpus": "", "corpus_points": ""}
 
 
-# ----------------------------------------------------------------------------- right_wrong: exact McNemar
+# ----------------------------------------------------------------------------- right_wrong: Tango's score test
 
 def power_from_first_principles(n: int, psi: float, delta: float, alpha: float) -> float:
-    """P(the two-sided exact McNemar test finds the drop), summing every (discordant d, wrong->right k)
+    """P(the two-sided score test at 0 finds the drop), summing every (discordant d, wrong->right k)
     outcome with math.comb: d ~ Binomial(n, psi + delta), k | d ~ Binomial(d, (psi/2) / (psi + delta));
-    a drop is found when k is the low tail and 2 P(X <= k | d, 1/2) < alpha."""
+    a drop is found when k is the low tail and 2 (1 - Phi((d - 2k - 1/4) / sqrt(d))) < alpha."""
     t = min(1.0, psi + delta)
     q = (psi / 2) / t
     total = 0.0
@@ -45,10 +45,8 @@ def power_from_first_principles(n: int, psi: float, delta: float, alpha: float) 
         p_d = math.comb(n, d) * t ** d * (1 - t) ** (n - d)
         if p_d < 1e-15:
             continue
-        tail = 0.0  # P(X <= k) under the null, accumulated as k grows
         for k in range(d + 1):
-            tail += math.comb(d, k) / 2 ** d
-            if 2 * tail >= alpha or k >= d / 2:
+            if k >= d / 2 or 2 * (1 - NormalDist().cdf((d - 2 * k - 0.25) / math.sqrt(d))) >= alpha:
                 break
             total += p_d * math.comb(d, k) * q ** k * (1 - q) ** (d - k)
     return total

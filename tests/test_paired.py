@@ -1,5 +1,6 @@
 """The one paired comparison: each case the issue lists, checked against an independent computation."""
 import math
+from statistics import NormalDist
 
 import numpy as np
 import pytest
@@ -7,7 +8,7 @@ from scipy import stats
 
 from qeval.stats.compare import results_frame
 from qeval.core.errors import QevalError
-from qeval.stats.paired import (KINDS, compare_pair, kind_of, fdr_adjust, fdr_verdicts, mcnemar_mde, mcnemar_power, recovery,
+from qeval.stats.paired import (KINDS, compare_pair, compare_values, kind_of, fdr_adjust, fdr_verdicts, mcnemar_mde, mcnemar_power, recovery,
                           recovery_fails)
 
 
@@ -42,30 +43,96 @@ def loglik(n: int = 50, seed: int = 0, metric: str = "word_perplexity"):
     return [{"doc_id": i, "doc_hash": f"h{i}", metric: [float(ll[i]), float(counts[i])]} for i in range(n)]
 
 
-def test_four_of_three_hundred_is_not_significant_and_matches_mcnemar():
+def score_p(rw: int, wr: int) -> float:
+    """The score test at 0 from the standard library: McNemar's statistic (|c - b| - 1/4) / sqrt(b + c)."""
+    d = rw + wr
+    return 1.0 if d == 0 else 2 * (1 - NormalDist().cdf(max(abs(wr - rw) - 0.25, 0) / math.sqrt(d)))
+
+
+def score_z_by_grid(rw: int, wr: int, n: int, delta: float) -> float:
+    """Tango's score statistic with the nuisance rate found by brute force: the right->wrong rate q
+    maximising the multinomial likelihood under `delta` (wrong->right rate q + delta), on a dense
+    grid then refined, instead of the closed-form root the implementation uses."""
+    lo_q, hi_q = max(0.0, -delta), (1 - delta) / 2
+    q = None
+    for _ in range(3):
+        grid = np.linspace(lo_q, hi_q, 4001)[1:-1] if q is None else np.linspace(max(lo_q, q - step), min(hi_q, q + step), 4001)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ll = (rw * np.log(grid) if rw else 0) + (wr * np.log(grid + delta) if wr else 0) \
+                + ((n - rw - wr) * np.log(1 - 2 * grid - delta) if n - rw - wr else 0)
+        ll = np.where(np.isfinite(ll), ll, -np.inf)
+        q = float(grid[int(np.argmax(ll))])
+        step = 2 * (grid[1] - grid[0])
+    num = wr - rw - n * delta
+    num = math.copysign(max(abs(num) - 0.25, 0), num)
+    return num / math.sqrt(n * (2 * q + delta * (1 - delta)))
+
+
+def tango_by_grid(rw: int, wr: int, n: int, z: float = NormalDist().inv_cdf(0.975)) -> tuple[float, float]:
+    """The 95% interval as the set {delta: |Z(delta)| < z}, Z from `score_z_by_grid`, by bisection."""
+    def bound(f, a, b):  # f(a) > 0 >= f(b)
+        for _ in range(40):
+            m = (a + b) / 2
+            a, b = (m, b) if f(m) > 0 else (a, m)
+        return (a + b) / 2
+    est = (wr - rw) / n
+    lo = bound(lambda x: score_z_by_grid(rw, wr, n, x) - z, -1 + 1e-9, est)
+    hi = bound(lambda x: score_z_by_grid(rw, wr, n, x) + z, est, 1 - 1e-9)
+    return lo, hi
+
+
+@pytest.mark.parametrize("rw,wr,n", [(40, 20, 160), (9, 2, 200), (18, 0, 60), (0, 0, 228), (3, 1, 20)])
+def test_tango_interval_solves_the_score_equation_by_brute_force(rw, wr, n):
+    """The bounds are where |Z| crosses z_0.975, Z computed independently (brute-force nuisance MLE);
+    (40, 20, 160) is the worked example of PropCIs' scoreci.mp (Tango's interval, Agresti & Min 2005)."""
+    base, var = right_wrong(n, rw, wr, right=max(rw, n // 2))
+    c = compare_pair(base, var, "acc", True)
+    z, h = NormalDist().inv_cdf(0.975), 1e-4
+    assert score_z_by_grid(rw, wr, n, c.ci_lo - h) > z > score_z_by_grid(rw, wr, n, c.ci_lo + h)
+    assert score_z_by_grid(rw, wr, n, c.ci_hi - h) > -z > score_z_by_grid(rw, wr, n, c.ci_hi + h)
+    assert c.p_value == pytest.approx(score_p(rw, wr))
+    assert c.mcnemar_p == pytest.approx(mcnemar_p(rw, wr))  # McNemar's exact p: the extra column
+
+
+def test_no_flip_gives_an_interval_of_positive_width():
+    """d = 0 (228 documents, no flip: an MMLU-STEM group printed "0 [0, 0]"): with no flip
+    q(delta) = 0 for delta > 0, so Z = -(n delta - 1/4) / sqrt(n delta (1 - delta)) and the bound
+    solves a quadratic, written out here."""
+    for n in (20, 228, 1000):
+        base, var = right_wrong(n, 0, 0)
+        c = compare_pair(base, var, "acc", True)
+        z2 = NormalDist().inv_cdf(0.975) ** 2
+        # (n x - 1/4)^2 = z^2 n x (1 - x)  ->  (n^2 + z^2 n) x^2 - (n/2 + z^2 n) x + 1/16 = 0
+        a, b, cc = n * n + z2 * n, -(n / 2 + z2 * n), 1 / 16
+        upper = (-b + math.sqrt(b * b - 4 * a * cc)) / (2 * a)
+        assert c.ci_hi == pytest.approx(upper, rel=1e-6) and c.ci_lo == pytest.approx(-upper, rel=1e-6)
+        assert c.ci_hi - c.ci_lo > 0 and c.p_value == 1.0 and c.verdict == "within noise"
+
+
+def test_four_of_three_hundred_is_not_significant():
     base, var = right_wrong(300, rw=4, wr=0, right=200)
     c = compare_pair(base, var, "acc", True)
-    assert c.p_value == pytest.approx(mcnemar_p(4, 0)) == pytest.approx(0.125)
+    assert c.p_value == pytest.approx(score_p(4, 0)) == pytest.approx(0.0608, abs=1e-4)
+    assert c.mcnemar_p == pytest.approx(mcnemar_p(4, 0)) == pytest.approx(0.125)
     assert c.ci_lo < 0 < c.ci_hi  # the interval agrees with the test
     assert not c.significant and c.verdict == "within noise"
 
 
-def test_five_of_five_and_one_of_one_are_not_significant():
-    base, var = right_wrong(5, rw=5, wr=0, right=5)
-    c = compare_pair(base, var, "acc", True)
-    assert c.p_value == pytest.approx(mcnemar_p(5, 0)) == pytest.approx(0.0625)
-    assert c.ci_hi > 0 and c.verdict == "within noise"
+def test_one_of_one_is_not_significant():
     base, var = right_wrong(1, rw=1, wr=0, right=1)
     c = compare_pair(base, var, "acc", True)
-    assert c.p_value == 1.0 and c.verdict == "within noise"
+    assert c.p_value == pytest.approx(score_p(1, 0)) and c.verdict == "within noise"
 
 
-def test_similarity_nine_two_is_within_noise():
+def test_similarity_nine_two_is_a_loss_unconditionally():
+    """9 right->wrong, 2 wrong->right of 200: exact McNemar (conditional on the 11 flips) says
+    p = 0.065; the unconditional score test p = 0.042 -- the conservatism the issue measured."""
     base, var = right_wrong(200, rw=9, wr=2, right=137)
     c = compare_pair(base, var, "acc", True)
     assert (c.ref_value, c.value) == (pytest.approx(0.685), pytest.approx(0.650))
-    assert c.p_value == pytest.approx(mcnemar_p(9, 2)) == pytest.approx(0.0654, abs=1e-4)
-    assert c.verdict == "within noise"
+    assert c.p_value == pytest.approx(score_p(9, 2)) == pytest.approx(0.0418, abs=1e-4)
+    assert c.mcnemar_p == pytest.approx(mcnemar_p(9, 2)) == pytest.approx(0.0654, abs=1e-4)
+    assert c.verdict == "worse" and c.ci_hi < 0
 
 
 @pytest.mark.parametrize("n", [20, 100, 300])
@@ -76,8 +143,23 @@ def test_interval_excludes_zero_exactly_when_p_is_below_alpha(n):
                 continue
             base, var = right_wrong(n, rw, wr)
             c = compare_pair(base, var, "acc", True)
-            assert c.p_value == pytest.approx(mcnemar_p(rw, wr))
+            assert c.p_value == pytest.approx(score_p(rw, wr))
             assert (c.ci_lo > 0 or c.ci_hi < 0) == (c.p_value < 0.05), (rw, wr)
+            assert c.ci_lo <= c.delta <= c.ci_hi and c.ci_hi > c.ci_lo
+
+
+def test_interval_and_p_agree_on_many_random_tables():
+    rng = np.random.default_rng(21)
+    for _ in range(1500):
+        n = int(rng.choice([1, 5, 20, 60, 300, 1000, 1500]))
+        rw, wr, _rest = rng.multinomial(n, rng.dirichlet([0.3, 0.3, 3]))
+        ref = np.r_[np.ones(rw), np.zeros(wr), rng.integers(0, 2, n - rw - wr)].astype(float)
+        var = np.r_[np.zeros(rw), np.ones(wr), ref[rw + wr:]]
+        for alpha in (0.05, 0.01):
+            # noise_rate fixed: the MDE (a power calculation per rate) is cached per n, not the point here
+            c = compare_values(ref, var, "acc", True, alpha=alpha, noise_rate=0.0)
+            assert (c.right_to_wrong, c.wrong_to_right) == (rw, wr)
+            assert (c.ci_lo > 0 or c.ci_hi < 0) == (c.p_value < alpha), (n, rw, wr, alpha)
             assert c.ci_lo <= c.delta <= c.ci_hi
 
 
@@ -140,7 +222,7 @@ def test_registry_lists_known_kinds():
 def test_mde_is_where_exact_power_reaches_eighty_percent():
     mde = mcnemar_mde(300, 0.03)
     assert mcnemar_power(300, 0.03, mde) >= 0.8 > mcnemar_power(300, 0.03, mde * 0.9)
-    # at least 6 one-way flips are needed for p < 0.05: a tiny n can not see small changes
+    # at least 5 one-way flips are needed for p < 0.05: a tiny n can not see small changes
     assert mcnemar_mde(10, 0.0) >= 0.5
     assert mcnemar_mde(300, 0.03, alpha=0.05 / 48) > mde  # stricter level, larger MDE
     # a cross-check by simulation
@@ -148,7 +230,7 @@ def test_mde_is_where_exact_power_reaches_eighty_percent():
     hits = 0
     for _ in range(400):  # noise flips both ways at 1.5% each, plus the drop's right->wrong flips
         good, bad = rng.multinomial(300, [0.015, 0.015 + mde, 1 - 0.03 - mde])[:2]
-        hits += mcnemar_p(bad, good) < 0.05
+        hits += score_p(bad, good) < 0.05
     assert abs(hits / 400 - mcnemar_power(300, 0.03, mde)) < 0.07
 
 

@@ -13,6 +13,7 @@ from scipy import stats
 from qeval.cli import main
 from qeval.stats.paired import LOSS_VERDICTS, LossVerdicts, recovery_interval
 from qeval.store.store import Store
+from tests.test_paired import tango_by_grid
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +26,7 @@ def report(tiny_store, tmp_path_factory):
 
 def _independent_intervals(store_path) -> dict[str, dict[str, tuple[float, float]]]:
     """{format: {task: 95% recovery interval}} from the stored records and samples, by scipy directly:
-    exact McNemar's Clopper-Pearson interval on the discordant split for accuracy, a t interval of the
+    Tango's score interval for accuracy (solved by brute force, tests.test_paired.tango_by_grid), a t interval of the
     per-document log-likelihood changes for perplexity (recovery = baseline/value = exp(-change))."""
     with Store(store_path) as s:
         recs = [r for r in s.records() if not r.variant.adapter]
@@ -43,11 +44,7 @@ def _independent_intervals(store_path) -> dict[str, dict[str, tuple[float, float
             b = np.array([bs[i]["acc"] for i in ids])
             v = np.array([vs[i]["acc"] for i in ids])
             rw, wr, n = int(((b == 1) & (v == 0)).sum()), int(((b == 0) & (v == 1)).sum()), len(ids)
-            if rw + wr == 0:
-                lo = hi = 0.0
-            else:
-                ci = stats.binomtest(wr, rw + wr).proportion_ci(0.95, method="exact")
-                lo, hi = (rw + wr) / n * (2 * ci.low - 1), (rw + wr) / n * (2 * ci.high - 1)
+            lo, hi = tango_by_grid(rw, wr, n)
             acc = b.mean()
             interval = ((acc + lo) / acc, (acc + hi) / acc)
         else:

@@ -12,7 +12,7 @@ from qeval.core import env
 LOCK_FILE = "requirements-lock.txt"  # the known-good environment `make` installs (Makefile LOCK)
 
 DESCRIPTION = ("Run PLAN incrementally, record the run, compare every cell and metric with the "
-               "previous nightly run (exact McNemar / paired t on log-likelihoods, "
+               "previous nightly run (Tango's score test / paired t on log-likelihoods, "
                "Benjamini-Hochberg FDR over the run, minimum meaningful effects) and with the "
                "plan's thresholds. A regression stays open until fixed or acknowledged "
                "(--ack CELL --reason TEXT). Exit 0 clean, 1 regression, 2 bad input, "

@@ -4,7 +4,7 @@
 computes only missing cells (run_plan), and then:
 
 1. compares every cell and metric with the same variant and task in the previous finished run
-   (`qeval.stats.paired.compare_pair`: exact McNemar for right/wrong metrics, a paired t on per-document
+   (`qeval.stats.paired.compare_pair`: Tango's score test for right/wrong metrics, a paired t on per-document
    log-likelihoods for perplexities). All comparisons of the run are one family: their p-values are
    adjusted together (Benjamini-Hochberg, level `thresholds.fdr`), and a change is a regression
    only when it is significant after that adjustment *and* larger than the metric's minimum

@@ -159,7 +159,7 @@ def task_mde(pairs: pd.DataFrame) -> pd.DataFrame:
 
     Measured on the variant closest to the baseline -- the noise of a numerically different but
     equivalent computation, which is what separates two nightly runs; each kind says how
-    (`Kind.closest_noise`): right/wrong tasks get the exact McNemar MDE at the lowest flip rate any
+    (`Kind.closest_noise`): right/wrong tasks get the exact MDE of the score test at the lowest flip rate any
     variant shows against the baseline, the others the smallest MDE (the smallest per-document
     spread) of any variant."""
     if pairs.empty:

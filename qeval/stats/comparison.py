@@ -44,6 +44,7 @@ class Comparison:
     right_to_wrong: int | None = None
     wrong_to_right: int | None = None
     reason: str = ""  # why a comparison is undefined
+    mcnemar_p: float | None = None  # right/wrong only: McNemar's exact p, an extra column (never the verdict)
 
     @property
     def defined(self) -> bool:
@@ -70,14 +71,14 @@ class Comparison:
         return math.nan if self.flips is None or not self.n else self.flips / self.n
 
     def as_row(self) -> dict:
-        """The columns every frame shows for a comparison. `mcnemar_p`: the p-value of a test that
-        counted flips (only McNemar does; a McNemar comparison without documents has NaN for both)."""
+        """The columns every frame shows for a comparison. `mcnemar_p`: McNemar's exact p of a
+        comparison that counted flips (right/wrong; NaN otherwise and without documents)."""
         return {"test": self.test, "pairs": self.n, "delta_lo": self.ci_lo, "delta_hi": self.ci_hi,
                 "effect": self.effect, "p_value": self.p_value, "min_effect": self.min_effect, "mde": self.mde,
                 "significant": self.significant, "meaningful": self.meaningful, "verdict": self.verdict,
                 "flips": self.flips, "flips_right_to_wrong": self.right_to_wrong,
                 "flips_wrong_to_right": self.wrong_to_right, "flip_rate": self.flip_rate,
-                "mcnemar_p": self.p_value if self.flips is not None else math.nan}
+                "mcnemar_p": math.nan if self.mcnemar_p is None else self.mcnemar_p}
 
 
 def verdict_at(c: Comparison, p: float, level: float | None = None) -> str:

@@ -8,8 +8,8 @@ Which test applies depends on how a metric aggregates its per-document values, n
 
 | kind                 | per-document value        | test                                              |
 |----------------------|---------------------------|---------------------------------------------------|
-| `right_wrong`        | 0/1 (acc, exact_match)    | exact McNemar: the discordant pairs against       |
-|                      |                           | Binomial(b + c, 1/2) (`scipy.stats.binomtest`)    |
+| `right_wrong`        | 0/1 (acc, exact_match)    | Tango's score test for the paired difference of   |
+|                      |                           | accuracies (McNemar's exact p: an extra column)   |
 | `loglikelihood_ratio`| [loglikelihood, count]    | paired t on the per-document log-likelihood       |
 |                      | (perplexities, bpb)       | differences (`scipy.stats.ttest_1samp`)           |
 | `mean`               | any float                 | BCa bootstrap of the paired mean difference       |

@@ -34,7 +34,7 @@ def accuracy_blocks(results: pd.DataFrame) -> list[Block]:
         Para("Recovery is value/baseline for higher-is-better metrics; 100% means no loss against the "
              "unquantized baseline ('none'), below 100% is worse; a score of 0 recovers 0%, and a baseline "
              "of 0 leaves recovery undefined. Each variant is compared with the baseline on the same "
-             "documents (qeval.stats.paired): exact McNemar for right/wrong metrics, a paired t-test on "
+             "documents (qeval.stats.paired): Tango's score test for right/wrong metrics, a paired t-test on "
              "per-document log-likelihoods for perplexities; brackets are the 95% interval of that test, "
              "so an interval excludes 0 exactly when p < 0.05. * marks a change that is both significant "
              "and larger than the metric's minimum meaningful effect; 'below min effect' is significant "

@@ -25,7 +25,7 @@ def adapter_section(frames: dict[str, pd.DataFrame], decision_table: pd.DataFram
     blocks: list = [Heading(2, "Adapters: what LoRA / QLoRA win back"),
                     Para("lost = baseline - the arm's format without adapter; regained = (arm - that format) / "
                          "lost, oriented so that lower perplexity counts as better. Every verdict is the same paired "
-                         "test as the accuracy table (exact McNemar / paired t on log-likelihoods): 'lost' is the "
+                         "test as the accuracy table (Tango's score test / paired t on log-likelihoods): 'lost' is the "
                          "format against the baseline, 'vs reference' the arm against its format, 'vs baseline' "
                          "the arm against the float baseline. A share regained is shown only where the format's "
                          "loss is significant and meaningful ('worse'); arms trained on the float base have "

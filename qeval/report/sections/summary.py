@@ -225,7 +225,7 @@ def summary_section(results: pd.DataFrame, memory: pd.DataFrame, div: pd.DataFra
             Para(f"Against the unquantized baseline '{BASELINE}'{base_mib}. Recovery: 100% = nothing lost "
                  "(value/baseline; perplexity baseline/value), the mean over tasks of each task's primary metric; "
                  "its bracket is the mean of the tasks' 95% bounds (conservative). Each task's interval is its "
-                 "paired comparison with the baseline (qeval.stats.paired: exact McNemar, paired t on log-likelihoods), "
+                 "paired comparison with the baseline (qeval.stats.paired: Tango's score test, paired t on log-likelihoods), "
                  "so it excludes 100% exactly when the loss is significant. Verdicts follow from those intervals: "
                  + verdicts.describe() + f" '{NOT_TESTED}': no task has a paired interval (too few documents "
                  "or no stored outputs). Against the margin (non-inferiority, qeval.stats.margin): per task, "
