@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Callable
 
 from qeval.core import env
-from qeval.train.adapters import seed_base
+from qeval.train.spec import seed_base
 from qeval.store.record import Record
 from qeval.core.errors import QevalError, did_you_mean, unknown_name
 from qeval.stats.paired import (FDR_METHOD, KINDS, WORSE, Comparison, compare_pair, fdr_verdicts, recovery,

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from qeval.models.load import ResolvedModel
     from qeval.quant.backends.gptq import CalibrationSpec
     from qeval.quant.formats import QuantFormat
-    from qeval.train.adapters import AdapterSpec
+    from qeval.train.spec import AdapterSpec
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,7 @@ def make_cells(model: ResolvedModel, arm: Arm, suite: Suite, eval_spec: EvalSpec
     from qeval.quant.backends.gptq import CalibrationSpec
     from qeval.quant.formats import FORMATS
     from qeval.store.store import SCHEMA_VERSION
-    from qeval.train.adapters import adapter_key
+    from qeval.train.spec import adapter_key
 
     fmt = FORMATS.get(arm.quant)
     cal = None

@@ -37,7 +37,9 @@ from qeval.run.cells import needs_calibration
 from qeval.run.plan import Arm
 from qeval.run.record import build_record
 from qeval.store.record import Record
-from qeval.train.adapters import AdapterArtifact, attach, finetune, load_finetuned
+from qeval.train.artifact import AdapterArtifact, load_finetuned
+from qeval.train.merge import attach
+from qeval.train.recipe import finetune
 
 
 # -- jobs -------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from qeval.run.executors import EXECUTORS, RaySettings
 if TYPE_CHECKING:
     from qeval.eval.suites import Suite
     from qeval.quant.backends.gptq import CalibrationSpec
-    from qeval.train.adapters import AdapterSpec
+    from qeval.train.spec import AdapterSpec
 
 DEFAULT_FDR = 0.05
 
@@ -68,7 +68,7 @@ class Thresholds:
     acknowledged: tuple[dict, ...] = ()
 
     def limit(self, arm: str, metric: str, primary: bool) -> float | None:
-        from qeval.train.adapters import seed_base
+        from qeval.train.spec import seed_base
 
         if metric in self.per_metric:
             return self.per_metric[metric]
@@ -122,7 +122,7 @@ class Plan:
     def schema_types(cls) -> dict[str, type]:
         """The section types defined in heavy modules, imported only when a plan is read."""
         from qeval.quant.backends.gptq import CalibrationSpec
-        from qeval.train.adapters import AdapterSpec
+        from qeval.train.spec import AdapterSpec
 
         return {"AdapterSpec": AdapterSpec, "CalibrationSpec": CalibrationSpec}
 
@@ -174,7 +174,7 @@ def validate(plan: Plan, suite: Suite | None = None) -> Resolved:
     from qeval.models.load import compute_dtype, compute_dtype_problem
     from qeval.quant.backends.gptq import CalibrationSpec
     from qeval.quant.formats import FORMATS
-    from qeval.train.adapters import MERGES, expand_seeds, lora_base_problem, merge_problem
+    from qeval.train.spec import MERGES, expand_seeds, lora_base_problem, merge_problem
 
     errors: list[QevalError] = []
 

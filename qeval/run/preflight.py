@@ -36,7 +36,7 @@ def model_context(folder: Path) -> int | None:
 def preflight(models: list, rp: Resolved) -> None:
     """Every problem of the plan against each model in `models` (ResolvedModels), together."""
     errors: list[QevalError] = []
-    from qeval.train.adapters import seed_base
+    from qeval.train.spec import seed_base
 
     used = {seed_base(a.adapter) for a in rp.arms if a.adapter}  # `lora#s7` trains adapter `lora`
     adapters = {n: s for n, s in rp.plan.adapters.items() if n in used}  # the plan's names, before seeds

@@ -12,7 +12,7 @@ from qeval.store.record import Record
 if TYPE_CHECKING:
     from qeval.eval.evaluate import EvalOutcome
     from qeval.models.load import LoadedModel
-    from qeval.train.adapters import AdapterArtifact
+    from qeval.train.artifact import AdapterArtifact
 
 
 def build_record(cell: Cell, loaded: LoadedModel, outcome: EvalOutcome, seed: int,

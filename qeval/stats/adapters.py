@@ -38,7 +38,7 @@ def adapter_frames(records: list[Record], samples=None, min_effect: MinEffect | 
     `merge`: each merged arm against the same adapter unmerged.
     `training`: one row per trained adapter: its costs and curves.
     """
-    from qeval.train.adapters import not_converged, seed_base
+    from qeval.train.spec import not_converged, seed_base
 
     primary = {}
     for r in latest(records):
@@ -122,7 +122,7 @@ def adapter_frames(records: list[Record], samples=None, min_effect: MinEffect | 
 def seed_frame(regained: pd.DataFrame) -> pd.DataFrame:
     """Arms trained with several seeds (`name#s<seed>`), one row per (model, arm, task): the score's
     and the regained share's spread across seeds (`qeval.stats.paired.seed_spread`)."""
-    from qeval.train.adapters import seed_base
+    from qeval.train.spec import seed_base
 
     if regained.empty:
         return pd.DataFrame()
@@ -144,7 +144,7 @@ def decision(frames: dict[str, pd.DataFrame], memory_budget: float | None) -> tu
     `memory_budget` bytes of peak training memory (None: name the cheapest and the best). Arms
     trained with several seeds are ranked by their mean over seeds, and the verdict says "no clear
     winner" when the best arm's interval over seeds overlaps the runner-up's."""
-    from qeval.train.adapters import seed_base
+    from qeval.train.spec import seed_base
 
     reg, train = frames["regained"], frames["training"]
     if reg.empty or train.empty:
@@ -224,7 +224,7 @@ def decision(frames: dict[str, pd.DataFrame], memory_budget: float | None) -> tu
 def decision_summary(table: pd.DataFrame) -> tuple[pd.DataFrame, str, str]:
     """(one row per arm over its seeds: mean, interval, spread of the first domain task's score and
     mean peak training memory; that task; its metric). Adds `base_arm` to `table`."""
-    from qeval.train.adapters import seed_base
+    from qeval.train.spec import seed_base
 
     table["base_arm"] = table["arm"].map(seed_base)
     domain = [c for c in table.columns if c.endswith(":untouched") and not table[c].fillna(True).all()]

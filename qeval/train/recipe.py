@@ -28,7 +28,6 @@ from qeval.quant.backend import backend_of
 from qeval.quant.formats import FORMATS
 from qeval.train.artifact import AdapterArtifact, artifact_ready, load_artifact, seal_artifact
 from qeval.train.child import run_in_child
-from qeval.train.loss import causal_lm_loss, loss_problem
 from qeval.train.spec import AdapterSpec, adapter_key, lora_config
 
 HELDOUT_BATCH = 8  # sequences per held-out loss pass (no gradients; part of the training phase's peak)
@@ -58,6 +57,8 @@ def finetune(model: ResolvedModel, spec: AdapterSpec, device: str, prefix: str =
 def _train(model: ResolvedModel, spec: AdapterSpec, device: str, key: str, out: Path, prefix: str) -> None:
     """The one training loop (LoRA, QLoRA and full fine-tune alike); writes the artifact folder."""
     import torch
+
+    from qeval.train.loss import causal_lm_loss, loss_problem  # torch at import: not for plan validation
 
     def progress(msg: str) -> None:
         say(f"{prefix}{msg}")
@@ -264,6 +265,8 @@ def _trainable(model: Any, spec: AdapterSpec) -> Any:
 def _heldout_loss(model, blocks, device: str, cross_entropy: str = "full") -> float:
     """Mean loss per loss token over the held-out blocks (masked labels do not count)."""
     import torch
+
+    from qeval.train.loss import causal_lm_loss
 
     from qeval.data.train_data import IGNORE
 

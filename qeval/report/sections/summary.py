@@ -85,7 +85,7 @@ def margin_rows(results: pd.DataFrame) -> dict[tuple[str, str], str]:
     rows of the results (each seed of an arm is a task of its own, `task#sN`)."""
     if results.empty or "margin_verdict" not in results.columns:
         return {}
-    from qeval.train.adapters import seed_base
+    from qeval.train.spec import seed_base
 
     prim = primary_rows(results)
     prim = prim[prim["adapter"].fillna("") != ""]
@@ -141,7 +141,7 @@ def adapter_rows(frames: dict[str, pd.DataFrame]) -> list[dict]:
     """Per model and arm (seeds together): what it regained on its domain tasks and what it forgot on
     the others, from `qeval.stats.compare.adapter_frames` (its verdicts, its seed spread)."""
     # imported here: the adapter spec is the train stage's, and `import qeval.report` stays light
-    from qeval.train.adapters import seed_base
+    from qeval.train.spec import seed_base
 
     reg = frames.get("regained", pd.DataFrame())
     if reg.empty:
