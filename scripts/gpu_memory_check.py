@@ -2,7 +2,7 @@
 
 Builds a Llama from a config on the spot (random weights: memory does not depend on them), with a
 byte-level BPE tokenizer trained on the given JSONL text, trains each arm a few steps through
-qeval.train.adapters.finetune (each in a fresh process: CUDA max allocated reset per phase), and prints
+qeval.train.recipe.finetune (each in a fresh process: CUDA max allocated reset per phase), and prints
 measured peak, its parts and the prediction of qeval.models.memory.estimate with the error.
 `--cpu-dry-run` runs the same tiny on CPU to catch crashes before spending device time.
 """
@@ -31,7 +31,8 @@ def main() -> int:
     ap.add_argument("--data", required=True, help="a JSONL file with text rows")
     ap.add_argument("--cpu-dry-run", action="store_true")
     args = ap.parse_args()
-    from qeval.train.adapters import AdapterSpec, finetune
+    from qeval.train.recipe import finetune
+    from qeval.train.spec import AdapterSpec
     from qeval.models.load import resolve_model
 
     texts = [json.loads(x)["text"] for x in Path(args.data).read_text().splitlines() if x.strip()]

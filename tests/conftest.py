@@ -167,7 +167,7 @@ def tiny_store(tmp_path_factory):
     analogy (24 right/wrong documents) and Lee perplexity (12 documents, with KL). Read-only for the
     tests that share it: (store path, model folder)."""
     from qeval.run import jobs, runner
-    import qeval.train.adapters as adapters
+    from qeval.train.recipe import finetune as real
 
     tmp = tmp_path_factory.mktemp("tiny-store")
     model = build_trained_tiny_model(tmp / "model")
@@ -175,7 +175,6 @@ def tiny_store(tmp_path_factory):
     plan = runner.plan_from(dict(models=(str(model),), suite=str(tmp / "suite.yaml"), device="cpu",
                                  formats=("none", "bnb-nf4", "gguf:q8_0"),
                                  adapters=TINY_STORE_ADAPTERS, arms=TINY_STORE_ARMS))
-    real = adapters.finetune
     with pytest.MonkeyPatch.context() as mp:  # train in this process: a fresh one costs seconds of imports
         mp.setattr(jobs, "finetune", lambda *a, **k: real(*a, **{**k, "isolate": False}))
         summary = runner.run_plan(plan, tmp / "store.sqlite", progress=lambda s: None)

@@ -5,7 +5,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from qeval.train.adapters import AdapterSpec, attach, finetune, load_finetuned
+from qeval.train.artifact import load_finetuned
+from qeval.train.merge import attach
+from qeval.train.recipe import finetune
+from qeval.train.spec import AdapterSpec, adapter_key
 from qeval.core.errors import QevalError
 from qeval.models.load import load_model, resolve_model
 from qeval.quant.formats import FORMATS
@@ -76,13 +79,12 @@ def test_qlora_base_is_really_4bit_during_training(resolved, monkeypatch):
 def test_second_finetune_reuses_the_artifact(resolved, monkeypatch):
     spec = AdapterSpec(**TINY)
     first = finetune(resolved, spec, "cpu", isolate=False)
-    import qeval.train.adapters as adapters
     import qeval.train.recipe as recipe
 
     monkeypatch.setattr(recipe, "load_model", lambda *a, **k: pytest.fail("retrained instead of reusing"))
     again = finetune(resolved, spec, "cpu")
     assert again.reused and again.key == first.key and again.losses == first.losses
-    other = adapters.adapter_key(resolved, AdapterSpec(**{**TINY, "r": 8}), "cpu")
+    other = adapter_key(resolved, AdapterSpec(**{**TINY, "r": 8}), "cpu")
     assert other != first.key  # a different recipe is a different adapter
 
 
@@ -126,7 +128,7 @@ def test_impossible_combinations_are_one_line_errors():
 from pathlib import Path  # noqa: E402
 
 from qeval.data import train_data as td # noqa: E402
-from qeval.train.adapters import adapter_key, not_converged  # noqa: E402
+from qeval.train.spec import not_converged  # noqa: E402
 from qeval.core.errors import QevalErrors  # noqa: E402
 from qeval.data.suite_data import suite_data_dir  # noqa: E402
 

@@ -110,7 +110,7 @@ def _say_from_child(text):
 
 
 def test_a_child_says_its_lines_through_its_parent(capsys):
-    from qeval.train.adapters import run_in_child
+    from qeval.train.child import run_in_child
 
     run_in_child(_say_from_child, ("a line from the training process",))
     assert "a line from the training process" in capsys.readouterr().err

@@ -170,9 +170,8 @@ def test_corrupt_cached_adapter_and_reference_are_recomputed(tiny_model_dir, tmp
     (an undetected flip would have moved them, or passed unseen)."""
     from qeval.core import env
     from qeval.run import jobs, runner
-    import qeval.train.adapters as adapters
+    from qeval.train.recipe import finetune as real
 
-    real = adapters.finetune
     monkeypatch.setattr(jobs, "finetune", lambda *a, **k: real(*a, **{**k, "isolate": False}))
     (tmp_path / "s.yaml").write_text("name: s\ntasks:\n  - {task: qeval_lee_ppl, limit: 2, divergence: true}\n")
     plan = runner.plan_from(dict(models=(str(tiny_model_dir),), suite=str(tmp_path / "s.yaml"), device="cpu",
@@ -292,7 +291,7 @@ def test_killed_driver_stops_its_training_child_and_the_rerun_trains(tiny_model_
     from qeval.cli import main
     from qeval.core import env
     from qeval.run import jobs
-    import qeval.train.adapters as adapters
+    from qeval.train.recipe import finetune as real_finetune
 
     (tmp_path / "s.yaml").write_text("name: s\ntasks:\n  - {task: qeval_lee_ppl, limit: 2}\n")
     plan = tmp_path / "p.yaml"
@@ -317,7 +316,7 @@ def test_killed_driver_stops_its_training_child_and_the_rerun_trains(tiny_model_
     adapters_dir = env.cache_dir() / "adapters"
     assert not list(adapters_dir.glob("*/qeval-artifact.json")), "killed after training finished: test too slow?"
 
-    real = adapters.finetune
+    real = real_finetune
     monkeypatch.setattr(jobs, "finetune", lambda *a, **k: real(*a, **{**k, "isolate": False}))  # imports
     assert main(["run", "--plan", str(plan), "--store", str(store)]) == 0
     err = capsys.readouterr().err

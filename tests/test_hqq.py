@@ -191,7 +191,9 @@ BASE = "hqq:4bit:g32"
 def test_lora_trains_on_hqq_and_merges_like_an_independent_merge(resolved, baseline):
     from safetensors.torch import load_file
 
-    from qeval.train.adapters import AdapterSpec, attach, finetune
+    from qeval.train.merge import attach
+    from qeval.train.recipe import finetune
+    from qeval.train.spec import AdapterSpec
 
     ids, _, _ = baseline
     assert FORMATS.get(BASE).lora_trainable

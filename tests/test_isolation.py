@@ -47,7 +47,7 @@ def _ok():
 
 
 def test_child_errors_cross_the_boundary():
-    from qeval.train.adapters import run_in_child
+    from qeval.train.child import run_in_child
 
     run_in_child(_ok, ())
     with pytest.raises(QevalError, match="seq_len 4096"):
@@ -57,7 +57,7 @@ def test_child_errors_cross_the_boundary():
 
 
 def test_killed_child_does_not_hang_the_parent():
-    from qeval.train.adapters import run_in_child
+    from qeval.train.child import run_in_child
 
     t0 = time.perf_counter()
     with pytest.raises(ChildError, match="exited with code -9"):
@@ -208,7 +208,7 @@ def _sleep_forever(pidfile):
 
 
 def _run_sleeper(pidfile):
-    from qeval.train.adapters import run_in_child
+    from qeval.train.child import run_in_child
 
     run_in_child(_sleep_forever, (pidfile,))
 

@@ -8,7 +8,9 @@ import torch
 from safetensors.torch import load_file
 
 from qeval.quant import formats as quant
-from qeval.train.adapters import AdapterSpec, adapter_key, attach, finetune
+from qeval.train.merge import attach
+from qeval.train.recipe import finetune
+from qeval.train.spec import AdapterSpec, adapter_key
 from qeval.models.load import load_model
 from qeval.quant.formats import FORMATS
 
@@ -135,9 +137,7 @@ def test_quanto_int4_base_runs_end_to_end(tiny_model_dir, tmp_path, monkeypatch)
     from qeval.run.plan import plan_from
     from qeval.store.store import Store
 
-    import qeval.train.adapters as adapters
-
-    real = adapters.finetune
+    real = finetune
     monkeypatch.setattr(jobs, "finetune", lambda *a, **k: real(*a, **{**k, "isolate": False}))
     (tmp_path / "s.yaml").write_text("name: s\ntasks:\n  - {task: qeval_lee_ppl, limit: 2}\n")
     q = "quanto:int4:g32"

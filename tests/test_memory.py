@@ -172,7 +172,8 @@ def test_estimate_matches_a_measured_cpu_training(tiny_model_dir, tmp_path):
 
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from qeval.train.adapters import AdapterSpec, finetune
+    from qeval.train.recipe import finetune
+    from qeval.train.spec import AdapterSpec
     from qeval.models.load import resolve_model
     from qeval.data.suite_data import suite_data_dir
 
@@ -206,7 +207,8 @@ def test_how_training_is_measured_changes_no_trained_number(resolved, tmp_path, 
 
     import qeval.train.recipe
     import qeval.models.load
-    from qeval.train.adapters import AdapterSpec, finetune
+    from qeval.train.recipe import finetune
+    from qeval.train.spec import AdapterSpec
     from qeval.data.suite_data import suite_data_dir
 
     data = tmp_path / "data.jsonl"

@@ -122,9 +122,8 @@ ARMS = ({"name": "lora", "quant": "none", "adapter": "lora"},
 def test_adapter_arms_train_once_and_report(plan, tmp_path, monkeypatch):
     from qeval.stats.compare import adapter_frames, decision, results_frame
 
-    import qeval.train.adapters as adapters
+    from qeval.train.recipe import finetune as real_finetune
 
-    real_finetune = adapters.finetune
     monkeypatch.setattr(jobs, "finetune", lambda *a, **k: real_finetune(*a, **{**k, "isolate": False}))
     arm_plan = plan_from({**plan.__dict__, "formats": ("none", "bnb-nf4-dq"), "adapters": ADAPTERS, "arms": ARMS})
     store_path = tmp_path / "store.sqlite"

@@ -1,7 +1,7 @@
 """Stage: what adapters (LoRA / QLoRA / full fine-tune) win back and cost, from stored records: the
 regained / merge / training / seed frames, and the LoRA-vs-QLoRA decision.
 
-The adapter spec's helpers (qeval.train.adapters: `seed_base`, `not_converged`) are imported where
+The adapter spec's helpers (qeval.train.spec: `seed_base`, `not_converged`) are imported where
 used: that module imports torch today, and the frames must not.
 """
 from __future__ import annotations

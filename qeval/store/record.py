@@ -228,7 +228,7 @@ class Divergence(Part):
 
 @dataclass(frozen=True, kw_only=True)
 class AdapterSummary(Part):
-    """The trained adapter an arm evaluated (`qeval.train.adapters.AdapterArtifact.summary`). `spec`,
+    """The trained adapter an arm evaluated (`qeval.train.artifact.AdapterArtifact.summary`). `spec`,
     `data` and `memory` stay plain mappings: their schema belongs to the training stage."""
 
     key: str
