@@ -33,7 +33,8 @@ def detectable(store_path: Path, run_id: int, th: Thresholds) -> tuple[list[Dete
     that of the variant closest to the baseline: qeval.stats.compare.task_mde), and the number of
     comparisons that share the FDR (every cell and metric of the run)."""
     from qeval.stats.compare import paired_frame, task_mde
-    from qeval.stats.paired import KINDS, mde_at
+    from qeval.stats.detect import nightly_mde
+    from qeval.stats.paired import KINDS
     from qeval.store.store import Store
 
     with Store(store_path, readonly=True) as s:
@@ -41,12 +42,10 @@ def detectable(store_path: Path, run_id: int, th: Thresholds) -> tuple[list[Dete
         records = [r for r in (s.get(k) for k in run.get("cells", [])) if r is not None]
         pairs = paired_frame(records, s.samples, th.min_effect)
     tests = sum(len(r.metrics) for r in records)
-    strict = th.fdr / max(tests, 1)
     out = []
     for r in task_mde(pairs).itertuples(index=False):
-        rate = 0.0 if r.flip_rate != r.flip_rate else round(float(r.flip_rate), 6)
         out.append(Detectable(str(r.task), str(r.metric), int(r.n), str(r.test), float(r.mde), float(r.min_effect),
-                              mde_at(str(r.kind), int(r.n), rate, float(r.mde), strict), KINDS.get(str(r.kind)).relative))
+                              nightly_mde(r, th.fdr, tests), KINDS.get(str(r.kind)).relative))
     return out, tests
 
 

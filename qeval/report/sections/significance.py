@@ -7,7 +7,7 @@ from __future__ import annotations
 import pandas as pd
 
 from qeval.report.doc import Heading, Para, Section, Table
-from qeval.report.fmt import NA, fmt_effect, fmt_int, fmt_pct, missing
+from qeval.report.fmt import NA, fmt_effect, fmt_int, fmt_pct
 from qeval.report.sections.base import ReportData, ReportSection, register
 from qeval.stats.margin import MAX_DOCUMENTS
 
@@ -19,7 +19,8 @@ def significance_section(mde: pd.DataFrame, fdr: float, tests: int, documents: l
     the nightly can detect with `tests` comparisons under Benjamini-Hochberg at level `fdr` (a
     single real regression among them must reach p < fdr / tests), and (`documents`, from
     `task_documents`) its margin and the documents that margin needs."""
-    from qeval.stats.paired import KINDS, mde_at
+    from qeval.stats.detect import nightly_mde
+    from qeval.stats.paired import KINDS
 
     if mde.empty:
         return None
@@ -28,8 +29,7 @@ def significance_section(mde: pd.DataFrame, fdr: float, tests: int, documents: l
     rows, sentences = [], []
     for r in mde.itertuples(index=False):
         relative = KINDS.get(str(r.kind)).relative
-        rate = round(float(r.flip_rate), 6) if not missing(r.flip_rate) else 0.0
-        nightly = mde_at(str(r.kind), int(r.n), rate, float(r.mde), strict)
+        nightly = nightly_mde(r, fdr, tests)
         d = needed.get((r.task, r.metric), {})
         rows.append([str(r.task), str(r.metric), fmt_int(r.n), str(r.test), fmt_pct(r.flip_rate),
                      fmt_effect(r.mde, relative), fmt_effect(r.min_effect, relative), fmt_effect(nightly, relative),
