@@ -142,3 +142,27 @@ def test_plan_margins_are_checked_together():
     assert len(lines) == 2 and "thresholds.margin.qeval_analogy" in lines[0] + lines[1] \
         and "thresholds.margin.acc" in lines[0] + lines[1]
     assert thresholds_of(plan_from({"thresholds": {"margin": {"right_wrong": 0.02}}})).margin == {"right_wrong": 0.02}
+
+
+def test_documents_for_a_margin_never_fall_below_the_tests_minimum_n():
+    """A perplexity task whose spread is tiny needs, by power alone, 2 documents; the paired t gives
+    no interval on fewer than MIN_N_T, so the plan says MIN_N_T and why. A right/wrong task (exact
+    McNemar, no minimum) keeps what its power search found."""
+    import pandas as pd
+
+    from qeval.stats.comparison import MIN_N_T
+    from qeval.stats.margin import min_documents, task_documents
+
+    tiny = 1e-5  # the MDE of a near-identical variant at n = 12
+    pairs = pd.DataFrame([{"task": "ppl", "metric": "word_perplexity", "kind": "loglikelihood_ratio", "pairs": 12,
+                           "mde": m, "flip_rate": math.nan, "margin": 0.01, "margin_label": "1%"}
+                          for m in (tiny, 2 * tiny)])
+    (d,) = task_documents(pairs)
+    unfloored = documents_spread(0.01, tiny * math.sqrt(12) / (stats.norm.ppf(0.975) + stats.norm.ppf(0.8)))
+    assert unfloored < MIN_N_T  # the power alone would plan fewer documents than the test accepts
+    assert d["n_needed"] == d["n_min"] == d["n_max"] == MIN_N_T == min_documents("loglikelihood_ratio")
+    assert d["n_floor"] == MIN_N_T and "paired t" in d["floor_note"]
+    rw = pd.DataFrame([{"task": "acc", "metric": "acc", "kind": "right_wrong", "pairs": 100, "mde": 0.1,
+                        "flip_rate": 0.02, "margin": 0.05, "margin_label": "5 points"}])
+    (r,) = task_documents(rw)
+    assert r["n_needed"] == documents_right_wrong(0.05, 0.02) and r["n_floor"] is None and not r["floor_note"]

@@ -79,7 +79,7 @@ def _from_store(args, margin: float, relative: bool, label: str, power: str) -> 
             if d["flip_rate"] == d["flip_rate"] else f"the median per-document spread of {len(pairs)} variants"
         spread = "" if d["n_min"] == d["n_max"] else f"; {_n(d['n_min'], '')} .. {_n(d['n_max'], '')} from the closest variant to the farthest"
         print(f"{d['task']} ({d['metric']}, n = {d['n']} in {path}): {_n(d['n_needed'])} to tell a loss of {label} "
-              f"apart from none {power} at {noise}{spread}")
+              f"apart from none {power} at {noise}{spread}" + (f" ({d['floor_note']})" if d.get("floor_note") else ""))
     return 0
 
 

@@ -35,7 +35,7 @@ from typing import Mapping
 from scipy import stats
 
 from qeval.core.errors import QevalError
-from qeval.stats.comparison import ALPHA, POWER, Comparison
+from qeval.stats.comparison import ALPHA, MIN_N_BOOTSTRAP, MIN_N_T, POWER, Comparison
 from qeval.stats.paired import KINDS, mcnemar_power
 
 WITHIN, BEYOND, CANNOT_TELL, NOT_TESTED = ("loss within the margin shown", "loss beyond the margin shown",
@@ -254,12 +254,26 @@ def documents_for_margin(margin: float, flip_rate: float, mde: float, n: int, al
     return documents_spread(margin, spread_of(mde, n, alpha), alpha)
 
 
+# The fewest documents each kind's test gives an interval on (the kinds refuse fewer: qeval.stats.kinds;
+# tests/test_margin.py checks this table against them). A sample size below it is no plan at all.
+MIN_DOCUMENTS = {"loglikelihood_ratio": MIN_N_T, "mean": MIN_N_BOOTSTRAP, "corpus": MIN_N_BOOTSTRAP,
+                 "corpus_points": MIN_N_BOOTSTRAP}
+FLOOR_TESTS = {MIN_N_T: "the paired t", MIN_N_BOOTSTRAP: "the bootstrap"}
+
+
+def min_documents(kind: str) -> int:
+    """The fewest documents `kind`'s test compares (1 for a kind with no minimum: McNemar's)."""
+    return MIN_DOCUMENTS.get(kind, 1)
+
+
 def task_documents(pairs) -> list[dict]:
     """Per task and metric of a paired frame (`qeval.stats.compare.paired_frame`, with the margin
     columns): its margin and the documents it needs (`documents_for_margin`) at the median
     variant's noise -- the flip rate, or the spread behind the MDE -- and at the lowest and the
     highest (`n_min`, `n_max`: more noise needs more documents). The median, because a suite is
-    planned for the formats it compares, not for the closest or the farthest one."""
+    planned for the formats it compares, not for the closest or the farthest one. Each is at least the
+    kind's minimum n (`min_documents`: the test gives no interval on fewer); `n_floor` and `floor_note`
+    say when that floor, not the power, set a number."""
     out = []
     if pairs is None or len(pairs) == 0 or "margin" not in pairs.columns:
         return out
@@ -273,8 +287,13 @@ def task_documents(pairs) -> list[dict]:
                             if m == m and not math.isinf(m) and k)
             noise = [(math.nan, m, k) for m, k in (spread[0], spread[(len(spread) - 1) // 2], spread[-1])] \
                 if spread else []
-        lo, mid, hi = [documents_for_margin(margin, r, m, k) for r, m, k in noise] or [None] * 3
+        found = [documents_for_margin(margin, r, m, k) for r, m, k in noise] or [None] * 3
+        floor = min_documents(str(g["kind"].iloc[0]))  # the test's own minimum, whatever the power says
+        lo, mid, hi = [None if x is None else max(x, floor) for x in found]
+        floored = any(x is not None and x < floor for x in found)
         out.append({"task": task, "metric": metric, "margin": margin, "margin_label": str(g["margin_label"].iloc[0]),
                     "n": n,
-                    "flip_rate": noise[1][0] if noise else math.nan, "n_needed": mid, "n_min": lo, "n_max": hi})
+                    "flip_rate": noise[1][0] if noise else math.nan, "n_needed": mid, "n_min": lo, "n_max": hi,
+                    "n_floor": floor if floored else None,
+                    "floor_note": f"floored at {FLOOR_TESTS.get(floor, 'its test')}'s minimum of {floor}" if floored else ""})
     return out

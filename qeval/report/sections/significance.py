@@ -67,7 +67,7 @@ def _documents(d: dict) -> str:
     out = one(d["n_needed"])
     if d.get("n_min") != d.get("n_max"):
         out += f" ({one(d['n_min'])} .. {one(d['n_max'])})"
-    return out
+    return out + (f"; {d['floor_note']}" if d.get("floor_note") else "")  # the test's minimum n, not the power
 
 
 
