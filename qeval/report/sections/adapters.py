@@ -130,7 +130,8 @@ def _train_memory_blocks(train: pd.DataFrame) -> list:
                      fmt_mib(m.get("process")) if m.get("process") else NA,
                      fmt_mib(m.get("weights")), fmt_mib(m.get("adapter_optimizer")), fmt_mib(m.get("gradients")),
                      fmt_mib(m.get("activations")), fmt_mib(pred.get("activations")),
-                     fmt_mib(pred.get("total")), NA if err is None else f"{err:+.1%}"])
+                     fmt_mib(pred.get("total")), NA if err is None else f"{err:+.1%}",
+                     str(m.get("options") or NA)])  # the trainer's memory choices the prediction assumed
     out = [Heading(3, "Training memory by part, measured and predicted"),
            Para("Each adapter trains in a fresh process; load and training are measured apart (a 4-bit load on "
                 "CPU reads the float weights to quantize them: that high-water mark is not training memory). On CPU "
@@ -140,10 +141,13 @@ def _train_memory_blocks(train: pd.DataFrame) -> list:
                 "before the load; process = what the load left besides the model (tokenizer, data); weights = the "
                 "loaded model; adapter + optimizer = trainable weights + AdamW states; activations = the rest of "
                 "the training peak (held-out passes included). Predicted: qeval.train.estimate from the model's "
-                "config plus the measured runtime and process (error = predicted / measured - 1)."),
+                "config plus the measured runtime and process (error = predicted / measured - 1); trainer options: "
+                "the trainer's memory choices the adapter trained with and the prediction counts "
+                "(qeval.train.estimate.Options)."),
            Table(["adapter", "trained on", "load peak MiB", "training peak MiB", "runtime", "process", "weights",
-                  "adapter + optimizer", "gradients", "activations", "predicted activations", "predicted MiB", "error"],
-                 rows, [False, False] + [True] * 11)]
+                  "adapter + optimizer", "gradients", "activations", "predicted activations", "predicted MiB", "error",
+                  "trainer options"],
+                 rows, [False, False] + [True] * 11 + [False])]
     t = train.iloc[0]
     cfg = Path(str(t.get("model_path", ""))) / "config.json"
     if cfg.is_file():
