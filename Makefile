@@ -22,7 +22,7 @@ export TRANSFORMERS_OFFLINE=1
 export HF_HUB_DISABLE_TELEMETRY=1
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
-.PHONY: setup gptq-env report nightly nightly-upgrade lock bench bench-gates test test-fast test-unit clean-results help
+.PHONY: setup gptq-env report nightly nightly-upgrade lock bench bench-gates bench-stats test test-fast test-unit clean-results help
 help:
 	@echo "make report   set up, run the default plan (baseline + 14 formats, adapter arms), render reports/latest/"
 	@echo "make test     set up and run the tests: unit, tiny-model and real-model tiers (CPU)"
@@ -32,6 +32,7 @@ help:
 	@echo "make lock     rewrite requirements-lock.txt from the current venv (after a deliberate upgrade)"
 	@echo "make bench    speed and memory per format against targets (reports/bench/bench.md)"
 	@echo "make bench-gates  nightly false-alarm and detection rates simulated on the default plan's store (after make report)"
+	@echo "make bench-stats  coverage of every statistics kind's 95% interval, exact or simulated (reports/bench/stats.md)"
 	@echo "make setup    venv + packages + suite data + embedded model cache"
 
 $(BIN)/python:
@@ -78,6 +79,9 @@ bench: setup
 
 bench-gates: setup
 	$(BIN)/qeval bench-gates
+
+bench-stats: setup
+	$(BIN)/qeval bench-stats
 
 # The GGUF K-quant tests need llama.cpp's ggml library, built from source (~1 min; cmake + a C
 # compiler). Best effort: without a toolchain those tests skip and say why; nothing else depends on it.

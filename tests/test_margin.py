@@ -71,15 +71,24 @@ def test_parse_margin_rejects_in_one_line(text):
     assert "\n" not in str(e.value) and "1pt" in str(e.value)
 
 
-def _mcnemar_power_by_simulation(n: int, psi: float, loss: float, sims: int, rng) -> float:
+def _paired_power_by_simulation(n: int, psi: float, loss: float, sims: int, rng) -> float:
     """Right/wrong pairs with noise flips at psi (half each way) and a loss of `loss` (that share more
-    right->wrong), tested by the exact two-sided McNemar test written out (binomial tail at 1/2)."""
+    right->wrong), each simulated suite judged by the test the report runs (`compare_values` on 0/1
+    outputs per document); each distinct flip table is compared once."""
+    from functools import lru_cache
+
+    from qeval.stats.paired import compare_values
+
+    @lru_cache(maxsize=None)
+    def significant(rw: int, wr: int) -> bool:
+        # documents: rw right->wrong, wr wrong->right, the rest right in both (accuracy does not enter
+        # the paired test, only the discordant counts and n)
+        ref = [1] * rw + [0] * wr + [1] * (n - rw - wr)
+        var = [0] * rw + [1] * wr + [1] * (n - rw - wr)
+        return compare_values(ref, var, "acc", True, kind="right_wrong").significant
+
     counts = rng.multinomial(n, [psi / 2 + loss, psi / 2, 1 - psi - loss], size=sims)
-    rw, wr = counts[:, 0], counts[:, 1]
-    d = rw + wr
-    p = np.minimum(1.0, 2 * stats.binom.cdf(np.minimum(rw, wr), d, 0.5))
-    p[d == 0] = 1.0
-    return float((p < 0.05).mean())
+    return float(np.mean([significant(int(rw), int(wr)) for rw, wr in counts[:, :2]]))
 
 
 @pytest.mark.parametrize("margin, psi", [(0.05, 0.10), (0.03, 0.02)])
@@ -87,9 +96,9 @@ def test_right_wrong_sample_size_has_80_percent_power_by_simulation(margin, psi)
     n = documents_right_wrong(margin, psi)
     rng = np.random.default_rng(21)
     sims = 4000  # power's standard error ~0.006
-    assert _mcnemar_power_by_simulation(n, psi, margin, sims, rng) == pytest.approx(0.8, abs=0.025)
+    assert _paired_power_by_simulation(n, psi, margin, sims, rng) == pytest.approx(0.8, abs=0.025)
     # and a fifth fewer documents clearly lack it: the n is not just any large number
-    assert _mcnemar_power_by_simulation(int(n * 0.8), psi, margin, sims, rng) < 0.77
+    assert _paired_power_by_simulation(int(n * 0.8), psi, margin, sims, rng) < 0.77
     # more noise flips need more documents
     assert documents_right_wrong(margin, psi * 2) > n
 

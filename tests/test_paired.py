@@ -8,7 +8,7 @@ from scipy import stats
 
 from qeval.stats.compare import results_frame
 from qeval.core.errors import QevalError
-from qeval.stats.paired import (KINDS, compare_pair, compare_values, kind_of, fdr_adjust, fdr_verdicts, mcnemar_mde, mcnemar_power, recovery,
+from qeval.stats.paired import (KINDS, compare_pair, compare_values, kind_of, fdr_adjust, fdr_verdicts, paired_mde, paired_power, recovery,
                           recovery_fails)
 
 
@@ -220,18 +220,18 @@ def test_registry_lists_known_kinds():
 
 
 def test_mde_is_where_exact_power_reaches_eighty_percent():
-    mde = mcnemar_mde(300, 0.03)
-    assert mcnemar_power(300, 0.03, mde) >= 0.8 > mcnemar_power(300, 0.03, mde * 0.9)
+    mde = paired_mde(300, 0.03)
+    assert paired_power(300, 0.03, mde) >= 0.8 > paired_power(300, 0.03, mde * 0.9)
     # at least 5 one-way flips are needed for p < 0.05: a tiny n can not see small changes
-    assert mcnemar_mde(10, 0.0) >= 0.5
-    assert mcnemar_mde(300, 0.03, alpha=0.05 / 48) > mde  # stricter level, larger MDE
+    assert paired_mde(10, 0.0) >= 0.5
+    assert paired_mde(300, 0.03, alpha=0.05 / 48) > mde  # stricter level, larger MDE
     # a cross-check by simulation
     rng = np.random.default_rng(1)
     hits = 0
     for _ in range(400):  # noise flips both ways at 1.5% each, plus the drop's right->wrong flips
         good, bad = rng.multinomial(300, [0.015, 0.015 + mde, 1 - 0.03 - mde])[:2]
         hits += score_p(bad, good) < 0.05
-    assert abs(hits / 400 - mcnemar_power(300, 0.03, mde)) < 0.07
+    assert abs(hits / 400 - paired_power(300, 0.03, mde)) < 0.07
 
 
 def test_fdr_is_benjamini_hochberg():

@@ -38,7 +38,7 @@ def cmd_plan_n(args) -> int:
                              "a percent margin is for perplexity-like metrics: pass --sd")
         n = documents_right_wrong(margin, args.flip_rate)
         print(f"{args.task}: {_n(n)} to tell a loss of {label} apart from none {power} "
-              f"(exact McNemar, {args.flip_rate:.2%} of documents flipping)")
+              f"(paired score test, {args.flip_rate:.2%} of documents flipping)")
         return 0
     if args.sd is not None:
         n = documents_spread(margin, args.sd)
@@ -93,5 +93,5 @@ register(Command("plan-n", "documents a task needs to tell a loss of a margin ap
                  cmd_plan_n, arguments,
                  dict(description="Sample size for a non-inferiority margin (qeval.stats.margin): the documents a "
                                   "paired test needs to tell a loss of --margin apart from none with 80% power at "
-                                  "alpha 0.05 -- exact McNemar power at --flip-rate for right/wrong metrics, a "
+                                  "alpha 0.05 -- the paired score test's exact power at --flip-rate for right/wrong metrics, a "
                                   "paired t at --sd for the others, or the rate measured in --store.")))

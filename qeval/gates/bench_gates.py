@@ -11,7 +11,12 @@ meaningful effects.
   report's MDE assumes; every log-likelihood is jittered by a relative 1e-4. A night with any
   regression is a false alarm.
 - Planted accuracy drops: on top of that noise, one cell (a random arm) of each right/wrong task
-  loses twice the MDE the report prints for the task ("MDE (alpha 0.05)"), in right->wrong flips.
+  loses the nightly's detectable change at `DETECT_POWER` (90%): the smallest drop the verdict's test
+  finds with that power at the level a single regression must reach under the night's FDR control
+  (q / comparisons), in right->wrong flips. Earlier versions planted twice the MDE at alpha 0.05 as
+  a stand-in for it; that stand-in depends on the test's power at 0.05, not at the nightly's level
+  (at n = 60 twice Tango's MDE at 0.05 is 15 documents, below the 20 the nightly needs for 90%), so
+  a more powerful test at 0.05 planted smaller drops and "lost" detection it never had.
 - Planted perplexity rise: one perplexity cell rises by 3% (per-document log-likelihood changes
   drawn from a Gamma(2) around that mean, so documents disagree as they do in reality).
 
@@ -32,6 +37,7 @@ from qeval.stats.paired import FDR_METHOD, KINDS, WORSE, compare_values, fdr_ver
 
 SEED = 20260101
 PPL_RISE = 0.03  # the planted rise of a kind that plants "rise" (perplexity)
+DETECT_POWER = 0.9  # the planted drop: the nightly's detectable change at this power (the target)
 
 
 def _load(store_path: Path):
@@ -124,13 +130,14 @@ def run(store_path: Path, out_dir: Path, nights: int = 1000, plan_path: Path | N
                and not c["is_baseline"]]
         if not idx or mde is None or (task, metric) not in mde.index:
             continue
-        drop = 2 * float(mde.loc[(task, metric), "mde"])
         n_docs = len(cells[idx[0]]["values"])
-        k = int(round(drop * n_docs))
+        kind = KINDS.get(cells[idx[0]]["kind"])
+        drop = kind.mde_at(n_docs, rate, float(mde.loc[(task, metric), "mde"]), th.fdr / len(cells), DETECT_POWER)
+        k = math.ceil(drop * n_docs - 1e-9)  # at least the detectable change (the bisection lands just above it)
         # a drop of k documents needs k right answers to lose: plant it where the arm has them
         idx = [i for i in idx if cells[i]["values"].sum() >= k + n_docs * rate]
         if not idx:
-            rows.append((f"{task} {metric}: drop of 2 x MDE = {drop * 100:.1f} pts: no arm has {k} right answers "
+            rows.append((f"{task} {metric}: drop of {drop * 100:.1f} pts: no arm has {k} right answers "
                          "to lose", math.nan))
             continue
         hits = 0
@@ -139,7 +146,7 @@ def run(store_path: Path, out_dir: Path, nights: int = 1000, plan_path: Path | N
             c = cells[i]
             var = KINDS.get(c["kind"]).plant_regression(_noisy(c, rate, rng), k, rng)
             hits += _night(cells, rates, th, rng, plant=(i, var))[i] == WORSE
-        rows.append((f"{task} {metric}: drop of 2 x MDE = {drop * 100:.1f} pts ({k} of {n_docs} documents; "
+        rows.append((f"{task} {metric}: drop of {drop * 100:.1f} pts = nightly MDE at {DETECT_POWER:.0%} power ({k} of {n_docs} documents; "
                      f"noise flip rate {rate:.1%}; planted in {len(idx)} arms)", hits / detect_nights))
     ppl_idx = [i for i, c in enumerate(cells) if KINDS.get(c["kind"]).plant == "rise" and c["primary"]]
     if ppl_idx:

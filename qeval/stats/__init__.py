@@ -13,7 +13,7 @@ __getattr__, __all__ = lazy_exports(__name__, {
                    "Comparison", "verdict_at"),
     "kind": ("Kind", "KINDS"),
     "paired": ("AGGREGATION", "LEGACY_AGGREGATION", "aggregation_of", "kind_of", "default_min_effect", "compare_pair",
-               "compare_values", "mde_at", "mcnemar_mde", "mcnemar_power"),
+               "compare_values", "mde_at", "paired_mde", "paired_power"),
     "multiple": ("FDR_METHOD", "fdr_adjust", "fdr_verdicts"),
     "recovery": ("recovery", "recovery_undefined", "recovery_fails", "recovery_interval", "LossVerdicts",
                  "LOSS_VERDICTS", "NO_LOSS", "SMALL_LOSS", "UNCLEAR_LOSS", "LARGE_LOSS", "NOT_TESTED"),

@@ -20,8 +20,8 @@ accuracy, 1 on sacrebleu's 0..100) and 1% for relative ones.
 
 Sample sizes (`documents_for_margin`): the documents a paired test needs to tell a loss of exactly
 m apart from none with probability `POWER` at level `ALPHA` -- for right/wrong metrics the exact
-McNemar power under the discordant-pairs model at a flip rate psi (`mcnemar_power`: symmetric noise
-flips at psi plus m n right->wrong flips); for the others the normal approximation
+power of the paired score test (the verdict's test: Tango) under the discordant-pairs model at a
+flip rate psi (`paired_power`: symmetric noise flips at psi plus m n right->wrong flips); for the others the normal approximation
 n = ((z_{1-alpha/2} + z_power) sd / m)^2 with sd the per-document spread in the effect's units
 (refined with t quantiles at that n). `tests/test_margin.py` checks both by simulation.
 """
@@ -36,7 +36,7 @@ from scipy import stats
 
 from qeval.core.errors import QevalError
 from qeval.stats.comparison import ALPHA, MIN_N_BOOTSTRAP, MIN_N_T, POWER, Comparison
-from qeval.stats.paired import KINDS, mcnemar_power
+from qeval.stats.paired import KINDS, paired_power
 
 WITHIN, BEYOND, CANNOT_TELL, NOT_TESTED = ("loss within the margin shown", "loss beyond the margin shown",
                                           "cannot tell at this n", "not tested")
@@ -202,12 +202,12 @@ def _smallest_n(power_at, guess: float, rel: float = 0.002) -> int | None:
 def _documents_right_wrong(margin: float, psi: float, alpha: float) -> int | None:
     za, zb = stats.norm.ppf(1 - alpha / 2), stats.norm.ppf(POWER)
     guess = ((za * math.sqrt(psi + margin) + zb * math.sqrt(max(psi + margin - margin ** 2, 1e-12))) / margin) ** 2
-    return _smallest_n(lambda n: mcnemar_power(n, psi, margin, alpha), guess)
+    return _smallest_n(lambda n: paired_power(n, psi, margin, alpha), guess)
 
 
 def documents_right_wrong(margin: float, flip_rate: float, alpha: float = ALPHA) -> int | None:
-    """Documents for the exact McNemar test to tell a loss of `margin` (absolute) apart from none with
-    probability POWER at level `alpha`, noise flips at `flip_rate` (`mcnemar_power`); None: more
+    """Documents for the paired score test (the verdict's test) to tell a loss of `margin` (absolute) apart from none with
+    probability POWER at level `alpha`, noise flips at `flip_rate` (`paired_power`); None: more
     than MAX_DOCUMENTS. The search starts at the normal approximation of the same model
     (discordance psi under no loss, psi + m under the loss)."""
     # the rate rounded to 4 decimals, as the MDE's: nearby rates share one (cached) search

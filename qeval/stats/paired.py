@@ -54,7 +54,7 @@ from qeval.stats.comparison import (ALPHA, BETTER, MIN_N_BOOTSTRAP, MIN_N_T, NOI
 from qeval.stats.kind import KINDS, Kind  # noqa: F401
 from qeval.stats.kinds.corpus import CORPUS_RESAMPLES, corpus_aggregate  # noqa: F401
 from qeval.stats.kinds.mean import BOOTSTRAP_RESAMPLES  # noqa: F401
-from qeval.stats.kinds.right_wrong import mcnemar_mde, mcnemar_power  # noqa: F401
+from qeval.stats.kinds.right_wrong import paired_mde, paired_power  # noqa: F401
 # re-exported for the modules that import them from here (one entry point: qeval.stats.paired)
 from qeval.stats.multiple import FDR_METHOD, fdr_adjust, fdr_verdicts  # noqa: F401
 from qeval.stats.recovery import (LARGE_LOSS, LOSS_VERDICTS, NO_LOSS, NOT_TESTED, SMALL_LOSS,  # noqa: F401

@@ -12,6 +12,7 @@ from qeval.report.plots import placeholder_png, plot_label, plt, png, variant_co
 from qeval.report.plots import RECOVERY_PNG
 from qeval.report.sections.base import ReportSection, register
 from qeval.stats.margin import short_verdict
+from qeval.stats.paired import KINDS
 
 RESULTS_CSV = "results.csv"
 
@@ -69,6 +70,10 @@ def accuracy_blocks(results: pd.DataFrame) -> list[Block]:
             delta = fmt_num(d.get("delta"), signed=True)
             if not missing(d.get("delta_lo")):
                 delta += f" [{fmt_num(d['delta_lo'], signed=True)}, {fmt_num(d['delta_hi'], signed=True)}]"
+                # a kind whose coverage misses its target below some n says so (`qeval bench-stats`)
+                if d.get("kind") in KINDS and not missing(d.get("pairs")) and \
+                        KINDS.get(d["kind"]).approximate_at(int(d["pairs"])):
+                    delta += " (approximate at this n)"
             verdict = d.get("verdict")
             if not missing(verdict):
                 delta += " *" if verdict in ("better", "worse") else f" ({verdict})"

@@ -48,7 +48,7 @@ def significance_section(mde: pd.DataFrame, fdr: float, tests: int, documents: l
              "exceed the minimum meaningful effect to count. " + "; ".join(sentences) + "."),
         Para("Documents for the margin: how many documents the task needs to tell a loss of its "
              "non-inferiority margin (thresholds.margin; default 1 point, 1% for perplexity) apart from none "
-             "with 80% power at alpha 0.05 -- for right/wrong metrics the exact McNemar power at the median "
+             "with 80% power at alpha 0.05 -- for right/wrong metrics the exact power of the paired score test (Tango) at the median "
              "variant's flip rate (symmetric noise flips plus the loss), for the others the normal "
              "approximation at the median variant's per-document spread; in brackets the range from the "
              "variant closest to the baseline to the farthest. `qeval plan-n TASK --margin 1pt` computes it "

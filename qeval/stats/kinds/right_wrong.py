@@ -113,7 +113,7 @@ def _critical(n: int, alpha: float) -> np.ndarray:
     return k
 
 
-def mcnemar_power(n: int, psi: float, delta: float, alpha: float = ALPHA) -> float:
+def paired_power(n: int, psi: float, delta: float, alpha: float = ALPHA) -> float:
     """Exact power of the two-sided score test at 0 (McNemar's statistic with the correction; the
     test the verdict uses) against a drop of `delta` on top of noise flips at rate psi: the noise
     flips split evenly, the drop adds delta n right->wrong flips, so the discordant count is
@@ -129,17 +129,17 @@ def mcnemar_power(n: int, psi: float, delta: float, alpha: float = ALPHA) -> flo
 
 
 @functools.lru_cache(maxsize=1024)
-def mcnemar_mde(n: int, psi: float, alpha: float = ALPHA, power: float = POWER) -> float:
+def paired_mde(n: int, psi: float, alpha: float = ALPHA, power: float = POWER) -> float:
     """The smallest accuracy change (absolute) the score test detects with probability `power` at
     this n and discordance rate psi (exact; bisection on the monotone power curve)."""
     if n <= 0:
         return math.nan
-    if mcnemar_power(n, psi, 1.0, alpha) < power:
+    if paired_power(n, psi, 1.0, alpha) < power:
         return math.inf  # even every document flipping could not be told apart at this n
     lo, hi = 0.0, 1.0
     for _ in range(30):
         mid = (lo + hi) / 2
-        if mcnemar_power(n, psi, mid, alpha) >= power:
+        if paired_power(n, psi, mid, alpha) >= power:
             hi = mid
         else:
             lo = mid
@@ -176,11 +176,12 @@ class RightWrong(Kind):
     def mde(self, n: int, spread: float, alpha: float = ALPHA) -> float:
         """`spread`: the discordance (flip) rate, rounded to 4 decimals so that nearby rates share
         one cached power calculation."""
-        return mcnemar_mde(n, round(spread, 4), alpha)
+        return paired_mde(n, round(spread, 4), alpha)
 
-    def mde_at(self, n: int, noise_rate: float, mde: float, alpha: float) -> float:
-        """The score test's exact power calculation again, at level `alpha` and discordance rate `noise_rate`."""
-        return mcnemar_mde(n, noise_rate, alpha)
+    def mde_at(self, n: int, noise_rate: float, mde: float, alpha: float, power: float = POWER) -> float:
+        """The score test's exact power calculation again, at level `alpha`, `power` and discordance
+        rate `noise_rate`."""
+        return paired_mde(n, noise_rate, alpha, power)
 
     def closest_noise(self, n: int, flip_rates: Sequence[float], mdes: Sequence[float]) -> tuple[float, float]:
         """The exact MDE at the lowest flip rate any variant shows against the baseline (0: none flips)."""
