@@ -17,7 +17,7 @@ import traceback
 
 from qeval import __version__
 # Imported for their registration; the order is the order `qeval --help` lists them in.
-from qeval.cli import run, report, nightly, history, diff, bench, store, memory, plan_n, info  # noqa: F401,E401
+from qeval.cli import run, report, nightly, history, diff, bench, store, memory, plan_n, info, parity  # noqa: F401,E401
 from qeval.cli.base import COMMANDS, ORDER, Parser
 from qeval.core.console import StderrHandler
 from qeval.core.errors import QevalError
