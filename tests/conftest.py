@@ -37,6 +37,9 @@ for _model in (_USER_CACHE / "models").glob("*"):
 # the user's cache (every test's private cache would lack it)
 for _lib in sorted((_USER_CACHE / "ggml").glob("*/libggml-base.so")):
     os.environ.setdefault("QEVAL_GGML_LIB", str(_lib))
+# ... and llama.cpp's runtime for the GGUF parity check (`qeval parity --setup`), the same way
+for _rt in sorted((_USER_CACHE / "llama-cpp").glob("*/llama_cpp/lib/libllama.so")):
+    os.environ.setdefault("QEVAL_LLAMA_CPP_DIR", str(_rt.parents[2]))
 
 import importlib.util  # noqa: E402
 

@@ -17,7 +17,8 @@ import traceback
 
 from qeval import __version__
 # Imported for their registration; the order is the order `qeval --help` lists them in.
-from qeval.cli import run, report, nightly, history, diff, bench, bench_stats, store, memory, plan_n, info  # noqa: F401,E401,E501
+from qeval.cli import (run, report, nightly, history, diff, bench, bench_stats, store, memory, plan_n,  # noqa: F401
+                       parity, info)
 from qeval.cli.base import COMMANDS, ORDER, Parser
 from qeval.core.console import StderrHandler
 from qeval.core.errors import QevalError
