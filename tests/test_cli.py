@@ -134,3 +134,15 @@ def test_unexpected_exception_is_one_line_and_exit_3(monkeypatch, capsys):
         "qeval: could not finish: internal error: ZeroDivisionError: division by zero; rerun with -v/QEVAL_DEBUG=1 for the traceback"]
     assert cli.main(["formats", "-v"]) == 3
     assert "Traceback" in capsys.readouterr().err
+
+
+def test_every_command_renders_its_help(capsys):
+    """argparse %-formats help strings: a bare '%' in one command's help broke `qeval --help` for all."""
+    from qeval.cli import main
+    from qeval.cli.base import ORDER
+
+    for name in ["", *ORDER]:
+        with pytest.raises(SystemExit) as e:
+            main([name, "--help"] if name else ["--help"])
+        assert e.value.code == 0, name
+        assert "usage: qeval" in capsys.readouterr().out

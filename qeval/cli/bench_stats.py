@@ -25,5 +25,5 @@ def cmd_bench_stats(args) -> int:
     return 0
 
 
-register(Command("bench-stats", "coverage of each statistics kind's 95% interval, simulated with a known truth "
+register(Command("bench-stats", "coverage of each statistics kind's 95%% interval, simulated with a known truth "
                  "(writes reports/bench/stats.md; ~10 min on 2 CPU cores)", cmd_bench_stats, arguments))
