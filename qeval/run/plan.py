@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -212,7 +211,9 @@ def validate(plan: Plan, suite: Suite | None = None) -> Resolved:
             FORMATS.get(name).require(device)
             arms.append(Arm(name, name))
         except QevalError as e:
-            print(f"qeval: skipped optional format {name}: {e}", file=sys.stderr)
+            from qeval.core.console import say  # the run's console: the terminal, not the log
+
+            say(f"qeval: skipped optional format {name}: {e}")
     for i, arm in enumerate(plan.arms):
         where = f"arms[{i}] ({arm.name})"
         if arm.quant not in FORMATS:
