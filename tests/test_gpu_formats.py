@@ -130,3 +130,47 @@ def test_cuda_only_formats_say_so_on_cpu():
         with pytest.raises(QevalError, match="needs CUDA"):
             fmt.require("cpu")
     assert not FORMATS.get("torchao:int4-wo").requires.needs_cuda  # the CPU schemes are unaffected
+
+
+# ----------------------------------------------------------------------------- FP8 and MX (issue 22)
+
+def _blocked(rows: int, blocks: int) -> int:
+    """Scale bytes in torchao's blocked (swizzled) layout: rows padded to 128, blocks per row to 4."""
+    return _pad(rows, 128) * _pad(blocks, 4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name,kl_max", [("torchao:fp8-wo", 0.02), ("torchao:fp8-dyn", 0.05),
+                                         ("torchao:mxfp8", 0.05), ("torchao:mxfp4", 0.6)])
+def test_torchao_float_formats_on_cuda_bytes_and_kl(peaked, reference, name, kl_max):
+    pytest.importorskip("torchao")
+    ids, ref, _ = reference
+    fmt = FORMATS.get(name)
+    lm = load_model(peaked, fmt.require("cuda"), "cuda")
+    fp = lm.footprint
+    shapes = _shapes(lm.model)
+    n = sum(o * i for o, i in shapes)
+    assert fp.quantized_params == n
+    measured = (fp.quantized_weight_bytes, fp.quant_state_bytes)
+    if name.startswith("torchao:fp8"):  # one e4m3 byte a weight, an fp32 scale per row
+        assert measured == (n, sum(4 * o for o, _ in shapes))
+    else:  # MX: e4m3 bytes or two e2m1 codes a byte; one e8m0 byte per 32, plain or in the blocked layout
+        codes = n if name.endswith("mxfp8") else n // 2
+        assert measured[0] == codes
+        assert measured[1] in (n // 32, sum(_blocked(o, i // 32) for o, i in shapes)), measured
+    theory = fp.theory_bytes - fp.unquantized_bytes
+    assert theory == pytest.approx(sum(o * i * fmt.bits_per_weight(i) / 8 for o, i in shapes), abs=len(shapes))
+    with torch.no_grad():
+        logits = lm.model(ids).logits.float()
+    kl = _kl(ref, logits)
+    assert torch.isfinite(logits).all() and 0 < kl < kl_max, kl
+
+
+def test_fp8_and_mx_cuda_only_formats_say_so_on_cpu():
+    from qeval.core.errors import QevalError
+
+    for name in ("torchao:fp8-dyn", "torchao:mxfp8", "torchao:mxfp4"):
+        with pytest.raises(QevalError, match="needs CUDA"):
+            FORMATS.get(name).require("cpu")
+    for name in ("torchao:fp8-wo", "torchao:nvfp4-wo", "quanto:float8"):  # measured to run on CPU
+        FORMATS.get(name).require("cpu")

@@ -86,6 +86,9 @@ class Plan:
 
     models: tuple[str, ...] = (DEFAULT_MODEL,)
     formats: tuple[str, ...] = DEFAULT_FORMATS
+    # formats measured where they can run: one that needs CUDA (or a package, or an isolated env)
+    # missing here is skipped with its one-line reason instead of failing the plan (plans/deploy.yaml)
+    optional_formats: tuple[str, ...] = ()
     suite: str = "default"  # shipped suite name or suite YAML path
     device: str = "auto"  # auto | cpu | cuda
     # auto: float32 on CPU, bfloat16 on CUDA; bf16 on a CPU with native bf16 only as an explicit choice
@@ -189,8 +192,8 @@ def validate(plan: Plan, suite: Suite | None = None) -> Resolved:
     device = ("cuda" if plan.device == "cuda" else env.resolve_device(plan.device)) \
         if plan.device in ("auto", "cpu", "cuda") else "cpu"
     calibration = plan.calibration or CalibrationSpec()
-    if plan.calibration is not None or any(str(q).startswith("gptq:") for q in
-                                           list(plan.formats) + [a.quant for a in plan.arms]):
+    if plan.calibration is not None or any(str(q).startswith(("gptq:", "awq:")) for q in
+                                           list(plan.formats) + list(plan.optional_formats) + [a.quant for a in plan.arms]):
         errors += calibration.problems("calibration")
     # a format whose package (or CUDA) is missing fails here, in one line, before anything runs
     for name in plan.formats:
@@ -200,6 +203,17 @@ def validate(plan: Plan, suite: Suite | None = None) -> Resolved:
         errors += spec.problems(f"adapters.{name}")
         adapters[name] = spec
     arms = [Arm(f, f) for f in plan.formats]
+    for name in plan.optional_formats:
+        if name not in FORMATS:
+            errors.append(unknown_name("optional_formats", name, FORMATS))
+            continue
+        try:
+            FORMATS.get(name).require(device)
+            arms.append(Arm(name, name))
+        except QevalError as e:
+            from qeval.core.console import say  # the run's console: the terminal, not the log
+
+            say(f"qeval: skipped optional format {name}: {e}")
     for i, arm in enumerate(plan.arms):
         where = f"arms[{i}] ({arm.name})"
         if arm.quant not in FORMATS:

@@ -9,7 +9,8 @@ bytes those tensors take in a .gguf file), next to the float bytes the model rea
 
 The K-quants and llama.cpp's mixes (`gguf:q4_k_m`, `gguf:q6_k`, ...) are in qeval.quant.backends.gguf_k: gguf's
 Python classes only dequantize them, so they are packed by llama.cpp's own ggml library (built once
-with `qeval setup --backend gguf-k`). The IQ1/IQ2/IQ3 types are left out (importance matrix).
+with `qeval setup --backend gguf-k`). The IQ1/IQ2/IQ3 types are left out (importance matrix). `gguf:mxfp4` is OCP MXFP4 through gguf-py's own
+quantizer (gguf >= 0.18 has it); NVFP4 is left out (gguf-py only dequantizes it).
 """
 from __future__ import annotations
 
@@ -31,6 +32,8 @@ TYPES = {
     "q5_0": (5 + 16 / BLOCK, "5-bit codes, fp16 scale per block of 32 (symmetric)"),
     "q4_1": (4 + 32 / BLOCK, "4-bit codes, fp16 scale + fp16 min per block of 32 (asymmetric)"),
     "q4_0": (4 + 16 / BLOCK, "4-bit codes, fp16 scale per block of 32 (symmetric)"),
+    # OCP MXFP4 as llama.cpp stores it (gpt-oss): e2m1 codes, one e8m0 (power-of-two) scale per 32
+    "mxfp4": (4 + 8 / BLOCK, "e2m1 (fp4) codes, e8m0 power-of-two scale per block of 32 (MXFP4)"),
 }
 
 

@@ -89,10 +89,10 @@ class CalibrationSpec:
 
 
 def calibrated(name: str, spec: CalibrationSpec) -> QuantFormat:
-    """The gptq format `name` calibrated on `spec` (parsed again: the spec's data is hashed now, so
-    a calibration file that changed gives a new spec, and so new keys)."""
-    _, scheme, *opts = FORMATS.get(name).name.split(":")  # the canonical name: defaults spelled out
-    return _parse(scheme, tuple(opts), spec)
+    """The calibration-based format `name` (gptq, awq) calibrated on `spec` (parsed again: the spec's
+    data is hashed now, so a calibration file that changed gives a new spec, and so new keys)."""
+    backend, scheme, *opts = FORMATS.get(name).name.split(":")  # the canonical name: defaults spelled out
+    return BACKENDS.get(backend).parse(scheme, tuple(opts), spec)
 
 
 def calibration_blocks(spec: CalibrationSpec, tokenizer) -> list[list[int]]:
@@ -282,6 +282,7 @@ def ensure_checkpoint(model_dir: Path, tokenizer, options: dict, cal: Calibratio
             job = {"model_dir": str(model_dir), "calibration": str(work / "calibration.json"), "out": str(work / "ckpt"),
                    "bits": options["bits"], "group_size": options["group_size"], "desc_act": options["desc_act"],
                    "sym": options["sym"], "damp_percent": options["damp_percent"],
+                   "method": options.get("method", "gptq"),  # awq: gptqmodel's AWQ (qeval.quant.backends.awq)
                    "threads": int(os.environ.get("GPTQMODEL_CPU_WORKERS") or _torch_threads())}
             (work / "job.json").write_text(json.dumps(job, indent=1))
             progress(f"gptq: quantizing {model_dir.name} {options} on {len(blocks)} x {cal.seq_len} calibration "

@@ -3,7 +3,7 @@
     <venv>/bin/python gptq_child.py job.json
 
 job.json (written by `qeval.quant.backends.gptq`): the float model folder, the calibration token ids,
-the GPTQ options and the output folder. This script imports only the standard library, torch and
+the GPTQ (or, with `method: awq`, AWQ) options and the output folder. This script imports only the standard library, torch and
 gptqmodel (which brings its own transformers), so it runs in an environment that has none of qeval's
 dependencies. It writes gptqmodel's checkpoint (packed qweight/qzeros/scales/g_idx safetensors +
 quantize_config.json) into `out` and a `qeval-gptq-child.json` with the versions and the time the
@@ -47,8 +47,14 @@ def main(job_path: str) -> int:
     with open(job["calibration"]) as f:
         blocks = json.load(f)
     calibration = [{"input_ids": ids, "attention_mask": [1] * len(ids)} for ids in blocks]
-    qcfg = QuantizeConfig(bits=job["bits"], group_size=job["group_size"], desc_act=job["desc_act"],
-                          sym=job["sym"], damp_percent=job["damp_percent"])
+    if job.get("method") == "awq":  # gptqmodel's AWQ, written as an AWQ GEMM checkpoint
+        from gptqmodel.quantization import FORMAT, METHOD
+
+        qcfg = QuantizeConfig(bits=job["bits"], group_size=job["group_size"], quant_method=METHOD.AWQ,
+                              format=FORMAT.GEMM)
+    else:
+        qcfg = QuantizeConfig(bits=job["bits"], group_size=job["group_size"], desc_act=job["desc_act"],
+                              sym=job["sym"], damp_percent=job["damp_percent"])
     t0 = time.perf_counter()
     model = GPTQModel.load(job["model_dir"], qcfg, device="cpu")
     t_load = time.perf_counter() - t0

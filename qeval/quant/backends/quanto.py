@@ -1,4 +1,4 @@
-"""optimum-quanto formats: `quanto:int8`, `quanto:int4[:gN]`, `quanto:int2[:gN]`.
+"""optimum-quanto formats: `quanto:int8`, `quanto:int4[:gN]`, `quanto:int2[:gN]`, `quanto:float8`.
 
 `optimum.quanto.quantize(model, weights=qintN, exclude=[output head])` then `freeze(model)`: the
 weights become `WeightQBytesTensor` (int8, fp scale per row) or `WeightQBitsTensor` (4/2-bit codes
@@ -8,6 +8,9 @@ Group size: quanto picks one per layer (128 when it divides the layer's input wi
 or 32: 96 for SmolLM2's 576-wide layers, 128 for the 1536-wide down projection); `:gN` sets one
 size for every layer and is validated against the model's shapes before anything runs. Theory
 counts the fp32 scale and shift per group on CPU (on CUDA they are bf16: half that overhead).
+`quanto:float8`: `qfloat8_e4m3fn` weights, float8 e4m3 codes with one scale per row (a
+`WeightQBytesTensor` like int8); it runs on CPU (measured: float32 and bf16, the codes dequantized
+for the matmul), so it is the FP8 format a machine without an SM89+ GPU can measure.
 Left out: saving (quanto's tensors are not serializable through save_pretrained here).
 """
 from __future__ import annotations
@@ -20,7 +23,7 @@ from qeval.quant.formats import BACKENDS, Backend, QuantFormat, bad_option, grou
 if TYPE_CHECKING:
     import torch
 
-SCHEMES = ("int8", "int4", "int2")
+SCHEMES = ("int8", "int4", "int2", "float8")
 
 
 def quanto_default_group(in_features: int) -> int | None:
@@ -41,14 +44,14 @@ def _bits(n: int, group: int | None):
     return bits
 
 
-def _apply(n: int, group: int | None):
+def _apply(n, group: int | None):
     def after_load(model, device: str, compute_dtype: torch.dtype) -> None:
         import torch
-        from optimum.quanto import freeze, qint2, qint4, qint8, quantize
+        from optimum.quanto import freeze, qfloat8_e4m3fn, qint2, qint4, qint8, quantize
 
         targets = {name for name, _ in quantizable_linears(model)}
         exclude = [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and name not in targets]
-        quantize(model, weights={8: qint8, 4: qint4, 2: qint2}[n], exclude=exclude or None)
+        quantize(model, weights={8: qint8, 4: qint4, 2: qint2, "f8": qfloat8_e4m3fn}[n], exclude=exclude or None)
         if group is not None:
             for name, m in model.named_modules():
                 if name in targets and hasattr(m, "weight_group_size"):
@@ -58,6 +61,14 @@ def _apply(n: int, group: int | None):
 
 
 def _parse(scheme: str, options: tuple[str, ...]) -> QuantFormat:
+    if scheme == "float8":
+        if options:
+            raise bad_option("quanto:float8", options[0], "no options (float8 uses one scale per row)")
+        return QuantFormat(
+            "quanto:float8", "optimum-quanto float8 e4m3 weights, fp scale per row", lambda in_features: 8 + 32 / in_features,
+            lambda compute_dtype: None, backend="quanto", after_load=_apply("f8", None), kernel="real",
+            storage="float8_e4m3fn codes + scale per row (WeightQBytesTensor)", can_save=False, lora_trainable=False,
+            options=(("weights", "qfloat8_e4m3fn"),), packages=("optimum-quanto",), requires=BACKENDS.get("quanto"))
     n = int(scheme[3:])
     if n == 8 and options:
         raise bad_option("quanto:int8", options[0], "no options (int8 uses one scale per row)")
@@ -79,5 +90,5 @@ def _parse(scheme: str, options: tuple[str, ...]) -> QuantFormat:
 
 BACKENDS.add("quanto", Backend(
     "quanto", "optimum-quanto (Hugging Face's PyTorch quantization toolkit)", _parse, SCHEMES,
-    modules=("optimum.quanto",), extra="quanto", option_help="quanto schemes: int8, int4[:gN], int2[:gN]",
+    modules=("optimum.quanto",), extra="quanto", option_help="quanto schemes: int8, int4[:gN], int2[:gN], float8",
     colour="tab:green", account=subclass.account, dequantize=subclass.dequantize))

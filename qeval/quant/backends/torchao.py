@@ -1,5 +1,6 @@
 """torchao formats: `torchao:int8-wo`, `torchao:int8-dyn`, `torchao:int4-wo[:gN]`, `torchao:int2-wo[:gN]`;
-on CUDA `torchao:int4-tinygemm[:gN]` and `torchao:int4-hqq[:gN]`.
+on CUDA `torchao:int4-tinygemm[:gN]` and `torchao:int4-hqq[:gN]`; the float formats (`torchao:fp8-wo`,
+`torchao:fp8-dyn`, `torchao:nvfp4-wo`, `torchao:mxfp8`, `torchao:mxfp4`) are in qeval.quant.backends.torchao_float.
 
 One verb over a config (`torchao.quantization.quantize_(model, config, filter_fn)`) applied to the
 loaded float model, every linear layer but the (tied) output head, as bitsandbytes does.
@@ -32,13 +33,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from qeval.quant.backends import subclass
+from qeval.quant.backends import subclass, torchao_float
 from qeval.quant.formats import BACKENDS, Backend, QuantFormat, group_option, quantizable_linears
 
 if TYPE_CHECKING:
     import torch
 
-SCHEMES = ("int8-wo", "int8-dyn", "int4-wo", "int2-wo", "int4-tinygemm", "int4-hqq")
+SCHEMES = ("int8-wo", "int8-dyn", "int4-wo", "int2-wo", "int4-tinygemm", "int4-hqq") + torchao_float.SCHEMES
 TINYGEMM = ("int4-tinygemm", "int4-hqq")  # CUDA only
 TINYGEMM_GROUPS = (32, 64, 128, 256)  # what the tinygemm kernel takes
 TINYGEMM_PAD = 1024  # tinygemm pads in_features to a multiple of this (Int4TilePackedTo4dTensor.from_hp)
@@ -80,6 +81,8 @@ def _apply(scheme: str, group: int | None):
 
 
 def _parse(scheme: str, options: tuple[str, ...]) -> QuantFormat:
+    if scheme in torchao_float.SCHEMES:  # FP8 / NVFP4 / MX: qeval.quant.backends.torchao_float
+        return torchao_float.parse(scheme, options)
     int8 = scheme.startswith("int8")
     if int8 and options:
         from qeval.quant.formats import bad_option
@@ -126,5 +129,5 @@ def _parse(scheme: str, options: tuple[str, ...]) -> QuantFormat:
 BACKENDS.add("torchao", Backend(
     "torchao", "PyTorch-native quantization (quantize_ over a config)", _parse, SCHEMES,
     modules=("torchao.quantization",), extra="torchao",
-    option_help="torchao schemes: int8-wo, int8-dyn, int4-wo[:gN], int2-wo[:gN]; CUDA: int4-tinygemm[:gN], int4-hqq[:gN]",
+    option_help="torchao schemes: int8-wo, int8-dyn, int4-wo[:gN], int2-wo[:gN]; fp8-wo, nvfp4-wo; CUDA: int4-tinygemm[:gN], int4-hqq[:gN], fp8-dyn, mxfp8, mxfp4",
     colour="tab:orange", account=subclass.account, dequantize=subclass.dequantize))
