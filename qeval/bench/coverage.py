@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
+from qeval.core.files import atomic_write
 from qeval.stats.paired import ALPHA, KINDS, compare_values
 
 SEED = 20260121
@@ -196,8 +197,14 @@ def table(cells: list[Cell]) -> str:
 def bench_stats(out_dir: Path, reps: int = 1000, boot_reps: int = 200, corpus_reps: int = 60,
                 corpus: bool = True) -> tuple[str, list[Cell]]:
     """Run every cell, write `out_dir`/stats.md, return its text and the cells."""
+    import warnings
+
     t0 = time.perf_counter()
-    cells = right_wrong_cells() + other_cells(reps, boot_reps, corpus_reps, corpus=corpus)
+    with warnings.catch_warnings():
+        # sklearn's f1 on a resample with no positive label warns "ill-defined" (and scores 0, which the
+        # corpus kind's bootstrap is meant to see): thousands of lines of noise around the table
+        warnings.simplefilter("ignore")
+        cells = right_wrong_cells() + other_cells(reps, boot_reps, corpus_reps, corpus=corpus)
     text = "\n".join([
         "# Interval coverage per kind (`qeval bench-stats`)", "",
         f"Nominal 95% intervals through `qeval.stats.paired.compare_values`; seed {SEED}. right_wrong rows are "
@@ -207,6 +214,5 @@ def bench_stats(out_dir: Path, reps: int = 1000, boot_reps: int = 200, corpus_re
         f"{math.sqrt(0.95 * 0.05 / reps):.3f} at {reps} trials).", "",
         table(cells), "", f"Computed in {time.perf_counter() - t0:.0f} s.", ""])
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "stats.md").write_text(text, encoding="utf-8")
+    atomic_write(out_dir / "stats.md", text)
     return text, cells
