@@ -59,7 +59,7 @@ def test_a_rerun_reuses_cells_and_speed(tiny_store, tmp_path):
     import sqlite3
 
     from qeval.run import runner
-    from tests.conftest import TINY_STORE_SUITE
+    from conftest import TINY_STORE_SUITE
 
     store, model = tiny_store
     copy = tmp_path / "s.sqlite"
