@@ -15,7 +15,7 @@ import pandas as pd
 
 from qeval.cli import main
 from qeval.stats.margin import BEYOND, CANNOT_TELL, WITHIN
-from qeval.stats.speed import dominated, fastest_within, speed_frame
+from qeval.stats.speed import dominated, fastest_within, not_beyond, speed_frame
 from qeval.store.record import SIMULATED_SPEED
 from qeval.store.store import Store
 
@@ -103,6 +103,9 @@ def test_fastest_within_the_margin():
     assert fastest_within(speeds, verdicts) == "c"
     assert fastest_within({"a": 10.0, "b": 50.0}, verdicts) == "a"
     assert fastest_within({"b": 50.0, "d": 1.0}, verdicts) is None
+    # the weaker reading: no task shown beyond the margin ('cannot tell' allowed), never an untested one
+    assert fastest_within(speeds, verdicts, rule=not_beyond) == "b"
+    assert not not_beyond({}) and not not_beyond({"t": BEYOND})
     # every (speed order) permutation picks the fastest of the qualifying ones
     for perm in itertools.permutations([1.0, 2.0, 3.0, 4.0]):
         s = dict(zip("abcd", perm))
@@ -127,7 +130,7 @@ def test_report_shows_speed(tiny_store, tmp_path):
     ok = (prim.margin_verdict == WITHIN).all() and len(prim)
     assert ("Fastest format whose loss is within the margin: bnb-nf4" in summary) == bool(ok)
     if not ok:
-        assert "Fastest format whose loss is within the margin: none" in summary
+        assert "Fastest format whose loss is within the margin: no format qualifies" in summary
     assert "## Speed per format" in md and "Accuracy, memory and decode speed together" in md
     assert "not compared (simulated)" in md.split("Accuracy, memory and decode speed together")[1]
     csv = pd.read_csv(out / "speed.csv")

@@ -11,7 +11,7 @@ from typing import Iterable, Mapping
 
 import pandas as pd
 
-from qeval.stats.margin import WITHIN
+from qeval.stats.margin import CANNOT_TELL, WITHIN
 from qeval.store.record import SpeedRecord
 
 SPEED_COLUMNS = ["model", "quant", "adapter", "arm", "kernel", "mark", "prefill_tok_s", "prefill_batch",
@@ -63,9 +63,15 @@ def within_margin(verdicts: Mapping[str, str]) -> bool:
     return bool(verdicts) and all(v == WITHIN for v in verdicts.values())
 
 
-def fastest_within(speed: Mapping[str, float], verdicts: Mapping[str, Mapping[str, str]]) -> str | None:
+def not_beyond(verdicts: Mapping[str, str]) -> bool:
+    """No task's loss shown beyond the margin, and none untested: each is 'within' or 'cannot tell'."""
+    return bool(verdicts) and all(v in (WITHIN, CANNOT_TELL) for v in verdicts.values())
+
+
+def fastest_within(speed: Mapping[str, float], verdicts: Mapping[str, Mapping[str, str]], rule=within_margin) -> str | None:
     """The format with the highest decode speed among those whose loss is within the margin on every
-    task (`verdicts`: format -> task -> margin verdict); None when no format qualifies. `speed`
+    task (`verdicts`: format -> task -> margin verdict; `rule`: `not_beyond` for the weaker reading);
+    None when no format qualifies. `speed`
     holds real kernels only: a simulated format's speed is not its kernel's."""
-    ok = [(s, q) for q, s in speed.items() if not math.isnan(float(s)) and within_margin(verdicts.get(q, {}))]
+    ok = [(s, q) for q, s in speed.items() if not math.isnan(float(s)) and rule(verdicts.get(q, {}))]
     return max(ok)[1] if ok else None
