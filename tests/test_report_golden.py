@@ -20,12 +20,14 @@ from qeval.cli import main
 GOLDEN = Path(__file__).parent / "golden" / "tiny_report.md"
 FILES = ["results.csv", "memory.csv", "formats.csv", "divergence.csv", "adapters.csv", "training.csv",
          "adapter_seeds.csv", "recovery.png", "memory_vs_score.png", "formats_pareto.png", "kl_vs_delta.png",
-         "training_curves.png", "train_memory_vs_score.png", "report.md", "report.html"]
-_MACHINE = ("- Generated at: ", "- Git sha: ", "- Versions: ", "- Device: ")
+         "training_curves.png", "train_memory_vs_score.png", "speed.csv", "report.md", "report.html"]
+_MACHINE = ("- Generated at: ", "- Git sha: ", "- Versions: ", "- Device: ", "Speed measured on: ")
 # table columns (by header) that hold wall times or process memory measured by this run
 _MEASURED = {"load s", "eval s", "peak MiB", "load+quantize s", "s/step", "tokens/s", "train s", "peak training MiB",
              "of which idle process MiB", "load peak MiB", "training peak MiB", "runtime", "process", "weights",
-             "adapter + optimizer", "gradients", "activations", "predicted MiB", "error"}
+             "adapter + optimizer", "gradients", "activations", "predicted MiB", "error",
+             # speed (qeval.models.speed): measured, and what is judged from it
+             "decode tok/s (batch 1)", "prefill tok/s", "decode tok/s b1", "decode tok/s b8", "TTFT s", "dominated"}
 _CELL = re.compile(r"(?<!\\)\|")
 
 
@@ -44,6 +46,8 @@ def normalised(md: str, tmp: Path) -> str:
         else:
             header = None
             line = re.sub(r"\d+(\.\d+)? GiB\b", "~ GiB", line)  # the LoRA-vs-QLoRA verdict's measured peaks
+            line = re.sub(r"\d+(\.\d+)?(e[+-]?\d+)? tokens/s\b", "~ tokens/s", line)  # measured decode speeds
+            line = re.sub(r"(?<='none' )\d+(\.\d+)?(e[+-]?\d+)?", "~", line)
         out.append(line)
     return "\n".join(out) + "\n"
 

@@ -75,7 +75,7 @@ def _summary_rows(md: str) -> dict[str, list[str]]:
     rows = {}
     for line in head.splitlines():
         cells = [c.strip().replace("\\", "") for c in line.strip("|").split("|")]
-        if line.startswith("| ") and len(cells) == 6 and cells[0] not in ("format",):
+        if line.startswith("| ") and len(cells) in (6, 7) and cells[0] not in ("format",):  # 7: with the decode speed column (speed records)
             rows[cells[0]] = cells
     return rows
 

@@ -176,3 +176,27 @@ def device_description(device: str) -> str:
     if device.startswith("cuda") and torch.cuda.is_available():
         return f"cuda:{torch.cuda.get_device_name(0)}"
     return f"cpu:{platform.processor() or platform.machine()}:{os.cpu_count()}cores"
+
+
+@functools.cache
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo; platform's guess elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_identity(device: str) -> dict[str, str]:
+    """What a speed number depends on beyond the libraries: the GPU model (on CUDA) or the CPU
+    model, its core count and the threads torch computes with. Part of speed records' keys only
+    (accuracy keys keep `key_environment`)."""
+    if device.startswith("cuda"):
+        gpu = gpu_identity() or {"gpu": "unknown (no GPU here)"}
+        return {"kind": "cuda", "gpu": gpu["gpu"], "capability": gpu.get("capability", "?")}
+    import torch
+
+    return {"kind": "cpu", "cpu": cpu_model(), "cores": str(os.cpu_count()), "threads": str(torch.get_num_threads())}

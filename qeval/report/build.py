@@ -94,6 +94,7 @@ def report_data(store: Path, plan=None, memory_budget: float | None = None) -> R
     from qeval.run.plan import Thresholds, load_plan
     from qeval.stats.compare import (adapter_frames, decision, divergence_frame, history_frame, latest,
                                      memory_frame, paired_frame, results_frame, with_paired)
+    from qeval.stats.speed import speed_frame
     from qeval.store.store import Store
 
     if isinstance(plan, (str, Path)):
@@ -106,6 +107,7 @@ def report_data(store: Path, plan=None, memory_budget: float | None = None) -> R
         pairs = paired_frame(records, s.samples, th.min_effect, th.margin)
         frames = adapter_frames(records, s.samples, th.min_effect, domain)
         history = history_frame(s.runs("nightly"), s.get)
+        speed = speed_frame(s.speed_records())
     meta = {
         "title": "qeval report", "store": str(store),
         "generated_at": datetime.now().isoformat(timespec="seconds"),
@@ -121,7 +123,7 @@ def report_data(store: Path, plan=None, memory_budget: float | None = None) -> R
     return ReportData(
         results=with_paired(results_frame(records), pairs), memory=memory_frame(records), meta=meta,
         records=tuple(records), pairs=pairs, div=divergence_frame(records, pairs), adapters=frames,
-        decision=table, verdict=verdict, history=history, fdr=th.fdr,
+        decision=table, verdict=verdict, history=history, speed=speed, fdr=th.fdr,
         # the nightly compares every cell and metric of the plan: that many tests share the FDR
         tests=sum(len(r.metrics) for r in latest(records)))
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from qeval.core import env
 from qeval.core.config import raise_if
@@ -130,6 +130,48 @@ def expand(plan: Plan, rp: Resolved) -> list[tuple[ResolvedModel, Arm, list[Cell
     return [(m, a, make_cells(m, a, rp.suite, eval_spec, rp.device, rp.adapters.get(a.adapter) if a.adapter else None,
                               rp.dtype, rp.calibration))
             for m in models for a in rp.arms]
+
+
+@dataclass(frozen=True)
+class SpeedCell:
+    """The speed measurement of one (model, arm) on this device, and the key its record is stored
+    under: the arm's variant, format and adapter as its cells key them, the library versions, the
+    device identity and the settings. A key of its own (no task), so no accuracy key changed."""
+
+    key: str
+    variant_id: str
+    key_material: dict
+    quant: str
+    calibration: CalibrationSpec | None = None
+    settings: Any = None  # qeval.models.speed.SpeedSettings (its as_dict is in the key)
+
+    @property
+    def fmt(self) -> QuantFormat:
+        return cell_format(self.quant, self.calibration)
+
+
+def speed_settings(suite: Suite):
+    """The speed settings for a suite: prefill at the suite's batch (its smallest numeric task batch:
+    what every task's forwards reach; 4 when none is a number)."""
+    from qeval.models.speed import SpeedSettings
+
+    batches = [t.batch_size for t in suite.tasks if isinstance(t.batch_size, int) and t.batch_size > 0]
+    return SpeedSettings(prefill_batch=min(batches) if batches else 4)
+
+
+def speed_cell(cells: list[Cell], suite: Suite, device: str) -> SpeedCell | None:
+    """The speed cell of the (model, arm) whose cells (all of them, stored or not) are `cells`."""
+    from qeval.store.store import SCHEMA_VERSION
+
+    if not cells:
+        return None
+    c = cells[0]
+    settings = speed_settings(suite)
+    material = {"kind": "speed", "schema": SCHEMA_VERSION, "variant": c.key_material["variant"],
+                "format": c.key_material["format"], "adapter": c.key_material["adapter"],
+                "versions": c.key_material["versions"], "identity": env.device_identity(device),
+                "settings": settings.as_dict()}
+    return SpeedCell(content_key(material), c.variant_id, material, c.quant, c.calibration, settings)
 
 
 # -- the baseline and its artifacts ------------------------------------------------------------------

@@ -35,9 +35,11 @@ class Dag:
 
 
 def plan_jobs(todo: list[tuple[str, Any, Any, Any, list]], rp: Resolved, pack: bool = False,
-              progress=lambda s: None) -> Dag:
+              progress=lambda s: None, speed: dict[str, Any] | None = None) -> Dag:
     """The DAG for the missing cells: `todo` holds (tag, model, arm, adapter spec or None, missing
-    cells) per (model, arm), in plan order, already pruned of stored cells."""
+    cells) per (model, arm), in plan order, already pruned of stored cells; `speed` the missing speed
+    cells by tag (measured by the arm's evaluation job, after its cells: no load of its own)."""
+    speed = speed or {}
     from qeval.train.artifact import artifact_ready, load_artifact
     from qeval.train.spec import adapter_key
     from qeval.eval.divergence import Reference
@@ -99,7 +101,8 @@ def plan_jobs(todo: list[tuple[str, Any, Any, Any, list]], rp: Resolved, pack: b
             cells = sorted(cells, key=lambda c: c.key_material.get("divergence", {}).get("reference") not in makes)
         dag.jobs.append(EvaluateArm(id=tag, label=tag, model=model, arm=arm, cells=tuple(cells), seed=plan.seed,
                                     eval_spec=eval_spec, paths=rp.suite.include_paths, adapter_key=akey,
-                                    needs=tuple(dict.fromkeys(needs)), makes=tuple(makes), **common))
+                                    needs=tuple(dict.fromkeys(needs)), makes=tuple(makes), speed=speed.get(tag),
+                                    **common))
     return dag
 
 

@@ -19,10 +19,10 @@ from qeval.core import env
 from qeval.core.console import advance, expect
 from qeval.core.errors import QevalError
 from qeval.core.files import store_lock
-from qeval.run.cells import expand, head_file, reference_file, reference_ready, save_reference
+from qeval.run.cells import expand, head_file, reference_file, reference_ready, save_reference, speed_cell
 from qeval.run.executors import make_executor
 from qeval.run.dag import plan_jobs
-from qeval.run.jobs import (Artifact, CellDone, CellFailed, Log, Missing, Started, error_line,
+from qeval.run.jobs import (Artifact, CellDone, CellFailed, Log, Missing, SpeedDone, Started, error_line,
                             unpack_folder)
 from qeval.run.plan import Plan, validate
 from qeval.run.preflight import preflight
@@ -38,6 +38,7 @@ class RunSummary:
     reused: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)  # one line per failed cell
     trained: list[str] = field(default_factory=list)  # adapter keys trained in this run
+    speed: list[str] = field(default_factory=list)  # speed records measured in this run (qeval.run.cells.SpeedCell)
     wall_s: float = 0.0
 
 
@@ -55,17 +56,20 @@ def run_plan(plan: Plan, store_path: Path, suite: Suite | None = None,
     # One `qeval run` per store at a time: a second one waits, then finds the first one's cells
     # stored instead of computing (and writing references for) the same cells again.
     with store_lock(store_path, "run", progress), Store(store_path) as store:
-        todo = []
+        todo, speed = [], {}
         for i, (model, arm, cells) in enumerate(matrix, 1):  # prune: stored cells are never jobs
             missing = [c for c in cells if c.key not in store]
             summary.reused += [c.key for c in cells if c not in missing]
             tag = f"[{i}/{len(matrix)}] {model.spec} @ {arm.name}"
-            if not missing:
+            sc = speed_cell(cells, rp.suite, rp.device) if plan.speed else None
+            if sc is not None and not store.has_speed(sc.key):
+                speed[tag] = sc  # measured in the arm's job (a job of its own when every cell is stored)
+            if not missing and tag not in speed:
                 progress(f"{tag}: all {len(cells)} tasks stored, nothing to compute")
                 continue
             todo.append((tag, model, arm, rp.adapters.get(arm.adapter) if arm.adapter else None, missing))
         if todo:
-            dag = plan_jobs(todo, rp, pack=not executor.shares_cache, progress=progress)
+            dag = plan_jobs(todo, rp, pack=not executor.shares_cache, progress=progress, speed=speed)
             progress(f"{len(dag.jobs)} jobs for {sum(len(t[4]) for t in todo)} cells on the {executor.name} executor")
             expect(progress, sum(len(t[4]) for t in todo))  # the overall bar's total (a Console's)
             try:
@@ -151,6 +155,10 @@ def _execute(dag, executor, store: Store, summary: RunSummary, retries: int, pro
                 failed_cells.get(job.id, {}).pop(p.key, None)
                 summary.computed.append(p.key)
                 advance(progress)  # before the line: a status line due anyway then shows this cell
+                progress(p.line)
+            elif isinstance(p, SpeedDone):
+                store.put_speed(p.record)
+                summary.speed.append(p.key)
                 progress(p.line)
             elif isinstance(p, CellFailed):
                 failed_cells.setdefault(job.id, {})[p.key] = p

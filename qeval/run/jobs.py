@@ -35,7 +35,8 @@ from qeval.models.load import LoadedModel, ResolvedModel, fingerprint, load_mode
 from qeval.quant.formats import FORMATS, QuantFormat
 from qeval.run.cells import needs_calibration
 from qeval.run.plan import Arm
-from qeval.run.record import build_record
+from qeval.models.speed import measure_speed
+from qeval.run.record import build_record, build_speed_record
 from qeval.store.record import Record
 from qeval.train.artifact import AdapterArtifact, load_finetuned
 from qeval.train.merge import attach
@@ -127,13 +128,16 @@ class EvaluateArm(Job):
     eval_spec: Any
     paths: tuple[Path, ...] = ()
     adapter_key: str | None = None
+    speed: Any = None  # qeval.run.cells.SpeedCell: measure the arm's speed once its cells are done
 
     def run(self, inputs: dict[str, Any]) -> Iterator[Any]:
         return _evaluate(self, inputs)
 
     def only(self, keys: set[str]) -> "EvaluateArm":
-        """The same job for the cells in `keys` only (a retry after some cells were stored)."""
-        return dataclasses.replace(self, cells=tuple(c for c in self.cells if c.key in keys))
+        """The same job for the cells in `keys` only (a retry after some cells were stored); the
+        speed measurement goes with it when its key is among them."""
+        speed = self.speed if self.speed is not None and self.speed.key in keys else None
+        return dataclasses.replace(self, cells=tuple(c for c in self.cells if c.key in keys), speed=speed)
 
 
 # -- what a running job yields ---------------------------------------------------------------------
@@ -174,6 +178,13 @@ class CellDone:
     record: Record
     samples: list
     line: str  # the progress line ("... acc=0.5 (n=8, 1.2 s)")
+
+
+@dataclass(frozen=True)
+class SpeedDone:
+    key: str
+    record: Any  # qeval.store.record.SpeedRecord
+    line: str
 
 
 @dataclass(frozen=True)
@@ -331,7 +342,8 @@ def _evaluate(job: EvaluateArm, inputs: dict[str, Any]) -> Iterator[Any]:
     yield Log(f"{tag}: loading + quantizing on {job.device}")
     torch.manual_seed(job.seed)
     # every cell of the job has the arm's format (with its calibration, for a calibration-based one)
-    loaded = load_arm(_model_here(job.model), job.arm, job.cells[0].fmt, artifact, job.device, _dtype(job))
+    fmt = job.cells[0].fmt if job.cells else job.speed.fmt
+    loaded = load_arm(_model_here(job.model), job.arm, fmt, artifact, job.device, _dtype(job))
     yield Log(f"{tag}: {loaded.footprint.total_bytes / 2**20:.1f} MiB in {loaded.load_s:.1f} s")
     for cell in job.cells:
         what = f"{tag} {cell.task.task}"
@@ -357,8 +369,33 @@ def _evaluate(job: EvaluateArm, inputs: dict[str, Any]) -> Iterator[Any]:
         m = outcome.metrics[outcome.primary]
         yield CellDone(cell.key, record, outcome.samples,
                        f"{tag}: {cell.task.task} {outcome.primary}={m.value:.4g} (n={outcome.n}, {outcome.eval_s:.1f} s)")
+    if job.speed is not None:
+        yield from _speed(job, loaded)
     del loaded
     gc.collect()
+
+
+def _speed(job: EvaluateArm, loaded: LoadedModel) -> Iterator[Any]:
+    """The arm's speed on the model its cells just used (no second load). A failure is a line, never
+    a failed cell: speed is a measurement beside the accuracy, and the run goes on."""
+    cell = job.speed
+    here = env.device_identity(job.device)
+    if here != cell.key_material["identity"]:
+        # keyed on the driver's device: numbers measured on another would be stored under a wrong key
+        yield Log(f"{job.label}: speed not measured: this worker is {here}, the key names "
+                  f"{cell.key_material['identity']}")
+        return
+    yield Log(f"{job.label}: measuring speed")
+    try:
+        got = measure_speed(loaded, cell.settings)
+        record = build_speed_record(cell, job.model, job.arm, loaded, got, git_sha=job.origin.git_sha)
+    except Exception as e:  # noqa: BLE001 -- speed is beside the accuracy: one line, the run goes on
+        yield Log("FAILED " + error_line(f"{job.label} speed", e))
+        return
+    d1 = record.decode_tok_s(1)
+    yield SpeedDone(cell.key, record, f"{job.label}: speed prefill {record.prefill_tok_s:.0f} tok/s, decode "
+                    f"{d1:.1f} tok/s at batch 1{' (' + record.mark + ')' if record.mark else ''} "
+                    f"({record.seconds:.1f} s)")
 
 
 # -- artifacts as values ---------------------------------------------------------------------------

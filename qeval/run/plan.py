@@ -111,6 +111,9 @@ class Plan:
     # calibration text for calibration-based formats (gptq); None: the default set. Its content
     # hash is in those formats' specs and so their keys
     calibration: CalibrationSpec | None = None
+    # measure each arm's speed in the job that evaluates it (qeval.models.speed; records of their own,
+    # keyed apart from the cells): a few seconds per arm on CPU
+    speed: bool = True
 
     def __post_init__(self):
         # a plan built in Python holds specs, like one read from YAML: a raw section here would be

@@ -6,8 +6,8 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
 from qeval.core import env
-from qeval.run.cells import Cell
-from qeval.store.record import Record
+from qeval.run.cells import Cell, SpeedCell
+from qeval.store.record import Record, SpeedRecord
 
 if TYPE_CHECKING:
     from qeval.eval.evaluate import EvalOutcome
@@ -64,3 +64,22 @@ def divergence_record(outcome: EvalOutcome) -> dict | None:
     if outcome.reference is not None:
         return {"role": "reference", "windows": len(outcome.reference.hidden)}
     return {"note": outcome.divergence_note} if outcome.divergence_note else None
+
+
+def build_speed_record(cell: SpeedCell, model, arm, loaded: LoadedModel, got: dict,
+                       git_sha: str | None = None) -> SpeedRecord:
+    """The speed record of one (model, arm): `got` is `qeval.models.speed.measure_speed`'s result."""
+    from qeval.store.store import SCHEMA_VERSION
+
+    return SpeedRecord.from_json({
+        "key": cell.key, "schema": SCHEMA_VERSION, "variant_id": cell.variant_id,
+        "variant": {"model": model.spec, "quant": cell.quant, "adapter": arm.adapter or "", "merge": arm.merge,
+                    "arm": arm.name},
+        "model": {"spec": model.spec, "source": model.source, "path": str(model.path), "fingerprint": model.fingerprint},
+        "format": cell.key_material["format"], "kernel": loaded.fmt.kernel,
+        "settings": cell.key_material["settings"], "identity": cell.key_material["identity"],
+        **got, "versions": cell.key_material["versions"], "git_sha": git_sha or env.git_sha(),
+        "device": loaded.device, "device_description": env.device_description(loaded.device),
+        "compute_dtype": loaded.dtype,
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="microseconds"),
+    })

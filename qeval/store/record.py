@@ -294,3 +294,46 @@ class Record(Part):
     def device_kind(self) -> str:
         """"cpu" or "cuda": results on one kind of device compare, across kinds they need not."""
         return self.device.split(":")[0]
+
+
+# ----------------------------------------------------------------------------- speed records
+
+SIMULATED_SPEED = "simulated: not a kernel's speed"
+
+
+@dataclass(frozen=True, kw_only=True)
+class SpeedRecord(Part):
+    """Speed of one (model, arm) on one device (`qeval.models.speed.measure_speed`): a record kind of
+    its own, in the store's `speed` table, keyed by the arm's variant, the device identity and the
+    settings (never by a task), so adding it changed no accuracy cell's key."""
+
+    key: str
+    schema: int
+    variant_id: str
+    variant: Variant = _nested(Variant.from_json)
+    model: ModelRef = _nested(ModelRef.from_json)
+    format: Mapping[str, Any]
+    kernel: str = "real"  # "simulated": the format computes in float; its speed is not a kernel's
+    settings: Mapping[str, Any]  # qeval.models.speed.SpeedSettings.as_dict
+    identity: Mapping[str, str]  # qeval.core.env.device_identity where it ran
+    prefill_tok_s: float
+    decode: Mapping[str, Mapping[str, float]]  # decode batch -> ttft_s, decode_tok_s, decode_s, steps
+    peak_bytes: int
+    peak_kind: str = ""
+    seconds: float = 0.0  # the whole measurement, warm-up included (what it added to the run)
+    cpu_s: float = 0.0  # the process's CPU time over it (all threads)
+    versions: Mapping[str, str] = field(default_factory=dict)
+    git_sha: str = ""
+    device: str
+    device_description: str = ""
+    compute_dtype: str | None = None
+    created_at: str
+
+    @property
+    def mark(self) -> str:
+        """What the report shows beside (or instead of) this speed: the simulated mark, or ""."""
+        return SIMULATED_SPEED if self.kernel == "simulated" else ""
+
+    def decode_tok_s(self, batch: int = 1) -> float:
+        d = self.decode.get(str(batch))
+        return float("nan") if d is None else float(d["decode_tok_s"])

@@ -17,7 +17,7 @@ from typing import Iterator
 
 from qeval.core.errors import CouldNotFinish, QevalError
 from qeval.core.files import canonical_json, content_key  # noqa: F401  (re-exported: keys live beside records)
-from qeval.store.record import Record
+from qeval.store.record import Record, SpeedRecord
 
 SCHEMA_VERSION = 1  # part of every key: bump when the meaning of a record changes
 
@@ -101,6 +101,8 @@ class Store:
             CREATE TABLE IF NOT EXISTS runs (
                 run_id INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL, started_at TEXT NOT NULL,
                 finished_at TEXT, status TEXT NOT NULL, info TEXT NOT NULL);
+            CREATE TABLE IF NOT EXISTS speed (
+                key TEXT PRIMARY KEY, variant TEXT NOT NULL, created_at TEXT NOT NULL, record TEXT NOT NULL);
         """)
         return db
 
@@ -141,6 +143,28 @@ class Store:
     def records(self) -> Iterator[Record]:
         for (rec,) in self._db.execute("SELECT record FROM records ORDER BY created_at, key"):
             yield Record.from_json(json.loads(rec))
+
+    # -- speed records (qeval.store.record.SpeedRecord): a table of their own, so every reader of
+    # `records` sees accuracy cells only; a store written before it existed (read-only) has none.
+    def _has_speed_table(self) -> bool:
+        return self._db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='speed'").fetchone() is not None
+
+    def has_speed(self, key: str) -> bool:
+        return self._has_speed_table() and \
+            self._db.execute("SELECT 1 FROM speed WHERE key=?", (key,)).fetchone() is not None
+
+    def put_speed(self, record: SpeedRecord) -> bool:
+        """Insert a speed record; False when its key was stored already (records are immutable)."""
+        with self._transaction():
+            cur = self._db.execute("INSERT OR IGNORE INTO speed(key, variant, created_at, record) VALUES (?,?,?,?)",
+                                   (record.key, record.variant_id, record.created_at, canonical_json(record.to_json())))
+        return bool(cur.rowcount)
+
+    def speed_records(self) -> Iterator[SpeedRecord]:
+        if not self._has_speed_table():
+            return
+        for (rec,) in self._db.execute("SELECT record FROM speed ORDER BY created_at, key"):
+            yield SpeedRecord.from_json(json.loads(rec))
 
     def __len__(self) -> int:
         return self._db.execute("SELECT COUNT(*) FROM records").fetchone()[0]

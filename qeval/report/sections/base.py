@@ -28,6 +28,7 @@ class ReportData:
     decision: pd.DataFrame = field(default_factory=pd.DataFrame)  # qeval.stats.compare.decision's table
     verdict: str = ""  # ... and its LoRA-vs-QLoRA sentence
     history: pd.DataFrame = field(default_factory=pd.DataFrame)  # qeval.stats.compare.history_frame
+    speed: pd.DataFrame = field(default_factory=pd.DataFrame)  # qeval.stats.speed.speed_frame
     fdr: float | None = None  # the nightly's FDR level and how many tests share it (significance)
     tests: int = 0
     # filled by the build for the sections that read the others (`reads_banners`)

@@ -21,6 +21,7 @@ from qeval.report.doc import Bullets, Heading, Para, Section, Table
 from qeval.report.fmt import BASELINE, NA, fmt_mib, fmt_num, fmt_pct, missing
 from qeval.report.frames import declared, ordered, primary_rows
 from qeval.report.sections.base import ReportData, ReportSection, register
+from qeval.report.sections.speed import fastest_sentence, speed_cell
 
 HEADING = "Summary"
 
@@ -197,7 +198,8 @@ def _count(verdicts: list[str], n: int) -> str:
 # ----------------------------------------------------------------------------- section
 
 def summary_section(results: pd.DataFrame, memory: pd.DataFrame, div: pd.DataFrame, frames: dict[str, pd.DataFrame],
-                    lora_verdict: str, banners: list[str], verdicts: LossVerdicts = LOSS_VERDICTS) -> Section | None:
+                    lora_verdict: str, banners: list[str], verdicts: LossVerdicts = LOSS_VERDICTS,
+                    speed: pd.DataFrame | None = None) -> Section | None:
     """The summary's blocks (the report puts them right under the title); None when the
     store holds nothing to summarise and there is no banner."""
     fmt = format_frame(results, memory, div, verdicts)
@@ -215,13 +217,17 @@ def summary_section(results: pd.DataFrame, memory: pd.DataFrame, div: pd.DataFra
     if not fmt.empty:
         base = memory[(memory["quant"] == BASELINE) & (memory["adapter"].fillna("") == "")] if not memory.empty else memory
         base_mib = f" ({fmt_mib(base['total_bytes'].iloc[0])} MiB)" if len(base) == 1 else ""
+        # decode speed only when the store holds speed records (a store from before them renders as it did)
+        fast = speed is not None and not speed.empty
         rows = [([str(r["model"])] if multi else []) + [r["quant"], _size(r), _recovery(r), fmt_num(r["kl_mean"]),
                                                          _verdict(r), r["margin"]]
+                + ([speed_cell(speed, r["quant"])] if fast else [])
                 for r in fmt.to_dict("records")]
         blocks += [
             Table((["model"] if multi else []) + ["format", "size × baseline", "mean recovery [95%]", "KL mean",
-                                                  "verdict", "against the margin"], rows,
-                  ([False] if multi else []) + [False, True, True, True, False, False]),
+                                                  "verdict", "against the margin"]
+                  + (["decode tok/s (batch 1)"] if fast else []), rows,
+                  ([False] if multi else []) + [False, True, True, True, False, False] + ([True] if fast else [])),
             Para(f"Against the unquantized baseline '{BASELINE}'{base_mib}. Recovery: 100% = nothing lost "
                  "(value/baseline; perplexity baseline/value), the mean over tasks of each task's primary metric; "
                  "its bracket is the mean of the tasks' 95% bounds (conservative). Each task's interval is its "
@@ -232,7 +238,11 @@ def summary_section(results: pd.DataFrame, memory: pd.DataFrame, div: pd.DataFra
                  "'loss within the margin shown' when the task's whole 95% interval of the change lies above "
                  "minus the margin, 'loss beyond the margin shown' when it lies wholly below, 'cannot tell' when it "
                  "straddles it; margins from the plan's thresholds.margin, by default 1 point (accuracy) and 1% "
-                 "(perplexity). KL: mean per token against the baseline on the divergence task.")]
+                 "(perplexity). KL: mean per token against the baseline on the divergence task."
+                 + (" Decode speed: tokens/s at batch 1, greedy, on the device the cells ran on (the speed "
+                    "section has the settings)." if fast else ""))]
+        if fast and fastest_sentence(speed, results):
+            blocks.append(Para(fastest_sentence(speed, results)))
     if arms:
         multi_a = len({a["model"] for a in arms}) > 1
         vs = margin_rows(results)
@@ -252,7 +262,7 @@ def _frame(d: ReportData) -> tuple | None:
     """A report of a store has a summary; one rendered from bare frames (`qeval.report.build.render`) has none."""
     if not d.records:
         return None
-    return d.results, d.memory, d.div, d.adapters or {}, d.verdict, list(d.banners)
+    return d.results, d.memory, d.div, d.adapters or {}, d.verdict, list(d.banners), LOSS_VERDICTS, d.speed
 
 
 register(ReportSection("summary", 10, _frame, lambda f: summary_section(*f), needs_results=False, reads_banners=True))
