@@ -55,17 +55,17 @@ def test_qlora_base_is_really_4bit_during_training(resolved, monkeypatch):
     import qeval.train.recipe as recipe
 
     seen = {}
-    real = recipe._trainable
+    real = recipe.trainable
 
-    def spy(model, spec):
-        net = real(model, spec)
+    def spy(model, spec, ckpt=True):
+        net = real(model, spec, ckpt)
         census = {}
         for n, p in net.named_parameters():
             census.setdefault(f"{type(p).__name__}:{p.dtype}:{p.requires_grad}", []).append(n)
         seen.update(census)
         return net
 
-    monkeypatch.setattr(recipe, "_trainable", spy)
+    monkeypatch.setattr(recipe, "trainable", spy)
     art = finetune(resolved, AdapterSpec(train_quant="bnb-nf4-dq", **TINY), "cpu", isolate=False)
     frozen_4bit = seen.get("Params4bit:torch.uint8:False", [])
     assert len(frozen_4bit) == 14  # every projection stays packed 4-bit and frozen
@@ -287,7 +287,7 @@ def test_budget_in_tokens_and_early_stopping(resolved, monkeypatch):
     import qeval.train.recipe as recipe
 
     rising = iter([3.0, 2.0, 2.5, 2.6, 2.7, 2.8])  # best at the first evaluation, then worse
-    monkeypatch.setattr(recipe, "_heldout_loss", lambda *a: next(rising))
+    monkeypatch.setattr(recipe, "heldout_loss_of", lambda *a: next(rising))
     art = finetune(resolved, AdapterSpec(**{**TINY, "steps": 10, "early_stopping_patience": 2}), "cpu", isolate=False)
     assert art.steps_done == 6 and art.tokens == 6 * 2 * 64 and [s for s, _ in art.heldout] == [0, 2, 4, 6]
 
@@ -352,7 +352,7 @@ def test_time_per_step_excludes_the_heldout_passes(resolved, monkeypatch):
         _time.sleep(0.4)
         return 1.0
 
-    monkeypatch.setattr(recipe, "_heldout_loss", slow)
+    monkeypatch.setattr(recipe, "heldout_loss_of", slow)
     t = _time.perf_counter()
     art = finetune(resolved, AdapterSpec(**{**TINY, "steps": 2, "eval_every": 1}), "cpu", isolate=False)
     wall = _time.perf_counter() - t
@@ -372,3 +372,21 @@ def test_default_plan_and_the_full_ft_plan_share_the_lora_recipe():
     assert full.adapters["full"].method == "full" and "full" not in default.adapters
     formats = load_plan(plans / "default.yaml").formats  # the issue's bar: >= 14 formats, >= 4 backends
     assert len(formats) - 1 >= 14 and len({FORMATS.get(f).backend for f in formats} - {"none"}) >= 4
+
+
+def test_checkpointing_setting_keys_the_adapter_but_not_its_weights(resolved, tmp_path, monkeypatch):
+    """Non-reentrant checkpointing recomputes each block with its first run's RNG state: off, on or
+    auto, the same adapter bit for bit, under its own key (the memory differs); true keeps today's key."""
+    monkeypatch.setenv("QEVAL_CACHE", str(tmp_path))
+    arts = {ck: finetune(resolved, AdapterSpec(gradient_checkpointing=ck, **TINY), "cpu", isolate=False)
+            for ck in (True, False, "auto")}
+    weights = {ck: (a.path / "adapter_model.safetensors").read_bytes() for ck, a in arts.items()}
+    assert weights[True] == weights[False] == weights["auto"]
+    assert len({a.key for a in arts.values()}) == 3
+    assert arts[False].memory["options"].startswith("checkpointing none")
+    assert arts["auto"].memory["options"].startswith("checkpointing none (auto)")  # a tiny model needs no checkpointing
+
+
+def test_checkpointing_accepts_true_false_auto_only():
+    assert any("gradient_checkpointing" in str(e) for e in AdapterSpec(gradient_checkpointing="sometimes").problems("a"))
+    assert not [e for e in AdapterSpec(gradient_checkpointing="auto").problems("a") if "checkpointing" in str(e)]

@@ -20,6 +20,9 @@ def arguments(ben) -> None:
                      help="dtype of the efficiency table; with bf16 also its noise floor against float32")
     ben.add_argument("--per-cell", action=argparse.BooleanOptionalAction, default=True,
                      help="also time one fresh lm-eval process per cell (~2 min on 2 CPU cores)")
+    ben.add_argument("--train", action=argparse.BooleanOptionalAction, default=True,
+                     help="the training-efficiency table: the default plan's adapters (qeval.bench.training)")
+    ben.add_argument("--train-steps", type=int, default=5, help="timed steps per adapter and checkpointing setting")
 
 
 def cmd_bench(args) -> int:
@@ -57,6 +60,16 @@ def cmd_bench(args) -> int:
 
         with (out / "bench.md").open("a") as fh:
             fh.write(write_dtype_floor(dtype_floor(args.model, device, dtype)))
+    if args.train:
+        import os
+
+        from qeval.bench.training import plan_arms, train_bench, write_training
+
+        load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+        table = write_training(train_bench(args.model, plan_arms(env.PACKAGE_ROOT.parent / "plans" / "default.yaml"),
+                                           device, steps=args.train_steps), out, load)
+        with (out / "bench.md").open("a") as fh:
+            fh.write(table)
     print((out / "bench.md").read_text())
     return 0
 

@@ -58,7 +58,7 @@ def _train(model: ResolvedModel, spec: AdapterSpec, device: str, key: str, out: 
     """The one training loop (LoRA, QLoRA and full fine-tune alike); writes the artifact folder."""
     import torch
 
-    from qeval.train.loss import causal_lm_loss, loss_problem  # torch at import: not for plan validation
+    from qeval.train.loss import loss_problem  # torch at import: not for plan validation
 
     def progress(msg: str) -> None:
         say(f"{prefix}{msg}")
@@ -87,13 +87,13 @@ def _train(model: ResolvedModel, spec: AdapterSpec, device: str, key: str, out: 
         if spec.cross_entropy != "full" and (why := loss_problem(base.model)):
             raise QevalError("cross_entropy", spec.cross_entropy, f"a model whose logits are its LM head's ({why})",
                              "use cross_entropy: full for this model")
-        net = _trainable(base.model, spec)
+        ckpt = checkpointing(spec, base.model, device)
+        net = trainable(base.model, spec, ckpt)
         params = [p for p in net.parameters() if p.requires_grad]
-        trainable = sum(p.numel() for p in params)
+        n_trainable = sum(p.numel() for p in params)
         total = sum(p.numel() for p in net.parameters())
         train, held, data = prepare(spec.train_data, base.tokenizer, spec.seq_len, spec.packing)
-        opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=0.0)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, spec.warmup_steps)))
+        opt, sched = optimizer(params, spec)
         # The order depends on the seed and the number of blocks only: arms trained on the same data,
         # seq_len, packing and seed see the same tokens in the same order (order_hash proves it).
         gen = torch.Generator().manual_seed(spec.seed)
@@ -105,13 +105,13 @@ def _train(model: ResolvedModel, spec: AdapterSpec, device: str, key: str, out: 
         def heldout_loss() -> float:
             nonlocal eval_s
             t = time.perf_counter()
-            value = _heldout_loss(net, held, device, spec.cross_entropy)
+            value = heldout_loss_of(net, held, device, spec.cross_entropy)
             eval_s += time.perf_counter() - t
             return value
 
         long_note = (f"{data['long_rows']} rows longer than seq_len {'packed across blocks' if spec.packing == 'pack' else 'truncated'}"
                      if data["long_rows"] else "no row longer than seq_len")
-        progress(f"fine-tune {spec.method} on {spec.train_quant}: {trainable:,} trainable of {total:,} parameters, "
+        progress(f"fine-tune {spec.method} on {spec.train_quant}: {n_trainable:,} trainable of {total:,} parameters, "
                  f"{steps} steps x {spec.batch_size} x {spec.seq_len} = {steps * spec.batch_size * spec.seq_len:,} tokens "
                  f"of {data['format']} data ({data['train_rows']} train / {data['heldout_rows']} held-out rows, "
                  f"{spec.packing}: {long_note})")
@@ -131,15 +131,11 @@ def _train(model: ResolvedModel, spec: AdapterSpec, device: str, key: str, out: 
             ids, labels = train.ids[idx], train.labels[idx]
             order_hash.update(ids.numpy().tobytes())
             order_hash.update(labels.numpy().tobytes())
-            loss = causal_lm_loss(net, ids.to(device), labels.to(device), spec.cross_entropy)
-            loss.backward()
+            loss = train_step(net, params, opt, sched, ids.to(device), labels.to(device), spec.cross_entropy,
+                              grads=(sizes := []) if step == 1 else None)
             if step == 1:
-                grad_bytes = sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            losses.append((step, float(loss.detach())))
+                grad_bytes = sum(sizes)
+            losses.append((step, loss))
             done = step
             if step % spec.eval_every == 0 or step == steps:
                 heldout.append((step, heldout_loss()))
@@ -165,8 +161,8 @@ def _train(model: ResolvedModel, spec: AdapterSpec, device: str, key: str, out: 
     opt_bytes = sum(t.numel() * t.element_size() for st in opt.state.values() for t in st.values()
                     if torch.is_tensor(t))
     memory = _memory_breakdown(base, spec, phases, idle, min(HELDOUT_BATCH, len(held.ids)), trainable_bytes=sum(p.numel() * p.element_size() for p in params),
-                               opt_bytes=opt_bytes, grad_bytes=grad_bytes, cuda=cuda)
-    art = AdapterArtifact(key, out, spec, trainable, total, weights, train_s, train_s / done,
+                               opt_bytes=opt_bytes, grad_bytes=grad_bytes, cuda=cuda, ckpt=ckpt)
+    art = AdapterArtifact(key, out, spec, n_trainable, total, weights, train_s, train_s / done,
                           tokens / train_s, phases.peak["train"], idle,
                           tuple(losses), tuple(heldout), device, steps_done=done, tokens=tokens,
                           order_hash=order_hash.hexdigest(), eval_s=eval_s, data=data, memory=memory)
@@ -191,7 +187,7 @@ def _import_training_libraries(model: ResolvedModel) -> None:
 
 
 def _memory_breakdown(base, spec: AdapterSpec, phases, idle: int, heldout_batch: int, trainable_bytes: int, opt_bytes: int,
-                      grad_bytes: int, cuda: bool) -> dict:
+                      grad_bytes: int, cuda: bool, ckpt: bool = True) -> dict:
     """Measured parts of the training peak and the analytic model's prediction (qeval.train.estimate).
 
     weights = the loaded model's bytes; adapter_optimizer = trainable weights + AdamW states;
@@ -220,9 +216,9 @@ def _memory_breakdown(base, spec: AdapterSpec, phases, idle: int, heldout_batch:
     try:
         shape = Shape.from_config(base.model.config.to_dict())
         dtype_bytes = 2 if cuda and str(base.dtype) in ("bfloat16", "float16") else 4
-        options = Options(checkpointing="layer" if spec.gradient_checkpointing else "none",
-                          cross_entropy=spec.cross_entropy)
-        measured["options"] = f"checkpointing {options.checkpointing}, cross-entropy {options.cross_entropy}"
+        options = Options(checkpointing="layer" if ckpt else "none", cross_entropy=spec.cross_entropy)
+        auto = " (auto)" if spec.gradient_checkpointing == "auto" else ""
+        measured["options"] = f"checkpointing {options.checkpointing}{auto}, cross-entropy {options.cross_entropy}"
         e = estimate(shape, method, spec.batch_size, spec.seq_len, r=spec.r, dtype_bytes=dtype_bytes,
                      train_quant=spec.train_quant if method == "qlora" else "bnb-nf4-dq",
                      overhead=runtime + process, heldout_batch=heldout_batch, options=options)
@@ -233,14 +229,15 @@ def _memory_breakdown(base, spec: AdapterSpec, phases, idle: int, heldout_batch:
     return measured
 
 
-def _trainable(model: Any, spec: AdapterSpec) -> Any:
-    """Freeze the base and add LoRA, or unfreeze everything for a full fine-tune.
+def trainable(model: Any, spec: AdapterSpec, ckpt: bool = True) -> Any:
+    """Freeze the base and add LoRA, or unfreeze everything for a full fine-tune; `ckpt`: gradient
+    checkpointing per layer (`checkpointing` resolves the spec's setting).
 
     For a k-bit base this does what peft's prepare_model_for_kbit_training does that training
     needs (frozen base, input grads for checkpointing) but not its upcast of every non-quantized
     parameter to float32, which on a bf16 GPU base doubles the embedding's memory for nothing.
     """
-    if spec.gradient_checkpointing:
+    if ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False  # the KV cache is useless in training and fights checkpointing
     if spec.method == "full":
@@ -251,7 +248,7 @@ def _trainable(model: Any, spec: AdapterSpec) -> Any:
 
     for p in model.parameters():
         p.requires_grad_(False)
-    if spec.gradient_checkpointing:
+    if ckpt:
         model.enable_input_require_grads()
     config = lora_config(spec)
     backend = backend_of(FORMATS.get(spec.train_quant))
@@ -262,7 +259,74 @@ def _trainable(model: Any, spec: AdapterSpec) -> Any:
     return get_peft_model(model, config)
 
 
-def _heldout_loss(model, blocks, device: str, cross_entropy: str = "full") -> float:
+def optimizer(params: list, spec: AdapterSpec) -> tuple:
+    """AdamW and its linear warm-up, as every training of `spec` steps them."""
+    import torch
+
+    opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=0.0)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, spec.warmup_steps)))
+
+
+def train_step(net, params: list, opt, sched, ids, labels, cross_entropy: str, clock=None, grads=None) -> float:
+    """One optimizer step on one batch; the step's loss. `clock(phase)` is called at the end of
+    each phase (forward, backward, optimizer) for `qeval bench`'s split; `grads`, a list, receives
+    the gradients' byte sizes before the optimizer frees them (the memory table's `gradients`)."""
+    import torch
+
+    from qeval.train.loss import causal_lm_loss
+
+    tick = clock or (lambda phase: None)
+    loss = causal_lm_loss(net, ids, labels, cross_entropy)
+    tick("forward")
+    loss.backward()
+    tick("backward")
+    if grads is not None:
+        grads += [p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None]
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    value = float(loss.detach())
+    tick("optimizer")
+    return value
+
+
+# `gradient_checkpointing: auto` turns it on only when training without it would need more than this
+# share of the device's memory (the analytic projection, qeval.train.estimate): a 135M model at
+# 4 x 128 tokens needs well under 1 GiB of activations, and recomputing every block costs a forward
+AUTO_CHECKPOINT_SHARE = 0.5
+
+
+def checkpointing(spec: AdapterSpec, model: Any, device: str) -> bool:
+    """Whether this training checkpoints per layer: the spec's true / false, or for `auto` whether
+    the projected peak without it exceeds AUTO_CHECKPOINT_SHARE of the device's memory.
+
+    Non-reentrant checkpointing recomputes each block with the RNG state of its first run
+    (dropout masks included), so the trained weights do not depend on this setting
+    (tests/test_adapters.py checks it bit for bit); only the peak memory and the time do."""
+    if spec.gradient_checkpointing != "auto":
+        return bool(spec.gradient_checkpointing)
+    import psutil
+    import torch
+
+    from qeval.train.estimate import Options, Shape, estimate
+
+    try:
+        shape = Shape.from_config(model.config.to_dict())
+    except Exception:  # noqa: BLE001 -- an architecture the projection does not cover: the safe side
+        return True
+    cuda = device.startswith("cuda")
+    method = "full" if spec.method == "full" else ("qlora" if spec.train_quant != "none" else "lora")
+    e = estimate(shape, method, spec.batch_size, spec.seq_len, r=spec.r,
+                 dtype_bytes=2 if cuda and model.dtype in (torch.bfloat16, torch.float16) else 4,
+                 train_quant=spec.train_quant if method == "qlora" else "bnb-nf4-dq",
+                 options=Options(checkpointing="none", cross_entropy=spec.cross_entropy))
+    total = torch.cuda.get_device_properties(torch.device(device)).total_memory if cuda \
+        else psutil.virtual_memory().total
+    return e.total > AUTO_CHECKPOINT_SHARE * total
+
+
+def heldout_loss_of(model, blocks, device: str, cross_entropy: str = "full") -> float:
     """Mean loss per loss token over the held-out blocks (masked labels do not count)."""
     import torch
 

@@ -56,7 +56,10 @@ class AdapterSpec:
     seed: int = 1234
     train_data: str = "lee_background"  # a built-in name (qeval.data.train_data.BUILTIN) or a .jsonl file / folder
     packing: str = "pack"  # pack | truncate: what happens to rows longer than seq_len (qeval.data.train_data)
-    gradient_checkpointing: bool = True  # trades ~40% more time for far less activation memory
+    # true | false | auto (on only when the projected peak without it passes half the device's
+    # memory: qeval.train.recipe.checkpointing). Trades a recomputed forward (~1/3 more time) for
+    # far less activation memory; the trained weights are the same either way (non-reentrant)
+    gradient_checkpointing: bool | str = True
     # full (the model's own loss) | chunked:N | fused:N: the loss over N chunks of tokens, so the
     # batch's fp32 logits never exist at once (qeval.train.loss; memory: qeval.train.estimate)
     cross_entropy: str = "full"
@@ -109,6 +112,9 @@ class AdapterSpec:
         except QevalError as e:
             out.append(QevalError(f"{where}.cross_entropy", self.cross_entropy, "full, chunked:N or fused:N "
                                   "(N > 0 chunks of tokens)", "e.g. chunked:8 (torchtune's chunked loss)"))
+        if not isinstance(self.gradient_checkpointing, bool) and self.gradient_checkpointing != "auto":
+            out.append(QevalError(f"{where}.gradient_checkpointing", self.gradient_checkpointing, "true, false or auto",
+                                  "auto: checkpoint only when memory needs it"))
         if self.packing not in PACKINGS:
             out.append(unknown_name(f"{where}.packing", self.packing, PACKINGS))
         for name in ("r", "alpha", "steps", "batch_size", "seq_len", "eval_every"):

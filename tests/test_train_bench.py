@@ -1,0 +1,35 @@
+"""The training benchmark (qeval.bench.training) on the tiny model: its split adds up and its
+efficiency is the ratio it says, checked against the row's own independent timings."""
+import pytest
+
+from qeval.bench.training import plan_arms, train_bench, with_settings, write_training
+from qeval.core import env
+
+
+@pytest.fixture(scope="module")
+def frame(tiny_model_dir):
+    arms = with_settings(plan_arms(env.PACKAGE_ROOT.parent / "plans" / "default.yaml"), seq_len=32, batch_size=2)
+    return train_bench(str(tiny_model_dir), arms, "cpu", steps=2)
+
+
+def test_one_row_per_default_plan_adapter_and_checkpointing_setting(frame):
+    assert sorted(zip(frame.adapter, frame.checkpointing)) == [("lora", False), ("lora", True),
+                                                               ("qlora", False), ("qlora", True)]
+    assert set(frame.train_quant) == {"none", "bnb-nf4-dq"}
+
+
+def test_split_and_efficiency_are_consistent(frame):
+    for r in frame.itertuples():
+        parts = r.forward_s + r.backward_s + r.optimizer_s + r.rest_s
+        assert parts == pytest.approx(r.step_s)
+        assert min(r.forward_s, r.backward_s, r.optimizer_s) > 0 and r.rest_s >= r.heldout_s / 5
+        assert r.train_tok_s == pytest.approx(r.tokens_per_step / r.step_s)
+        divisor = 4 if r.checkpointing else 3
+        assert r.efficiency == pytest.approx(r.train_tok_s * divisor / r.forward_tok_s)
+        assert r.meets_target == (r.efficiency >= 0.75)
+
+
+def test_table_has_a_row_per_arm(frame, tmp_path):
+    text = write_training(frame, tmp_path, "1.00")
+    assert text.count("| lora |") == 2 and text.count("| qlora |") == 2 and "Load average" in text
+    assert (tmp_path / "training.csv").is_file()
