@@ -109,6 +109,23 @@ def quantize(weight: np.ndarray, type_name: str) -> np.ndarray:
     return out
 
 
+def toolchain_missing() -> list[str]:
+    """The build tools (cmake, C and C++ compilers) that are not on PATH."""
+    tools = {"cmake": shutil.which("cmake"), "C compiler": shutil.which("cc") or shutil.which("gcc"),
+             "C++ compiler": shutil.which("c++") or shutil.which("g++")}
+    return [k for k, v in tools.items() if not v]
+
+
+def download_source(dest: Path, log) -> tuple[Path, str]:
+    """The pinned llama-cpp-python sdist (which vendors llama.cpp) into `dest`: its path and sha256.
+    Shared by this build and the llama.cpp runtime's (qeval.quant.backends.llama_runtime)."""
+    log(f"pip download {SOURCE_DIST}=={SOURCE_VERSION} (source, ~75 MB)")
+    _run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+          f"{SOURCE_DIST}=={SOURCE_VERSION}", "-d", str(dest)], "pip download")
+    (sdist,) = list(Path(dest).glob("*.tar.gz"))
+    return sdist, sha256_file(sdist)
+
+
 def build(log=print) -> Path:
     """Download the pinned source with pip, build libggml-base with cmake into the cache; returns the
     library's path. Idempotent: an existing build is reused. Raises QevalError (one line) when a tool
@@ -124,9 +141,7 @@ def build(log=print) -> Path:
     if (target / _LIBNAME).is_file():
         log(f"ggml: {target / _LIBNAME} (already built)")
         return target / _LIBNAME
-    tools = {"cmake": shutil.which("cmake"), "C compiler": shutil.which("cc") or shutil.which("gcc"),
-             "C++ compiler": shutil.which("c++") or shutil.which("g++")}
-    absent = [k for k, v in tools.items() if not v]
+    absent = toolchain_missing()
     if absent:
         raise QevalError("building llama.cpp's ggml", "needs " + ", ".join(absent),
                          "cmake and a C/C++ toolchain", "apt-get install cmake build-essential (or pip install cmake)")
@@ -134,11 +149,7 @@ def build(log=print) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="qeval-ggml-", dir=target.parent) as tmp:
         tmp = Path(tmp)
-        log(f"ggml: pip download {SOURCE_DIST}=={SOURCE_VERSION} (source, ~75 MB)")
-        _run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-              f"{SOURCE_DIST}=={SOURCE_VERSION}", "-d", str(tmp / "dl")], "pip download")
-        (sdist,) = list((tmp / "dl").glob("*.tar.gz"))
-        digest = sha256_file(sdist)
+        sdist, digest = download_source(tmp / "dl", lambda m: log(f"ggml: {m}"))
         t_download = time.perf_counter() - t0
         prefix = f"{sdist.name[:-len('.tar.gz')]}/vendor/llama.cpp/"
         with tarfile.open(sdist) as tar:  # only the ggml tree and llama-quant.cpp (the rules ported here)
@@ -163,7 +174,7 @@ def build(log=print) -> Path:
         build_s = time.perf_counter() - t0
         (stage / "BUILD.json").write_text(json.dumps({
             "source": f"{SOURCE_DIST}=={SOURCE_VERSION}", "sdist_sha256": digest, "download_s": round(t_download, 1),
-            "build_s": round(build_s, 1), "compiler": tools["C compiler"]}, indent=1))
+            "build_s": round(build_s, 1), "compiler": shutil.which("cc") or shutil.which("gcc")}, indent=1))
         if target.exists():
             shutil.rmtree(target)
         stage.rename(target)

@@ -27,8 +27,7 @@ import time
 from pathlib import Path
 
 from qeval.core.errors import QevalError
-from qeval.core.files import sha256_file
-from qeval.quant.backends.ggml_lib import SOURCE_DIST, SOURCE_VERSION
+from qeval.quant.backends.ggml_lib import SOURCE_DIST, SOURCE_VERSION, download_source, toolchain_missing
 
 SETUP_COMMAND = "qeval parity --setup"
 _PY_DEPS = ("diskcache>=5.6.1",)  # imported by llama_cpp/__init__ (llama_cache); numpy, jinja2 come from the venv
@@ -52,12 +51,6 @@ def missing_reason() -> str | None:
     if available():
         return None
     return f"llama.cpp runtime absent at {runtime_dir()} (run `{SETUP_COMMAND}`: pip download + cmake, several minutes)"
-
-
-def toolchain_missing() -> list[str]:
-    tools = {"cmake": shutil.which("cmake"), "C compiler": shutil.which("cc") or shutil.which("gcc"),
-             "C++ compiler": shutil.which("c++") or shutil.which("g++")}
-    return [k for k, v in tools.items() if not v]
 
 
 @functools.lru_cache(maxsize=1)
@@ -93,11 +86,7 @@ def build(log=print) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="qeval-llama-", dir=target.parent) as tmp:
         tmp = Path(tmp)
-        log(f"llama.cpp runtime: pip download {SOURCE_DIST}=={SOURCE_VERSION} (source, ~75 MB)")
-        _run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-              f"{SOURCE_DIST}=={SOURCE_VERSION}", "-d", str(tmp / "dl")], "pip download")
-        (sdist,) = list((tmp / "dl").glob("*.tar.gz"))
-        digest = sha256_file(sdist)
+        sdist, digest = download_source(tmp / "dl", lambda m: log(f"llama.cpp runtime: {m}"))
         t_download = time.perf_counter() - t0
         top = sdist.name[:-len(".tar.gz")]
         with tarfile.open(sdist) as tar:
