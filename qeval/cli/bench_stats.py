@@ -26,4 +26,4 @@ def cmd_bench_stats(args) -> int:
 
 
 register(Command("bench-stats", "coverage of each statistics kind's 95%% interval, simulated with a known truth "
-                 "(writes reports/bench/stats.md; ~10 min on 2 CPU cores)", cmd_bench_stats, arguments))
+                 "(writes reports/bench/stats.md; 10-20 min on 2 CPU cores)", cmd_bench_stats, arguments))
