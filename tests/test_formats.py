@@ -95,7 +95,7 @@ def test_every_backend_declares_its_needs():
     for name, b in BACKENDS.items():
         if name == "none":
             continue  # the baseline: a backend with a label and a colour, no schemes
-        assert b.extra and b.schemes and b.calibration == (name == "gptq")  # GPTQ alone needs calibration text
+        assert b.extra and b.schemes and b.calibration == (name in ("gptq", "awq"))  # GPTQ and AWQ need calibration text
         for s in b.schemes:
             f = FORMATS.get(f"{name}:{s}")
             assert f.kernel in ("real", "simulated") and f.bits_per_weight is not None

@@ -103,7 +103,8 @@ def test_one_verdict_for_one_pair_in_every_table_and_the_nightly(tmp_path):
     md = (tmp_path / "report" / "report.md").read_text(encoding="utf-8")
     accuracy = next(line for line in md.splitlines() if line.startswith("| bnb-int8 | 0.6500"))
     assert "(within noise)" in accuracy and " *" not in accuracy
-    divergence = next(line for line in md.splitlines() if line.startswith("| bnb-int8 | 1000 |"))
+    # the flips table (after the llama.cpp-style KL table, whose rows start alike)
+    divergence = [line for line in md.splitlines() if line.startswith("| bnb-int8 | 1000 |")][-1]
     assert divergence.endswith("| within noise |")
     adapter = next(line for line in md.splitlines() if line.startswith("| int8+lora |"))
     assert "(within noise)" in adapter and "nothing to regain (loss within noise)" in adapter
@@ -256,7 +257,7 @@ def test_bench_gates_runs_on_a_small_store(tmp_path):
         for rec, s in cells:
             store.put(rec, s)
     text = run(tmp_path / "s.sqlite", tmp_path / "out", nights=30, detect_nights=20)
-    assert "false alarm per no-change night" in text and "qeval_analogy acc: drop of 2 x MDE" in text
+    assert "false alarm per no-change night" in text and "qeval_analogy acc: drop of " in text and "nightly MDE at 90% power" in text
     assert "a 3% rise" in text and (tmp_path / "out" / "gates.md").read_text() == text
 
 
