@@ -32,7 +32,7 @@ class PeakMemory:
         self.peak_bytes = self._proc.memory_info().rss
         with _HWM_LOCK:
             now = high_water()
-            if now is not None and _reset_high_water():
+            if now is not None and reset_high_water():
                 for outer in _HWM_ACTIVE:  # a nested block's reset must not lose the outer ones' peaks
                     outer.peak_bytes = max(outer.peak_bytes, now)
                 self._hwm = True
@@ -73,13 +73,23 @@ def high_water() -> int | None:
     return None
 
 
-def _reset_high_water() -> bool:
+def reset_high_water() -> bool:
+    """Reset this process's peak RSS to its current RSS; True only where the reset took effect.
+
+    Some sandboxes accept the write to clear_refs and ignore it (CI's did: VmHWM stayed at the
+    process's lifetime peak), so the reset is checked: afterwards VmHWM must be close to RSS.
+    Where it is not, callers fall back to sampling."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # Linux >= 4.0: reset the peak RSS to the current RSS
-        return True
     except OSError:
         return False
+    after = high_water()
+    # RSS may grow between the two reads (other threads); 16 MiB is far below any peak we report
+    return after is not None and after <= psutil.Process().memory_info().rss + _RESET_SLACK
+
+
+_RESET_SLACK = 16 * 2**20
 
 
 # ----------------------------------------------------------------------------- per-phase peaks
