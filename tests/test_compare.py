@@ -87,14 +87,14 @@ def test_memory_frame_ratios():
     assert mem.loc["bnb-nf4", "measured_bits_per_weight"] == pytest.approx(22 * 8 / 40)
 
 
-def _seeded(quant, adapter, seed, value, peak, order="o"):
+def _seeded(quant, adapter, seed, value, peak, order="o", options=None):
     r = _rec_json(quant, "qeval_lee_ppl", "word_perplexity", value, 2, hib=False, adapter=f"{adapter}#s{seed}",
              arm=f"{adapter}#s{seed}")
     r["adapter"] = {**r["adapter"], "spec": {**r["adapter"]["spec"], "seed": seed}, "peak_train_bytes": peak,
                     "order_hash": f"{order}{seed}", "tokens": 100,
                     "memory": {"load_peak": 2 * peak, "train_peak": peak, "weights": peak // 2, "adapter_optimizer": 1,
                                "gradients": 1, "activations": peak // 2 - 2, "predicted": {"total": peak},
-                               "prediction_error": 0.0}}
+                               "prediction_error": 0.0, **({"options": options} if options else {})}}
     return make_record(**r)
 
 
@@ -165,6 +165,25 @@ def test_least_training_memory_says_no_clear_winner_when_seed_peaks_overlap():
     # two seeds, the cold runs' numbers (MiB): 330 apart with ~30 of noise is a winner in both runs,
     # though the two 95% t intervals (mean +- 12.7 sd / sqrt 2) of the second run overlap
     assert seeds_differ([1539, 1544], [1197, 1174]) and seeds_differ([1531, 1490], [1197, 1174])
+
+
+def test_the_memory_verdict_names_the_trainer_options_and_flags_a_mix():
+    """The LoRA-vs-QLoRA memory verdict says which checkpointing / cross-entropy setting its peaks were
+    measured with, and calls a comparison of arms measured with different settings unfair."""
+    from qeval.stats.compare import decision
+
+    base = [_rec("none", "qeval_lee_ppl", "word_perplexity", 120, 2, hib=False),
+            _rec("bnb-nf4", "qeval_lee_ppl", "word_perplexity", 140, 2, hib=False),
+            _rec("none", "qeval_analogy", "acc", 0.8, 0.02)]
+    off, on = "checkpointing none, cross-entropy full", "checkpointing layer (auto), cross-entropy full"
+    same = decision(adapter_frames(base + [_seeded("none", "lora", 1, 100, 2000, options=off),
+                                           _seeded("bnb-nf4", "qlora", 1, 101, 1000, options=off)]), None)[1]
+    assert f"Training memory measured with {off} for every arm." in same and "on memory" not in same
+    mixed = decision(adapter_frames(base + [_seeded("none", "lora", 1, 100, 2000, options=on),
+                                            _seeded("bnb-nf4", "qlora", 1, 101, 1000, options=off)]), None)[1]
+    assert f"Not like for like on memory: the arms trained with different memory options (lora#s1: {on}; qlora#s1: {off})" in mixed
+    old = decision(adapter_frames(base + [_seeded("none", "lora", 1, 100, 2000), _seeded("bnb-nf4", "qlora", 1, 101, 1000)]), None)[1]
+    assert "memory options" not in old and "Training memory measured" not in old
 
 
 def test_seeds_differ_is_welch_and_says_when_noise_is_not_measured():

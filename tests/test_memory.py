@@ -303,17 +303,20 @@ def _built(folder, **sizes):
 def test_each_trainer_option_moves_measured_memory_as_estimated(tmp_path):
     """One training step (forward, loss, backward) of a LoRA model per option of qeval's trainer,
     measured in one child with the trainer's allocator settings (exact peak RSS), against the analytic
-    model. The loss options on a model whose logits dominate (vocab 16k, 2 x 512 tokens): each
+    model. The loss options on a model whose logits dominate (vocab 32k, 2 x 512 tokens): each
     option's saving against the model's own loss within 25% of the predicted saving, and the step's
     activations + LoRA gradients within 40%. Checkpointing on a model whose blocks dominate (8
     layers, vocab 256): turning it off costs at least the predicted amount and at most twice it -- the
     model leaves out what peft's LoRA dropout keeps (a dropped copy of each adapted layer's input),
-    measured at +50% here (docs/adapters-and-memory.md)."""
+    measured at +50% here (docs/adapters-and-memory.md). The fused loss measures ~10-15 MiB above the
+    model whatever the chunk count (fused:4/8/16/32 on a 16k vocabulary: +14.9/+14.8/+14.0/+12.3 MiB),
+    a term not in the model; at 16k its 25 MiB prediction sat at the 40% edge (CI-like load: 41.7
+    measured), at 32k the logits dominate as the test intends (48.6 predicted, 59 measured)."""
     from qeval.train.estimate import Options
 
     if not __import__("qeval.models.memory", fromlist=["tune_allocator"]).tune_allocator():
         pytest.skip("not glibc: RSS keeps the allocator's slack")
-    wide = _built(tmp_path / "wide", vocab_size=16384, hidden_size=64, intermediate_size=128, num_hidden_layers=2)
+    wide = _built(tmp_path / "wide", vocab_size=32768, hidden_size=64, intermediate_size=128, num_hidden_layers=2)
     deep = _built(tmp_path / "deep", vocab_size=256, hidden_size=256, intermediate_size=1024, num_hidden_layers=8)
     cases = [(wide, "full", True, 2, 512), (wide, "chunked:8", True, 2, 512), (wide, "fused:8", True, 2, 512),
              (deep, "full", True, 2, 512), (deep, "full", False, 2, 512)]

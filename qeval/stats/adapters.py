@@ -160,7 +160,8 @@ def decision(frames: dict[str, pd.DataFrame], memory_budget: float | None) -> tu
                "adapter_bytes": t.adapter_bytes, "trainable_params": t.trainable_params,
                "s_per_step": t.s_per_step, "tokens_per_s": t.tokens_per_s, "train_s": t.train_s,
                "tokens": d.get("tokens", 0), "seed": d.get("seed"), "order_hash": d.get("order_hash", ""),
-               "not_converged": bool(d.get("not_converged", False))}
+               "not_converged": bool(d.get("not_converged", False)),
+               "options": str((d.get("memory") or {}).get("options") or "")}
         for x in on_own_base.itertuples(index=False):
             row[f"{x.task}:{x.metric}"] = x.value
             row[f"{x.task}:hib"] = x.higher_is_better
@@ -211,6 +212,7 @@ def decision(frames: dict[str, pd.DataFrame], memory_budget: float | None) -> tu
                         "their seed-to-seed noise (Welch t-test, 5%).")
         elif differ is None:
             verdict += " One training per arm: training noise is not measured (set seeds: [...] to measure it)."
+    verdict += memory_options_note(table)
     unfair = [s for s, g in table.groupby("seed") if g["order_hash"].nunique() > 1 or g["tokens"].nunique() > 1]
     if unfair:
         verdict += (" Not like for like: arms with the same seed trained on different tokens "
@@ -219,6 +221,20 @@ def decision(frames: dict[str, pd.DataFrame], memory_budget: float | None) -> tu
     if late:
         verdict += f" Not converged: {', '.join(late)} (held-out loss still falling at the end: more budget may change the ranking)."
     return table.drop(columns=["base_arm"]), verdict
+
+
+def memory_options_note(table: pd.DataFrame) -> str:
+    """Which trainer memory options (checkpointing, cross-entropy) the peaks were measured with: one
+    setting for every arm is named; arms measured with different ones make the memory verdict
+    unfair, and that is said (`gradient_checkpointing: auto` may resolve differently per arm)."""
+    options = {a: o for a, o in zip(table["arm"], table["options"]) if o} if "options" in table else {}
+    if not options:
+        return ""  # records from before the options were stored
+    if len(set(options.values())) == 1:
+        return f" Training memory measured with {next(iter(options.values()))} for every arm."
+    listed = "; ".join(f"{a}: {o}" for a, o in sorted(options.items()))
+    return (f" Not like for like on memory: the arms trained with different memory options ({listed}); "
+            "set gradient_checkpointing and cross_entropy the same on every adapter.")
 
 
 def decision_summary(table: pd.DataFrame) -> tuple[pd.DataFrame, str, str]:
