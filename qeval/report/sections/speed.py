@@ -2,9 +2,10 @@
 speed together, with the formats another beats on all three marked.
 
 The numbers are the run's speed records (`qeval.models.speed`, one per arm, measured in the job that
-evaluated it); the judgements are `qeval.stats.speed`'s. A format whose compute is simulated shows its
-measured speed with the mark "simulated: not a kernel's speed" and takes no part in the dominance or the
-fastest-within-margin sentence: its float compute says nothing about the format's kernel (nor its memory).
+evaluated it); the judgements are `qeval.stats.speed`'s. A format whose compute is simulated is not
+measured (`qeval.run.cells.speed_cell`; stores from before that show its float speed with the mark
+"simulated: not a kernel's speed") and takes no part in the dominance or the fastest-within-margin
+sentence: its float compute says nothing about the format's kernel (nor its memory).
 """
 from __future__ import annotations
 
@@ -92,7 +93,9 @@ def speed_landscape(land: pd.DataFrame, speed: pd.DataFrame) -> pd.DataFrame:
     if land.empty or fs.empty:
         return pd.DataFrame()
     df = land[["model", "quant", "mean_recovery", "total_bytes", "kernel"]].merge(
-        fs.drop(columns=["kernel"]), on=["model", "quant"], how="inner")
+        fs.drop(columns=["kernel"]), on=["model", "quant"], how="left")
+    # a real format without a speed record has nothing to show; a simulated one is listed, unmeasured
+    df = df[df["decode_tok_s_b1"].notna() | (df["kernel"] == "simulated")]
     df = df.assign(kernel=[("simulated" if m else k) for k, m in zip(df["kernel"], df["mark"] == SIMULATED_SPEED)])
     df = df.assign(mean_recovery=df["mean_recovery"].where(df["quant"] != BASELINE, 1.0))
     marks = []
@@ -120,7 +123,8 @@ def speed_section(speed: pd.DataFrame, land: pd.DataFrame, results: pd.DataFrame
               Para(f"Measured in the job that evaluated each arm (no extra load), {first['settings']}: prefill tokens/s at batch {first['prefill_batch']} (the suite's), decode "
                    "tokens/s at batch 1 and 8 (median step after the first token), time to first token at batch 1, "
                    f"peak memory while generating ({first['peak_kind']}). A simulated format computes in float: "
-                   f"its speed is marked '{SIMULATED_SPEED}'. Timings on a shared machine move from run to run."),
+                   f"its speed is not measured (older stores: marked '{SIMULATED_SPEED}'). Timings on a shared "
+                   "machine move from run to run."),
               Table((["model"] if multi else []) + ["format", "adapter", "prefill tok/s", "decode tok/s b1",
                                                     "decode tok/s b8", "TTFT s", "peak MiB", "note"],
                     rows, ([False] if multi else []) + [False, False, True, True, True, True, True, False])]
