@@ -123,3 +123,83 @@ def test_runtime_agrees_with_the_simulation_on_the_real_model(tmp_path):
     # Q8_0 in llama.cpp also quantizes activations to 8 bits; still far closer than the format's own damage
     assert q8.kl_sim_runtime < 0.02 and q8.top1 > 0.9
     assert q8.file_types["Q8_0"] == 7 * 30
+
+
+def test_a_plans_parity_section_is_typed_and_checked():
+    """`parity:` in a plan: unknown keys, non-GGUF or unknown formats and out-of-range sizes are plan
+    errors, reported together before anything runs."""
+    from qeval.core.errors import QevalError
+    from qeval.run.plan import ParitySpec, plan_from, validate
+
+    plan = plan_from({"formats": ["none"], "parity": {"formats": ["gguf:q4_0"], "docs": 2}})
+    assert plan.parity == ParitySpec(formats=("gguf:q4_0",), docs=2, ctx=256)
+    with pytest.raises(QevalError) as e:
+        plan_from({"parity": {"formats": ["gguf:q4_0"], "doc": 2}})
+    assert "doc" in str(e.value) and "docs" in str(e.value)  # a "did you mean"
+    bad = plan_from({"formats": ["none"], "parity": {"formats": ["bnb-nf4", "gguf:q4_9"], "docs": 51, "ctx": 1}})
+    with pytest.raises(QevalError) as e:
+        validate(bad)
+    errors = [str(x) for x in getattr(e.value, "errors", [e.value])]
+    assert any("bnb-nf4" in x and "gguf:" in x for x in errors) and any("gguf:q4_9" in x for x in errors)
+    assert any("parity.docs" in x for x in errors) and any("parity.ctx" in x for x in errors)
+
+
+def _fake_result(model):
+    rows = [parity.ParityRow("float (F32 file)", {"F32": 272}, 63, 1e-6, 2e-7, 1.0, 37.0, 37.0),
+            parity.ParityRow("gguf:q4_0", {"F32": 62, "Q4_0": 210}, 63, 0.004, 1e-4, 0.96, 46.2, 46.7,
+                             kl_base_sim=0.38, flagged=True)]
+    return parity.ParityResult(model, 1, 64, 1e-6, 1e-5, rows, runtime="llama-cpp-python==test")
+
+
+def test_the_parity_stage_stores_one_record_and_the_report_shows_it(tmp_path, monkeypatch):
+    """The stage (qeval.run.parity_stage) runs the check once per GGUF-sourced model, stores what the
+    check returned as a ParityRecord, computes nothing the second time, skips a model that is not
+    GGUF-sourced with its reason; the report's section and parity.csv show the stored numbers."""
+    from types import SimpleNamespace
+
+    from qeval.quant.backends import llama_runtime
+    from qeval.run import parity_stage as stage
+    from qeval.run.plan import ParitySpec
+    from qeval.store.store import Store
+
+    calls = []
+    monkeypatch.setattr(llama_runtime, "missing_reason", lambda: None)
+    monkeypatch.setattr(parity, "run_parity", lambda m, f, d, c, w, log: calls.append((m, f, d, c)) or _fake_result(m))
+    gguf = SimpleNamespace(spec="smollm2-135m", source="embedded", path=tmp_path, fingerprint="f" * 16)
+    folder = SimpleNamespace(spec="/some/folder", source="folder", path=tmp_path, fingerprint="g" * 16)
+    lines = []
+    spec = ParitySpec(formats=("gguf:q4_0",), docs=1, ctx=64)
+    with Store(tmp_path / "s.sqlite") as store:
+        done, failed = stage.parity_stage([gguf, folder], spec, store, lines.append)
+        assert len(done) == 1 and not failed and calls == [("smollm2-135m", ["gguf:q4_0"], 1, 64)]
+        assert any("skipped parity /some/folder" in x and "GGUF" in x for x in lines)
+        again, _ = stage.parity_stage([gguf], spec, store, lines.append)
+        assert again == [] and len(calls) == 1
+        (rec,) = store.parity_records()
+    assert rec.rows[1]["kl_sim_runtime"] == 0.004 and rec.floor_kl == 1e-6 and rec.settings["docs"] == 1
+    from qeval.report.sections.parity import parity_section
+    from qeval.report.doc import to_markdown
+
+    section = parity_section((rec,))
+    md = to_markdown(section.blocks)
+    assert "llama-cpp-python==test" in md and "| gguf:q4_0 | F32 62 Q4_0 210 | 0.004 |" in md
+    assert "Departs beyond the noise floor: gguf:q4_0" in md and "gguf:q4_0 1%" in md  # 0.004 / 0.38
+    csv = section.files["parity.csv"].decode()
+    assert "gguf:q4_0" in csv and "Q4_0:210" in csv
+
+
+def test_the_parity_stage_is_skipped_with_its_reason_without_a_runtime(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from qeval.quant.backends import llama_runtime
+    from qeval.run import parity_stage as stage
+    from qeval.run.plan import ParitySpec
+    from qeval.store.store import Store
+
+    monkeypatch.setenv("QEVAL_LLAMA_CPP_DIR", str(tmp_path / "none"))
+    lines = []
+    gguf = SimpleNamespace(spec="smollm2-135m", source="embedded", path=tmp_path, fingerprint="f" * 16)
+    with Store(tmp_path / "s.sqlite") as store:
+        assert stage.parity_stage([gguf], ParitySpec(), store, lines.append) == ([], [])
+        assert list(store.parity_records()) == []
+    assert any("skipped parity smollm2-135m" in x and llama_runtime.SETUP_COMMAND in x for x in lines)

@@ -22,24 +22,15 @@ def arguments(p) -> None:
 
 
 def render(result) -> str:
-    """The parity table (markdown) and one line per format departing beyond the noise floor."""
-    lines = [f"## GGUF parity: qeval's simulation against llama.cpp ({result.runtime})", "",
-             f"{result.model}, {result.docs} Lee news documents x {result.ctx} tokens, CPU. Noise floor: "
-             f"KL of the float path (all-F32 file vs qeval's float model) = {result.floor_kl:.3g}; "
-             f"a format departs above {result.threshold:.3g} (10x the floor).", "",
-             "| format | file types | KL(sim‖runtime) | ± se | top-1 agree | ppl sim | ppl runtime | ppl ratio "
-             "| KL(base‖sim) | departs |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in result.rows:
-        types = " ".join(f"{k} {v}" for k, v in sorted(r.file_types.items()))
-        base = "" if r.kl_base_sim is None else f"{r.kl_base_sim:.3g}"
-        flag = "—" if r is result.rows[0] else ("**yes**" if r.flagged else "no")
-        lines.append(f"| {r.format} | {types} | {r.kl_sim_runtime:.3g} | {r.kl_se:.2g} | {r.top1:.4f} | "
-                     f"{r.ppl_sim:.4g} | {r.ppl_runtime:.4g} | {r.ppl_ratio:.4f} | {base} | {flag} |")
-    flagged = [r.format for r in result.rows if r.flagged]
-    lines += ["", ("Departs beyond the noise floor: " + ", ".join(flagged) + " — llama.cpp's numbers for "
-                   "these differ from the simulation's by more than accumulation noise.") if flagged
-              else "No format departs beyond the noise floor."]
-    return "\n".join(lines) + "\n"
+    """The parity table (markdown), as the report's parity section shows it."""
+    import dataclasses
+
+    from qeval.report.doc import to_markdown
+    from qeval.report.sections.parity import parity_blocks
+
+    rows = [dataclasses.asdict(r) for r in result.rows]
+    return to_markdown(parity_blocks(result.model, result.docs, result.ctx, result.runtime, result.floor_kl,
+                                     result.threshold, rows))
 
 
 def run(args) -> int:

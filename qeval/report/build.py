@@ -108,6 +108,7 @@ def report_data(store: Path, plan=None, memory_budget: float | None = None) -> R
         frames = adapter_frames(records, s.samples, th.min_effect, domain)
         history = history_frame(s.runs("nightly"), s.get)
         speed = speed_frame(s.speed_records())
+        parity = tuple(s.parity_records())
     meta = {
         "title": "qeval report", "store": str(store),
         "generated_at": datetime.now().isoformat(timespec="seconds"),
@@ -123,7 +124,7 @@ def report_data(store: Path, plan=None, memory_budget: float | None = None) -> R
     return ReportData(
         results=with_paired(results_frame(records), pairs), memory=memory_frame(records), meta=meta,
         records=tuple(records), pairs=pairs, div=divergence_frame(records, pairs), adapters=frames,
-        decision=table, verdict=verdict, history=history, speed=speed, fdr=th.fdr,
+        decision=table, verdict=verdict, history=history, speed=speed, parity=parity, fdr=th.fdr,
         # the nightly compares every cell and metric of the plan: that many tests share the FDR
         tests=sum(len(r.metrics) for r in latest(records)))
 

@@ -39,6 +39,7 @@ class RunSummary:
     failed: list[str] = field(default_factory=list)  # one line per failed cell
     trained: list[str] = field(default_factory=list)  # adapter keys trained in this run
     speed: list[str] = field(default_factory=list)  # speed records measured in this run (qeval.run.cells.SpeedCell)
+    parity: list[str] = field(default_factory=list)  # GGUF parity records stored in this run (qeval.run.parity_stage)
     wall_s: float = 0.0
 
 
@@ -77,6 +78,12 @@ def run_plan(plan: Plan, store_path: Path, suite: Suite | None = None,
                 _execute(dag, executor, store, summary, plan.retries, progress)
             finally:
                 executor.close()  # Ctrl-C and user errors too: nothing keeps running
+        if plan.parity is not None:  # after the cells: they never wait on llama.cpp
+            from qeval.run.parity_stage import parity_stage
+
+            stored, failed = parity_stage(list({id(m): m for m, _, _ in matrix}.values()), plan.parity, store, progress)
+            summary.parity += stored
+            summary.failed += failed
     summary.wall_s = time.perf_counter() - t_start
     progress(f"done: {len(summary.computed)} computed, {len(summary.reused)} reused, "
              f"{len(summary.failed)} failed, {len(summary.trained)} adapters trained in {summary.wall_s:.1f} s")

@@ -81,6 +81,28 @@ class Thresholds:
 
 
 @dataclass(frozen=True)
+class ParitySpec:
+    """The plan's `parity:` section: qeval's simulated GGUF formats scored by llama.cpp's own runtime
+    (qeval.eval.parity) after the cells; skipped with its reason where the runtime is not built."""
+
+    formats: tuple[str, ...] = ("gguf:q8_0", "gguf:q4_0")
+    docs: int = 8  # Lee news documents scored by both
+    ctx: int = 256  # tokens per document, BOS included
+
+    def problems(self, where: str = "parity") -> list[QevalError]:
+        from qeval.quant.formats import FORMATS
+
+        out = [unknown_name(f"{where}.formats", f, FORMATS) for f in self.formats if f not in FORMATS]
+        out += [QevalError(f"{where}.formats", f, "a gguf: format (llama.cpp runs GGUF files)", "e.g. gguf:q4_0")
+                for f in self.formats if f in FORMATS and not f.startswith("gguf:")]
+        if not 1 <= self.docs <= 50:  # the Lee news corpus has 50 documents
+            out.append(QevalError(f"{where}.docs", self.docs, "1..50 documents", "e.g. docs: 8"))
+        if not 2 <= self.ctx <= 8192:
+            out.append(QevalError(f"{where}.ctx", self.ctx, "2..8192 tokens per document", "e.g. ctx: 256"))
+        return out
+
+
+@dataclass(frozen=True)
 class Plan:
     """What to measure. Every format becomes an arm of its own; `arms` adds adapter arms."""
 
@@ -114,11 +136,13 @@ class Plan:
     # measure each arm's speed in the job that evaluates it (qeval.models.speed; records of their own,
     # keyed apart from the cells): a few seconds per arm on CPU
     speed: bool = True
+    # GGUF parity against llama.cpp's runtime (plans/deploy.yaml); None: not run
+    parity: ParitySpec | None = None
 
     def __post_init__(self):
         # a plan built in Python holds specs, like one read from YAML: a raw section here would be
         # read as a mapping by no one (a programming error, so not a QevalError)
-        raw = [name for name in ("thresholds", "ray", "calibration") if isinstance(getattr(self, name), dict)]
+        raw = [name for name in ("thresholds", "ray", "calibration", "parity") if isinstance(getattr(self, name), dict)]
         raw += [f"adapters.{k}" for k, v in self.adapters.items() if isinstance(v, dict)] if isinstance(self.adapters, dict) else []
         raw += [f"arms[{i}]" for i, a in enumerate(self.arms) if isinstance(a, dict)]
         if raw:
@@ -201,6 +225,8 @@ def validate(plan: Plan, suite: Suite | None = None) -> Resolved:
     # a format whose package (or CUDA) is missing fails here, in one line, before anything runs
     for name in plan.formats:
         check(lambda: FORMATS.get(name).require(device))
+    if plan.parity is not None:
+        errors += plan.parity.problems("parity")
     adapters: dict[str, AdapterSpec] = {}
     for name, spec in plan.adapters.items():
         errors += spec.problems(f"adapters.{name}")

@@ -337,3 +337,27 @@ class SpeedRecord(Part):
     def decode_tok_s(self, batch: int = 1) -> float:
         d = self.decode.get(str(batch))
         return float("nan") if d is None else float(d["decode_tok_s"])
+
+
+# ----------------------------------------------------------------------------- parity records
+
+@dataclass(frozen=True, kw_only=True)
+class ParityRecord(Part):
+    """qeval's simulated GGUF formats against llama.cpp's own runtime on one model
+    (`qeval.eval.parity.run_parity`): a record kind of its own, in the store's `parity` table, keyed
+    by the model's fingerprint, the settings (formats, documents, context) and the runtime's build."""
+
+    key: str
+    schema: int
+    model: ModelRef = _nested(ModelRef.from_json)
+    settings: Mapping[str, Any]  # formats, docs, ctx
+    runtime: str  # e.g. "llama-cpp-python==0.3.36"
+    floor_kl: float  # KL of the float path (all-F32 file vs qeval's float model): the noise floor
+    threshold: float  # a format departs above it (qeval.eval.parity.FLOOR_FACTOR x the floor)
+    rows: tuple[Mapping[str, Any], ...]  # qeval.eval.parity.ParityRow as dicts, float row first
+    seconds: float = 0.0
+    versions: Mapping[str, str] = field(default_factory=dict)
+    git_sha: str = ""
+    device: str
+    device_description: str = ""
+    created_at: str

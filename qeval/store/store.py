@@ -17,7 +17,7 @@ from typing import Iterator
 
 from qeval.core.errors import CouldNotFinish, QevalError
 from qeval.core.files import canonical_json, content_key  # noqa: F401  (re-exported: keys live beside records)
-from qeval.store.record import Record, SpeedRecord
+from qeval.store.record import ParityRecord, Record, SpeedRecord
 
 SCHEMA_VERSION = 1  # part of every key: bump when the meaning of a record changes
 
@@ -103,6 +103,8 @@ class Store:
                 finished_at TEXT, status TEXT NOT NULL, info TEXT NOT NULL);
             CREATE TABLE IF NOT EXISTS speed (
                 key TEXT PRIMARY KEY, variant TEXT NOT NULL, created_at TEXT NOT NULL, record TEXT NOT NULL);
+            CREATE TABLE IF NOT EXISTS parity (
+                key TEXT PRIMARY KEY, variant TEXT NOT NULL, created_at TEXT NOT NULL, record TEXT NOT NULL);
         """)
         return db
 
@@ -144,27 +146,45 @@ class Store:
         for (rec,) in self._db.execute("SELECT record FROM records ORDER BY created_at, key"):
             yield Record.from_json(json.loads(rec))
 
-    # -- speed records (qeval.store.record.SpeedRecord): a table of their own, so every reader of
-    # `records` sees accuracy cells only; a store written before it existed (read-only) has none.
-    def _has_speed_table(self) -> bool:
-        return self._db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='speed'").fetchone() is not None
+    # -- side records: speed (qeval.store.record.SpeedRecord) and GGUF parity (ParityRecord), each in a
+    # table of its own, so every reader of `records` sees accuracy cells only; a store written before
+    # a table existed (opened read-only) has none of its records.
+    def _has_table(self, table: str) -> bool:
+        return self._db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (table,)).fetchone() is not None
 
-    def has_speed(self, key: str) -> bool:
-        return self._has_speed_table() and \
-            self._db.execute("SELECT 1 FROM speed WHERE key=?", (key,)).fetchone() is not None
+    def _has_side(self, table: str, key: str) -> bool:
+        return self._has_table(table) and \
+            self._db.execute(f"SELECT 1 FROM {table} WHERE key=?", (key,)).fetchone() is not None
 
-    def put_speed(self, record: SpeedRecord) -> bool:
-        """Insert a speed record; False when its key was stored already (records are immutable)."""
+    def _put_side(self, table: str, key: str, variant: str, created_at: str, record: dict) -> bool:
+        """Insert a side record; False when its key was stored already (records are immutable)."""
         with self._transaction():
-            cur = self._db.execute("INSERT OR IGNORE INTO speed(key, variant, created_at, record) VALUES (?,?,?,?)",
-                                   (record.key, record.variant_id, record.created_at, canonical_json(record.to_json())))
+            cur = self._db.execute(f"INSERT OR IGNORE INTO {table}(key, variant, created_at, record) VALUES (?,?,?,?)",
+                                   (key, variant, created_at, canonical_json(record)))
         return bool(cur.rowcount)
 
+    def _side(self, table: str) -> Iterator[dict]:
+        if self._has_table(table):
+            for (rec,) in self._db.execute(f"SELECT record FROM {table} ORDER BY created_at, key"):
+                yield json.loads(rec)
+
+    def has_speed(self, key: str) -> bool:
+        return self._has_side("speed", key)
+
+    def put_speed(self, record: SpeedRecord) -> bool:
+        return self._put_side("speed", record.key, record.variant_id, record.created_at, record.to_json())
+
     def speed_records(self) -> Iterator[SpeedRecord]:
-        if not self._has_speed_table():
-            return
-        for (rec,) in self._db.execute("SELECT record FROM speed ORDER BY created_at, key"):
-            yield SpeedRecord.from_json(json.loads(rec))
+        return (SpeedRecord.from_json(d) for d in self._side("speed"))
+
+    def has_parity(self, key: str) -> bool:
+        return self._has_side("parity", key)
+
+    def put_parity(self, record: ParityRecord) -> bool:
+        return self._put_side("parity", record.key, record.model.spec, record.created_at, record.to_json())
+
+    def parity_records(self) -> Iterator[ParityRecord]:
+        return (ParityRecord.from_json(d) for d in self._side("parity"))
 
     def __len__(self) -> int:
         return self._db.execute("SELECT COUNT(*) FROM records").fetchone()[0]

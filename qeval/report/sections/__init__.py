@@ -9,4 +9,4 @@ from qeval.report.sections.base import SECTIONS, ReportData, ReportSection, regi
 
 # every section module registers itself on import; the order lives in each module's `order`
 from qeval.report.sections import (accuracy, adapters, divergence, figures, formats, history, memory,  # noqa: E402,F401
-                                   meta, significance, speed, summary)
+                                   meta, parity, significance, speed, summary)

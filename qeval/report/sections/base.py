@@ -29,6 +29,7 @@ class ReportData:
     verdict: str = ""  # ... and its LoRA-vs-QLoRA sentence
     history: pd.DataFrame = field(default_factory=pd.DataFrame)  # qeval.stats.compare.history_frame
     speed: pd.DataFrame = field(default_factory=pd.DataFrame)  # qeval.stats.speed.speed_frame
+    parity: tuple = ()  # qeval.store.record.ParityRecord, oldest first (GGUF against llama.cpp)
     fdr: float | None = None  # the nightly's FDR level and how many tests share it (significance)
     tests: int = 0
     # filled by the build for the sections that read the others (`reads_banners`)
