@@ -90,8 +90,10 @@ def _lee_background() -> list[str]:
     return [line for line in path.read_text(encoding="latin-1").splitlines() if line.strip()]
 
 
-def build_tiny_model(folder: Path, tie_embeddings: bool = False, seed: int = 0, init_range: float = 0.02) -> Path:
-    """A 2-layer Llama (hidden 64) with a BPE tokenizer trained here on real news text."""
+def build_tiny_model(folder: Path, tie_embeddings: bool = False, seed: int = 0, init_range: float = 0.02,
+                     **sizes) -> Path:
+    """A 2-layer Llama (hidden 64; `sizes` override the config's widths) with a BPE tokenizer trained
+    here on real news text."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -105,10 +107,11 @@ def build_tiny_model(folder: Path, tie_embeddings: bool = False, seed: int = 0, 
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
                                    eos_token="</s>", pad_token="</s>")
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=fast.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+    widths = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
+              **sizes}
+    cfg = LlamaConfig(vocab_size=fast.vocab_size, num_hidden_layers=2, max_position_embeddings=1024,
                       tie_word_embeddings=tie_embeddings, bos_token_id=1, eos_token_id=2, pad_token_id=2,
-                      initializer_range=init_range)
+                      initializer_range=init_range, **widths)
     model = LlamaForCausalLM(cfg)
     model.save_pretrained(folder)
     fast.save_pretrained(folder)

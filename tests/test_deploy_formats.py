@@ -166,13 +166,43 @@ def test_awq_theory_calibration_and_missing_env(monkeypatch, tmp_path):
     assert "qeval setup --backend gptq" in str(e.value) and "\n" not in str(e.value)
 
 
-def test_awq_end_to_end_in_the_gptq_venv(resolved):
+def test_awq_end_to_end_in_the_gptq_venv(resolved, tmp_path):
+    """gptqmodel's AWQ in the isolated venv on a tiny model whose widths it accepts (every output a
+    multiple of 64): the packed bytes are the GEMM layout's, every quantized weight is replaced, the
+    RMSNorm weights AWQ folded its scales into come from the checkpoint, and the model stays close to
+    the float one. The default tiny model (k/v outputs of 32) is refused in one line."""
+    from conftest import build_tiny_model
+    from safetensors.torch import load_file
+
+    from qeval.models.load import resolve_model
     from qeval.quant.backends.gptq import env_problem
 
     if (problem := env_problem("awq:w4:g64")) is not None:
         pytest.skip(f"the isolated GPTQ/AWQ venv is not built here: {problem}")
-    lm = load_model(resolved, FORMATS.get("awq:w4:g64"), "cpu")
+    with pytest.raises(QevalError) as e:
+        load_model(resolved, FORMATS.get("awq:w4:g64"), "cpu")
+    assert "multiple of 64" in str(e.value) and "k_proj (32)" in str(e.value)
+    wide = resolve_model(str(build_tiny_model(tmp_path / "wide", hidden_size=128, intermediate_size=256,
+                                              num_attention_heads=4, num_key_value_heads=2)))
+    lm = load_model(wide, FORMATS.get("awq:w4:g64"), "cpu")
+    base = load_model(wide, FORMATS.get("none"), "cpu")
     n = sum(o * i for o, i in _shapes(lm))
     # int32 qweight (8 codes a word) + qzeros + fp16 scales per group of 64
     assert lm.footprint.packed_bytes == sum(o * i // 2 + (i // 64) * (o // 2 + 2 * o) for o, i in _shapes(lm))
     assert lm.footprint.quantized_params == n
+    import torch
+
+    from qeval.core import env
+    ckpt = next((env.cache_dir() / "gptq").glob("*/quantize_config.json")).parent
+    tensors = {}
+    for f in ckpt.glob("*.safetensors"):
+        tensors.update(load_file(str(f)))
+    norm = "model.layers.0.input_layernorm.weight"
+    got = dict(lm.model.named_parameters())[norm]
+    assert torch.equal(got, tensors[norm].to(got.dtype))
+    ids = torch.tensor([list(range(3, 67))])
+    with torch.no_grad():
+        p = torch.log_softmax(base.model(ids).logits.float(), -1)
+        q = torch.log_softmax(lm.model(ids).logits.float(), -1)
+    kl = float((p.exp() * (p - q)).sum(-1).mean())
+    assert 0 < kl < 0.05, kl

@@ -58,7 +58,7 @@ def parity_stage(models: list, spec: ParitySpec, store, progress: Callable[[str]
         t0 = time.perf_counter()
         try:
             result = run_parity(model.spec, list(spec.formats), spec.docs, spec.ctx,
-                                env.cache_dir() / "parity" / key[:16], log=lambda s: progress(f"{tag}: {s}"))
+                                env.cache_dir() / "parity" / key[:16], log=lambda s: progress(f"{model.spec}: {s}"))
         except Exception as e:  # noqa: BLE001 -- reported like a failed cell, the run goes on
             from qeval.run.jobs import error_line
 

@@ -69,12 +69,37 @@ def apply_checkpoint(model, folder: Path, bits: int, group: int) -> None:
             if m.bias is not None and f"{key}.bias" in tensors:
                 m.bias.copy_(tensors[f"{key}.bias"].to(m.bias.dtype))
             mark(m, packed_bytes=gptq.packed_layer_bytes(tensors, key))
+        # AWQ folds its per-channel activation scales into the op before each scaled linear (the
+        # RMSNorm weights): those float tensors changed too, and the checkpoint holds them
+        quantized = {f"{n}.weight" for n, _ in quantizable_linears(model)}
+        for name, p in model.named_parameters():
+            if name in quantized:
+                continue
+            for key in (name, f"model.{name}", name.removeprefix("model.")):
+                t = tensors.get(key)
+                if t is not None and tuple(t.shape) == tuple(p.shape):
+                    p.copy_(t.to(p.dtype))
+                    break
+
+
+# gptqmodel's AWQ clip search walks output channels in batches of 256 or 64 and asserts one divides
+# each layer's output width (awq_processor._compute_best_clip): checked here, in one line, instead
+# of a child's AssertionError after minutes of calibration
+OUT_MULTIPLE = 64
 
 
 def _after_load(options: dict, cal: gptq.CalibrationSpec):
     def after_load(model, device: str, compute_dtype) -> None:
         from transformers import AutoTokenizer
 
+        bad = {n: m.out_features for n, m in quantizable_linears(model) if m.out_features % OUT_MULTIPLE}
+        if bad:
+            from qeval.core.errors import QevalError
+
+            listed = ", ".join(f"{n} ({f})" for n, f in sorted(bad.items())[:4]) + (" ..." if len(bad) > 4 else "")
+            raise QevalError(f"format awq:{options['bits']} on model {model.name_or_path}", listed,
+                             f"layers whose output width is a multiple of {OUT_MULTIPLE} (gptqmodel's AWQ clip search)",
+                             "use gptq: or another format for this model")
         model_dir = Path(model.name_or_path)
         folder = gptq.ensure_checkpoint(model_dir, AutoTokenizer.from_pretrained(model_dir), options, cal)
         apply_checkpoint(model, folder, options["bits"], options["group_size"])

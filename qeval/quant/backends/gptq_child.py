@@ -14,6 +14,13 @@ import os
 import sys
 import time
 
+# Python puts this script's folder first on sys.path, and that folder holds qeval's backend modules
+# hqq.py, gguf.py, torchao.py, awq.py: transformers' `import hqq` / `import torchao` (availability
+# checks) found them instead of the packages and the child died importing qeval. The child imports
+# nothing from its own folder.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+
 
 def _exit_with_parent() -> None:
     """A qeval run killed with -9 cannot stop this child: without this it would quantize on for
@@ -58,7 +65,14 @@ def main(job_path: str) -> int:
     t0 = time.perf_counter()
     model = GPTQModel.load(job["model_dir"], qcfg, device="cpu")
     t_load = time.perf_counter() - t0
-    model.quantize(calibration, batch_size=1)
+    kw = {}
+    if job.get("method") == "awq":
+        from gptqmodel.utils.backend import BACKEND
+
+        # gptqmodel packs AWQ GEMM with its CUDA kernel unless told otherwise ("AWQ: CUDA is not
+        # available" on CPU); its portable torch kernel writes the same GEMM layout
+        kw["backend"] = BACKEND.AWQ_TORCH
+    model.quantize(calibration, batch_size=1, **kw)
     t_quant = time.perf_counter() - t0 - t_load
     model.save(job["out"])
     import importlib.metadata as md

@@ -22,7 +22,7 @@ def parity_blocks(model: str, docs: int, ctx: int, runtime: str, floor_kl: float
     for i, r in enumerate(rows):
         types = " ".join(f"{k} {v}" for k, v in sorted(r["file_types"].items()))
         base = "" if r.get("kl_base_sim") is None else f"{r['kl_base_sim']:.3g}"
-        flag = "—" if i == 0 else ("**yes**" if r["flagged"] else "no")
+        flag = "—" if i == 0 else ("yes" if r["flagged"] else "no")
         lines.append([r["format"], types, f"{r['kl_sim_runtime']:.3g}", f"{r['kl_se']:.2g}", f"{r['top1']:.4f}",
                       f"{r['ppl_sim']:.4g}", f"{r['ppl_runtime']:.4g}", f"{r['ppl_runtime'] / r['ppl_sim']:.4f}", base, flag])
     flagged = [r["format"] for r in rows[1:] if r["flagged"]]
