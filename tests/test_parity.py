@@ -184,6 +184,8 @@ def test_the_parity_stage_stores_one_record_and_the_report_shows_it(tmp_path, mo
     md = to_markdown(section.blocks)
     assert "llama-cpp-python==test" in md and "| gguf:q4_0 | F32 62 Q4_0 210 | 0.004 |" in md
     assert "Departs beyond the noise floor: gguf:q4_0" in md and "gguf:q4_0 1%" in md  # 0.004 / 0.38
+    (banner,) = section.banners  # the summary names what departs
+    assert "gguf:q4_0 (KL 0.004, 1% of its own KL)" in banner and "llama-cpp-python==test" in banner
     csv = section.files["parity.csv"].decode()
     assert "gguf:q4_0" in csv and "Q4_0:210" in csv
 

@@ -59,7 +59,16 @@ def parity_section(records: tuple) -> Section | None:
                   "floor_kl": rec.floor_kl, "threshold": rec.threshold,
                   **{k: (" ".join(f"{t}:{n}" for t, n in sorted(v.items())) if k == "file_types" else v)
                      for k, v in r.items()}} for r in rec.rows]
-    return Section(blocks, files={PARITY_CSV: pd.DataFrame(rows).to_csv(index=False).encode()})
+    banners = []
+    for rec in newest.values():  # the summary names what departs, in scale (issue 22: flagged there)
+        out = [f"{r['format']} (KL {r['kl_sim_runtime']:.2g}"
+               + (f", {r['kl_sim_runtime'] / r['kl_base_sim']:.0%} of its own KL)" if r.get("kl_base_sim") else ")")
+               for r in rec.rows[1:] if r["flagged"]]
+        if out:
+            banners.append(f"GGUF parity ({rec.model.spec}, {rec.runtime}): llama.cpp's runtime departs from qeval's "
+                           f"simulation beyond the noise floor (KL {rec.floor_kl:.2g}) for " + ", ".join(out)
+                           + "; the runtime also rounds activations. See the GGUF parity section.")
+    return Section(blocks, files={PARITY_CSV: pd.DataFrame(rows).to_csv(index=False).encode()}, banners=banners)
 
 
 register(ReportSection("parity", 57, lambda d: d.parity or None, parity_section))
