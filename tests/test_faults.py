@@ -222,7 +222,8 @@ def test_a_full_disk_during_an_atomic_write_leaves_the_old_file(tmp_path):
 
 
 FULL_DISK = """set -u
-mount -t tmpfs -o size=128k qeval-full "$D" || exit 77
+# 192k: room for the store's schema (five tables), its WAL and shm, and one or two records, not four
+mount -t tmpfs -o size=192k qeval-full "$D" || exit 77
 "$PY" -m qeval run --model "$MODEL" --formats none,gguf:q8_0,gguf:q4_0,gguf:q5_0 --suite "$SUITE" \
     --store "$D/s.sqlite" --device cpu 2>"$OUT/err1"
 echo $? > "$OUT/rc1"
@@ -247,7 +248,7 @@ with Store(d / "s.sqlite", readonly=True) as s:
 
 @pytest.mark.slow  # two runs in a subprocess; the simulated full disks (above, test_isolation.py) are fast
 def test_a_full_disk_during_a_store_write(tiny_model_dir, tmp_path):
-    """A real full disk (a 128 KiB tmpfs in a private mount namespace: `unshare`, no root needed
+    """A real full disk (a 192 KiB tmpfs in a private mount namespace: `unshare`, no root needed
     where user namespaces are allowed) under the store: the run stops with one line and exit 3, the
     store opens and passes SQLite's integrity check with whole records only, no lock or temporary
     file is left, and once there is space the rerun computes only what is missing."""
