@@ -227,7 +227,7 @@ def test_sections_render_in_registered_order_and_history_shows_version_changes(t
     from qeval.report.sections import SECTIONS
 
     assert [s.name for s in SECTIONS] == ["title", "summary", "about", "accuracy", "memory", "formats", "speed",
-                                          "significance", "divergence", "adapters", "history", "figures"]
+                                          "parity", "significance", "divergence", "adapters", "history", "figures"]
     hist = pd.DataFrame([{"run_id": run, "started_at": f"2024-01-0{run}T00:00:00", "git_sha": "deadbeefcafe",
                           "versions_changed": "" if run == 1 else "torch 2.5 -> 2.6", "model": MODEL, "arm": arm,
                           "variant_id": arm, "task": "qeval_analogy", "metric": "acc", "value": value,
