@@ -181,7 +181,7 @@ def test_awq_end_to_end_in_the_gptq_venv(resolved, tmp_path):
         pytest.skip(f"the isolated GPTQ/AWQ venv is not built here: {problem}")
     with pytest.raises(QevalError) as e:
         load_model(resolved, FORMATS.get("awq:w4:g64"), "cpu")
-    assert "multiple of 64" in str(e.value) and "k_proj (32)" in str(e.value)
+    assert "awq:w4:g64" in str(e.value) and "multiple of 64" in str(e.value) and "k_proj (32)" in str(e.value)
     wide = resolve_model(str(build_tiny_model(tmp_path / "wide", hidden_size=128, intermediate_size=256,
                                               num_attention_heads=4, num_key_value_heads=2)))
     lm = load_model(wide, FORMATS.get("awq:w4:g64"), "cpu")

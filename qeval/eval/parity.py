@@ -31,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
+# model sources whose weights came from a GGUF file, the template every written file copies
+GGUF_SOURCES = ("embedded", "gguf")
 FLOOR_FACTOR = 10.0  # a departure is KL above 10x the float path's KL (stated, see the docs)
 # Hugging Face llama module name -> GGUF tensor name (the llama.cpp tensor categories)
 _GGUF_NAME = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
@@ -232,7 +234,7 @@ def run_parity(model_spec: str, formats: list[str], n_docs: int, ctx: int, work_
 
     resolved = resolve_model(model_spec)
     template = EMBEDDED.get(model_spec)() if resolved.source == "embedded" else Path(model_spec)
-    if resolved.source not in ("embedded", "gguf"):
+    if resolved.source not in GGUF_SOURCES:
         raise QevalError("qeval parity --model", model_spec, "an embedded model or a .gguf file (the template)",
                          "convert the checkpoint to GGUF with llama.cpp's convert_hf_to_gguf.py first")
     work_dir.mkdir(parents=True, exist_ok=True)

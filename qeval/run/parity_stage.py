@@ -12,15 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from datetime import datetime, timezone
 from typing import Callable
 
 from qeval.core import env
 from qeval.core.files import content_key
 from qeval.run.plan import ParitySpec
-from qeval.store.record import ParityRecord
-
-GGUF_SOURCES = ("embedded", "gguf")
+from qeval.run.record import build_parity_record
 
 
 def parity_key(model, spec: ParitySpec, runtime: str, versions: dict) -> str:
@@ -33,6 +30,7 @@ def parity_key(model, spec: ParitySpec, runtime: str, versions: dict) -> str:
 def parity_stage(models: list, spec: ParitySpec, store, progress: Callable[[str], None]) -> tuple[list[str], list[str]]:
     """Run the parity check for every GGUF-sourced model not stored yet: (keys stored, one line per
     model whose check failed; the cells are stored already and stay)."""
+    from qeval.eval.parity import GGUF_SOURCES, run_parity
     from qeval.quant.backends import llama_runtime
 
     done, failed = [], []
@@ -52,9 +50,6 @@ def parity_stage(models: list, spec: ParitySpec, store, progress: Callable[[str]
         if store.has_parity(key):
             progress(f"{tag}: stored, nothing to compute")
             continue
-        from qeval.eval.parity import run_parity
-        from qeval.store.store import SCHEMA_VERSION
-
         t0 = time.perf_counter()
         try:
             result = run_parity(model.spec, list(spec.formats), spec.docs, spec.ctx,
@@ -65,14 +60,7 @@ def parity_stage(models: list, spec: ParitySpec, store, progress: Callable[[str]
             failed.append(error_line(tag, e))
             progress(f"FAILED {error_line(tag, e)}")
             continue
-        record = ParityRecord.from_json({
-            "key": key, "schema": SCHEMA_VERSION, "settings": dataclasses.asdict(spec), "runtime": result.runtime,
-            "model": {"spec": model.spec, "source": model.source, "path": str(model.path), "fingerprint": model.fingerprint},
-            "floor_kl": result.floor_kl, "threshold": result.threshold,
-            "rows": [{**dataclasses.asdict(r), "ppl_ratio": r.ppl_ratio} for r in result.rows],
-            "seconds": round(time.perf_counter() - t0, 1), "versions": versions, "git_sha": env.git_sha(),
-            "device": "cpu", "device_description": env.device_description("cpu"),
-            "created_at": datetime.now(timezone.utc).isoformat(timespec="microseconds")})
+        record = build_parity_record(key, model, dataclasses.asdict(spec), result, time.perf_counter() - t0, versions)
         store.put_parity(record)
         done.append(key)
     return done, failed

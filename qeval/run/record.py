@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from qeval.core import env
 from qeval.run.cells import Cell, SpeedCell
-from qeval.store.record import Record, SpeedRecord
+from qeval.store.record import ParityRecord, Record, SpeedRecord
 
 if TYPE_CHECKING:
     from qeval.eval.evaluate import EvalOutcome
@@ -81,5 +81,20 @@ def build_speed_record(cell: SpeedCell, model, arm, loaded: LoadedModel, got: di
         **got, "versions": cell.key_material["versions"], "git_sha": git_sha or env.git_sha(),
         "device": loaded.device, "device_description": env.device_description(loaded.device),
         "compute_dtype": loaded.dtype,
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="microseconds"),
+    })
+
+
+def build_parity_record(key: str, model, settings: dict, result, seconds: float, versions: dict) -> ParityRecord:
+    """The GGUF parity record of one model: `result` is `qeval.eval.parity.run_parity`'s ParityResult."""
+    from qeval.store.store import SCHEMA_VERSION
+
+    return ParityRecord.from_json({
+        "key": key, "schema": SCHEMA_VERSION, "settings": settings, "runtime": result.runtime,
+        "model": {"spec": model.spec, "source": model.source, "path": str(model.path), "fingerprint": model.fingerprint},
+        "floor_kl": result.floor_kl, "threshold": result.threshold,
+        "rows": [{**dataclasses.asdict(r), "ppl_ratio": r.ppl_ratio} for r in result.rows],
+        "seconds": round(seconds, 1), "versions": versions, "git_sha": env.git_sha(),
+        "device": "cpu", "device_description": env.device_description("cpu"),
         "created_at": datetime.now(timezone.utc).isoformat(timespec="microseconds"),
     })

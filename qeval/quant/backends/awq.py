@@ -88,7 +88,7 @@ def apply_checkpoint(model, folder: Path, bits: int, group: int) -> None:
 OUT_MULTIPLE = 64
 
 
-def _after_load(options: dict, cal: gptq.CalibrationSpec):
+def _after_load(name: str, options: dict, cal: gptq.CalibrationSpec):
     def after_load(model, device: str, compute_dtype) -> None:
         from transformers import AutoTokenizer
 
@@ -97,7 +97,7 @@ def _after_load(options: dict, cal: gptq.CalibrationSpec):
             from qeval.core.errors import QevalError
 
             listed = ", ".join(f"{n} ({f})" for n, f in sorted(bad.items())[:4]) + (" ..." if len(bad) > 4 else "")
-            raise QevalError(f"format awq:{options['bits']} on model {model.name_or_path}", listed,
+            raise QevalError(f"format {name} on model {model.name_or_path}", listed,
                              f"layers whose output width is a multiple of {OUT_MULTIPLE} (gptqmodel's AWQ clip search)",
                              "use gptq: or another format for this model")
         model_dir = Path(model.name_or_path)
@@ -119,7 +119,7 @@ def _parse(scheme: str, opts: tuple[str, ...], cal: gptq.CalibrationSpec | None 
         f"{cal.samples} x {cal.seq_len} tokens of {cal.data}; gptqmodel {gptq.GPTQ_VERSION} (isolated env), "
         "dequantized here (simulated)",
         lambda in_features, g=group: bits + (16 + bits) / g, lambda compute_dtype: None, backend="awq",
-        after_load=_after_load(options, cal), kernel="simulated",
+        after_load=_after_load(name, options, cal), kernel="simulated",
         storage="float weights holding the dequantized AWQ values (packed GEMM checkpoint cached)",
         can_save=False, lora_trainable=False, options=tuple(sorted(spec_options.items())),
         packages=(), requires=BACKENDS.get("awq"), divides=group,

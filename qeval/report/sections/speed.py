@@ -15,7 +15,7 @@ import pandas as pd
 
 from qeval.report.doc import Heading, Para, Section, Table
 from qeval.report.fmt import BASELINE, NA, fmt_mib, fmt_num, fmt_pct, missing
-from qeval.report.frames import primary_rows
+from qeval.report.frames import declared, primary_rows
 from qeval.report.sections.base import ReportData, ReportSection, register
 from qeval.report.sections.formats import landscape_frame
 from qeval.stats.margin import NOT_TESTED
@@ -76,7 +76,10 @@ def fastest_sentence(speed: pd.DataFrame, results: pd.DataFrame) -> str:
 
 
 def speed_cell(speed: pd.DataFrame, quant: str) -> str:
-    """The summary's speed column for one format: decode tokens/s at batch 1, or the simulated mark."""
+    """The summary's speed column for one format: decode tokens/s at batch 1, or the simulated mark
+    (a simulated format is not measured: the registry says so; an older store's record says so too)."""
+    if declared(quant)["kernel"] == "simulated":
+        return SIMULATED_SPEED
     fs = format_speed(speed)
     row = fs[fs["quant"] == quant] if not fs.empty else fs
     if row.empty:

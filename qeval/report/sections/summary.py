@@ -22,7 +22,6 @@ from qeval.report.fmt import BASELINE, NA, fmt_mib, fmt_num, fmt_pct, missing
 from qeval.report.frames import declared, ordered, primary_rows
 from qeval.report.sections.base import ReportData, ReportSection, register
 from qeval.report.sections.speed import fastest_sentence, speed_cell
-from qeval.store.record import SIMULATED_SPEED
 
 HEADING = "Summary"
 
@@ -222,8 +221,7 @@ def summary_section(results: pd.DataFrame, memory: pd.DataFrame, div: pd.DataFra
         fast = speed is not None and not speed.empty
         rows = [([str(r["model"])] if multi else []) + [r["quant"], _size(r), _recovery(r), fmt_num(r["kl_mean"]),
                                                          _verdict(r), r["margin"]]
-                + ([SIMULATED_SPEED if _kernel(r["quant"]) == "simulated" else speed_cell(speed, r["quant"])]
-                   if fast else [])
+                + ([speed_cell(speed, r["quant"])] if fast else [])
                 for r in fmt.to_dict("records")]
         blocks += [
             Table((["model"] if multi else []) + ["format", "size × baseline", "mean recovery [95%]", "KL mean",
