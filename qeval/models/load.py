@@ -193,7 +193,7 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     log.info("converting %s to float safetensors in %s (once; ~40 s)", gguf.name, target)
     t0 = time.time()
     try:
-        with _quiet():
+        with _quiet(), _parse_once():
             tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
             model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
                                                          dtype=torch.float32)
@@ -345,6 +345,33 @@ def load_model(resolved: ResolvedModel, fmt: QuantFormat, device: str, dtype=Non
     footprint = dataclasses.replace(measure_footprint(model, fmt), **checkpoint_of(resolved.path))
     return LoadedModel(resolved, fmt, model, tok, device, str(dtype).replace("torch.", ""),
                        footprint, load_s, peak.peak_bytes)
+
+
+@contextlib.contextmanager
+def _parse_once():
+    """transformers parses a GGUF three times for one load (tokenizer, config, weights; ~6 s each
+    here, nearly all of it the vocabulary's fields) and rebuilds gguf's tensor-name map once per
+    module (~7 s): both are read-only, so inside this block one of each serves every call. Same
+    output, byte for byte (tests/test_models.py compares the conversion with and without it)."""
+    import functools
+
+    import gguf
+
+    reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    readers: dict = {}
+
+    def one_reader(path, mode="r"):
+        key = (os.fspath(path), mode)
+        if key not in readers:
+            readers[key] = reader(path, mode)
+        return readers[key]
+
+    # transformers imports both from gguf at call time, so patching the module reaches it
+    gguf.GGUFReader, gguf.get_tensor_name_map = one_reader, functools.lru_cache(maxsize=None)(name_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader, name_map
 
 
 @contextlib.contextmanager
