@@ -162,12 +162,15 @@ def test_the_training_childs_allocator_returns_freed_memory():
     assert tuned < 20
 
 
-def test_estimate_matches_a_measured_cpu_training(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("steps", [2, 4])
+def test_estimate_matches_a_measured_cpu_training(tiny_model_dir, tmp_path, steps):
     """A LoRA training measured in its own process (qeval's trainer, RSS sampled, the child's
     allocator) against the analytic model: on a model whose logits dominate the activations
     (vocab 16k, 256 tokens per sequence) the predicted activations -- the larger of a training step
     (checkpointed blocks + the logits three times) and a held-out pass (logits + log-softmax) --
-    are within 25% of what the RSS shows, and the whole peak within 15%."""
+    are within 25% of what the RSS shows, and the whole peak within 15%. With 4 steps the peak is
+    read after the held-out pass at step 2 and the last steps run with the allocator relaxed: the
+    record says so, and the numbers hold the same."""
     import shutil
 
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -187,10 +190,13 @@ def test_estimate_matches_a_measured_cpu_training(tiny_model_dir, tmp_path):
     data = tmp_path / "data.jsonl"  # 40 documents to train on, 6 held out: two held-out passes of 8 x 256
     data.write_text("\n".join([r[:-1] + ', "split": "train"}' for r in rows[:40]]
                               + [r[:-1] + ', "split": "heldout"}' for r in rows[40:46]]) + "\n")
-    spec = AdapterSpec(steps=2, batch_size=4, seq_len=256, eval_every=2, train_data=str(data))
+    spec = AdapterSpec(steps=steps, batch_size=4, seq_len=256, eval_every=2, train_data=str(data))
     m = finetune(resolve_model(str(folder)), spec, "cpu").memory
     pred = m["predicted"]
     assert m["allocator"].startswith("glibc") or pytest.skip("not glibc: RSS keeps the allocator's slack")
+    window = " for the load and steps 0-2 (peak read there), glibc-like after"
+    assert m["allocator"] == "glibc mallopt mmap_threshold 1048576, trim_threshold 1048576, arena_max 2" \
+        + (window if steps == 4 else "")
     assert pred["overhead"] == m["runtime"] + m["process"] and m["runtime"] == m["idle"] > 0
     assert pred["activations"] > 200 * 2**20  # the logits dominate: what the check is about
     assert pred["activations"] == pytest.approx(m["activations"], rel=0.25)

@@ -9,7 +9,7 @@ from qeval.core import env
 @pytest.fixture(scope="module")
 def frame(tiny_model_dir):
     arms = with_settings(plan_arms(env.PACKAGE_ROOT.parent / "plans" / "default.yaml"), seq_len=32, batch_size=2)
-    return train_bench(str(tiny_model_dir), arms, "cpu", steps=2)
+    return train_bench(str(tiny_model_dir), arms, "cpu", steps=2, isolate=False)
 
 
 def test_one_row_per_default_plan_adapter_and_checkpointing_setting(frame):
@@ -33,3 +33,16 @@ def test_table_has_a_row_per_arm(frame, tmp_path):
     text = write_training(frame, tmp_path, "1.00")
     assert text.count("| lora |") == 2 and text.count("| qlora |") == 2 and "Load average" in text
     assert (tmp_path / "training.csv").is_file()
+
+
+def test_isolated_rows_run_under_the_training_childs_allocator(tiny_model_dir, frame):
+    """By default each row is measured in the recipe's own kind of process (a training child whose
+    allocator is relaxed after its measured window: the speed most steps of `qeval run` train at),
+    not in the bench's."""
+    from qeval.models.memory import allocator_description
+
+    arms = with_settings(plan_arms(env.PACKAGE_ROOT.parent / "plans" / "default.yaml"), seq_len=32, batch_size=2)
+    row = train_bench(str(tiny_model_dir), {"lora": arms["lora"]}, "cpu", steps=1, settings=(False,))
+    assert len(row) == 1 and row.allocator[0] == ("glibc mallopt mmap_threshold 33554432, trim_threshold "
+                                                  "67108864 (relaxed after measuring)") or pytest.skip("not glibc")
+    assert set(frame.allocator) == {allocator_description()} == {"default"}  # this process: glibc's defaults

@@ -190,7 +190,7 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    log.info("converting %s to float safetensors in %s (once; ~40 s)", gguf.name, target)
+    log.info("converting %s to float safetensors in %s (once; ~20 s)", gguf.name, target)
     t0 = time.time()
     try:
         with _quiet(), _parse_once():

@@ -23,7 +23,7 @@ from qeval.core.console import say
 from qeval.core.errors import QevalError
 from qeval.core.files import atomic_write
 from qeval.models.load import ResolvedModel, load_model
-from qeval.models.memory import ALLOCATOR, PhasePeaks, allocator_tuned, own_weights
+from qeval.models.memory import PhasePeaks, allocator_description, allocator_tuned, own_weights, relax_allocator
 from qeval.quant.backend import backend_of
 from qeval.quant.formats import FORMATS
 from qeval.train.artifact import AdapterArtifact, artifact_ready, load_artifact, seal_artifact
@@ -119,7 +119,8 @@ def _train(model: ResolvedModel, spec: AdapterSpec, device: str, key: str, out: 
     # CPU the base holds no view of the weights file (qeval.models.memory.own_weights: the views kept a
     # 4-bit load's quantized-away float weights resident, and QLoRA's peak came out above LoRA's)
     # and this process's allocator returns freed blocks (qeval.models.memory.tune_allocator).
-    with phases.phase("train"):
+    with phases.phase("train") as measuring:
+        allocator, window = allocator_description(), 0  # window: steps measured, 0 = all of them
         losses, heldout = [], [(0, heldout_loss())]
         progress(f"  held-out loss before training {heldout[0][1]:.4f}")
         net.train()
@@ -147,6 +148,14 @@ def _train(model: ResolvedModel, spec: AdapterSpec, device: str, key: str, out: 
                 if spec.early_stopping_patience and since_best >= spec.early_stopping_patience and step < steps:
                     progress(f"  early stop at step {step}: no better held-out loss in {since_best} evaluations")
                     break
+                if not window and not cuda and step < steps and allocator_tuned():
+                    # Every allocation this training makes has now been made at least once (a step
+                    # with the optimizer's states, a held-out pass): later steps repeat the same
+                    # shapes. The peak is read here and the rest runs with glibc-like thresholds
+                    # (qeval.models.memory.relax_allocator: the measuring allocator halves CPU speed).
+                    measuring.stop()
+                    relax_allocator()
+                    window = step
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         train_s = time.perf_counter() - t0 - (eval_s - eval_before)  # optimizer steps only, not held-out passes
@@ -160,8 +169,10 @@ def _train(model: ResolvedModel, spec: AdapterSpec, device: str, key: str, out: 
     tokens = done * spec.batch_size * spec.seq_len
     opt_bytes = sum(t.numel() * t.element_size() for st in opt.state.values() for t in st.values()
                     if torch.is_tensor(t))
+    if window:
+        allocator += f" for the load and steps 0-{window} (peak read there), glibc-like after"
     memory = _memory_breakdown(base, spec, phases, idle, min(HELDOUT_BATCH, len(held.ids)), trainable_bytes=sum(p.numel() * p.element_size() for p in params),
-                               opt_bytes=opt_bytes, grad_bytes=grad_bytes, cuda=cuda, ckpt=ckpt)
+                               opt_bytes=opt_bytes, grad_bytes=grad_bytes, cuda=cuda, ckpt=ckpt, allocator=allocator)
     art = AdapterArtifact(key, out, spec, n_trainable, total, weights, train_s, train_s / done,
                           tokens / train_s, phases.peak["train"], idle,
                           tuple(losses), tuple(heldout), device, steps_done=done, tokens=tokens,
@@ -187,7 +198,7 @@ def _import_training_libraries(model: ResolvedModel) -> None:
 
 
 def _memory_breakdown(base, spec: AdapterSpec, phases, idle: int, heldout_batch: int, trainable_bytes: int, opt_bytes: int,
-                      grad_bytes: int, cuda: bool, ckpt: bool = True) -> dict:
+                      grad_bytes: int, cuda: bool, ckpt: bool = True, allocator: str = "default") -> dict:
     """Measured parts of the training peak and the analytic model's prediction (qeval.train.estimate).
 
     weights = the loaded model's bytes; adapter_optimizer = trainable weights + AdamW states;
@@ -202,8 +213,7 @@ def _memory_breakdown(base, spec: AdapterSpec, phases, idle: int, heldout_batch:
     peak = phases.peak["train"]
     measured = {"idle": idle, "load_peak": phases.peak["load"], "train_start": phases.start["train"], "train_peak": peak,
                 "weights": weights, "adapter_optimizer": trainable_bytes + opt_bytes, "gradients": grad_bytes,
-                "allocator": ("glibc mallopt " + ", ".join(f"{k} {v}" for k, v in ALLOCATOR.items())
-                              if allocator_tuned() else "default")}
+                "allocator": allocator}
     # CPU, both measured in this process: `runtime` = RSS after importing the training libraries,
     # before loading (Python, torch, transformers, peft, bitsandbytes); `process` = what the load
     # left besides the model (tokenizer, tokenized data, lazily built library state). Their sum is
