@@ -34,6 +34,9 @@ def test_efficiency_table(tiny_model_dir, tmp_path):
     assert list(frame.task) == ["qeval_analogy", "qeval_lee_ppl"]
     assert (frame.tokens > 0).all() and (frame.qeval_tok_s > 0).all() and (frame.bare_tok_s > 0).all()
     assert list(frame.meets_target) == list(frame.efficiency >= EFFICIENCY_TARGET)
+    # the divergence hooks' seconds: a part of the KL task's evaluation, none for a task without KL
+    lee, analogy = frame.set_index("task").loc["qeval_lee_ppl"], frame.set_index("task").loc["qeval_analogy"]
+    assert 0 < lee.divergence_s < lee.eval_s and analogy.divergence_s == 0
     # noise floor: each log-likelihood task as qeval scores it vs one request per row at batch 1,
     # float rounding only
     assert list(noise.task) == ["qeval_analogy", "qeval_lee_ppl"]

@@ -152,7 +152,8 @@ def efficiency(model_spec: str, formats: list[str], device: str, suite: str = "d
             rows.append({"task": t.task, "type": out.config.get("output_type", "?"), "format": name,
                          "batch_size": t.batch_size, "n": out.n, "tokens": tokens,
                          "qeval_tok_s": tokens / out.eval_s, "bare_tok_s": tokens / bare_s,
-                         "efficiency": bare_s / out.eval_s, "divergence": bool(t.divergence), "device": device,
+                         "efficiency": bare_s / out.eval_s, "divergence": bool(t.divergence),
+                         "divergence_s": out.divergence_s, "eval_s": out.eval_s, "device": device,
                          "dtype": loaded.dtype})
             # every format: LLM.int8 picks its outlier columns per batch (padding included), so
             # batching moves its numbers by more than float rounding
@@ -280,13 +281,16 @@ def write_efficiency(frame: pd.DataFrame, noise: pd.DataFrame, cells: dict | Non
              f"qeval's `evaluate()` (lm-eval task building, requests, scoring, metrics) against a bare model "
              f"(full logits + log-softmax, or `generate`) over the same recorded windows and batches. "
              f"Target: efficiency >= {EFFICIENCY_TARGET}. Above 1 means qeval does less work than the bare "
-             f"forward (head only on the positions read).\n",
-             "| task | type | format | batch | docs | tokens | qeval tok/s | bare tok/s | efficiency | target |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
+             f"forward (head only on the positions read). For a task with KL: of qeval's seconds, those in the "
+             f"divergence hooks (the baseline recording its reference, or a variant's KL + reference reads; "
+             f"the bare forward does neither).\n",
+             "| task | type | format | batch | docs | tokens | qeval tok/s | bare tok/s | efficiency | qeval s | "
+             "of which KL s | target |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in frame.itertuples(index=False):
         lines.append(f"| {r.task}{' (+KL)' if r.divergence else ''} | {r.type} | {r.format} | {r.batch_size} | {r.n} | "
-                     f"{r.tokens} | {r.qeval_tok_s:.0f} | {r.bare_tok_s:.0f} | {r.efficiency:.2f} | "
-                     f"{'met' if r.meets_target else 'MISSED'} |")
+                     f"{r.tokens} | {r.qeval_tok_s:.0f} | {r.bare_tok_s:.0f} | {r.efficiency:.2f} | {r.eval_s:.1f} | "
+                     f"{f'{r.divergence_s:.1f}' if r.divergence else '-'} | {'met' if r.meets_target else 'MISSED'} |")
     if len(noise):
         lines += ["\n### Batch-size noise floor\n",
                   "Each log-likelihood task as qeval scores it (its batch size; a multiple-choice question's "

@@ -75,6 +75,7 @@ class EvalOutcome:
     divergence: Divergence | None = None  # comparison with a reference (divergence=Reference)
     divergence_note: str = ""
     subtasks: dict[str, SubtaskOutcome] = field(default_factory=dict)  # a group's members, by name
+    divergence_s: float = 0.0  # of eval_s, in the divergence hooks (KL + reference reads, or recording it)
 
     def subtasks_record(self) -> dict:
         """The subtasks as stored in a record (plain data)."""
@@ -217,6 +218,7 @@ def evaluate(loaded: LoadedModel, task: TaskSpec, spec: EvalSpec,
         eval_s = time.perf_counter() - t0
     outcome = _outcome(task.task, res, spec, eval_s, peak.peak_bytes, task.primary_metric)
     if capture is not None:
+        outcome.divergence_s = capture.seconds
         if capture.batched:
             outcome.divergence_note = (f"{capture.batched} forwards held several sequences: divergence needs "
                                        "batch_size 1 for this task")
