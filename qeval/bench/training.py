@@ -52,7 +52,7 @@ def train_bench(model_spec: str, adapters: dict, device: str, steps: int = STEPS
         for name, spec in adapters.items():
             for ckpt in settings:
                 out = Path(tmp) / f"{name}-{ckpt}.json"
-                args = (model_spec, name, spec, device, steps, ckpt, out)
+                args = (model_spec, name, spec, device, steps, ckpt, out, isolate)
                 run_in_child(_bench_one, args) if isolate else _bench_one(*args)
                 rows.append(json.loads(out.read_text()))
     frame = pd.DataFrame(rows)
@@ -61,8 +61,10 @@ def train_bench(model_spec: str, adapters: dict, device: str, steps: int = STEPS
     return frame
 
 
-def _bench_one(model_spec: str, name: str, spec, device: str, steps: int, ckpt: bool, out: Path) -> None:
-    """One (adapter, checkpointing) row, written to `out` as JSON (it may run in a child)."""
+def _bench_one(model_spec: str, name: str, spec, device: str, steps: int, ckpt: bool, out: Path,
+               child: bool) -> None:
+    """One (adapter, checkpointing) row, written to `out` as JSON; `child`: it runs in a training
+    child (its allocator is then relaxed as the recipe's is; the caller's is never touched)."""
     import json
 
     import torch
@@ -76,7 +78,8 @@ def _bench_one(model_spec: str, name: str, spec, device: str, steps: int, ckpt: 
 
     # the recipe's steady state: it relaxes its measuring allocator after the first held-out pass
     # that follows training steps (qeval.train.recipe), so most of `qeval run`'s steps run like this
-    relax_allocator()
+    if child:
+        relax_allocator()
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     torch.manual_seed(spec.seed)
     base = load_model(resolve_model(model_spec), FORMATS.get(spec.train_quant), device)

@@ -12,5 +12,5 @@ __getattr__, __all__ = lazy_exports(__name__, {
     "load": ("EMBEDDED", "DEFAULT_MODEL", "ResolvedModel", "LoadedModel", "resolve_model", "check_folder",
              "linear_in_features", "compute_dtype", "compute_dtype_problem", "load_model", "COMPUTE_DTYPES"),
     "memory": ("PeakMemory", "PhasePeaks", "own_weights", "release_freed_heap", "tune_allocator", "allocator_tuned",
-               "allocator_description", "relax_allocator", "high_water", "reset_high_water", "ALLOCATOR"),
+               "allocator_description", "allocator_tunable", "relax_allocator", "high_water", "reset_high_water", "ALLOCATOR"),
 })

@@ -147,16 +147,27 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
 ALLOCATOR = {"mmap_threshold": 1 << 20, "trim_threshold": 1 << 20, "arena_max": 2}
 
 
-def tune_allocator() -> bool:
-    """Set ALLOCATOR with glibc's `mallopt` in this process (the training child calls it first
-    thing); False where the C library is not glibc (then RSS includes the allocator's slack)."""
+def _mallopt():
+    """glibc's `mallopt`, or None where the C library has none."""
     import ctypes
     import ctypes.util
 
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
     except (OSError, AttributeError):
+        return None
+
+
+def allocator_tunable() -> bool:
+    """Whether this process could be given ALLOCATOR (glibc), without changing anything."""
+    return _mallopt() is not None
+
+
+def tune_allocator() -> bool:
+    """Set ALLOCATOR with glibc's `mallopt` in this process (the training child calls it first
+    thing); False where the C library is not glibc (then RSS includes the allocator's slack)."""
+    mallopt = _mallopt()
+    if mallopt is None:
         return False
     global _tuned
     _tuned = all(mallopt(opt, val) == 1 for opt, val in ((_M_MMAP_THRESHOLD, ALLOCATOR["mmap_threshold"]),
@@ -190,15 +201,9 @@ def relax_allocator() -> bool:
     block of 1 MiB or more, so each of them is page-faulted in afresh; on the 2-core CPU that made a
     training step 1.2-1.7x slower and a no-grad forward ~2x (`qeval bench --train`). False where
     mallopt is unavailable or the allocator was never tuned."""
-    import ctypes
-    import ctypes.util
-
     global _tuned, _relaxed
-    if not _tuned:
-        return False
-    try:
-        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
-    except (OSError, AttributeError):
+    mallopt = _mallopt()
+    if not _tuned or mallopt is None:
         return False
     _relaxed = all(mallopt(opt, val) == 1 for opt, val in ((_M_MMAP_THRESHOLD, RELAXED["mmap_threshold"]),
                                                            (_M_TRIM_THRESHOLD, RELAXED["trim_threshold"])))
