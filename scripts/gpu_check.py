@@ -1,14 +1,19 @@
 """The GPU check's Python part (scripts/gpu-check.sh runs it after the `gpu` tests).
 
 On one CUDA GPU, with nothing fetched: builds a small Llama on the spot (tokenizer trained on the
-carried suite data), then
-  1. a smoke plan: every format that supports CUDA (bf16 baseline and compute) on a small suite
+carried suite data) and a model of Gemma-3-270M's shape (random weights, that tokenizer), then
+  1. the training-efficiency table on CUDA (qeval.bench.training) for the default plan's LoRA and
+     QLoRA, checkpointing on and off, on the Gemma-shaped model at 8 x 512 tokens a step;
+  2. training memory per trainer option on CUDA (scripts/measure_train_memory.py) on that model at
+     torchtune's 2 x 2,048: loss variants, checkpointing, activation offloading, 8-bit and paged
+     optimizers, a full fine-tune;
+  3. a smoke plan: every format that supports CUDA (bf16 baseline and compute) on a small suite
      (choice, perplexity + KL, generation), batch size auto;
-  2. a QLoRA training of a few steps (CUDA max-allocated memory from the adapter record) and the
+  4. a QLoRA training of a few steps (CUDA max-allocated memory from the adapter record) and the
      merge paths (dequantized into the float base, requantized to NF4) as arms of the same plan;
-  3. the divergence self-check: the bf16 baseline against its own reference (must be 0), and the
+  5. the divergence self-check: the bf16 baseline against its own reference (must be 0), and the
      bf16-vs-float32 baseline KL (the precision's noise floor) beside NF4's KL for scale;
-  4. the harness-efficiency table on CUDA (qeval.bench.speed.efficiency) for none + one 4-bit format;
+  6. the harness-efficiency table on CUDA (qeval.bench.speed.efficiency) for none + one 4-bit format;
 and prints one summary table. `--cpu-dry-run` runs the same on CPU (tiny sizes) to catch crashes.
 Exit 0 when every step passed.
 """
@@ -131,6 +136,50 @@ def main() -> int:
                           adapters=adapters, arms=tuple(arms), bootstrap_iters=100))
     store_path = work / "store.sqlite"
 
+    # the training steps first: their time is known (~3 minutes), the smoke plan's grows with the formats
+    import measure_train_memory as mtm  # scripts/ is on sys.path when a script runs
+
+    shape = "gemma3-tiny" if args.cpu_dry_run else "gemma3-270m"
+    gemma = mtm.build(work / shape, shape, str(model_dir))
+
+    def train_eff():
+        from qeval.bench.training import plan_arms, train_bench, with_settings
+
+        arms = {k: v for k, v in plan_arms(ROOT / "plans" / "default.yaml").items()
+                if bnb or v.train_quant == "none"}
+        tokens = dict(batch_size=2, seq_len=64) if args.cpu_dry_run else dict(batch_size=8, seq_len=512)
+        frame = train_bench(str(gemma), with_settings(arms, **tokens), device, steps=2 if args.cpu_dry_run else 5,
+                            isolate=False)
+        print(frame.to_string(index=False))
+        frame.to_csv(Path(os.environ.get("OUT") or work, "training-efficiency.csv"), index=False)
+        return "ok", "; ".join(f"{r.adapter} ckpt {'on' if r.checkpointing else 'off'}: {r.train_tok_s:,.0f} tok/s, "
+                               f"eff {r.efficiency:.2f}" for r in frame.itertuples())
+
+    step("training efficiency on " + device, train_eff)
+
+    def options_memory():
+        opts = ["full", "chunked:8", "fused:8", "none", "none+offload", "full+offload", "adamw8bit",
+                "paged_adamw8bit", "full-ft", "full-ft+adamw8bit", "full-ft+paged_adamw8bit"]
+        if args.cpu_dry_run:  # offloading and paged states need CUDA (refused on CPU)
+            opts = [o for o in opts if "offload" not in o and "paged" not in o][:4]
+        batch, seq = (1, 64) if args.cpu_dry_run else (2, 2048)
+        # its own process: this one holds the earlier steps' tensors, which CUDA max allocated would count
+        import subprocess
+
+        run = subprocess.run([sys.executable, str(ROOT / "scripts" / "measure_train_memory.py"), "--tokenizer",
+                              str(model_dir), "--shapes", shape, "--work", str(work), "--device", device,
+                              "--batch", str(batch), "--seq", str(seq), "--options", ",".join(opts)],
+                             stdout=subprocess.PIPE, text=True, check=True)
+        rows = [json.loads(x) for x in run.stdout.splitlines() if x.startswith("{")]
+        print(run.stdout, flush=True)
+        Path(os.environ.get("OUT") or work, "train-memory-options.jsonl").write_text(
+            "".join(json.dumps(r) + "\n" for r in rows))
+        worst = max(rows, key=lambda r: abs(r["err"]))
+        return "ok", (f"{len(rows)} options; peak {min(r['peak_MiB'] for r in rows):,.0f}-"
+                      f"{max(r['peak_MiB'] for r in rows):,.0f} MiB; largest error {worst['err']:+.1%} ({worst['opt']})")
+
+    step("trainer memory options on " + device, options_memory)
+
     def smoke():
         s = run_plan(plan, store_path, progress=lambda m: print("   ", m, flush=True))
         if s.failed:
@@ -197,6 +246,7 @@ def main() -> int:
                       f"{frame.efficiency.median():.2f}; qeval tok/s median {frame.qeval_tok_s.median():.0f}")
 
     step("harness efficiency on " + device, eff)
+
 
     print("\n| step | result | detail |\n|---|---|---|")
     for r in rows:

@@ -354,6 +354,12 @@ CASES = [
     ("adapter-steps-huge", lambda t, m: _adapter(t, m, "steps: 100000000000"), "absent", ["adapters.a.steps", "100000000000"]),
     ("adapter-lr-infinite", lambda t, m: _adapter(t, m, "lr: .inf"), "absent", ["adapters.a.lr", "inf", "finite"]),
     ("adapter-seed-huge", lambda t, m: _adapter(t, m, "seed: 99999999999"), "absent", ["adapters.a.seed", "99999999999"]),
+    ("adapter-paged-optimizer-on-cpu", lambda t, m: _adapter(t, m, "optimizer: paged_adamw8bit"), "absent",
+     ["adapters.a.optimizer", "paged_adamw8bit", "CUDA", "adamw8bit"]),
+    ("adapter-offload-on-cpu", lambda t, m: _adapter(t, m, "offload_activations: true"), "absent",
+     ["adapters.a.offload_activations", "CUDA"]),
+    ("adapter-optimizer-typo", lambda t, m: _adapter(t, m, "optimizer: adamw_8bit"), "absent",
+     ["adapters.a.optimizer", "adamw_8bit", "adamw8bit"]),
     ("adapter-seeds-huge", lambda t, m: _adapter(t, m, "seeds: [1, 99999999999]"), "absent", ["adapters.a.seeds", "99999999999"]),
     ("adapter-budget-tokens-huge", lambda t, m: _adapter(t, m, "budget_tokens: 10000000000000000"), "absent", ["budget_tokens"]),
     # the tiny model's context is 1,024 tokens (max_position_embeddings): read from config.json, no weights

@@ -77,20 +77,37 @@ def test_torchao_tinygemm_bytes_and_kl(peaked, reference, name):
     assert torch.isfinite(logits).all() and 0.002 < kl < 0.15, kl
 
     if "tinygemm" in name:
-        # the kernel computes with asymmetric min/max int4 per group (tinygemm's qparams): an
-        # independent float simulation of that grid agrees with it far better than the float model
+        # The stored grid is asymmetric min/max int4 per group with the zero in the float domain,
+        # computed in bf16 (torchao's tinygemm qparams): an independent bf16 simulation of that
+        # recipe gives the weights the kernel holds. Measured on an H200 (2026-12-04): 95.6% (g64) /
+        # 94.5% (g32) of the weights equal to the simulation's bit for bit, the rest within 0.063 /
+        # 0.071 of a step (bf16 rounding in the dequantize arithmetic; another code would be a whole
+        # step off); the kernel's matmul 0.0013 from its own grid against 0.079 / 0.070 from the
+        # float weights. (The first GPU run compared the matmul with a float32 simulation: only 2x
+        # closer than the float model, which the bf16 arithmetic explains.)
         lin = lm.model.model.layers[0].mlp.down_proj
-        w = weights["model.layers.0.mlp.down_proj"].float()
+        w = weights["model.layers.0.mlp.down_proj"].to("cuda", torch.bfloat16)
         g = w.reshape(-1, group)
-        lo, hi = g.min(1, keepdim=True).values, g.max(1, keepdim=True).values
-        s = ((hi - lo) / 15).clamp(min=1e-6)
-        sim = (torch.clamp(torch.round((g - lo) / s), 0, 15) * s + lo).reshape(w.shape)
+        lo, hi = g.amin(1, keepdim=True), g.amax(1, keepdim=True)
+        scale = ((hi - lo) / 15).clamp(min=torch.finfo(torch.bfloat16).smallest_normal)
+        zero = lo + scale * 8
+        q = torch.clamp(torch.round((g - (zero - scale * 8)) / scale), 0, 15)
+        sim = ((q - 8) * scale + zero).reshape(w.shape).float()
+        # the weights the kernel holds, read through the kernel itself (the packed tensor has no
+        # dequantize): identity rows in, W^T out, exact (one bf16 product per output)
+        with torch.no_grad():
+            stored = lin(torch.eye(w.shape[1], device="cuda", dtype=torch.bfloat16)).float().t()
+        step = float(scale.float().mean())
+        same = float((stored == sim).float().mean())
+        print(name, f"grid: {same:.4f} of weights equal to the simulation, max diff {float((stored - sim).abs().max()) / step:.3f} steps")
+        assert same > 0.9 and float((stored - sim).abs().max()) < 0.25 * step  # in mean steps, as measured
         x = torch.randn(4, w.shape[1], device="cuda", dtype=torch.bfloat16)
         with torch.no_grad():
             y = lin(x).float()
-        off_sim = (y - x.float() @ sim.t()).abs().mean()
-        off_float = (y - x.float() @ w.t()).abs().mean()
-        assert off_sim < 0.25 * off_float, (float(off_sim), float(off_float))
+        off_grid = (y - x.float() @ stored.t()).abs().mean()
+        off_float = (y - x.float() @ w.float().t()).abs().mean()
+        print(name, f"kernel vs its grid {float(off_grid):.4f}, vs the float weights {float(off_float):.4f}")
+        assert off_grid < 0.1 * off_float, (float(off_grid), float(off_float))
 
 
 @pytest.mark.gpu

@@ -84,9 +84,10 @@ def test_logits_term_per_loss_option():
     from qeval.train.estimate import logits_bytes
 
     t, v = 4096, 128256
-    assert logits_bytes("full", t, v, 2) == t * v * 10
+    assert logits_bytes("full", t, v, 2) == t * v * 12  # bf16 logits, fp32 upcast and gradient, bf16 gradient
+    assert logits_bytes("full", t, v, 4) == t * v * 12  # fp32: nothing cast back (the CPU rows, unchanged)
     assert logits_bytes("chunked:8", t, v, 2) == t * v * 2 + 512 * v * 8
-    assert logits_bytes("fused:8", t, v, 2) == 512 * v * 10
+    assert logits_bytes("fused:8", t, v, 2) == 512 * v * 12
     with pytest.raises(Exception, match="chunked:N"):
         logits_bytes("chunked:0", t, v, 2)
 

@@ -115,7 +115,8 @@ def _bench_one(model_spec: str, name: str, spec, device: str, steps: int, ckpt: 
         idx = batch(step)
         ids, labels = train.ids[idx].to(device), train.labels[idx].to(device)
         clock("data")
-        train_step(net, params, opt, sched, ids, labels, spec.cross_entropy, clock=clock)
+        train_step(net, params, opt, sched, ids, labels, spec.cross_entropy, clock=clock,
+                   offload=spec.offload_activations)
         if step:  # the first step is a warm-up (allocations, kernel choice)
             split["forward"].append(marks["forward"] - marks["data"])
             split["backward"].append(marks["backward"] - marks["forward"])

@@ -229,7 +229,7 @@ def validate(plan: Plan, suite: Suite | None = None) -> Resolved:
         errors += plan.parity.problems("parity")
     adapters: dict[str, AdapterSpec] = {}
     for name, spec in plan.adapters.items():
-        errors += spec.problems(f"adapters.{name}")
+        errors += spec.problems(f"adapters.{name}") + spec.device_problems(f"adapters.{name}", device)
         adapters[name] = spec
     arms = [Arm(f, f) for f in plan.formats]
     for name in plan.optional_formats:

@@ -224,9 +224,9 @@ def decision(frames: dict[str, pd.DataFrame], memory_budget: float | None) -> tu
 
 
 def memory_options_note(table: pd.DataFrame) -> str:
-    """Which trainer memory options (checkpointing, cross-entropy) the peaks were measured with: one
-    setting for every arm is named; arms measured with different ones make the memory verdict
-    unfair, and that is said (`gradient_checkpointing: auto` may resolve differently per arm)."""
+    """Which trainer memory options (checkpointing, cross-entropy, offloading, optimizer) the peaks
+    were measured with: one setting for every arm is named; arms measured with different ones make
+    the memory verdict unfair, and that is said (`gradient_checkpointing: auto` may resolve differently per arm)."""
     options = {a: o for a, o in zip(table["arm"], table["options"]) if o} if "options" in table else {}
     if not options:
         return ""  # records from before the options were stored
@@ -234,7 +234,7 @@ def memory_options_note(table: pd.DataFrame) -> str:
         return f" Training memory measured with {next(iter(options.values()))} for every arm."
     listed = "; ".join(f"{a}: {o}" for a, o in sorted(options.items()))
     return (f" Not like for like on memory: the arms trained with different memory options ({listed}); "
-            "set gradient_checkpointing and cross_entropy the same on every adapter.")
+            "set gradient_checkpointing, cross_entropy, optimizer and offload_activations the same on every adapter.")
 
 
 def decision_summary(table: pd.DataFrame) -> tuple[pd.DataFrame, str, str]:

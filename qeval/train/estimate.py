@@ -62,14 +62,31 @@ class Shape:
 
     def lora_params(self, r: int, targets: str | tuple[str, ...] = "all-linear") -> int:
         """LoRA parameters at rank `r` on `targets` (LINEARS' short names, or every linear layer)."""
+        return sum(self.lora_tensors(r, targets))
+
+    def lora_tensors(self, r: int, targets: str | tuple[str, ...] = "all-linear") -> list[int]:
+        """Sizes of the LoRA tensors (A: in x r, B: r x out) of every layer (optimizer states are per tensor)."""
         pick = LINEARS if targets == "all-linear" else targets
-        return self.layers * r * sum(a + b for name, (a, b) in zip(LINEARS, self.linears()) if name in pick)
+        return [n for name, (a, b) in zip(LINEARS, self.linears()) if name in pick for n in (a * r, r * b)] * self.layers
+
+    def tensors(self) -> list[int]:
+        """Sizes of every weight tensor: the blocks' linears, the embeddings (and LM head unless tied), the norms."""
+        return ([x * y for x, y in self.linears()] * self.layers + [self.vocab * self.hidden] * (1 if self.tied else 2)
+                + [self.hidden] * (2 * self.layers + 1))
 
 
 LINEARS = ("q", "k", "v", "o", "gate", "up", "down")  # Shape.linears() order; hub names are these + "_proj"
 CROSS_ENTROPY = ("full", "chunked", "fused")
 CHECKPOINTING = ("layer", "none")
-OPTIMIZERS = {"adamw": None, "adamw8bit": 2, "paged_adamw": None, "paged_adamw8bit": 2}  # state bytes/param (None: 2 x param)
+# name -> (state bits: None = AdamW's two states in the parameter's dtype, else bitsandbytes' states of
+# that many bits; the class qeval's trainer steps)
+OPTIMIZERS = {"adamw": (None, "torch.optim.AdamW"), "adamw8bit": (8, "bitsandbytes.optim.AdamW8bit"),
+              "paged_adamw": (32, "bitsandbytes.optim.PagedAdamW"),
+              "paged_adamw8bit": (8, "bitsandbytes.optim.PagedAdamW8bit")}
+# bitsandbytes (0.50 optim/optimizer.py): a tensor under MIN_8BIT elements keeps 32-bit states; an
+# 8-bit state has one fp32 absmax per BNB_BLOCK elements; only tensors of MIN_PAGED elements or more
+# are paged (smaller ones stay in device memory even with a paged optimizer)
+MIN_8BIT, BNB_BLOCK, MIN_PAGED = 4096, 256, 100_000
 
 
 def parse_cross_entropy(value: str) -> tuple[str, int]:
@@ -96,9 +113,28 @@ class Options:
     full_weights: str = "fp32"  # a full fine-tune's trained weights: fp32 master | compute (torchtune)
     lora_targets: str | tuple[str, ...] = "all-linear"  # or a tuple of LINEARS
 
-    def state_bytes(self, param_bytes: int) -> int:
-        """Optimizer state bytes per trainable parameter: AdamW keeps two of the parameter's dtype."""
-        return OPTIMIZERS[self.optimizer] or 2 * param_bytes
+    def states(self, sizes: list[int], param_bytes: int) -> tuple[int, int]:
+        """Optimizer state bytes for trainable tensors of these sizes: (in device memory, paged).
+        torch's AdamW keeps two states of the parameter's dtype; bitsandbytes' two fp32 states, or
+        two uint8 + their absmax for a tensor of MIN_8BIT elements or more (8-bit)."""
+        bits = OPTIMIZERS[self.optimizer][0]
+        # two fp32 quantization maps of 256 values, shared by every 8-bit tensor, on the device
+        device = 2 * 256 * 4 if bits == 8 and any(n >= MIN_8BIT for n in sizes) else 0
+        paged = 0
+        for n in sizes:
+            absmax = 0
+            if bits is None:
+                b = 2 * n * param_bytes
+            elif bits == 8 and n >= MIN_8BIT:
+                b, absmax = 2 * n, 2 * 4 * -(-n // BNB_BLOCK)  # the absmax stays in device memory, paged or not
+            else:
+                b = 2 * n * 4
+            if self.optimizer.startswith("paged") and n >= MIN_PAGED:
+                paged += b
+            else:
+                device += b
+            device += absmax
+        return device, paged
 
     def describe(self, method: str = "lora") -> str:
         """The options that matter for `method` (lora | qlora | full), in words."""
@@ -170,17 +206,23 @@ def logits_bytes(cross_entropy: str, tokens: int, vocab: int, b: int) -> int:
     """Peak bytes of the LM head's logits and the loss over `tokens` tokens (compute dtype `b` bytes).
 
     full (the model's own loss; qeval's default): the logits, their fp32 upcast and its gradient,
-    all at once. chunked:N (torchtune's CEWithChunkedOutputLoss, compiled): the logits are kept in
-    compute dtype for the whole batch, one chunk of tokens at a time is upcast (fp32 upcast + its
-    gradient). fused:N (the projection and the loss per chunk, recomputed in backward: torchtune's
-    LinearCrossEntropyLoss, Liger): one chunk's logits, upcast and gradient, never the whole batch's."""
+    and below fp32 that gradient cast back to the compute dtype, all at once. chunked:N (torchtune's
+    CEWithChunkedOutputLoss, compiled): the logits are kept in compute dtype for the whole batch,
+    one chunk of tokens at a time is upcast (fp32 upcast + its gradient). fused:N (the projection
+    and the loss per chunk, recomputed in backward: torchtune's LinearCrossEntropyLoss, Liger): one
+    chunk's logits, upcast, gradient and its cast back, never the whole batch's.
+
+    The cast-back term was measured on an H200 (bf16, Gemma-3-270M's shape, 2 x 2,048 tokens,
+    262k vocabulary): the model's own loss held 12.0 bytes per logit (2 + 4 + 4 + 2), the fused
+    loss's chunk likewise; the chunked loss fitted without it (docs/adapters-and-memory.md)."""
     mode, n = parse_cross_entropy(cross_entropy)
     chunk = -(-tokens // n)
+    back = b if b < 4 else 0  # the fp32 gradient cast back to a 16-bit compute dtype
     if mode == "full":
-        return tokens * vocab * (b + 4 + 4)
+        return tokens * vocab * (b + 4 + 4 + back)
     if mode == "chunked":
         return tokens * vocab * b + chunk * vocab * (4 + 4)
-    return chunk * vocab * (b + 4 + 4)
+    return chunk * vocab * (b + 4 + 4 + back)
 
 
 def estimate(shape: Shape, method: str, batch: int, seq_len: int, *, r: int = 16, dtype_bytes: int = 2,
@@ -208,11 +250,10 @@ def estimate(shape: Shape, method: str, batch: int, seq_len: int, *, r: int = 16
     o = options or Options(checkpointing="layer" if checkpointing else "none")
     b = dtype_bytes
     tokens = batch * seq_len
-    paged = 0
     if method == "full":
         wb = 4 if o.full_weights == "fp32" else b  # fp32 master weights, or the compute dtype (torchtune)
         weights = shape.params * wb
-        state = shape.params * o.state_bytes(wb)
+        state, paged = o.states(shape.tensors(), wb)
         opt, grads = state, shape.params * wb
         if o.optimizer_in_backward:  # each gradient is applied and freed as backward produces it
             grads = max(shape.vocab * shape.hidden, max(x * y for x, y in shape.linears())) * wb
@@ -221,10 +262,8 @@ def estimate(shape: Shape, method: str, batch: int, seq_len: int, *, r: int = 16
                                          for x, y in shape.linears()) + shape.other_params * b)
         trainable = shape.lora_params(r, o.lora_targets)
         ab = 4 if o.adapter_dtype == "fp32" else b  # peft keeps LoRA weights in fp32; torchtune in bf16
-        state = trainable * o.state_bytes(ab)
+        state, paged = o.states(shape.lora_tensors(r, o.lora_targets), ab)
         opt, grads = trainable * ab + state, trainable * ab
-    if o.optimizer.startswith("paged"):
-        opt, paged = opt - state, state
     kv = shape.kv_heads * shape.head_dim
     per_block = 6 * shape.hidden + 2 * kv + 5 * shape.intermediate
     kept = shape.hidden if o.checkpointing == "layer" else per_block  # what each block keeps per token

@@ -69,9 +69,8 @@ def _train(model: ResolvedModel, spec: AdapterSpec, device: str, key: str, out: 
 
     from qeval.data.train_data import prepare
 
-    if spec.peft.get("init_lora_weights") == "loftq" and not device.startswith("cuda"):
-        raise QevalError("peft.init_lora_weights", "loftq", "a CUDA device (peft computes the LoftQ "
-                         "initialisation on the GPU)", "run this adapter with device: cuda, or drop LoftQ on CPU")
+    if problems := spec.device_problems("adapter", device):  # a plan refuses these before it runs
+        raise problems[0]
     torch.manual_seed(spec.seed)
     phases = PhasePeaks(device)
     cuda = device.startswith("cuda")
@@ -133,7 +132,7 @@ def _train(model: ResolvedModel, spec: AdapterSpec, device: str, key: str, out: 
             order_hash.update(ids.numpy().tobytes())
             order_hash.update(labels.numpy().tobytes())
             loss = train_step(net, params, opt, sched, ids.to(device), labels.to(device), spec.cross_entropy,
-                              grads=(sizes := []) if step == 1 else None)
+                              grads=(sizes := []) if step == 1 else None, offload=spec.offload_activations)
             if step == 1:
                 grad_bytes = sum(sizes)
             losses.append((step, loss))
@@ -167,12 +166,16 @@ def _train(model: ResolvedModel, spec: AdapterSpec, device: str, key: str, out: 
         base.tokenizer.save_pretrained(tmp)
     weights = sum(f.stat().st_size for f in tmp.glob("*.safetensors"))
     tokens = done * spec.batch_size * spec.seq_len
-    opt_bytes = sum(t.numel() * t.element_size() for st in opt.state.values() for t in st.values()
-                    if torch.is_tensor(t))
+    # (bitsandbytes shares its quantization maps between tensors: each counted once)
+    states = list({t.data_ptr(): t for st in opt.state.values() for t in st.values() if torch.is_tensor(t)}.values())
+    # paged states (bitsandbytes) live in CUDA unified memory: outside the allocator's peak
+    opt_bytes = sum(t.numel() * t.element_size() for t in states if not getattr(t, "is_paged", False))
+    paged_bytes = sum(t.numel() * t.element_size() for t in states if getattr(t, "is_paged", False))
     if window:
         allocator += f" for the load and steps 0-{window} (peak read there), glibc-like after"
     memory = _memory_breakdown(base, spec, phases, idle, min(HELDOUT_BATCH, len(held.ids)), trainable_bytes=sum(p.numel() * p.element_size() for p in params),
-                               opt_bytes=opt_bytes, grad_bytes=grad_bytes, cuda=cuda, ckpt=ckpt, allocator=allocator)
+                               opt_bytes=opt_bytes, grad_bytes=grad_bytes, cuda=cuda, ckpt=ckpt, allocator=allocator,
+                               paged_bytes=paged_bytes)
     art = AdapterArtifact(key, out, spec, n_trainable, total, weights, train_s, train_s / done,
                           tokens / train_s, phases.peak["train"], idle,
                           tuple(losses), tuple(heldout), device, steps_done=done, tokens=tokens,
@@ -198,7 +201,8 @@ def _import_training_libraries(model: ResolvedModel) -> None:
 
 
 def _memory_breakdown(base, spec: AdapterSpec, phases, idle: int, heldout_batch: int, trainable_bytes: int, opt_bytes: int,
-                      grad_bytes: int, cuda: bool, ckpt: bool = True, allocator: str = "default") -> dict:
+                      grad_bytes: int, cuda: bool, ckpt: bool = True, allocator: str = "default",
+                      paged_bytes: int = 0) -> dict:
     """Measured parts of the training peak and the analytic model's prediction (qeval.train.estimate).
 
     weights = the loaded model's bytes; adapter_optimizer = trainable weights + AdamW states;
@@ -213,7 +217,7 @@ def _memory_breakdown(base, spec: AdapterSpec, phases, idle: int, heldout_batch:
     peak = phases.peak["train"]
     measured = {"idle": idle, "load_peak": phases.peak["load"], "train_start": phases.start["train"], "train_peak": peak,
                 "weights": weights, "adapter_optimizer": trainable_bytes + opt_bytes, "gradients": grad_bytes,
-                "allocator": allocator}
+                "allocator": allocator, "paged": paged_bytes}
     # CPU, both measured in this process: `runtime` = RSS after importing the training libraries,
     # before loading (Python, torch, transformers, peft, bitsandbytes); `process` = what the load
     # left besides the model (tokenizer, tokenized data, lazily built library state). Their sum is
@@ -226,9 +230,12 @@ def _memory_breakdown(base, spec: AdapterSpec, phases, idle: int, heldout_batch:
     try:
         shape = Shape.from_config(base.model.config.to_dict())
         dtype_bytes = 2 if cuda and str(base.dtype) in ("bfloat16", "float16") else 4
-        options = Options(checkpointing="layer" if ckpt else "none", cross_entropy=spec.cross_entropy)
+        options = Options(checkpointing="layer" if ckpt else "none", cross_entropy=spec.cross_entropy,
+                          offload=spec.offload_activations, optimizer=spec.optimizer)
         auto = " (auto)" if spec.gradient_checkpointing == "auto" else ""
-        measured["options"] = f"checkpointing {options.checkpointing}{auto}, cross-entropy {options.cross_entropy}"
+        measured["options"] = (f"checkpointing {options.checkpointing}{auto}, cross-entropy {options.cross_entropy}"
+                               + (", offload on" if options.offload else "")
+                               + (f", optimizer {options.optimizer}" if options.optimizer != "adamw" else ""))
         e = estimate(shape, method, spec.batch_size, spec.seq_len, r=spec.r, dtype_bytes=dtype_bytes,
                      train_quant=spec.train_quant if method == "qlora" else "bnb-nf4-dq",
                      overhead=runtime + process, heldout_batch=heldout_batch, options=options)
@@ -270,23 +277,31 @@ def trainable(model: Any, spec: AdapterSpec, ckpt: bool = True) -> Any:
 
 
 def optimizer(params: list, spec: AdapterSpec) -> tuple:
-    """AdamW and its linear warm-up, as every training of `spec` steps them."""
+    """The spec's AdamW (torch's, or bitsandbytes' 8-bit / paged one) and its linear warm-up, as
+    every training of `spec` steps them."""
     import torch
 
-    opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=0.0)
+    from qeval.train.estimate import OPTIMIZERS
+
+    module, _, name = OPTIMIZERS[spec.optimizer][1].rpartition(".")
+    opt = getattr(importlib.import_module(module), name)(params, lr=spec.lr, weight_decay=0.0)
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, spec.warmup_steps)))
 
 
-def train_step(net, params: list, opt, sched, ids, labels, cross_entropy: str, clock=None, grads=None) -> float:
+def train_step(net, params: list, opt, sched, ids, labels, cross_entropy: str, clock=None, grads=None,
+               offload: bool = False) -> float:
     """One optimizer step on one batch; the step's loss. `clock(phase)` is called at the end of
     each phase (forward, backward, optimizer) for `qeval bench`'s split; `grads`, a list, receives
-    the gradients' byte sizes before the optimizer frees them (the memory table's `gradients`)."""
+    the gradients' byte sizes before the optimizer frees them (the memory table's `gradients`);
+    `offload`: what the forward keeps for backward is held in pinned host memory (CUDA)."""
     import torch
 
     from qeval.train.loss import causal_lm_loss
 
     tick = clock or (lambda phase: None)
-    loss = causal_lm_loss(net, ids, labels, cross_entropy)
+    keep = torch.autograd.graph.save_on_cpu(pin_memory=True) if offload else contextlib.nullcontext()
+    with keep:
+        loss = causal_lm_loss(net, ids, labels, cross_entropy)
     tick("forward")
     loss.backward()
     tick("backward")

@@ -34,7 +34,7 @@ PEFT_INTERNAL = ("task_type", "peft_type", "auto_mapping", "peft_version", "base
 CONVERGED_EVALS, CONVERGED_TOL = 3, 0.01
 # spec fields added after adapters were keyed: left out of the identity at these values, so the
 # same option trains the same adapter under the same key as before the field existed
-IDENTITY_DEFAULTS = {"cross_entropy": "full"}
+IDENTITY_DEFAULTS = {"cross_entropy": "full", "optimizer": "adamw", "offload_activations": False}
 
 
 @dataclass(frozen=True)
@@ -63,6 +63,12 @@ class AdapterSpec:
     # full (the model's own loss) | chunked:N | fused:N: the loss over N chunks of tokens, so the
     # batch's fp32 logits never exist at once (qeval.train.loss; memory: qeval.train.estimate)
     cross_entropy: str = "full"
+    # adamw (torch) | adamw8bit | paged_adamw | paged_adamw8bit (bitsandbytes: 8-bit states, ~2 bytes
+    # per trainable parameter instead of 8; paged: the states in CUDA unified memory, CUDA only)
+    optimizer: str = "adamw"
+    # true: the activations autograd keeps for backward live in host memory during the forward and
+    # come back for the backward (torch's save_on_cpu; torchtune's offloading). CUDA only
+    offload_activations: bool = False
     eval_every: int = 5  # held-out loss every N steps
     early_stopping_patience: int = 0  # > 0: stop after this many held-out evaluations without a new best
     domain_tasks: tuple[str, ...] = ()  # the tasks this training targets; every other task measures forgetting
@@ -112,6 +118,12 @@ class AdapterSpec:
         except QevalError as e:
             out.append(QevalError(f"{where}.cross_entropy", self.cross_entropy, "full, chunked:N or fused:N "
                                   "(N > 0 chunks of tokens)", "e.g. chunked:8 (torchtune's chunked loss)"))
+        from qeval.train.estimate import OPTIMIZERS
+
+        if self.optimizer not in OPTIMIZERS:
+            out.append(unknown_name(f"{where}.optimizer", self.optimizer, OPTIMIZERS))
+        if not isinstance(self.offload_activations, bool):
+            out.append(QevalError(f"{where}.offload_activations", self.offload_activations, "true or false"))
         if not isinstance(self.gradient_checkpointing, bool) and self.gradient_checkpointing != "auto":
             out.append(QevalError(f"{where}.gradient_checkpointing", self.gradient_checkpointing, "true, false or auto",
                                   "auto: checkpoint only when memory needs it"))
@@ -140,6 +152,23 @@ class AdapterSpec:
                                       "remove peft:, or use method: lora"))
             else:
                 out += peft_problems(self, where)
+        return out
+
+    def device_problems(self, where: str, device: str) -> list[QevalError]:
+        """Options that need a CUDA device, refused on CPU before anything runs."""
+        if device.startswith("cuda"):
+            return []
+        out = []
+        if self.optimizer.startswith("paged"):
+            out.append(QevalError(f"{where}.optimizer", self.optimizer, "a CUDA device (paged optimizer states live "
+                                  "in CUDA unified memory; bitsandbytes falls back to unpaged on CPU)",
+                                  f"use {self.optimizer.removeprefix('paged_')} on cpu"))
+        if self.offload_activations:
+            out.append(QevalError(f"{where}.offload_activations", True, "a CUDA device (on CPU the activations are "
+                                  "already in host memory)", "drop offload_activations on cpu"))
+        if self.peft.get("init_lora_weights") == "loftq":
+            out.append(QevalError(f"{where}.peft.init_lora_weights", "loftq", "a CUDA device (peft computes the "
+                                  "LoftQ initialisation on the GPU)", "run this adapter with device: cuda, or drop LoftQ on CPU"))
         return out
 
     def domain_problems(self, where: str, tasks: list[str]) -> list[QevalError]:
