@@ -129,8 +129,17 @@ def test_adapter_arms_train_once_and_report(plan, tmp_path, monkeypatch):
     store_path = tmp_path / "store.sqlite"
     first = run_plan(arm_plan, store_path, progress=lambda s: None)
     assert len(first.computed) == 2 * 7 and len(first.trained) == 2 and not first.failed
+    import qeval.run.preflight as preflight
+
+    checked = []  # the training data is checked (tokenized) only for adapters not trained yet
+    monkeypatch.setattr(preflight, "_data_problems", lambda model, adapters, *a: checked.append(sorted(adapters)) or [])
     second = run_plan(arm_plan, store_path, progress=lambda s: None)
     assert second.computed == [] and second.trained == []  # nothing retrained, nothing re-evaluated
+    assert checked == []
+    changed = plan_from({**arm_plan.__dict__, "adapters": {**ADAPTERS, "lora": {**ADAPTERS["lora"], "steps": 3}}})
+    rp = runner.validate(changed)
+    preflight.preflight(list({id(m): m for m, _, _ in runner.expand(changed, rp)}.values()), rp)
+    assert checked == [["lora"]]  # a changed recipe is a new adapter: its data is checked again
 
     with Store(store_path) as store:
         records = list(store.records())

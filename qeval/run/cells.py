@@ -62,9 +62,11 @@ def needs_calibration(fmt: QuantFormat) -> bool:
 
 
 def make_cells(model: ResolvedModel, arm: Arm, suite: Suite, eval_spec: EvalSpec, device: str,
-               adapter: AdapterSpec | None = None, dtype=None, calibration: CalibrationSpec | None = None) -> list[Cell]:
+               adapter: AdapterSpec | None = None, dtype=None, calibration: CalibrationSpec | None = None,
+               fingerprints: dict[str, str] | None = None) -> list[Cell]:
     """The cells of one (model, arm) and their keys. `calibration`: the plan's set for a
-    calibration-based format (None: the default set)."""
+    calibration-based format (None: the default set); `fingerprints`: the suite's task
+    fingerprints when the caller computed them once for every arm (else hashed here)."""
     from qeval.eval.suites import task_fingerprint
     from qeval.models.load import compute_dtype
     from qeval.quant.backends.gptq import CalibrationSpec
@@ -99,7 +101,8 @@ def make_cells(model: ResolvedModel, arm: Arm, suite: Suite, eval_spec: EvalSpec
                         "versions": environment})
     cells = []
     for t in suite.tasks:
-        task = {"name": t.task, "fingerprint": task_fingerprint(t.task, suite.include_paths), "limit": t.limit,
+        fingerprint = (fingerprints or {}).get(t.task) or task_fingerprint(t.task, suite.include_paths)
+        task = {"name": t.task, "fingerprint": fingerprint, "limit": t.limit,
                 "num_fewshot": t.num_fewshot, "batch_size": t.batch_size, **t.key_settings()}
         material = {"schema": SCHEMA_VERSION, "variant": variant, "format": fmt_spec, "adapter": adapter_id,
                     "task": task, "eval": dataclasses.asdict(eval_spec), "versions": environment}
@@ -117,6 +120,7 @@ def expand(plan: Plan, rp: Resolved) -> list[tuple[ResolvedModel, Arm, list[Cell
     the suite data is built first because task fingerprints hash it."""
     from qeval.data.suite_data import ensure_built
     from qeval.eval.evaluate import EvalSpec
+    from qeval.eval.suites import task_fingerprint
     from qeval.models.load import linear_in_features, resolve_model
     from qeval.quant.formats import FORMATS
 
@@ -127,8 +131,10 @@ def expand(plan: Plan, rp: Resolved) -> list[tuple[ResolvedModel, Arm, list[Cell
     raise_if(list(shape_errors.values()))
     ensure_built()
     eval_spec = EvalSpec(seed=plan.seed, bootstrap_iters=plan.bootstrap_iters)
+    # hashed once per task, not per arm (YAML, includes, data files: 1.9 s of a warm default plan)
+    prints = {t.task: task_fingerprint(t.task, rp.suite.include_paths) for t in rp.suite.tasks}
     return [(m, a, make_cells(m, a, rp.suite, eval_spec, rp.device, rp.adapters.get(a.adapter) if a.adapter else None,
-                              rp.dtype, rp.calibration))
+                              rp.dtype, rp.calibration, prints))
             for m in models for a in rp.arms]
 
 

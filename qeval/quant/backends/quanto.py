@@ -44,10 +44,43 @@ def _bits(n: int, group: int | None):
     return bits
 
 
+_UNPACK: list = []  # qeval's registration of quanto::unpack on CPU (kept alive: dropping it unregisters)
+
+
+def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """quanto's CPU unpack of 4- or 2-bit codes packed into uint8: value i of a byte is bits
+    [bits*i, bits*(i+1)), the values concatenated along dim 0 -- the same mask, shift and cat as
+    quanto's C++ kernel (optimum/quanto/library/extensions/cpp/unpack.cpp)."""
+    import torch
+
+    return torch.cat([(packed & (((1 << bits) - 1) << (bits * i))) >> (bits * i) for i in range(8 // bits)], 0)
+
+
+def unpack_in_torch() -> None:
+    """Serve quanto::unpack on CPU from `unpack_codes` instead of quanto's C++ extension, which torch
+    JIT-compiles with g++ on first use in every fresh environment: ~53 s, measured as the first
+    quanto:int4 cell of a cold `make report` (62.5 s, against 9.9 s once built). Its kernel is these
+    three torch ops in C++, so the codes and every number are the same."""
+    if _UNPACK:
+        return
+    import warnings
+
+    import optimum.quanto  # noqa: F401 -- registers quanto::unpack and its CPU kernel first
+    import torch
+
+    lib = torch.library.Library("quanto", "IMPL")
+    with warnings.catch_warnings():  # torch warns that a kernel is overridden: that is the point
+        warnings.simplefilter("ignore")
+        lib.impl("unpack", unpack_codes, "CPU", allow_override=True)
+    _UNPACK.append(lib)
+
+
 def _apply(n, group: int | None):
     def after_load(model, device: str, compute_dtype: torch.dtype) -> None:
         import torch
         from optimum.quanto import freeze, qfloat8_e4m3fn, qint2, qint4, qint8, quantize
+
+        unpack_in_torch()
 
         targets = {name for name, _ in quantizable_linears(model)}
         exclude = [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and name not in targets]
