@@ -205,7 +205,8 @@ def _memory_breakdown(base, spec: AdapterSpec, phases, idle: int, heldout_batch:
                       paged_bytes: int = 0) -> dict:
     """Measured parts of the training peak and the analytic model's prediction (qeval.train.estimate).
 
-    weights = the loaded model's bytes; adapter_optimizer = trainable weights + AdamW states;
+    weights = the loaded model's bytes; adapter_optimizer = trainable weights + the optimizer's
+    states in device memory (paged states, in CUDA unified memory and outside the peak: `paged`);
     gradients = the trainable gradients; activations = what is left of the training peak (held-out
     passes included; on CPU also what allocator slack remains, and for a 4-bit base the
     dequantized weight of the layer in flight)."""
