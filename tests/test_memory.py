@@ -1,5 +1,6 @@
 """Peak memory per phase, the analytic training-memory model, and `qeval plan-memory`."""
 import json
+import mmap
 from pathlib import Path
 
 import pytest
@@ -243,8 +244,13 @@ def test_cpu_peak_is_exact_and_nested_blocks_keep_the_outer_peak():
         pytest.skip("this kernel or sandbox cannot reset the peak RSS (VmHWM): PeakMemory samples instead")
     size = 200 * 2**20
     with PeakMemory("cpu", interval=3600) as outer:  # a sampler would not wake up inside
-        x = bytearray(size)
-        del x
+        # A fresh anonymous mapping, each page touched: RSS grows by `size` whatever the heap holds.
+        # (A bytearray may reuse freed, still-resident heap when an earlier test raised glibc's
+        # mmap threshold in this process: RSS did not grow and CI failed on it.)
+        buf = mmap.mmap(-1, size)
+        for page in range(0, size, mmap.PAGESIZE):
+            buf[page] = 1
+        buf.close()
         with PeakMemory("cpu", interval=3600) as inner:
             pass
     assert outer.peak_bytes - inner.peak_bytes > 0.9 * size
