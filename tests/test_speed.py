@@ -79,6 +79,50 @@ def test_a_rerun_reuses_cells_and_speed(tiny_store, tmp_path):
     assert again.computed == [] and again.speed == []
 
 
+def test_arms_with_the_same_kernels_are_measured_once(tiny_store, tmp_path, monkeypatch):
+    """LoRA on NF4 runs QLoRA's layers, a merge into the dequantized base is the float model, a
+    requantized merge the NF4 one: each shares the measurement of its twin (within the run, or from
+    the store), with its own key, the twin's numbers and the mark; arms of other kernels never do."""
+    import shutil
+    import sqlite3
+
+    from qeval.run import jobs, runner
+    from qeval.train.recipe import finetune as real
+    from conftest import TINY_STORE_ADAPTERS, TINY_STORE_ARMS, TINY_STORE_SUITE
+
+    monkeypatch.setattr(jobs, "finetune", lambda *a, **k: real(*a, **{**k, "isolate": False}))
+    store, model = tiny_store
+    copy = tmp_path / "s.sqlite"
+    shutil.copy(store, copy)
+    with sqlite3.connect(copy) as db:
+        db.execute("DROP TABLE speed")  # every speed measured in this run, twins shared within it
+    (tmp_path / "suite.yaml").write_text(TINY_STORE_SUITE)
+    twins = ({"name": "nf4+lora", "quant": "bnb-nf4", "adapter": "lora"},
+             {"name": "qlora-merged-float", "quant": "bnb-nf4", "adapter": "qlora", "merge": "dequantized"})
+
+    def plan(*extra):
+        return runner.plan_from(dict(models=(str(model),), suite=str(tmp_path / "suite.yaml"), device="cpu",
+                                     formats=("none", "bnb-nf4"), adapters=TINY_STORE_ADAPTERS,
+                                     arms=TINY_STORE_ARMS + twins + extra))
+
+    first = runner.run_plan(plan(), copy, progress=lambda s: None)
+    assert not first.failed and len(first.speed) == 6
+    requant = {"name": "qlora-merged-nf4", "quant": "bnb-nf4", "adapter": "qlora", "merge": "requantized"}
+    second = runner.run_plan(plan(requant), copy, progress=lambda s: None)  # its twin is in the store
+    assert not second.failed and len(second.speed) == 1
+    by_arm = {r.variant.arm: r for r in _speed(copy)[0]}
+    assert set(by_arm) == {"none", "bnb-nf4", "lora", "qlora", "nf4+lora", "qlora-merged-float", "qlora-merged-nf4"}
+    measured = {a for a, r in by_arm.items() if not r.shared_from}
+    assert measured == {"none", "bnb-nf4", "lora", "qlora"}
+    assert len({by_arm[a].kernels for a in measured}) == 4  # LoRA on float is not the float model
+    for arm, twin in (("nf4+lora", "qlora"), ("qlora-merged-float", "none"), ("qlora-merged-nf4", "bnb-nf4")):
+        r, t = by_arm[arm], by_arm[twin]
+        assert r.kernels == t.kernels and r.shared_from == t.key and r.shared_arm == twin and r.key != t.key
+        assert (r.prefill_tok_s, r.decode, r.peak_bytes) == (t.prefill_tok_s, t.decode, t.peak_bytes)
+        assert r.seconds == 0 and r.mark == f"same kernels as {twin}: measured once" and t.mark == ""
+        assert r.variant.quant == "bnb-nf4"
+
+
 def test_dominance_matches_a_pairwise_count():
     rng = random.Random(3)
     for _ in range(50):

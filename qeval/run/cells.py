@@ -150,6 +150,7 @@ class SpeedCell:
     quant: str
     calibration: CalibrationSpec | None = None
     settings: Any = None  # qeval.models.speed.SpeedSettings (its as_dict is in the key)
+    kernels: str = ""  # what the speed depends on (`kernels_key`): arms sharing it are measured once
 
     @property
     def fmt(self) -> QuantFormat:
@@ -181,7 +182,37 @@ def speed_cell(cells: list[Cell], suite: Suite, device: str) -> SpeedCell | None
                 "format": c.key_material["format"], "adapter": c.key_material["adapter"],
                 "versions": c.key_material["versions"], "identity": env.device_identity(device),
                 "settings": settings.as_dict()}
-    return SpeedCell(content_key(material), c.variant_id, material, c.quant, c.calibration, settings)
+    return SpeedCell(content_key(material), c.variant_id, material, c.quant, c.calibration, settings,
+                     kernels_key(material))
+
+
+def kernels_key(material: dict) -> str:
+    """What an arm's speed depends on: the model, the kernels its forward runs (the format as loaded,
+    and an unmerged adapter's shape: method, rank, targets, PEFT options) and where and how it is
+    measured; never the weights' values, so arms alike in all that share one measurement (in the
+    default plan: QLoRA and LoRA-on-NF4 run the same layers; a merge into the dequantized float base
+    is the float model, a requantized merge the quantized format; a retrained adapter changes nothing).
+    The speed record's own key stays per arm (`speed_cell`)."""
+    variant, fmt, adapter = material["variant"], material["format"], material["adapter"]
+    lora = None
+    if adapter is not None:
+        spec = adapter["spec"]
+        if adapter["merge"] == "dequantized":  # qeval.train.merge.attach: a float model, the baseline's format
+            fmt = baseline_format(fmt["compute_dtype"])
+        if adapter["merge"] == "none" and spec["method"] != "full":
+            lora = {k: spec.get(k) for k in ("method", "r", "target_modules", "peft")}
+    return content_key({"kind": "speed-kernels", "model": variant["model_fingerprint"], "device": variant["device"],
+                        "format": fmt, "adapter": lora, "versions": material["versions"],
+                        "identity": material["identity"], "settings": material["settings"]})
+
+
+def baseline_format(compute_dtype: str) -> dict:
+    """The baseline format's key material at a compute dtype named as a format spec names it ('torch.float32')."""
+    import torch
+
+    from qeval.quant.formats import FORMATS
+
+    return FORMATS.get(BASELINE).spec(getattr(torch, compute_dtype.removeprefix("torch.")))
 
 
 # -- the baseline and its artifacts ------------------------------------------------------------------

@@ -26,6 +26,7 @@ from qeval.run.jobs import (Artifact, CellDone, CellFailed, Log, Missing, SpeedD
                             unpack_folder)
 from qeval.run.plan import Plan, validate
 from qeval.run.preflight import preflight
+from qeval.run.record import shared_speed_record
 from qeval.store.store import Store, check_store_path
 
 if TYPE_CHECKING:
@@ -57,14 +58,18 @@ def run_plan(plan: Plan, store_path: Path, suite: Suite | None = None,
     # One `qeval run` per store at a time: a second one waits, then finds the first one's cells
     # stored instead of computing (and writing references for) the same cells again.
     with store_lock(store_path, "run", progress), Store(store_path) as store:
-        todo, speed = [], {}
+        todo, speed, shared, measuring = [], {}, [], set()
         for i, (model, arm, cells) in enumerate(matrix, 1):  # prune: stored cells are never jobs
             missing = [c for c in cells if c.key not in store]
             summary.reused += [c.key for c in cells if c not in missing]
             tag = f"[{i}/{len(matrix)}] {model.spec} @ {arm.name}"
             sc = speed_cell(cells, rp.suite, rp.device) if plan.speed else None
             if sc is not None and not store.has_speed(sc.key):
-                speed[tag] = sc  # measured in the arm's job (a job of its own when every cell is stored)
+                if sc.kernels in measuring or store.has_speed_kernels(sc.kernels):
+                    shared.append((tag, sc, model, arm))  # another arm's measurement of the same kernels
+                else:
+                    speed[tag] = sc  # measured in the arm's job (a job of its own when every cell is stored)
+                    measuring.add(sc.kernels)
             if not missing and tag not in speed:
                 progress(f"{tag}: all {len(cells)} tasks stored, nothing to compute")
                 continue
@@ -78,6 +83,7 @@ def run_plan(plan: Plan, store_path: Path, suite: Suite | None = None,
                 _execute(dag, executor, store, summary, plan.retries, progress)
             finally:
                 executor.close()  # Ctrl-C and user errors too: nothing keeps running
+        _share_speed(shared, store, summary, progress)
         if plan.parity is not None:  # after the cells: they never wait on llama.cpp
             from qeval.run.parity_stage import parity_stage
 
@@ -88,6 +94,24 @@ def run_plan(plan: Plan, store_path: Path, suite: Suite | None = None,
     progress(f"done: {len(summary.computed)} computed, {len(summary.reused)} reused, "
              f"{len(summary.failed)} failed, {len(summary.trained)} adapters trained in {summary.wall_s:.1f} s")
     return summary
+
+
+def _share_speed(shared: list, store: Store, summary: RunSummary, progress) -> None:
+    """Speed records for the arms whose kernels another arm's record measured (`kernels_key`): that
+    measurement's numbers under each arm's own key, marked shared. Written once the run has measured
+    them; an arm whose kernels were not measured (the measuring arm's speed failed) gets none."""
+    if not shared:
+        return
+    by_kernels = {r.kernels: r for r in store.speed_records() if r.kernels}  # oldest first: the latest wins
+    for tag, sc, model, arm in shared:
+        source = by_kernels.get(sc.kernels)
+        if source is None:
+            progress(f"{tag}: speed not measured: the arm that measures the same kernels did not")
+            continue
+        record = shared_speed_record(source, sc, model, arm)
+        store.put_speed(record)
+        summary.speed.append(record.key)
+        progress(f"{tag}: speed shared with {record.shared_arm} (same kernels: measured once)")
 
 
 def _execute(dag, executor, store: Store, summary: RunSummary, retries: int, progress) -> None:

@@ -80,9 +80,23 @@ def build_speed_record(cell: SpeedCell, model, arm, loaded: LoadedModel, got: di
         "settings": cell.key_material["settings"], "identity": cell.key_material["identity"],
         **got, "versions": cell.key_material["versions"], "git_sha": git_sha or env.git_sha(),
         "device": loaded.device, "device_description": env.device_description(loaded.device),
-        "compute_dtype": loaded.dtype,
+        "compute_dtype": loaded.dtype, "kernels": cell.kernels,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="microseconds"),
     })
+
+
+def shared_speed_record(source: SpeedRecord, cell: SpeedCell, model, arm) -> SpeedRecord:
+    """The speed record of an arm whose kernels `source` measured for another arm (the same
+    `cell.kernels`): its own key and variant, the measurement's numbers, marked as shared."""
+    assert source.kernels == cell.kernels, "a speed is shared only between arms of the same kernels"
+    d = source.to_json()
+    d.update({"key": cell.key, "variant_id": cell.variant_id,
+              "variant": {"model": model.spec, "quant": cell.quant, "adapter": arm.adapter or "",
+                          "merge": arm.merge, "arm": arm.name},
+              "format": cell.key_material["format"], "seconds": 0.0, "cpu_s": 0.0,
+              "shared_from": source.shared_from or source.key, "shared_arm": source.shared_arm or source.variant.arm,
+              "created_at": datetime.now(timezone.utc).isoformat(timespec="microseconds")})
+    return SpeedRecord.from_json(d)
 
 
 def build_parity_record(key: str, model, settings: dict, result, seconds: float, versions: dict) -> ParityRecord:

@@ -328,11 +328,19 @@ class SpeedRecord(Part):
     device_description: str = ""
     compute_dtype: str | None = None
     created_at: str
+    kernels: str = ""  # qeval.run.cells.kernels_key: what the numbers depend on ("" before it existed)
+    # Set when this arm's kernels were measured for another arm (its record's key and arm name): the
+    # numbers are that measurement's, copied; `seconds` and `cpu_s` are then 0 (it cost the run nothing)
+    shared_from: str = ""
+    shared_arm: str = ""
 
     @property
     def mark(self) -> str:
-        """What the report shows beside (or instead of) this speed: the simulated mark, or ""."""
-        return SIMULATED_SPEED if self.kernel == "simulated" else ""
+        """What the report shows beside (or instead of) this speed: the simulated mark, the arm whose
+        measurement it shares, or ""."""
+        if self.kernel == "simulated":
+            return SIMULATED_SPEED
+        return f"same kernels as {self.shared_arm}: measured once" if self.shared_from else ""
 
     def decode_tok_s(self, batch: int = 1) -> float:
         d = self.decode.get(str(batch))

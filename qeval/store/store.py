@@ -174,6 +174,11 @@ class Store:
     def put_speed(self, record: SpeedRecord) -> bool:
         return self._put_side("speed", record.key, record.variant_id, record.created_at, record.to_json())
 
+    def has_speed_kernels(self, kernels: str) -> bool:
+        """Whether a speed record measured these kernels (qeval.run.cells.kernels_key); a scan: the
+        speed table holds one small record per arm and device."""
+        return bool(kernels) and any(d.get("kernels") == kernels for d in self._side("speed"))
+
     def speed_records(self) -> Iterator[SpeedRecord]:
         return (SpeedRecord.from_json(d) for d in self._side("speed"))
 

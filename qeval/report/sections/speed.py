@@ -126,8 +126,9 @@ def speed_section(speed: pd.DataFrame, land: pd.DataFrame, results: pd.DataFrame
               Para(f"Measured in the job that evaluated each arm (no extra load), {first['settings']}: prefill tokens/s at batch {first['prefill_batch']} (the suite's), decode "
                    "tokens/s at batch 1 and 8 (median step after the first token), time to first token at batch 1, "
                    f"peak memory while generating ({first['peak_kind']}). A simulated format computes in float: "
-                   f"its speed is not measured (older stores: marked '{SIMULATED_SPEED}'). Timings on a shared "
-                   "machine move from run to run."),
+                   f"its speed is not measured (older stores: marked '{SIMULATED_SPEED}'). Arms that run the "
+                   "same kernels (the format as loaded, an unmerged adapter's shape: not the weights' values) "
+                   "share one measurement, named in the note. Timings on a shared machine move from run to run."),
               Table((["model"] if multi else []) + ["format", "adapter", "prefill tok/s", "decode tok/s b1",
                                                     "decode tok/s b8", "TTFT s", "peak MiB", "note"],
                     rows, ([False] if multi else []) + [False, False, True, True, True, True, True, False])]
