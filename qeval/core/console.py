@@ -59,12 +59,20 @@ def duration(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
-def status(done: int, total: int, elapsed_s: float, bar: bool = False) -> str:
-    """'3/8 cells (38%), 1:05 elapsed, ~1:48 left', with an ASCII bar in front on a terminal."""
-    left = eta(done, total, elapsed_s)
+def status(done: int, total: int, elapsed_s: float, bar: bool = False, paced_s: float | None = None,
+           trainings: int = 0) -> str:
+    """'3/8 cells (38%), 1:05 elapsed, ~1:48 left', with an ASCII bar in front on a terminal.
+
+    `paced_s`: the part of the elapsed time the cells' pace is read from (the run's time less the
+    stretches when only adapters were training: no cell can finish then, and counting them once put
+    "~1:05:33 left" on a 17-minute `make report`); `trainings`: adapter trainings not yet finished,
+    named after the estimate, which cannot say how long they take."""
+    left = eta(done, total, elapsed_s if paced_s is None else paced_s)
     pct = 100 * done // total if total else 0
     text = (f"{done}/{total} cells ({pct}%), {duration(elapsed_s)} elapsed, "
             + ("~" + duration(left) + " left" if left is not None else "time left unknown"))
+    if trainings:
+        text += f" + {trainings} adapter training{'s' if trainings > 1 else ''}"
     if not bar:
         return text
     filled = BAR_WIDTH * done // total if total else 0
@@ -95,6 +103,7 @@ class Console:
         self.last_done = 0
         self.drawn = False
         self.warned: set[str] = set()
+        self.held_s, self.held_since, self.trainings = 0.0, None, 0  # see `hold`
 
     def __call__(self, line: str) -> None:
         if self.on_line is not None:
@@ -123,6 +132,17 @@ class Console:
         self._status()
         self.stream.flush()
 
+    def hold(self, on: bool, trainings: int = 0) -> None:
+        """Stop (on) or restart the clock the cells' pace is read from: held while only adapter
+        trainings run. `trainings`: how many have not finished (shown after the estimate)."""
+        now = self.clock()
+        if on and self.held_since is None:
+            self.held_since = now
+        elif not on and self.held_since is not None:
+            self.held_s += now - self.held_since
+            self.held_since = None
+        self.trainings = trainings
+
     def close(self) -> None:
         self._clear()
         self.stream.flush()
@@ -131,7 +151,10 @@ class Console:
         if not self.total:
             return
         now = self.clock()
-        text = status(self.done, self.total, now - (self.t0 or now), bar=self.tty)
+        held = self.held_s + (now - self.held_since if self.held_since is not None else 0.0)
+        elapsed = now - (self.t0 or now)
+        text = status(self.done, self.total, elapsed, bar=self.tty, paced_s=max(0.0, elapsed - held),
+                      trainings=self.trainings)
         if self.tty:  # redrawn in place below the last line, no newline
             self.stream.write("\r\x1b[K" + text)
             self.drawn = True
@@ -159,6 +182,13 @@ def expect(progress: Callable[[str], None], cells: int) -> None:
     fn = getattr(progress, "expect", None)
     if fn is not None:
         fn(cells)
+
+
+def hold(progress: Callable[[str], None], on: bool, trainings: int = 0) -> None:
+    """Tell a Console whether only adapter trainings are running (`Console.hold`); others ignore it."""
+    fn = getattr(progress, "hold", None)
+    if fn is not None:
+        fn(on, trainings)
 
 
 def advance(progress: Callable[[str], None], cells: int = 1) -> None:

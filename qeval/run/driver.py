@@ -16,14 +16,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from qeval.core import env
-from qeval.core.console import advance, expect
+from qeval.core.console import advance, expect, hold
 from qeval.core.errors import QevalError
 from qeval.core.files import store_lock
 from qeval.run.cells import expand, head_file, reference_file, reference_ready, save_reference, speed_cell
 from qeval.run.executors import make_executor
 from qeval.run.dag import plan_jobs
-from qeval.run.jobs import (Artifact, CellDone, CellFailed, Log, Missing, SpeedDone, Started, error_line,
-                            unpack_folder)
+from qeval.run.jobs import (Artifact, CellDone, CellFailed, Log, Missing, SpeedDone, Started, TrainAdapter,
+                            error_line, unpack_folder)
 from qeval.run.plan import Plan, validate
 from qeval.run.preflight import preflight
 from qeval.run.record import shared_speed_record
@@ -146,6 +146,12 @@ def _execute(dag, executor, store: Store, summary: RunSummary, retries: int, pro
         running[job.id] = job
         executor.submit(job, inputs(job))
 
+    trainings = {j.id for j in dag.jobs if isinstance(j, TrainAdapter)}
+
+    def pace() -> None:
+        # only adapters training: no cell can finish, so the clock the ETA's pace is read from stops
+        hold(progress, bool(started) and started <= trainings, len(trainings - set(final)))
+
     def finish(job, ok: bool, why: Missing | None = None) -> None:
         final[job.id] = ok
         running.pop(job.id, None)
@@ -153,6 +159,7 @@ def _execute(dag, executor, store: Store, summary: RunSummary, retries: int, pro
             if key not in handles:
                 handles[key] = executor.put(why or Missing("ArtifactMissing", f"{key[:12]} was not produced"))
         started.discard(job.id)
+        pace()
         progress(f"jobs: {len(final)} done, {len(started)} running, {len(dag.jobs) - len(final) - len(started)} pending")
 
     def cells_left(job) -> set[str]:
@@ -161,6 +168,7 @@ def _execute(dag, executor, store: Store, summary: RunSummary, retries: int, pro
     def ready(job) -> bool:
         return all(k in handles or k in dag.existing or k not in made or made[k] in final for k in job.needs)
 
+    pace()  # the count of trainings to come, from the first status line
     while pending or running:
         for job in [j for j in pending if ready(j)]:
             pending.remove(job)
@@ -175,6 +183,7 @@ def _execute(dag, executor, store: Store, summary: RunSummary, retries: int, pro
                 progress(p.text)
             elif isinstance(p, Started):
                 started.add(job.id)
+                pace()
                 if p.pid != os.getpid():
                     progress(f"{job.label}: {type(job).__name__} running on {p.host} pid {p.pid}")
             elif isinstance(p, Artifact):
