@@ -235,3 +235,25 @@ def test_bf16_plan_runs_with_its_own_bf16_baseline(plan, tmp_path, monkeypatch):
     assert {r.compute_dtype for r in recs.values()} == {"bfloat16"}
     assert recs["none"].format["compute_dtype"] == "torch.bfloat16"
     assert recs["bnb-nf4"].divergence.kl_mean > 0  # against the bf16 baseline's reference
+
+
+def test_an_adapter_with_seeds_counts_as_trained_only_when_every_seed_is(monkeypatch):
+    """Preflight skips the training-data check only when every seed's artifact is stored."""
+    import qeval.train.spec as spec_mod
+    from qeval.core import env
+    from qeval.run.preflight import _untrained
+    from qeval.train.spec import AdapterSpec
+
+    monkeypatch.setattr(spec_mod, "adapter_key", lambda model, s, device: f"key-seed-{s.seed}")
+    spec = AdapterSpec(seeds=(1, 2))
+
+    def store(seed):
+        folder = env.adapter_dir(f"key-seed-{seed}")
+        folder.mkdir(parents=True)
+        (folder / "qeval-artifact.json").write_text("{}")
+
+    assert _untrained(None, spec, "cpu")
+    store(1)
+    assert _untrained(None, spec, "cpu")  # seed 2 still to train: its data is checked
+    store(2)
+    assert not _untrained(None, spec, "cpu")

@@ -61,12 +61,10 @@ def _untrained(model, spec, device: str) -> bool:
     """Whether some training of `spec` (one per seed) has no stored artifact yet. A stored one was
     trained from this very data (its content hash is in the key), so its data needs no check: a warm
     run skips tokenizing the training data (4.3 s of every warm `qeval run` of the default plan)."""
-    import dataclasses
-
     from qeval.core import env
-    from qeval.train.spec import adapter_key
+    from qeval.train.spec import adapter_key, expand_seeds
 
-    specs = [dataclasses.replace(spec, seed=sd, seeds=()) for sd in spec.seeds] or [spec]
+    specs = expand_seeds({"adapter": spec}, [])[0].values()
     return any(not (env.adapter_dir(adapter_key(model, s, device)) / "qeval-artifact.json").exists() for s in specs)
 
 

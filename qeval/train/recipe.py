@@ -42,7 +42,7 @@ def finetune(model: ResolvedModel, spec: AdapterSpec, device: str, prefix: str =
     shrinks back on CPU), and the memory is returned to the OS when it ends.
     """
     key = adapter_key(model, spec, device)
-    out = env.cache_dir() / "adapters" / key[:32]
+    out = env.adapter_dir(key)
     meta = out / "qeval-artifact.json"
     reused = artifact_ready(out)  # a corrupt one is removed (one line) and trained again
     if not reused:
