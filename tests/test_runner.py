@@ -241,7 +241,7 @@ def test_an_adapter_with_seeds_counts_as_trained_only_when_every_seed_is(monkeyp
     """Preflight skips the training-data check only when every seed's artifact is stored."""
     import qeval.train.spec as spec_mod
     from qeval.core import env
-    from qeval.run.preflight import _untrained
+    from qeval.run.preflight import untrained
     from qeval.train.spec import AdapterSpec
 
     monkeypatch.setattr(spec_mod, "adapter_key", lambda model, s, device: f"key-seed-{s.seed}")
@@ -252,8 +252,8 @@ def test_an_adapter_with_seeds_counts_as_trained_only_when_every_seed_is(monkeyp
         folder.mkdir(parents=True)
         (folder / "qeval-artifact.json").write_text("{}")
 
-    assert _untrained(None, spec, "cpu")
+    assert untrained(None, spec, "cpu")
     store(1)
-    assert _untrained(None, spec, "cpu")  # seed 2 still to train: its data is checked
+    assert untrained(None, spec, "cpu")  # seed 2 still to train: its data is checked
     store(2)
-    assert not _untrained(None, spec, "cpu")
+    assert not untrained(None, spec, "cpu")

@@ -51,13 +51,13 @@ def preflight(models: list, rp: Resolved) -> None:
         if calibrated and ctx is not None and rp.calibration.seq_len > ctx:
             errors.append(QevalError("calibration.seq_len", rp.calibration.seq_len,
                                      f"at most model {model.spec}'s context of {ctx:,} tokens", "lower calibration.seq_len"))
-        untrained = {n: s for n, s in adapters.items() if _untrained(model, s, rp.device)}
-        if (untrained or calibrated) and not errors:
-            errors += _data_problems(model, untrained, rp, calibrated)
+        to_train = {n: s for n, s in adapters.items() if untrained(model, s, rp.device)}
+        if (to_train or calibrated) and not errors:
+            errors += _data_problems(model, to_train, rp, calibrated)
     raise_if(errors)
 
 
-def _untrained(model, spec, device: str) -> bool:
+def untrained(model, spec, device: str) -> bool:
     """Whether some training of `spec` (one per seed) has no stored artifact yet. A stored one was
     trained from this very data (its content hash is in the key), so its data needs no check: a warm
     run skips tokenizing the training data (4.3 s of every warm `qeval run` of the default plan)."""
